@@ -1,0 +1,78 @@
+"""Checkpoints that are complete or absent: written under a temporary name, renamed when whole.
+
+Layout: `checkpoints/step_<N>/` holding the strategy's files and `manifest.json`, written last (step, world size,
+strategy, every file with its size). A folder without a manifest, or whose files do not match it, is incomplete:
+resume ignores it and says so. The rename is atomic on POSIX file systems (Lustre and GPFS included).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+MANIFEST = "manifest.json"
+TMP_PREFIX = ".tmp-"
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.removeprefix("step_"))
+
+
+def is_complete(path: Path) -> bool:
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        return False
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        return all((path / name).is_file() and (path / name).stat().st_size == size
+                   for name, size in manifest["files"].items())
+    except (ValueError, KeyError, OSError):
+        return False
+
+
+def find_latest(checkpoints_dir: Path) -> tuple[Path | None, list[Path]]:
+    """The newest complete checkpoint, and the incomplete folders found on the way (for the log)."""
+    if not checkpoints_dir.is_dir():
+        return None, []
+    candidates = sorted(
+        (p for p in checkpoints_dir.iterdir() if p.is_dir() and p.name.startswith("step_")),
+        key=_step_of, reverse=True,
+    )
+    incomplete = [p for p in checkpoints_dir.iterdir() if p.name.startswith(TMP_PREFIX)]
+    for candidate in candidates:
+        if is_complete(candidate):
+            return candidate, incomplete
+        incomplete.append(candidate)
+    return None, incomplete
+
+
+def save(checkpoints_dir: Path, step: int, write_files: Callable[[Path], None], meta: dict, keep_last: int) -> Path:
+    """Write a checkpoint through `write_files(tmp_dir)`, add the manifest, rename into place, prune old ones."""
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    final = checkpoints_dir / f"step_{step}"
+    tmp = checkpoints_dir / f"{TMP_PREFIX}step_{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write_files(tmp)
+    files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    manifest = {"step": step, "time": time.time(), "files": files, **meta}
+    with open(tmp / MANIFEST, "w") as handle:
+        json.dump(manifest, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    if final.exists():  # a checkpoint of the same step from an earlier attempt
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _prune(checkpoints_dir, keep_last)
+    return final
+
+
+def _prune(checkpoints_dir: Path, keep_last: int) -> None:
+    complete = sorted((p for p in checkpoints_dir.iterdir() if p.name.startswith("step_") and is_complete(p)),
+                      key=_step_of)
+    for old in complete[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)

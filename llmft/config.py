@@ -1,0 +1,224 @@
+"""The typed schema behind every group in `conf/`, and the one validation step.
+
+Hydra composes `conf/config.yaml` on top of `LlmftConfig` (stored as `base_config` in the ConfigStore), so every
+group file and every command-line override is checked against these dataclasses: an unknown key or a wrong type
+fails at composition, on the login node, before anything runs. Cross-field checks that a type cannot express live
+in `validate()`, which every entry point calls once.
+
+This module imports no torch: the launcher and `plan` import it on the login node.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+SAMPLES_DIR = PACKAGE_DIR / "data" / "samples"
+CONF_DIR = PACKAGE_DIR.parent / "conf"
+
+
+class ConfigError(Exception):
+    """A user mistake in the configuration: printed as one sentence, never with a traceback."""
+
+
+class PeftMethod(str, Enum):
+    lora = "lora"
+    qlora = "qlora"
+    full = "full"
+
+
+class Strategy(str, Enum):
+    single = "single"
+    ddp = "ddp"
+    fsdp = "fsdp"
+    zero2 = "zero2"
+    zero3 = "zero3"
+    zero3_offload = "zero3_offload"
+
+
+class Precision(str, Enum):
+    auto = "auto"  # bf16 autocast on a GPU that supports it, fp32 elsewhere (CPU)
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class DataFormat(str, Enum):
+    chat_jsonl = "chat_jsonl"
+    tickets_jsonl = "tickets_jsonl"
+    email = "email"
+    csv = "csv"
+    acronyms = "acronyms"
+
+
+@dataclass
+class TinyArchConfig:
+    """Architecture of `model=tiny`: a small Llama built from a config with seeded random weights."""
+
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    vocab_size: int = 2048  # size of the BPE tokenizer trained on the data at the start of the run
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # Local Hugging Face folder (config.json, *.safetensors, tokenizer). None only for `tiny`, which is built.
+    path: Optional[str] = None
+    dtype: str = "bfloat16"  # dtype of the frozen weights: float32 | bfloat16 | float16
+    max_seq_len: int = 2048
+    lora_target_modules: list[str] = field(default_factory=list)
+    attn_implementation: str = "sdpa"
+    # Jinja chat template used when the tokenizer has none (base models). None: a ChatML-style fallback.
+    fallback_chat_template: Optional[str] = None
+    tiny: Optional[TinyArchConfig] = None  # model=tiny only: the architecture to build
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    path: str = MISSING  # a file or a folder
+    format: DataFormat = DataFormat.chat_jsonl
+    system_prompt: Optional[str] = None  # prepended to conversations that have no system message
+    validation_fraction: float = 0.1  # share of conversations (by id hash) held out for validation
+    strict: bool = False  # stop at the first malformed record instead of skipping and counting it
+
+
+@dataclass
+class PeftConfig:
+    method: PeftMethod = PeftMethod.lora
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: Optional[list[str]] = None  # None: the model's `lora_target_modules`
+    # QLoRA only: 4-bit quantization of the frozen base (bitsandbytes, CUDA only)
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+
+
+@dataclass
+class ParallelismConfig:
+    strategy: Strategy = Strategy.single
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 2e-4
+    min_lr_ratio: float = 0.1  # the cosine schedule decays to lr * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    epochs: int = 1
+    max_steps: int = -1  # > 0 caps the run; -1: as many steps as `epochs` takes
+    micro_batch_size: int = 4  # sequences per rank per forward pass
+    grad_accum_steps: int = 1
+    max_grad_norm: float = 1.0
+    precision: Precision = Precision.auto
+    activation_checkpointing: bool = False
+    log_every: int = 10
+    eval_every: int = 50
+    save_every: int = 100  # checkpoint every N optimizer steps (0: only at the end)
+    keep_last: int = 2  # checkpoints kept
+    seed: int = 0
+
+
+@dataclass
+class LaunchConfig:
+    nproc: int = 1  # local processes (ranks) for a run without a cluster
+
+
+@dataclass
+class ClusterConfig:
+    name: str = MISSING
+
+
+@dataclass
+class LlmftConfig:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    peft: PeftConfig = MISSING
+    parallelism: ParallelismConfig = MISSING
+    train: TrainConfig = MISSING
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    cluster: Optional[ClusterConfig] = None  # absent: a local run; `+cluster=NAME` selects a profile
+    runs_root: str = "runs"  # where timestamped run directories are created
+    run_dir: Optional[str] = None  # set it to choose the run directory yourself
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="base_config", node=LlmftConfig)
+
+
+def _samples_resolver(name: str) -> str:
+    return str(SAMPLES_DIR / name)
+
+
+if not OmegaConf.has_resolver("llmft_samples"):
+    # `${llmft_samples:tickets_sample.chat.jsonl}`: a file bundled with llmft, wherever it is installed.
+    OmegaConf.register_new_resolver("llmft_samples", _samples_resolver)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Cross-field checks that the schema's types cannot express. Raises ConfigError with one sentence."""
+    train, model, peft = cfg.train, cfg.model, cfg.peft
+    positive = {
+        "train.lr": train.lr,
+        "train.micro_batch_size": train.micro_batch_size,
+        "train.grad_accum_steps": train.grad_accum_steps,
+        "train.epochs": train.epochs,
+        "train.log_every": train.log_every,
+        "train.eval_every": train.eval_every,
+        "model.max_seq_len": model.max_seq_len,
+        "peft.r": peft.r,
+        "launch.nproc": cfg.launch.nproc,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be positive.")
+    if train.max_steps == 0 or train.max_steps < -1:
+        raise ConfigError(f"train.max_steps={train.max_steps} must be a positive step count, or -1 for `train.epochs`.")
+    if not 0.0 <= train.min_lr_ratio <= 1.0:
+        raise ConfigError(f"train.min_lr_ratio={train.min_lr_ratio} must be between 0 and 1.")
+    if not 0.0 < cfg.data.validation_fraction < 1.0:
+        raise ConfigError(f"data.validation_fraction={cfg.data.validation_fraction} must be between 0 and 1 (exclusive).")
+    if train.keep_last < 1:
+        raise ConfigError(f"train.keep_last={train.keep_last} must be at least 1.")
+    if model.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"model.dtype={model.dtype} is not one of float32, bfloat16, float16.")
+    if model.path is None and model.tiny is None:
+        raise ConfigError(f"model.path is not set for model={model.name}: set model.path=/path/to/a/local/hf/folder.")
+    if peft.method != PeftMethod.full and not (peft.target_modules or model.lora_target_modules):
+        raise ConfigError("No LoRA target modules: set peft.target_modules=[q_proj,v_proj] or model.lora_target_modules.")
+    if cfg.launch.nproc > 1 and cfg.parallelism.strategy == Strategy.single:
+        raise ConfigError(
+            f"launch.nproc={cfg.launch.nproc} needs a distributed strategy: add parallelism=ddp (or fsdp, zero2, zero3)."
+        )
+    data_path = Path(os.path.expandvars(cfg.data.path)).expanduser()
+    if not data_path.exists():
+        raise ConfigError(f"data.path={cfg.data.path} does not exist: point data.path at your data file or folder.")
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain Python values (enums as their names), as written to the run directory."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]
+
+
+def load_run_config(run_dir) -> DictConfig:
+    """The typed config saved in a run directory (`config.yaml`), validated against the schema again."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist: is {run_dir} a run directory created by llmft.launch?")
+    schema = OmegaConf.structured(LlmftConfig)
+    return OmegaConf.merge(schema, OmegaConf.load(path))  # type: ignore[return-value]

@@ -1,0 +1,1 @@
+"""From conversations on disk to tokenized, masked training samples."""

@@ -1,0 +1,82 @@
+"""python -m llmft.launch [overrides]: compose, validate, create the run directory, and run or submit.
+
+Without `+cluster=...` the run is local (in this process; several with `launch.nproc`). This module imports no
+torch: on a login node it composes and validates in about a second. Hydra's own flags work (`--cfg job`, `-m`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from llmft.config import CONF_DIR, ConfigError, register_configs, validate
+
+register_configs()
+
+
+def one_line_error(hydra_output: str) -> str:
+    """Hydra's multi-line composition error as one sentence naming the key (or group) and the fix."""
+    lines = [l.strip() for l in hydra_output.strip().splitlines() if l.strip()]
+    lines = [l for l in lines if not l.startswith(("Set the environment variable HYDRA_FULL_ERROR", "object_type="))]
+    full_key = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("full_key:")), None)
+    missing_group = re.search(r"Could not find '([^']+)'", hydra_output)
+    if missing_group:
+        group = missing_group.group(1).split("/")[0]
+        listed = hydra_output.split("Available options", 1)[-1].split("Config search path", 1)[0]
+        options = [l.strip() for l in listed.splitlines()[1:] if l.strip()]
+        return f"llmft: no config '{missing_group.group(1)}'; the options for {group}= are: {', '.join(options)}."
+    core = [l for l in lines if not l.startswith(("full_key:", "To append to your config", "Could not override",
+                                                    "Error merging override", "Error parsing override"))]
+    reason = core[0] if core else lines[0] if lines else "invalid configuration"
+    key = f"{full_key}: " if full_key else ""
+    return f"llmft: bad config: {key}{reason} (see `python -m llmft.launch --cfg job` for the valid keys)."
+
+
+_hydra_stderr = io.StringIO()
+_task_started = False
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def _launch(cfg: DictConfig) -> None:
+    global _task_started
+    _task_started = True
+    sys.stderr = sys.__stderr__  # composition is over: stop holding stderr (see main)
+    try:
+        validate(cfg)
+    except ConfigError as error:
+        print(f"llmft: {error}", file=sys.stderr)
+        sys.exit(2)
+    from llmft import rundir
+
+    run_dir = rundir.create(cfg)
+    if cfg.cluster is not None:
+        print(f"llmft: cluster submission (+cluster={cfg.cluster.name}) is not available yet.", file=sys.stderr)
+        sys.exit(2)
+    from llmft.train import main as train_main
+
+    code = train_main([str(run_dir)])
+    if code:
+        sys.exit(code)
+
+
+def main() -> None:
+    # Hydra prints composition errors as several lines plus a hint about HYDRA_FULL_ERROR. Hold stderr while it
+    # composes; if it exits before our task starts, print the error as one line instead.
+    with contextlib.redirect_stderr(_hydra_stderr):
+        try:
+            _launch()
+        except SystemExit as exit_:
+            if not _task_started and exit_.code not in (0, None):
+                print(one_line_error(_hydra_stderr.getvalue()), file=sys.__stderr__)
+            raise
+    if not _task_started:
+        sys.stderr.write(_hydra_stderr.getvalue())
+
+
+if __name__ == "__main__":
+    main()

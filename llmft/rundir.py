@@ -1,0 +1,69 @@
+"""The run directory: the unit of reproducibility.
+
+    RUN_DIR/config.yaml       the resolved config (re-run with `python -m llmft.train RUN_DIR`)
+    RUN_DIR/provenance.json   llmft version, git commit (and whether the tree was dirty), command, host, time
+    RUN_DIR/metrics.jsonl     one line per logging step / evaluation
+    RUN_DIR/checkpoints/      step_<N>/ folders, each complete or absent
+    RUN_DIR/base_model/       model=tiny only: the random-weight base the adapter applies to
+    RUN_DIR/final/            the adapter (or full model) with the tokenizer and its chat template
+    RUN_DIR/summary.json      status, steps, first/final loss, validation loss, sizes, timing
+
+No torch here: the launcher creates the directory on the login node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from llmft import __version__
+from llmft.config import PACKAGE_DIR, to_container
+
+
+def new_run_dir(cfg: DictConfig) -> Path:
+    if cfg.run_dir:
+        return Path(os.path.expandvars(cfg.run_dir)).expanduser().resolve()
+    root = Path(os.path.expandvars(cfg.runs_root)).expanduser().resolve()
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model.name}-{cfg.peft.method.value}"
+    path, suffix = root / name, 1
+    while path.exists():
+        suffix += 1
+        path = root / f"{name}-{suffix}"
+    return path
+
+
+def git_state() -> dict:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=PACKAGE_DIR, capture_output=True, text=True, timeout=10).stdout
+
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"git_commit": commit or None, "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no").strip())}
+
+
+def create(cfg: DictConfig) -> Path:
+    """Create the run directory and write the resolved config and provenance; returns its absolute path."""
+    run_dir = new_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.run_dir = str(run_dir)
+    OmegaConf.save(OmegaConf.create(to_container(cfg)), run_dir / "config.yaml")
+    provenance = {
+        "llmft_version": __version__,
+        **git_state(),
+        "command": sys.argv,
+        "host": socket.gethostname(),
+        "python": platform.python_version(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    (run_dir / "provenance.json").write_text(json.dumps(provenance, indent=2))
+    return run_dir

@@ -18,6 +18,8 @@ from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from llmft.data.config import DataConfig, DataFormat  # noqa: F401  (the data group's schema lives beside its code)
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 SAMPLES_DIR = PACKAGE_DIR / "data" / "samples"
 CONF_DIR = PACKAGE_DIR.parent / "conf"
@@ -48,14 +50,6 @@ class Precision(str, Enum):
     bf16 = "bf16"
 
 
-class DataFormat(str, Enum):
-    chat_jsonl = "chat_jsonl"
-    tickets_jsonl = "tickets_jsonl"
-    email = "email"
-    csv = "csv"
-    acronyms = "acronyms"
-
-
 @dataclass
 class TinyArchConfig:
     """Architecture of `model=tiny`: a small Llama built from a config with seeded random weights."""
@@ -66,6 +60,9 @@ class TinyArchConfig:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     vocab_size: int = 2048  # size of the BPE tokenizer trained on the data at the start of the run
+    # Standard deviation of the random weights. Larger than Llama's 0.02 on purpose: with the embeddings and the
+    # output layer frozen (LoRA), 0.02 caps the logits near +-2.5 and the loss cannot fall far below uniform.
+    initializer_range: float = 0.1
 
 
 @dataclass
@@ -80,16 +77,6 @@ class ModelConfig:
     # Jinja chat template used when the tokenizer has none (base models). None: a ChatML-style fallback.
     fallback_chat_template: Optional[str] = None
     tiny: Optional[TinyArchConfig] = None  # model=tiny only: the architecture to build
-
-
-@dataclass
-class DataConfig:
-    name: str = MISSING
-    path: str = MISSING  # a file or a folder
-    format: DataFormat = DataFormat.chat_jsonl
-    system_prompt: Optional[str] = None  # prepended to conversations that have no system message
-    validation_fraction: float = 0.1  # share of conversations (by id hash) held out for validation
-    strict: bool = False  # stop at the first malformed record instead of skipping and counting it
 
 
 @dataclass
@@ -170,8 +157,11 @@ if not OmegaConf.has_resolver("llmft_samples"):
     OmegaConf.register_new_resolver("llmft_samples", _samples_resolver)
 
 
-def validate(cfg: DictConfig) -> None:
-    """Cross-field checks that the schema's types cannot express. Raises ConfigError with one sentence."""
+def validate(cfg: DictConfig, check_paths: bool = True) -> None:
+    """Cross-field checks that the schema's types cannot express. Raises ConfigError with one sentence.
+
+    `check_paths=False` skips the checks that files exist (for composing a config meant for another machine).
+    """
     train, model, peft = cfg.train, cfg.model, cfg.peft
     positive = {
         "train.lr": train.lr,
@@ -205,9 +195,16 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"launch.nproc={cfg.launch.nproc} needs a distributed strategy: add parallelism=ddp (or fsdp, zero2, zero3)."
         )
+    if not check_paths:
+        return
     data_path = Path(os.path.expandvars(cfg.data.path)).expanduser()
     if not data_path.exists():
         raise ConfigError(f"data.path={cfg.data.path} does not exist: point data.path at your data file or folder.")
+    if model.path is not None and not (Path(os.path.expandvars(model.path)).expanduser() / "config.json").is_file():
+        raise ConfigError(
+            f"model.path={model.path} is not a local Hugging Face model folder (no config.json there): "
+            f"copy the model there or set model.path=/path/to/model."
+        )
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:

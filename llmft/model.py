@@ -31,6 +31,7 @@ def build_tiny_model(tiny_cfg, tokenizer, seed: int, max_seq_len: int):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        initializer_range=tiny_cfg.initializer_range,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)

@@ -71,8 +71,9 @@ def autocast_context(precision: str, device_type: str):
 
 def token_losses(model, batch: dict, precision: str, device_type: str) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropies over supervised positions, and their number."""
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_tokens")}
     with autocast_context(precision, device_type):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(**inputs).logits
     targets = batch["labels"][:, 1:]
     loss_sum = F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
@@ -221,8 +222,8 @@ def train(cfg, run_dir: Path) -> TrainResult:
             loss_sum, _ = token_losses(model, batch, precision, device.type)
             loss = loss_sum / max(1, num_supervised)
             loss.backward()
-            step_loss += float(loss)
-            tokens_since_log += int(batch["attention_mask"].sum())
+            step_loss += float(loss.detach())
+            tokens_since_log += int(batch["num_tokens"])
         supervised_since_log += num_supervised
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, tcfg.max_grad_norm))
         optimizer.step()

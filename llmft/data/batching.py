@@ -3,6 +3,9 @@
 The order being a function of the seed and the epoch makes the data position a pair of integers
 (epoch, batches consumed), which a checkpoint stores so a resumed run continues with the exact next batch.
 Padding is masked by position (attention_mask, labels), never by token id.
+
+`collate` returns the model's inputs plus `labels` and `num_tokens` (real, non-padding tokens, for throughput);
+the training loop passes every other key to the model.
 """
 
 from __future__ import annotations
@@ -30,4 +33,5 @@ def collate(samples: list[Sample], pad_token_id: int) -> dict:
         input_ids[row, :n] = torch.tensor(sample.input_ids)
         labels[row, :n] = torch.tensor(sample.labels)
         attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    num_tokens = torch.tensor(sum(len(s.input_ids) for s in samples))
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "num_tokens": num_tokens}

@@ -69,3 +69,16 @@ def test_bad_override_exits_nonzero_with_one_line_naming_the_key(override, names
     assert len(lines) == 1, result.stderr
     assert names in lines[0] and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()  # nothing was created for a bad config
+
+
+def test_console_script_maps_subcommands_to_modules():
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    llmft = shutil.which("llmft") or str(Path(sys.executable).parent / "llmft")
+    result = subprocess.run([llmft, "launch", "--cfg", "job", "model=mistral_7b"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert OmegaConf.create(result.stdout).model.name == "mistral_7b"
+    assert subprocess.run([llmft, "nonsense"], capture_output=True, text=True).returncode == 2

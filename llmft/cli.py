@@ -1,0 +1,38 @@
+"""`llmft SUBCOMMAND args...` runs `python -m llmft.SUBCOMMAND args...` (the console script)."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+
+SUBCOMMANDS = {
+    "launch": "compose, validate and run locally or submit to a cluster",
+    "train": "run the config saved in a run directory (one process per rank)",
+    "data": "prepare or inspect a dataset",
+    "plan": "show resources, memory estimate and the sbatch script without submitting",
+    "runs": "list runs and their status",
+    "eval": "evaluate a run",
+    "chat": "chat with a run's model",
+}
+
+
+def available() -> dict[str, str]:
+    from importlib.util import find_spec
+
+    return {name: text for name, text in SUBCOMMANDS.items() if find_spec(f"llmft.{name}") is not None}
+
+
+def main() -> None:
+    commands = available()
+    if len(sys.argv) < 2 or sys.argv[1] not in commands:
+        print("usage: llmft SUBCOMMAND [args...]\n", file=sys.stderr)
+        for name, text in commands.items():
+            print(f"  {name:8} {text}", file=sys.stderr)
+        sys.exit(0 if len(sys.argv) >= 2 and sys.argv[1] in ("-h", "--help") else 2)
+    name = sys.argv[1]
+    sys.argv = [f"llmft {name}", *sys.argv[2:]]
+    runpy.run_module(f"llmft.{name}", run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,8 +1,12 @@
-"""The schema of the `data=` group (conf/data/*.yaml). No torch here: the launcher imports it."""
+"""The schema of the `data=` group (conf/data/*.yaml). No torch here: the launcher imports it.
+
+Every key has a default that suits an HPC support team's ticket export; a format only reads its own sub-group
+(`tickets`, `email`, `csv`, `acronyms`). `python -m llmft.data prepare --cfg job` prints the resolved values.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Optional
 
@@ -10,11 +14,102 @@ from omegaconf import MISSING
 
 
 class DataFormat(str, Enum):
-    chat_jsonl = "chat_jsonl"
-    tickets_jsonl = "tickets_jsonl"
-    email = "email"
-    csv = "csv"
-    acronyms = "acronyms"
+    chat_jsonl = "chat_jsonl"  # {"messages": [{"role", "content"}]} one a line
+    tickets_jsonl = "tickets_jsonl"  # {"id", "subject", "messages": [{"from", "date", "body"}]} one a line
+    email = "email"  # an mbox file, or a folder of .eml files (and mbox files)
+    csv = "csv"  # one question/answer pair a row
+    acronyms = "acronyms"  # a JSON list of {"acronym", "definition"}, turned into synthetic conversations
+
+
+class LongConversations(str, Enum):
+    window = "window"  # cut into windows of whole exchanges (user turn + assistant reply) that fit
+    drop = "drop"  # drop the conversation, counted in the report
+
+
+@dataclass
+class TicketsConfig:
+    """Who is staff (assistant turns) in `tickets_jsonl` and `email`: anyone else is a user."""
+
+    # Author e-mail domains of the support team; subdomains match too (`example.fr` matches `hpc.example.fr`).
+    staff_domains: list[str] = field(default_factory=list)
+    # Individual staff members: e-mail addresses or display names (case-insensitive).
+    staff_addresses: list[str] = field(default_factory=list)
+    # tickets_jsonl: a message whose field of this name is true is an internal note, dropped (never trained on).
+    internal_field: str = "internal"
+    # Put the ticket subject on the first line of the first user turn: it often holds the question.
+    include_subject: bool = True
+
+
+@dataclass
+class EmailConfig:
+    # A ticket id in the subject groups mails into one ticket even without References / In-Reply-To headers.
+    # One capturing group: the id. Matches `[Ticket #1234]`, `[Ticket#1234]`, `[Case #1234]`, `[Demande #1234]`.
+    ticket_id_pattern: str = r"\[\s*(?:Ticket|Case|Demande|Request|Incident)\s*#?\s*(\d+)\s*\]"
+
+
+@dataclass
+class CsvConfig:
+    # Columns joined (blank line between them) into the user turn, for example [subject, body].
+    question_columns: list[str] = field(default_factory=lambda: ["question"])
+    answer_column: str = "answer"
+    id_column: Optional[str] = None  # None: the id is a hash of the row's text, stable when rows are added
+    delimiter: str = ","
+
+
+@dataclass
+class AcronymsConfig:
+    conversations_per_acronym: int = 4  # distinct synthetic conversations generated for each acronym
+    # Optional: an OpenAI-compatible endpoint writes the conversations instead of the templates. Never required:
+    # when it fails, the templates are used and the report counts the failures.
+    llm_url: Optional[str] = None  # base URL, e.g. http://localhost:8000/v1 (POST {llm_url}/chat/completions)
+    llm_model: Optional[str] = None
+    llm_api_key_env: str = "OPENAI_API_KEY"  # name of the environment variable holding the key (never the key)
+    llm_timeout_s: float = 60.0
+
+
+@dataclass
+class CleanConfig:
+    # Quoted replies (`>` lines, `On ... wrote:` / `Le ... a écrit :` and what follows, forwarded headers) and
+    # signatures. None: on for tickets_jsonl, email and csv; off for chat_jsonl and acronyms (already clean text,
+    # where a `>` line may be a Markdown quote).
+    strip_quotes: Optional[bool] = None
+    strip_signatures: Optional[bool] = None
+    # A line near the end that starts with one of these starts the signature: it and what follows are dropped.
+    closings: list[str] = field(
+        default_factory=lambda: [
+            "Best regards", "Kind regards", "Regards", "Best wishes", "Best", "Cheers", "Thanks", "Thank you",
+            "Many thanks", "Thanks in advance", "Sincerely", "Yours",
+            "Cordialement", "Bien cordialement", "Très cordialement", "Bien à vous", "Salutations",
+            "Meilleures salutations", "Merci", "Merci d'avance", "Merci beaucoup", "Bonne journée", "Bonne soirée",
+            "Mit freundlichen Grüßen", "Viele Grüße", "Saludos", "Cordiali saluti",
+        ]
+    )
+    min_assistant_chars: int = 20  # a conversation whose assistant text is shorter teaches nothing: dropped
+    # A longer user message (pasted logs) keeps its first `max_message_chars` characters; a longer assistant
+    # message drops the conversation (a truncated answer would teach the model to stop mid-sentence).
+    max_message_chars: int = 12000
+    # Conversations more similar than this (MinHash estimate of the Jaccard similarity of word 5-grams) to an
+    # earlier one are dropped as near duplicates. Exact duplicates are always dropped. 1.0: exact only.
+    near_duplicate_threshold: float = 0.9
+
+
+@dataclass
+class ScrubConfig:
+    """Personal data and secrets replaced by typed placeholders (<EMAIL>, <PHONE>, <IP>, <URL>, <SECRET>, ...)."""
+
+    enabled: bool = True
+    # tickets_jsonl / email: the names in the From headers of a ticket are replaced by <NAME> in that ticket.
+    names_from_headers: bool = True
+    # Site-specific patterns: placeholder name -> regular expression. A match becomes <NAME_OF_THE_KEY>.
+    # The defaults fit IDRIS Jean Zay: logins like abc12de, project ids like gen1234 and accounts like abc@h100,
+    # home directories.
+    patterns: dict[str, str] = field(
+        default_factory=lambda: {
+            "LOGIN": r"\b[a-z]{3}\d{2}[a-z]{2,3}\b|(?<=/home/)[A-Za-z0-9._-]+|(?<=/Users/)[A-Za-z0-9._-]+",
+            "PROJECT": r"\bgen\d{4,5}\b|\b[a-z]{3}@(?:v100|a100|h100|cpu)\b",
+        }
+    )
+    keep_ips: list[str] = field(default_factory=lambda: ["0.0.0.0", "127.0.0.1", "::1"])  # not personal data
 
 
 @dataclass
@@ -23,5 +118,25 @@ class DataConfig:
     path: str = MISSING  # a file or a folder
     format: DataFormat = DataFormat.chat_jsonl
     system_prompt: Optional[str] = None  # prepended to conversations that have no system message
-    validation_fraction: float = 0.1  # share of conversations (by id hash) held out for validation
+    # Split by a hash of the ticket id: deterministic, no ticket in two splits, adding tickets never moves old ones.
+    validation_fraction: float = 0.1
+    test_fraction: float = 0.0  # > 0 adds a `test` split, held out from training and validation
     strict: bool = False  # stop at the first malformed record instead of skipping and counting it
+    tickets: TicketsConfig = field(default_factory=TicketsConfig)
+    email: EmailConfig = field(default_factory=EmailConfig)
+    csv: CsvConfig = field(default_factory=CsvConfig)
+    acronyms: AcronymsConfig = field(default_factory=AcronymsConfig)
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    scrub: ScrubConfig = field(default_factory=ScrubConfig)
+    # Pack samples into rows of model.max_seq_len tokens (best fit), attention never crossing samples.
+    packing: bool = True
+    long_conversations: LongConversations = LongConversations.window  # longer than model.max_seq_len
+    # The token that closes an assistant turn in the chat template, supervised so the model learns to stop.
+    # None: the tokenizer's eos_token (right for ChatML, Llama 3 Instruct, Mistral, Qwen; Gemma needs <end_of_turn>).
+    end_of_turn_token: Optional[str] = None
+    # `python -m llmft.data prepare` writes the tokenized dataset, report.json, the length histogram and the
+    # audited conversations here.
+    output_dir: Optional[str] = None
+    # A folder written by `prepare` that training reuses when its fingerprint (conversations, tokenizer, template,
+    # config) matches; otherwise training tokenizes in memory and says why. None: `output_dir`, if set.
+    prepared: Optional[str] = None

@@ -1,0 +1,210 @@
+"""Turn a glossary (a JSON list of `{"acronym", "definition"}`) into synthetic conversations.
+
+Each acronym gives `data.acronyms.conversations_per_acronym` conversations, in the language of its definition
+(French or English), from varied question and answer phrasings, some with a follow-up turn. The choice is seeded
+by the acronym, so the same glossary always gives the same conversations. All conversations of one acronym share
+its id, so they land in one split: validation never asks about an acronym training has seen.
+
+Optionally an LLM behind an OpenAI-compatible endpoint (`data.acronyms.llm_url`, `llm_model`) writes the
+conversations instead; it is never required: when it fails the templates are used and the report counts it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from llmft.data.records import Conversation, ReadReport, input_files, line_of
+
+QUESTIONS = {
+    "en": [
+        "What does {a} stand for?",
+        "What is {a}?",
+        "Can you explain what {a} means?",
+        "I keep seeing {a} in the documentation. What is it?",
+        "Quick question: what's {a}?",
+        "{a}?",
+        "Sorry if this is basic, but what does {a} mean on the cluster?",
+        "Could you tell me what {a} refers to?",
+    ],
+    "fr": [
+        "Que signifie {a} ?",
+        "C'est quoi {a} ?",
+        "Pouvez-vous m'expliquer ce qu'est {a} ?",
+        "Je vois souvent {a} dans la documentation, qu'est-ce que ça veut dire ?",
+        "{a}, ça veut dire quoi ?",
+        "Bonjour, que désigne {a} exactement ?",
+        "Désolé pour la question basique : c'est quoi {a} ?",
+        "À quoi correspond le sigle {a} ?",
+    ],
+}
+ANSWERS = {
+    "en": [
+        "{a} stands for {e}. {x}",
+        "{a} means {e}. {x}",
+        "It stands for {e}. {x}",
+        "{a} ({e}): {x}",
+        "{a} is short for {e}. {x}",
+    ],
+    "fr": [
+        "{a} signifie {e}. {x}",
+        "{a} est le sigle de {e}. {x}",
+        "C'est l'abréviation de {e}. {x}",
+        "{a} ({e}) : {x}",
+        "{a} veut dire {e}. {x}",
+    ],
+}
+ANSWERS_WITHOUT_EXPANSION = {"en": ["{a}: {x}", "{a} is {xl}"], "fr": ["{a} : {x}", "{a} désigne {xl}"]}
+FOLLOW_UPS = {
+    "en": [("And what does {a} stand for, exactly?", "{a} stands for {e}."),
+           ("Thanks. Can you spell out the acronym?", "Sure: {a} = {e}.")],
+    "fr": [("Et {a}, c'est l'abréviation de quoi exactement ?", "{a} signifie {e}."),
+           ("Merci. Vous pouvez me donner la forme longue ?", "Bien sûr : {a} = {e}.")],
+}
+_FRENCH_WORDS = re.compile(r"\b(le|la|les|des|du|une|est|pour|qui|dans|avec|sur|aux|au|et)\b", re.I)
+_ENGLISH_WORDS = re.compile(r"\b(the|of|and|is|a|an|to|for|with|on|in|that|which)\b", re.I)
+
+
+def language_of(text: str) -> str:
+    french = len(_FRENCH_WORDS.findall(text)) + 2 * len(re.findall(r"[éèêàùçô]", text))
+    return "fr" if french > len(_ENGLISH_WORDS.findall(text)) else "en"
+
+
+def split_definition(definition: str) -> tuple[str | None, str]:
+    """("Simple Linux Utility for Resource Management", "The open-source job scheduler ...") from "E: x"."""
+    expansion, colon, explanation = definition.partition(":")
+    if not colon or len(expansion) > 120 or not explanation.strip():
+        return None, definition.strip()
+    explanation = explanation.strip()
+    return expansion.strip(), explanation[:1].upper() + explanation[1:]
+
+
+def template_conversations(acronym: str, definition: str, count: int) -> list[list[dict[str, str]]]:
+    language = language_of(definition)
+    expansion, explanation = split_definition(definition)
+    rng = random.Random(f"llmft-acronym:{acronym}")
+    questions = rng.sample(QUESTIONS[language], k=min(count, len(QUESTIONS[language])))
+    answers = ANSWERS[language] if expansion else ANSWERS_WITHOUT_EXPANSION[language]
+    values = {"a": acronym, "e": expansion, "x": explanation, "xl": explanation[:1].lower() + explanation[1:]}
+    conversations = []
+    for index in range(count):
+        question = questions[index % len(questions)]
+        answer = answers[(index + rng.randrange(len(answers))) % len(answers)]
+        messages = [{"role": "user", "content": question.format(**values)},
+                    {"role": "assistant", "content": answer.format(**values).strip()}]
+        if expansion and index % 3 == 2:  # some conversations go on: the model learns short follow-ups too
+            follow_question, follow_answer = rng.choice(FOLLOW_UPS[language])
+            messages[1] = {"role": "assistant", "content": explanation}  # first the meaning, then the expansion
+            messages += [{"role": "user", "content": follow_question.format(**values)},
+                         {"role": "assistant", "content": follow_answer.format(**values)}]
+        conversations.append(messages)
+    return conversations
+
+
+def llm_conversations(acronym: str, definition: str, count: int, cfg) -> list[list[dict[str, str]]]:
+    """Conversations written by an LLM behind an OpenAI-compatible endpoint; raises on any failure."""
+    prompt = (
+        f"Write {count} short, varied conversations between a user of an HPC centre and its support assistant, "
+        f"in the language of the definition, where the user asks about the acronym {acronym!r} and the assistant "
+        f"answers using only this definition: {definition!r}. Reply with raw JSON only: a list of {count} lists of "
+        f'messages, each message {{"role": "user" or "assistant", "content": "..."}}, each list ending with the assistant.'
+    )
+    body = json.dumps({"model": cfg.llm_model, "messages": [{"role": "user", "content": prompt}],
+                       "temperature": 0.7}).encode()
+    headers = {"Content-Type": "application/json"}
+    api_key = os.environ.get(cfg.llm_api_key_env or "", "")
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    request = urllib.request.Request(cfg.llm_url.rstrip("/") + "/chat/completions", data=body, headers=headers)
+    with urllib.request.urlopen(request, timeout=cfg.llm_timeout_s) as response:
+        content = json.loads(response.read())["choices"][0]["message"]["content"]
+    content = re.sub(r"^```(?:json)?\s*|\s*```$", "", content.strip())
+    conversations = json.loads(content)
+    valid = [
+        [{"role": m["role"], "content": m["content"].strip()} for m in conversation]
+        for conversation in conversations
+        if isinstance(conversation, list) and conversation
+        and all(isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)
+                for m in conversation)
+        and conversation[-1]["role"] == "assistant"
+    ]
+    if not valid:
+        raise ValueError("no usable conversation in the LLM's answer")
+    return valid[:count]
+
+
+def _entries(file: Path, report: ReadReport) -> list[tuple[str, object]]:
+    """(file:line, entry) for each element of a JSON list (or each line of a JSONL file)."""
+    raw = file.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        report.skip(f"{file}:{line}", "not UTF-8 text")
+        return []
+    decoder = json.JSONDecoder()
+    if file.suffix == ".jsonl":
+        found = []
+        for line_number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    found.append((f"{file}:{line_number}", json.loads(line)))
+                except json.JSONDecodeError as error:
+                    report.skip(f"{file}:{line_number}", f"bad JSON ({error.msg})")
+        return found
+    position = len(text) - len(text.lstrip())
+    if not text.startswith("[", position):
+        report.skip(f"{file}:{line_of(text, position)}", "not a JSON list of {acronym, definition} objects")
+        return []
+    position += 1
+    found = []
+    while True:
+        while position < len(text) and text[position] in " \t\r\n,":
+            position += 1
+        if position >= len(text) or text[position] == "]":
+            return found
+        try:
+            entry, end = decoder.raw_decode(text, position)
+        except json.JSONDecodeError as error:
+            report.skip(f"{file}:{line_of(text, error.pos)}", f"bad JSON ({error.msg}); the rest of the file is unread")
+            return found
+        found.append((f"{file}:{line_of(text, position)}", entry))
+        position = end
+
+
+def read_acronyms(path: Path, data_cfg, report: ReadReport) -> list[Conversation]:
+    cfg = data_cfg.acronyms
+    use_llm = bool(cfg.llm_url and cfg.llm_model)
+    conversations = []
+    for file in input_files(path, (".json", ".jsonl")):
+        for where, entry in _entries(file, report):
+            report.records_read += 1
+            if not isinstance(entry, dict):
+                report.skip(where, "the entry is not an object")
+                continue
+            acronym, definition = entry.get("acronym"), entry.get("definition")
+            if not isinstance(acronym, str) or not acronym.strip():
+                report.skip(where, 'missing field "acronym"' if acronym is None else '"acronym" is not a non-empty string')
+                continue
+            if not isinstance(definition, str) or not definition.strip():
+                report.skip(where, 'missing field "definition"' if definition is None else '"definition" is not a non-empty string')
+                continue
+            acronym, definition = acronym.strip(), definition.strip()
+            generated = None
+            if use_llm:
+                try:
+                    generated = llm_conversations(acronym, definition, cfg.conversations_per_acronym, cfg)
+                    report.count("llm_conversations", len(generated))
+                except (OSError, urllib.error.URLError, ValueError, KeyError, IndexError, TypeError) as error:
+                    report.count("llm_failures_fell_back_to_templates")
+                    if isinstance(error, urllib.error.URLError) and not isinstance(error, urllib.error.HTTPError):
+                        use_llm = False  # the endpoint is unreachable: do not wait for it once per acronym
+            if generated is None:
+                generated = template_conversations(acronym, definition, cfg.conversations_per_acronym)
+            conversations += [Conversation(f"acronym:{acronym}", messages, where) for messages in generated]
+    return conversations

@@ -1,0 +1,167 @@
+"""Read e-mail (an mbox file, or a folder of .eml and mbox files) and group the mails into tickets.
+
+Two mails belong to one ticket when one names the other in `References` / `In-Reply-To`, or when their subjects
+carry the same ticket id (`data.email.ticket_id_pattern`, `[Ticket #1234]` by default): helpdesk tools often
+break the header chain, and users often reply to an old mail about a new problem, so both links count. Inside
+a ticket the mails are in date order. The body is the text/plain part, or the HTML part turned into text.
+Auto-replies (`Auto-Submitted`, `Precedence: auto_reply`) are dropped and counted.
+
+Python's `email` module parses each mail; the mbox is cut into mails the way `mailbox.mbox` does (a "From " line
+after a blank line), keeping the line where each mail starts so a bad mail is reported as file:line.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import email.utils
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from llmft.data.html_text import html_to_text
+from llmft.data.records import Conversation, DataError, ReadReport, input_files
+from llmft.data.tickets import StaffRule, person_name
+
+_REPLY_PREFIX = re.compile(r"^\s*((re|fwd?|tr|aw|wg|rv|sv|antw)\s*(\[\d+\])?\s*:\s*)+", re.I)
+_MESSAGE_ID = re.compile(r"<[^<>\s]+>")
+
+
+@dataclass
+class Mail:
+    order: int  # position in the input, to keep mails without a date in a stable place
+    where: str
+    message_id: str
+    links: list[str]  # In-Reply-To and References ids
+    ticket_id: str | None
+    subject: str
+    author: str
+    date: datetime | None
+    body: str
+
+
+def mbox_chunks(data: bytes) -> list[tuple[int, bytes]]:
+    """(line number, bytes) of each mail of an mbox: a mail starts at a "From " line at the top or after a blank line."""
+    chunks: list[tuple[int, bytes]] = []
+    start, start_line, previous_blank = None, 0, True
+    offset = 0
+    for line_number, line in enumerate(data.splitlines(keepends=True), start=1):
+        if line.startswith(b"From ") and previous_blank:
+            if start is not None:
+                chunks.append((start_line, data[start:offset]))
+            start, start_line = offset, line_number
+        previous_blank = not line.strip()
+        offset += len(line)
+    if start is not None:
+        chunks.append((start_line, data[start:]))
+    return chunks
+
+
+def _body_text(message, drop_quotes: bool) -> str:
+    part = message.get_body(preferencelist=("plain", "html"))
+    if part is None:
+        return ""
+    try:
+        content = part.get_content()
+    except (LookupError, UnicodeError):  # an unknown or wrong charset: decode what can be decoded
+        content = (part.get_payload(decode=True) or b"").decode("utf-8", errors="replace")
+    if not isinstance(content, str):
+        return ""
+    return html_to_text(content, drop_quotes) if part.get_content_type() == "text/html" else content
+
+
+def _parse_mail(raw: bytes, order: int, where: str, ticket_pattern: re.Pattern, drop_quotes: bool) -> Mail | None:
+    """A Mail, None for an auto-reply, or ValueError with a reason for a mail that cannot be read."""
+    message = email.message_from_bytes(raw, policy=email.policy.default)  # takes an mbox "From " line as such
+    auto = str(message.get("Auto-Submitted", "no")).strip().lower()
+    precedence = str(message.get("Precedence", "")).strip().lower()
+    if auto not in ("", "no") or precedence in ("auto_reply", "bulk", "junk"):
+        return None
+    author = str(message.get("From", "") or "").strip()
+    if not author:
+        raise ValueError('missing "From" header')
+    subject = str(message.get("Subject", "") or "")
+    body = _body_text(message, drop_quotes)
+    if not body.strip() and message.get_content_maintype() != "text" and not message.is_multipart():
+        raise ValueError("no text part")
+    try:
+        date = email.utils.parsedate_to_datetime(str(message["Date"])) if message["Date"] else None
+        date = date.replace(tzinfo=timezone.utc) if date and date.tzinfo is None else date
+    except (TypeError, ValueError, IndexError):
+        date = None
+    message_id = str(message.get("Message-ID", "") or "").strip() or f"<no-id-{order}@llmft>"
+    links = _MESSAGE_ID.findall(str(message.get("In-Reply-To", "") or "") + " " + str(message.get("References", "") or ""))
+    found = ticket_pattern.search(subject)
+    return Mail(order, where, message_id, links, found.group(1) if found else None, subject, author, date, body)
+
+
+def _read_mails(path: Path, data_cfg, report: ReadReport) -> list[Mail]:
+    try:
+        ticket_pattern = re.compile(data_cfg.email.ticket_id_pattern, re.I)
+    except re.error as error:
+        raise DataError(f"data.email.ticket_id_pattern is not a valid regular expression ({error}).") from None
+    drop_quotes = data_cfg.clean.strip_quotes is not False
+    mails: list[Mail] = []
+    for file in input_files(path, (".eml", ".mbox", ".mbx")):
+        data = file.read_bytes()
+        chunks = mbox_chunks(data) if data.startswith(b"From ") else [(1, data)]
+        for line_number, raw in chunks:
+            report.records_read += 1
+            where = f"{file}:{line_number}"
+            try:
+                mail = _parse_mail(raw, len(mails), where, ticket_pattern, drop_quotes)
+            except Exception as error:  # the email package raises many kinds on broken mail: all are bad data
+                report.skip(where, f"unreadable mail ({type(error).__name__}: {error})")
+                continue
+            if mail is None:
+                report.count("auto_replies")
+            else:
+                mails.append(mail)
+    return mails
+
+
+def _threads(mails: list[Mail]) -> list[list[Mail]]:
+    """Mails grouped by References / In-Reply-To links and by subject ticket id (union-find over ids)."""
+    parent: dict[str, str] = {}
+
+    def root(key: str) -> str:
+        parent.setdefault(key, key)
+        while parent[key] != key:
+            parent[key] = parent[parent[key]]
+            key = parent[key]
+        return key
+
+    def join(a: str, b: str) -> None:
+        parent[root(a)] = root(b)
+
+    for mail in mails:
+        root(mail.message_id)
+        for link in mail.links:
+            join(link, mail.message_id)
+        if mail.ticket_id is not None:
+            join(f"ticket#{mail.ticket_id}", mail.message_id)
+    groups: dict[str, list[Mail]] = {}
+    for mail in mails:
+        groups.setdefault(root(mail.message_id), []).append(mail)
+    far_future = datetime.max.replace(tzinfo=timezone.utc)
+    return [sorted(group, key=lambda m: (m.date or far_future, m.order)) for group in groups.values()]
+
+
+def read_email(path: Path, data_cfg, report: ReadReport) -> list[Conversation]:
+    staff = StaffRule(data_cfg.tickets)
+    conversations = []
+    for thread in _threads(_read_mails(path, data_cfg, report)):
+        ticket_id = next((m.ticket_id for m in thread if m.ticket_id), None)
+        conversation_id = f"ticket#{ticket_id}" if ticket_id else thread[0].message_id
+        participants: list[str] = []
+        messages = []
+        for mail in thread:
+            name = person_name(mail.author)
+            if name and name not in participants:
+                participants.append(name)
+            messages.append({"role": staff.role_of(mail.author), "content": mail.body, "author": name or ""})
+        subject = _REPLY_PREFIX.sub("", re.sub(data_cfg.email.ticket_id_pattern, "", thread[0].subject, flags=re.I))
+        conversation = Conversation(conversation_id, messages, thread[0].where, participants, subject.strip())
+        conversations.append((thread[0].order, conversation))
+    return [conversation for _, conversation in sorted(conversations, key=lambda pair: pair[0])]  # input order

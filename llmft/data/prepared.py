@@ -1,0 +1,107 @@
+"""The tokenized dataset on disk, and the fingerprint that says when it can be reused.
+
+`prepare` (on the login node) saves the samples with `datasets` (`DIR/dataset`, one split each) and writes
+`DIR/manifest.json` last, so a folder with a manifest is complete. Training computes the same fingerprint from
+its own conversations, tokenizer and settings, and loads the samples instead of tokenizing when all three parts
+match: no tokenization inside a GPU job, where it would hold the other ranks at a barrier until NCCL times out.
+
+The fingerprint has three parts, so a mismatch can say what changed:
+- conversations: the cleaned, scrubbed conversations themselves (so it covers the input files and every
+  reading, cleaning and scrubbing setting at once);
+- tokenizer: its full serialization, chat template, end-of-turn and padding tokens;
+- settings: what turns conversations into samples (sequence length, packing, system prompt, split fractions).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from llmft.data.templating import Sample
+
+# Bump when the way samples are built changes, so old prepared folders are not reused.
+SAMPLES_FORMAT_VERSION = 1
+
+
+def _sha(payload) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def conversations_fingerprint(conversations) -> str:
+    digest = hashlib.sha256()
+    for conversation in conversations:
+        digest.update(json.dumps([conversation.id, conversation.messages], ensure_ascii=False).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer, end_of_turn: str) -> str:
+    backend = tokenizer.backend_tokenizer.to_str() if getattr(tokenizer, "is_fast", False) else \
+        json.dumps(sorted(tokenizer.get_vocab().items()))
+    return _sha([hashlib.sha256(backend.encode()).hexdigest(), tokenizer.chat_template, end_of_turn,
+                 tokenizer.pad_token, tokenizer.eos_token, tokenizer.bos_token])
+
+
+def settings_fingerprint(data_cfg, max_seq_len: int) -> str:
+    return _sha({
+        "version": SAMPLES_FORMAT_VERSION,
+        "max_seq_len": max_seq_len,
+        "packing": bool(data_cfg.packing),
+        "long_conversations": str(getattr(data_cfg.long_conversations, "value", data_cfg.long_conversations)),
+        "system_prompt": data_cfg.system_prompt,
+        "validation_fraction": data_cfg.validation_fraction,
+        "test_fraction": data_cfg.test_fraction,
+    })
+
+
+def fingerprint_parts(conversations, tokenizer, data_cfg, max_seq_len: int, end_of_turn: str) -> dict[str, str]:
+    return {
+        "conversations": conversations_fingerprint(conversations),
+        "tokenizer": tokenizer_fingerprint(tokenizer, end_of_turn),
+        "settings": settings_fingerprint(data_cfg, max_seq_len),
+    }
+
+
+def save_samples(out_dir: Path, splits: dict[str, list[Sample]], parts: dict[str, str], counts: dict) -> None:
+    from datasets import Dataset, DatasetDict, Features, Sequence, Value
+
+    features = Features({name: Sequence(Value("int32")) for name in ("input_ids", "labels", "seq_lengths")})
+    dataset = DatasetDict({
+        split: Dataset.from_dict({
+            "input_ids": [s.input_ids for s in samples],
+            "labels": [s.labels for s in samples],
+            "seq_lengths": [s.seq_lengths or [len(s.input_ids)] for s in samples],
+        }, features=features)
+        for split, samples in splits.items()
+    })
+    manifest = out_dir / "manifest.json"
+    manifest.unlink(missing_ok=True)  # the folder is incomplete until the new manifest is written
+    staging = out_dir / "dataset.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    dataset.save_to_disk(str(staging))
+    shutil.rmtree(out_dir / "dataset", ignore_errors=True)
+    staging.rename(out_dir / "dataset")
+    manifest.write_text(json.dumps({"fingerprint": parts, "counts": counts}, indent=2))
+
+
+def load_samples(prepared_dir: Path, parts: dict[str, str]) -> tuple[dict[str, list[Sample]], dict] | str:
+    """The saved samples and counts when the fingerprint matches; otherwise why not, as a sentence."""
+    manifest_path = prepared_dir / "manifest.json"
+    if not manifest_path.is_file():
+        return f"{prepared_dir} holds no prepared dataset (no manifest.json)"
+    manifest = json.loads(manifest_path.read_text())
+    changed = [name for name, value in parts.items() if manifest.get("fingerprint", {}).get(name) != value]
+    if changed:
+        return f"{prepared_dir} was prepared with other {' and '.join(changed)}"
+    from datasets import load_from_disk
+
+    dataset = load_from_disk(str(prepared_dir / "dataset"))
+    splits = {}
+    packed = bool(manifest["counts"].get("packing"))
+    for split in dataset:
+        table = dataset[split].data
+        columns = [table.column(name).to_pylist() for name in ("input_ids", "labels", "seq_lengths")]
+        splits[split] = [Sample(ids, labels, lengths if packed else None) for ids, labels, lengths in zip(*columns)]
+    return splits, manifest["counts"]

@@ -1,0 +1,130 @@
+"""Replace personal data and secrets with typed placeholders, counting each replacement by type.
+
+Order matters: whole blocks and URLs first (a key block or `https://user:pass@host` holds text the later patterns
+would cut in pieces), then tokens with a known shape, then `password: ...` style values, then the site's own
+patterns (logins, project ids), e-mail addresses, IP addresses, phone numbers and last the names of the ticket's
+participants. Placeholders are never matched again, so each secret is counted once.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections import Counter
+from typing import Callable
+
+from llmft.data.records import DataError
+
+_URL_CHARS = r"[^\s<>\"'`]"
+# (type, pattern, replacement): the replacement keeps the key of `password: value` and `TOKEN=value`.
+_FIXED_PATTERNS: list[tuple[str, str, str | None]] = [
+    ("SECRET", r"-----BEGIN[A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----.*?(?:-----END[A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----|\n[ \t]*\n|\Z)", None),
+    # URLs carrying credentials (user:password@) or tokens in the query string.
+    ("URL", rf"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s/@:<>\"']+:[^\s/@<>\"']+@{_URL_CHARS}*", None),
+    ("URL", rf"\bhttps?://{_URL_CHARS}*?[?&#](?:[\w-]*(?:token|auth|key|sig|signature|session|sid|secret|password|"
+            rf"passwd|pwd|code|credential)[\w-]*)={_URL_CHARS}*", None),
+    # Tokens with a known shape: Hugging Face, GitHub, GitLab, AWS, OpenAI-style, Slack, JWT.
+    ("SECRET", r"\bhf_[A-Za-z0-9]{20,}\b|\bgh[pousr]_[A-Za-z0-9]{20,}\b|\bgithub_pat_[A-Za-z0-9_]{20,}\b|"
+               r"\bglpat-[A-Za-z0-9_-]{20,}\b|\b(?:AKIA|ASIA)[A-Z0-9]{16}\b|\bsk-[A-Za-z0-9_-]{20,}\b|"
+               r"\bxox[abprs]-[A-Za-z0-9-]{10,}\b|\beyJ[\w-]{8,}\.eyJ[\w-]{8,}\.[\w-]{8,}", None),
+    # `password: x`, `mot de passe : x`, `HF_TOKEN=x`, `aws_secret_access_key = x`: keep the key, hide the value.
+    ("SECRET", r"(?i)(\b[\w-]*?(?:password|passwd|passphrase|pwd|mot de passe|mdp|secret|token|api[_ -]?key|"
+               r"access[_ -]?key|secret[_ -]?key|client[_ -]?secret)\b[\w-]*[ \t]*[:=][ \t]*[\"']?)(?!<[A-Z_]+>)"
+               r"([^\s\"'<>]{3,})", r"\1<SECRET>"),
+    ("SECRET", r"(\b[A-Z0-9_]*(?:TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|APIKEY|ACCESS_KEY)[A-Z0-9_]*[ \t]*=[ \t]*[\"']?)"
+               r"(?!<[A-Z_]+>)([^\s\"'<>]{3,})", r"\1<SECRET>"),
+    # "my password is hunter2": only a value with a digit or a symbol, so "the password is expired" stays.
+    ("SECRET", r"(?i)(\b[\w-]*?(?:password|passwd|mot de passe|mdp)\s+(?:is|est|=)\s+[\"']?)(?!<[A-Z_]+>)"
+               r"(?=[^\s\"']*[\d!@#$%^&*_+=])([^\s\"'<>]{4,})", r"\1<SECRET>"),
+]
+_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+(?:@|%40)[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
+_IPV6_CANDIDATE = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{0,4}|\d{1,3}(?:\.\d{1,3}){3})(?![\w:])")
+_IPV4 = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w]|\.\d)")
+_PHONES = [
+    # French: 06 12 34 56 78, 01.44.27.00.00, 0612345678; +33 (0)1 44 27 00 00
+    re.compile(r"(?<![\w+.])0[1-9](?:[ .-]?\d{2}){4}(?![\w])"),
+    re.compile(r"\+\d{1,3}[ .-]?\(0\)[ .-]?\d(?:[ .-]?\d{2}){4}(?!\d)"),
+    # International: +49 30 1234567, +1 415 555 0100, +55 11 5555-0100 (8 to 15 digits)
+    re.compile(r"(?<![\w+])\+\d{1,3}(?:[ .-]?\(?\d{1,8}\)?){1,6}(?!\d)"),
+    # North American: (415) 555-0100, 415-555-0100
+    re.compile(r"(?<![\w-])(?:\(\d{3}\)\s?|\d{3}[ .-])\d{3}[ .-]\d{4}(?![\w-])"),
+]
+_NAME_STOPWORDS = {"the", "and", "for", "von", "van", "der", "den", "des", "les", "del", "dos", "bin", "ben"}
+
+
+class Scrubber:
+    def __init__(self, scrub_cfg):
+        self.patterns: list[tuple[str, re.Pattern, str | None]] = [
+            (kind, re.compile(pattern, re.S) if kind == "SECRET" and "BEGIN" in pattern else re.compile(pattern), repl)
+            for kind, pattern, repl in _FIXED_PATTERNS
+        ]
+        self.site_patterns: list[tuple[str, re.Pattern]] = []
+        for name, pattern in dict(scrub_cfg.patterns).items():
+            try:
+                self.site_patterns.append((str(name).upper(), re.compile(pattern)))
+            except re.error as error:
+                raise DataError(f"data.scrub.patterns.{name} is not a valid regular expression ({error}).") from None
+        self.keep_ips = set(scrub_cfg.keep_ips)
+        self.counts: Counter = Counter()
+
+    def _replace(self, text: str, kind: str, pattern: re.Pattern, repl: str | Callable | None) -> str:
+        if kind == "URL":
+            repl = _url_placeholder  # the sentence's final "." or ")" is not part of the URL
+        text, n = pattern.subn(repl if repl is not None else f"<{kind}>", text)
+        self.counts[kind] += n
+        return text
+
+    def _ip(self, match: re.Match, version: int) -> str:
+        candidate = match.group(0)
+        try:
+            address = ipaddress.ip_address(candidate)
+        except ValueError:
+            return candidate
+        if address.version != version or candidate in self.keep_ips:
+            return candidate
+        self.counts["IP"] += 1
+        return "<IP>"
+
+    def _phone(self, match: re.Match) -> str:
+        digits = sum(c.isdigit() for c in match.group(0))
+        if not 8 <= digits <= 15:
+            return match.group(0)
+        self.counts["PHONE"] += 1
+        return "<PHONE>"
+
+    def scrub(self, text: str, names: list[str] | None = None) -> str:
+        for kind, pattern, repl in self.patterns:
+            text = self._replace(text, kind, pattern, repl)
+        for kind, pattern in self.site_patterns:  # before e-mail: `abc12de@jean-zay.idris.fr` is a login on a host
+            text = self._replace(text, kind, pattern, None)
+        text = self._replace(text, "EMAIL", _EMAIL, None)
+        text = _IPV6_CANDIDATE.sub(lambda m: self._ip(m, 6), text)
+        text = _IPV4.sub(lambda m: self._ip(m, 4), text)
+        for pattern in _PHONES:
+            text = pattern.sub(self._phone, text)
+        if names:
+            text = self._replace(text, "NAME", names_pattern(names), None)
+        return text
+
+
+def _url_placeholder(match: re.Match) -> str:
+    url = match.group(0)
+    trailing = len(url) - len(url.rstrip(".,;:!?)]}'"))
+    return "<URL>" + (url[len(url) - trailing :] if trailing else "")
+
+
+def names_pattern(names: list[str]) -> re.Pattern:
+    """Full names, then each capitalized part of three letters or more, as whole words."""
+    variants = set()
+    for name in names:
+        name = re.sub(r"\s+", " ", name.strip().strip("\"'"))
+        if not name:
+            continue
+        variants.add(name)
+        for part in re.split(r"[\s,]+", name):
+            part = part.strip(".()")
+            if len(part) >= 3 and part[0].isupper() and part.lower() not in _NAME_STOPWORDS:
+                variants.add(part)
+                variants.add(part.upper())
+    alternatives = "|".join(re.escape(v) for v in sorted(variants, key=len, reverse=True))
+    return re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)") if alternatives else re.compile(r"(?!x)x")

@@ -1,0 +1,111 @@
+"""Read helpdesk tickets as JSONL: one ticket a line, `{"id", "subject", "messages": [{"from", "date", "body"}]}`.
+
+The role of a message comes from its author (`data.tickets`): an address in a staff domain, or listed as staff,
+writes assistant turns; anyone else writes user turns. Internal notes (`"internal": true`) never reach the model.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import re
+from pathlib import Path
+
+from llmft.data.records import Conversation, DataError, ReadReport, input_files
+
+# Role accounts: their display name ("HPC Support") is not a person's name and must not be scrubbed as one.
+_ROLE_ACCOUNT = re.compile(r"\b(support|help ?desk|team|équipe|service|admin|noreply|no-reply|info|contact)\b", re.I)
+
+
+class StaffRule:
+    """Tells staff (assistant) authors from users by e-mail domain or by address / display name."""
+
+    def __init__(self, tickets_cfg):
+        self.domains = [d.lower().lstrip("@") for d in tickets_cfg.staff_domains]
+        self.addresses = {a.lower().strip() for a in tickets_cfg.staff_addresses}
+        if not self.domains and not self.addresses:
+            raise DataError(
+                "no staff rule: set data.tickets.staff_domains=[support.example.org] (or data.tickets.staff_addresses)"
+                " so llmft knows which messages are the support team's answers."
+            )
+
+    def role_of(self, author: str) -> str:
+        name, address = email.utils.parseaddr(author)
+        address = address.lower()
+        domain = address.rpartition("@")[2]
+        if any(domain == d or domain.endswith("." + d) for d in self.domains):
+            return "assistant"
+        if address in self.addresses or name.lower().strip() in self.addresses or author.lower().strip() in self.addresses:
+            return "assistant"
+        return "user"
+
+
+def person_name(author: str) -> str | None:
+    """The display name of a From header when it names a person (not "HPC Support <support@...>")."""
+    name = email.utils.parseaddr(author)[0].strip()
+    if not name or "@" in name or _ROLE_ACCOUNT.search(name):
+        return None
+    return name
+
+
+def _ticket(record: object, staff: StaffRule, tickets_cfg) -> tuple[str, str, list[dict], list[str], int]:
+    """(id, subject, messages with author, participant names, internal notes dropped), or ValueError with a reason."""
+    if not isinstance(record, dict):
+        raise ValueError("the ticket is not a JSON object")
+    for key in ("id", "messages"):
+        if key not in record:
+            raise ValueError(f'missing field "{key}"')
+    if not isinstance(record["id"], (str, int)) or isinstance(record["id"], bool):
+        raise ValueError('"id" is neither a string nor a number')
+    subject = record.get("subject") or ""
+    if not isinstance(subject, str):
+        raise ValueError('"subject" is not a string')
+    if not isinstance(record["messages"], list):
+        raise ValueError('"messages" is not a list')
+    if not record["messages"]:
+        raise ValueError("empty conversation (no message)")
+    messages, participants, num_internal = [], [], 0
+    for i, message in enumerate(record["messages"]):
+        if not isinstance(message, dict):
+            raise ValueError(f"message {i} is not an object")
+        author, body = message.get("from"), message.get("body")
+        if not isinstance(author, str) or not author.strip():
+            raise ValueError(f'message {i} has no "from" author')
+        if body is None:
+            body = ""
+        if not isinstance(body, str):
+            raise ValueError(f'message {i} has a "body" that is not text')
+        if message.get(tickets_cfg.internal_field) is True:
+            num_internal += 1
+            continue
+        name = person_name(author)
+        if name and name not in participants:
+            participants.append(name)
+        messages.append({"role": staff.role_of(author), "content": body, "author": name or ""})
+    return str(record["id"]), subject.strip(), messages, participants, num_internal
+
+
+def read_tickets_jsonl(path: Path, data_cfg, report: ReadReport) -> list[Conversation]:
+    staff = StaffRule(data_cfg.tickets)
+    conversations: list[Conversation] = []
+    for file in input_files(path, (".jsonl", ".json")):
+        with open(file, "rb") as handle:
+            for line_number, raw in enumerate(handle, start=1):
+                if not raw.strip():
+                    continue
+                report.records_read += 1
+                where = f"{file}:{line_number}"
+                try:
+                    ticket_id, subject, messages, participants, num_internal = _ticket(
+                        json.loads(raw.decode("utf-8")), staff, data_cfg.tickets
+                    )
+                except UnicodeDecodeError:
+                    report.skip(where, "not UTF-8 text")
+                except json.JSONDecodeError as error:
+                    report.skip(where, f"bad JSON ({error.msg})")
+                except ValueError as error:
+                    report.skip(where, str(error))
+                else:
+                    report.count("internal_notes", num_internal)
+                    conversations.append(Conversation(ticket_id, messages, where, participants, subject))
+    return conversations

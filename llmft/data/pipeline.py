@@ -159,13 +159,16 @@ def useful_fraction(samples: list[Sample], max_seq_len: int) -> float:
     return sum(len(s.input_ids) for s in samples) / max(1, len(samples) * max_seq_len)
 
 
-def tokenize_splits(conversations, tokenizer, data_cfg, max_seq_len: int) -> tuple[dict[str, list[Sample]], dict]:
+def tokenize_splits(conversations, tokenizer, data_cfg, max_seq_len: int
+                    ) -> tuple[dict[str, list[Sample]], dict, set[str]]:
+    """Samples per split, counts, and the ids of the conversations that gave at least one sample."""
     end_of_turn, end_of_turn_id = end_of_turn_of(tokenizer, data_cfg)
     split_by_id = assign_splits([c.id for c in conversations], data_cfg)
     names = ["train", "validation"] + (["test"] if data_cfg.test_fraction > 0 else [])
     splits: dict[str, list[Sample]] = {name: [] for name in names}
     dropped: Counter = Counter()
     num_windowed = 0
+    used_ids: set[str] = set()
     long_policy = str(getattr(data_cfg.long_conversations, "value", data_cfg.long_conversations))
     samples = tokenize_many(tokenizer, [c.messages for c in conversations], data_cfg.system_prompt, end_of_turn)
     for conversation, sample in zip(conversations, samples):
@@ -186,6 +189,7 @@ def tokenize_splits(conversations, tokenizer, data_cfg, max_seq_len: int) -> tup
                 dropped["no_supervised_token"] += 1
                 continue
             splits[split_by_id[conversation.id]].append(piece)
+            used_ids.add(conversation.id)
     preflight(splits, end_of_turn, end_of_turn_id)
     if not splits["train"]:
         raise DataError(f"no training sample left from {data_cfg.path} (dropped: {dict(dropped)}); "
@@ -211,7 +215,7 @@ def tokenize_splits(conversations, tokenizer, data_cfg, max_seq_len: int) -> tup
                                       else splits["train"]) * max_seq_len),
     }
     counts["supervised_token_fraction"] = counts["supervised_tokens"]["train"] / max(1, train_tokens)
-    return splits, counts
+    return splits, counts, used_ids
 
 
 def build_splits(conversations, tokenizer, data_cfg, max_seq_len: int) -> tuple[dict[str, list[Sample]], dict]:
@@ -230,5 +234,5 @@ def build_splits(conversations, tokenizer, data_cfg, max_seq_len: int) -> tuple[
         if os.environ.get("RANK", "0") == "0":
             print(f"llmft: {loaded}: tokenizing in this process instead "
                   f"(run `python -m llmft.data prepare` on the login node to avoid it).", file=sys.stderr)
-    splits, counts = tokenize_splits(conversations, tokenizer, data_cfg, max_seq_len)
+    splits, counts, _ = tokenize_splits(conversations, tokenizer, data_cfg, max_seq_len)
     return splits, {**counts, "reused_prepared": False, "fingerprint": parts}

@@ -64,9 +64,12 @@ def fingerprint_parts(conversations, tokenizer, data_cfg, max_seq_len: int, end_
     }
 
 
-def save_samples(out_dir: Path, splits: dict[str, list[Sample]], parts: dict[str, str], counts: dict) -> None:
+def save_samples(out_dir: Path, splits: dict[str, list[Sample]]) -> None:
+    """The samples as a `datasets.DatasetDict` in `out_dir/dataset`; call `write_manifest` once all is written."""
     from datasets import Dataset, DatasetDict, Features, Sequence, Value
+    from datasets.utils.logging import disable_progress_bar
 
+    disable_progress_bar()  # a login-node log, not a terminal show
     features = Features({name: Sequence(Value("int32")) for name in ("input_ids", "labels", "seq_lengths")})
     dataset = DatasetDict({
         split: Dataset.from_dict({
@@ -76,14 +79,18 @@ def save_samples(out_dir: Path, splits: dict[str, list[Sample]], parts: dict[str
         }, features=features)
         for split, samples in splits.items()
     })
-    manifest = out_dir / "manifest.json"
-    manifest.unlink(missing_ok=True)  # the folder is incomplete until the new manifest is written
+    (out_dir / "manifest.json").unlink(missing_ok=True)  # the folder is incomplete until a new manifest is written
     staging = out_dir / "dataset.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     dataset.save_to_disk(str(staging))
     shutil.rmtree(out_dir / "dataset", ignore_errors=True)
     staging.rename(out_dir / "dataset")
-    manifest.write_text(json.dumps({"fingerprint": parts, "counts": counts}, indent=2))
+
+
+def write_manifest(out_dir: Path, parts: dict[str, str], counts: dict) -> None:
+    staging = out_dir / "manifest.json.tmp"
+    staging.write_text(json.dumps({"fingerprint": parts, "counts": counts}, indent=2))
+    staging.rename(out_dir / "manifest.json")
 
 
 def load_samples(prepared_dir: Path, parts: dict[str, str]) -> tuple[dict[str, list[Sample]], dict] | str:

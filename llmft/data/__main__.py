@@ -1,0 +1,114 @@
+"""python -m llmft.data prepare|inspect [options] [overrides]
+
+    prepare    read, clean, scrub, tokenize and pack `data=` for `model=`, into data.output_dir
+    inspect    print a few samples with the supervised tokens highlighted
+
+Options: --cfg (print the resolved data config and stop); inspect: --num N (3), --split NAME (train), --no-color.
+Overrides are Hydra's, as for `python -m llmft.launch`: data=tickets_sample data.output_dir=$WORK/tickets-v1 ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+USAGE = __doc__.split("\n\n")[0].strip()
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from llmft.config import CONF_DIR, register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+def composition_error(error: Exception) -> str:
+    from llmft.launch import one_line_error
+
+    chain, cause = [], error
+    while cause is not None:
+        chain.append(str(cause))
+        cause = cause.__cause__
+    return one_line_error("\n".join(chain))
+
+
+def summary_lines(report: dict) -> list[str]:
+    lines = [
+        f"read {report['records_read']} records from {report['path']} ({report['format']}): "
+        f"{report['conversations_read']} conversations, {report['num_conversations']} kept",
+    ]
+    if report.get("num_skipped"):
+        lines.append(f"skipped {report['num_skipped']} bad records, e.g. {report['skipped'][0]}")
+    dropped = {**report.get("reader_dropped", {}), **report.get("dropped", {}), **report.get("samples_dropped", {})}
+    if dropped:
+        lines.append("dropped: " + ", ".join(f"{n} {reason}" for reason, n in dropped.items()))
+    if report.get("pii_replacements"):
+        lines.append("replaced: " + ", ".join(f"{n} {kind}" for kind, n in report["pii_replacements"].items()))
+    fractions = report["useful_token_fraction"]
+    lines.append(
+        "samples: " + ", ".join(f"{n} {split}" for split, n in report["samples"].items())
+        + f"; {report['tokens']['train']} train tokens, {report['supervised_tokens']['train']} supervised; "
+        f"useful tokens {fractions['packed']:.1%} packed vs {fractions['padded']:.1%} padded to {report['max_seq_len']}"
+    )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m llmft.data", usage=USAGE, add_help=True)
+    parser.add_argument("command", choices=["prepare", "inspect"])
+    parser.add_argument("--cfg", action="store_true", help="print the resolved data config and stop")
+    parser.add_argument("--num", type=int, default=3, help="inspect: how many samples")
+    parser.add_argument("--split", default="train", help="inspect: which split")
+    parser.add_argument("--no-color", action="store_true", help="inspect: brackets instead of colour")
+    args, overrides = parser.parse_known_args(argv)
+
+    from llmft.config import ConfigError, validate
+    from llmft.data.records import DataError
+    from llmft.data.templating import TemplateError
+
+    try:
+        cfg = compose(overrides)
+    except Exception as error:  # Hydra and OmegaConf raise many kinds for a bad override: all are user errors
+        print(composition_error(error), file=sys.stderr)
+        return 2
+    if args.cfg:
+        print(OmegaConf.to_yaml(cfg.data))
+        return 0
+    try:
+        validate(cfg)
+        if args.command == "prepare":
+            from llmft.data.prepare import prepare
+
+            report = prepare(cfg)
+            if report.get("reused_prepared"):
+                print(f"llmft: {report['output_dir']} is up to date (same conversations, tokenizer and settings).")
+            else:
+                print("\n".join(summary_lines(report)))
+                print(f"wrote {report['output_dir']} (report.json, dataset/, *.conversations.jsonl, lengths.png)")
+        else:
+            from llmft.data.inspect_samples import inspect
+
+            color = sys.stdout.isatty() and not args.no_color
+            print(inspect(cfg, args.num, args.split, color))
+    except MissingMandatoryValue as error:
+        key = getattr(error, "full_key", None) or "a key"
+        print(f"llmft: bad config: {key} is not set: add {key}=... to the command.", file=sys.stderr)
+        return 2
+    except (ConfigError, DataError, TemplateError) as error:
+        print(f"llmft: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""`python -m llmft.data prepare`: everything a run needs from the data, made once on the login node.
+
+    DIR/dataset/                      the tokenized samples (datasets.DatasetDict: train, validation[, test])
+    DIR/tokenizer/                    the tokenizer they were made with (model=tiny trains one on the data)
+    DIR/<split>.conversations.jsonl   the cleaned, scrubbed conversations, in chat format: what the model sees
+    DIR/report.json                   what was read, dropped (and why), replaced, built
+    DIR/lengths.png                   the histogram of sample lengths against model.max_seq_len
+    DIR/manifest.json                 the fingerprint; written last, so a folder without it is incomplete
+
+Preparing again with the same conversations, tokenizer and settings finds the manifest and does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from llmft.data.pipeline import (
+    assign_splits,
+    end_of_turn_of,
+    load_run_tokenizer,
+    read_conversations,
+    tokenize_splits,
+)
+from llmft.data.prepared import fingerprint_parts, load_samples, save_samples, write_manifest
+from llmft.data.records import DataError
+from llmft.data.templating import Sample, with_system_prompt
+
+
+def output_dir_of(data_cfg) -> Path:
+    if not data_cfg.output_dir:
+        raise DataError("data.output_dir is not set: add data.output_dir=DIR, the folder prepare writes to.")
+    return Path(os.path.expandvars(str(data_cfg.output_dir))).expanduser()
+
+
+def sample_lengths(samples: list[Sample]) -> list[int]:
+    return [n for s in samples for n in (s.seq_lengths or [len(s.input_ids)])]
+
+
+def write_conversations(out_dir: Path, conversations, used_ids: set[str], data_cfg) -> dict[str, str]:
+    """The conversations that made samples, per split, with the system prompt the model will see."""
+    split_by_id = assign_splits([c.id for c in conversations], data_cfg)
+    paths = {}
+    handles = {}
+    try:
+        for conversation in conversations:
+            if conversation.id not in used_ids:
+                continue
+            split = split_by_id[conversation.id]
+            if split not in handles:
+                paths[split] = str(out_dir / f"{split}.conversations.jsonl")
+                handles[split] = open(paths[split], "w", encoding="utf-8")
+            record = {"id": conversation.id, "source": conversation.source,
+                      "messages": with_system_prompt(conversation.messages, data_cfg.system_prompt)}
+            handles[split].write(json.dumps(record, ensure_ascii=False) + "\n")
+    finally:
+        for handle in handles.values():
+            handle.close()
+    return paths
+
+
+def write_length_histogram(path: Path, lengths_by_split: dict[str, list[int]], max_seq_len: int, title: str) -> bool:
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 4.5))
+    bins = list(range(0, max_seq_len + max(1, max_seq_len // 50), max(1, max_seq_len // 50)))
+    axes.hist([lengths for lengths in lengths_by_split.values()], bins=bins, stacked=True,
+              label=[f"{split} ({len(lengths)})" for split, lengths in lengths_by_split.items()])
+    axes.axvline(max_seq_len, color="black", linestyle="--", label=f"max_seq_len={max_seq_len}")
+    axes.set_xlabel("tokens per sample")
+    axes.set_ylabel("samples")
+    axes.set_title(title, fontsize=10)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return True
+
+
+def prepare(cfg) -> dict:
+    """Prepare cfg.data for cfg.model into data.output_dir; returns the report (also in report.json)."""
+    data_cfg, max_seq_len = cfg.data, cfg.model.max_seq_len
+    out_dir = output_dir_of(data_cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    conversations, read_report = read_conversations(data_cfg)
+    tokenizer = load_run_tokenizer(cfg, conversations)
+    end_of_turn, _ = end_of_turn_of(tokenizer, data_cfg)
+    parts = fingerprint_parts(conversations, tokenizer, data_cfg, max_seq_len, end_of_turn)
+    if not isinstance(load_samples(out_dir, parts), str) and (out_dir / "report.json").is_file():
+        return {**json.loads((out_dir / "report.json").read_text()), "reused_prepared": True}
+
+    splits, counts, used_ids = tokenize_splits(conversations, tokenizer, data_cfg, max_seq_len)
+    save_samples(out_dir, splits)
+    tokenizer.save_pretrained(out_dir / "tokenizer")
+    conversation_files = write_conversations(out_dir, conversations, used_ids, data_cfg)
+    fractions = counts["useful_token_fraction"]
+    has_histogram = write_length_histogram(
+        out_dir / "lengths.png", {split: sample_lengths(s) for split, s in splits.items() if s}, max_seq_len,
+        f"{sum(counts['samples'].values())} samples; useful tokens {fractions['packed']:.0%} packed, "
+        f"{fractions['padded']:.0%} padded to {max_seq_len}",
+    )
+    report = {
+        **read_report,
+        **counts,
+        "fingerprint": parts,
+        "reused_prepared": False,
+        "output_dir": str(out_dir),
+        "files": {
+            "dataset": str(out_dir / "dataset"),
+            "tokenizer": str(out_dir / "tokenizer"),
+            "conversations": conversation_files,
+            "length_histogram": str(out_dir / "lengths.png") if has_histogram else None,
+        },
+    }
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    write_manifest(out_dir, parts, counts)
+    return report

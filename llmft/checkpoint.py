@@ -50,14 +50,29 @@ def find_latest(checkpoints_dir: Path) -> tuple[Path | None, list[Path]]:
     return None, incomplete
 
 
-def save(checkpoints_dir: Path, step: int, write_files: Callable[[Path], None], meta: dict, keep_last: int) -> Path:
-    """Write a checkpoint through `write_files(tmp_dir)`, add the manifest, rename into place, prune old ones."""
-    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+def read_manifest(path: Path) -> dict:
+    return json.loads((path / MANIFEST).read_text())
+
+
+def save(checkpoints_dir: Path, step: int, write_files: Callable[[Path], None], meta: dict, keep_last: int,
+         barrier: Callable[[], None] = lambda: None, is_main: bool = True) -> Path:
+    """Write a checkpoint through `write_files(tmp_dir)`, add the manifest, rename into place, prune old ones.
+
+    Collective when distributed: every rank calls it and writes its part; rank 0 alone writes the manifest and
+    renames, after a barrier that guarantees every rank's files are there.
+    """
     final = checkpoints_dir / f"step_{step}"
     tmp = checkpoints_dir / f"{TMP_PREFIX}step_{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    if is_main:
+        checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
     write_files(tmp)
+    barrier()
+    if not is_main:
+        barrier()
+        return final
     files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
     manifest = {"step": step, "time": time.time(), "files": files, **meta}
     with open(tmp / MANIFEST, "w") as handle:
@@ -68,6 +83,7 @@ def save(checkpoints_dir: Path, step: int, write_files: Callable[[Path], None], 
         shutil.rmtree(final)
     os.replace(tmp, final)
     _prune(checkpoints_dir, keep_last)
+    barrier()
     return final
 
 

@@ -95,6 +95,10 @@ class PeftConfig:
 @dataclass
 class ParallelismConfig:
     strategy: Strategy = Strategy.single
+    # ZeRO-3 keeps parameters smaller than these unpartitioned (DeepSpeed's defaults); 0 partitions everything.
+    zero3_param_persistence_threshold: int = 100_000
+    zero3_model_persistence_threshold: int = 9_223_372_036_854_775_807
+    deepspeed_config: Optional[str] = None  # a JSON file merged over the config llmft generates
 
 
 @dataclass
@@ -191,7 +195,7 @@ def validate(cfg: DictConfig, check_paths: bool = True) -> None:
         raise ConfigError(f"model.path is not set for model={model.name}: set model.path=/path/to/a/local/hf/folder.")
     if peft.method != PeftMethod.full and not (peft.target_modules or model.lora_target_modules):
         raise ConfigError("No LoRA target modules: set peft.target_modules=[q_proj,v_proj] or model.lora_target_modules.")
-    if cfg.launch.nproc > 1 and cfg.parallelism.strategy == Strategy.single:
+    if cfg.launch.nproc > 1 and cfg.parallelism.strategy == Strategy.single and cfg.cluster is None:
         raise ConfigError(
             f"launch.nproc={cfg.launch.nproc} needs a distributed strategy: add parallelism=ddp (or fsdp, zero2, zero3)."
         )

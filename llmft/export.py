@@ -15,23 +15,33 @@ class ExportError(Exception):
     pass
 
 
-def check_adapter(saved: dict, expected: dict) -> None:
-    """Refuse an empty or partial adapter. `expected`: the trained model's adapter tensors, by saved name."""
+def check_adapter(saved: dict, expected_shapes: dict) -> None:
+    """Refuse an empty or partial adapter. `expected_shapes`: the trained model's full LoRA shapes, by saved name."""
     if not saved:
         raise ExportError("the adapter is empty: no LoRA tensor was saved")
-    missing = sorted(set(expected) - set(saved))
+    missing = sorted(set(expected_shapes) - set(saved))
     if missing:
         raise ExportError(f"the adapter misses {len(missing)} tensors, e.g. {missing[0]}")
-    for name, tensor in expected.items():
-        if tuple(saved[name].shape) != tuple(tensor.shape):
-            raise ExportError(f"{name} has shape {tuple(saved[name].shape)} instead of {tuple(tensor.shape)}")
+    for name, shape in expected_shapes.items():
+        if tuple(saved[name].shape) != tuple(shape):
+            raise ExportError(f"{name} has shape {tuple(saved[name].shape)} instead of {tuple(shape)}")
     lora_b = [t for n, t in saved.items() if "lora_B" in n]
     if lora_b and all(float(t.abs().max()) == 0.0 for t in lora_b):
         raise ExportError("every lora_B tensor is zero: the adapter learned nothing (or was saved before training)")
 
 
-def save_final(model, tokenizer, final_dir: Path, base_model_path: Path) -> None:
-    """Save into a temporary folder, check, and rename into place: `final/` is complete or absent."""
+def full_shapes(model) -> dict:
+    """Trainable parameters' global shapes, whatever shards them (FSDP2 DTensor: .shape; ZeRO-3: .ds_shape)."""
+    return {n: tuple(getattr(p, "ds_shape", None) or p.shape) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_final(model, trainable_state: dict, tokenizer, final_dir: Path, base_model_path: Path) -> None:
+    """Write the final adapter (or model) from gathered full tensors: into a temporary folder, checked, renamed.
+
+    `model` is the PEFT (or HF) model, possibly sharded; `trainable_state` holds the full trainable tensors
+    gathered on this rank (the strategy's `trainable_state_for_export`). Only rank 0 calls this.
+    """
+    import torch
     from peft import PeftModel, get_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -41,11 +51,13 @@ def save_final(model, tokenizer, final_dir: Path, base_model_path: Path) -> None
     if isinstance(model, PeftModel):
         for peft_config in model.peft_config.values():
             peft_config.base_model_name_or_path = str(base_model_path)
-        model.save_pretrained(tmp)
-        expected = get_peft_model_state_dict(model)
-        check_adapter(load_file(tmp / "adapter_model.safetensors"), expected)
+        model.save_pretrained(tmp, state_dict=trainable_state)
+        shapes = full_shapes(model)
+        expected = get_peft_model_state_dict(model, state_dict={
+            n: torch.empty(shape, device="meta") for n, shape in shapes.items()})
+        check_adapter(load_file(tmp / "adapter_model.safetensors"), {n: t.shape for n, t in expected.items()})
     else:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=trainable_state)
     tokenizer.save_pretrained(tmp)
     if final_dir.exists():
         shutil.rmtree(final_dir)

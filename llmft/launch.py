@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
+import subprocess
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -57,16 +60,40 @@ def _launch(cfg: DictConfig) -> None:
     if cfg.cluster is not None:
         print(f"llmft: cluster submission (+cluster={cfg.cluster.name}) is not available yet.", file=sys.stderr)
         sys.exit(2)
-    from llmft.train import main as train_main
+    if cfg.parallelism.strategy.value == "single":
+        from llmft.train import main as train_main
 
-    code = train_main([str(run_dir)])
+        code = train_main([str(run_dir)])
+    else:
+        code = run_local_ranks(run_dir, cfg.launch.nproc)
     if code:
         sys.exit(code)
+
+
+def run_local_ranks(run_dir: Path, nproc: int) -> int:
+    """Start `nproc` ranks of `python -m llmft.train RUN_DIR` on this machine with torchrun (gloo on CPU).
+
+    torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT, stops every rank when one fails, and
+    keeps each rank's output in RUN_DIR/logs while showing it here. It runs as a subprocess, so this process
+    never imports torch.
+    """
+    threads = max(1, (os.cpu_count() or 1) // nproc)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               f"--log-dir={run_dir / 'logs'}", "--tee=3", "-m", "llmft.train", str(run_dir)]
+    code = subprocess.call(command, env=env)
+    if code == 0:
+        print(f"run dir: {run_dir}")
+    else:
+        print(f"llmft: the run failed (exit code {code}); each rank's output is in {run_dir / 'logs'}", file=sys.stderr)
+    return code
 
 
 def main() -> None:
     # Hydra prints composition errors as several lines plus a hint about HYDRA_FULL_ERROR. Hold stderr while it
     # composes; if it exits before our task starts, print the error as one line instead.
+    # With HYDRA_FULL_ERROR=1 a bug in llmft shows its traceback; composition errors are caught here.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     with contextlib.redirect_stderr(_hydra_stderr):
         try:
             _launch()
@@ -74,6 +101,11 @@ def main() -> None:
             if not _task_started and exit_.code not in (0, None):
                 print(one_line_error(_hydra_stderr.getvalue()), file=sys.__stderr__)
             raise
+        except Exception as error:
+            if _task_started:
+                raise
+            print(one_line_error(f"{error}\n{_hydra_stderr.getvalue()}"), file=sys.__stderr__)
+            sys.exit(1)
     if not _task_started:
         sys.stderr.write(_hydra_stderr.getvalue())
 

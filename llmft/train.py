@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from llmft import checkpoint
@@ -31,8 +33,10 @@ from llmft.data.templating import IGNORE_INDEX, TemplateError
 from llmft.metrics import MetricsLog
 from llmft.model import apply_peft, build_tiny_model, count_parameters, load_pretrained_model
 from llmft.export import save_final
+from llmft.flops import flops_per_token, peak_flops
 from llmft.tokenizer import load_tokenizer, train_tiny_tokenizer
 from llmft.topology import Topology
+from llmft import strategies
 
 
 @dataclass
@@ -45,6 +49,30 @@ class TrainResult:
 def log(topology: Topology, message: str) -> None:
     if topology.is_main:
         print(message, flush=True)
+
+
+def barrier(topology: Topology) -> None:
+    if topology.is_distributed:
+        dist.barrier()
+
+
+def all_reduce_sum(value: float, topology: Topology) -> float:
+    if not topology.is_distributed:
+        return value
+    tensor = torch.tensor([float(value)], dtype=torch.float64)
+    if topology.device_type == "cuda":
+        tensor = tensor.to(topology.device)
+    dist.all_reduce(tensor)
+    return tensor.item()
+
+
+def peak_memory_gb(device) -> float:
+    """Peak GPU memory allocated by torch, or the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kilobytes on Linux
 
 
 def seed_everything(seed: int) -> None:
@@ -115,6 +143,9 @@ def train(cfg, run_dir: Path) -> TrainResult:
     # ---------------------------------------------------------------- setup
     topology = Topology.from_env()
     device = topology.device
+    if topology.is_distributed and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if topology.device_type == "cuda" else "gloo")
+    strategy = strategies.build(cfg, topology)
     tcfg = cfg.train
     precision = str(getattr(tcfg.precision, "value", tcfg.precision))
     seed_everything(tcfg.seed)
@@ -125,9 +156,13 @@ def train(cfg, run_dir: Path) -> TrainResult:
 
     # ---------------------------------------------------------------- data and tokenizer
     conversations, read_report = read_conversations(cfg.data)
-    if cfg.model.path is None:  # the tiny model: a tokenizer trained on this run's texts
-        texts = [m["content"] for c in conversations for m in c.messages]
-        tokenizer = train_tiny_tokenizer(texts, cfg.model.tiny.vocab_size)
+    if cfg.model.path is None:  # the tiny model: a tokenizer trained on this run's texts, by rank 0
+        tokenizer_dir = run_dir / "base_model"
+        if topology.is_main:
+            texts = [m["content"] for c in conversations for m in c.messages]
+            train_tiny_tokenizer(texts, cfg.model.tiny.vocab_size).save_pretrained(tokenizer_dir)
+        barrier(topology)
+        tokenizer = load_tokenizer(str(tokenizer_dir), None)
     else:
         tokenizer = load_tokenizer(cfg.model.path, cfg.model.fallback_chat_template)
     splits, prep_counts = build_splits(conversations, tokenizer, cfg.data, cfg.model.max_seq_len)
@@ -141,7 +176,6 @@ def train(cfg, run_dir: Path) -> TrainResult:
         base_model_path = run_dir / "base_model"
         if topology.is_main:  # the base the adapter applies to, so stock PEFT can load the result
             model.save_pretrained(base_model_path)
-            tokenizer.save_pretrained(base_model_path)
     else:
         model = load_pretrained_model(cfg.model)
         base_model_path = Path(cfg.model.path)
@@ -154,81 +188,80 @@ def train(cfg, run_dir: Path) -> TrainResult:
     num_params, num_trainable = count_parameters(model)
     log(topology, f"model: {num_params:,} parameters, {num_trainable:,} trainable")
 
-    # ---------------------------------------------------------------- optimizer and schedule
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        trainable, lr=tcfg.lr, betas=(tcfg.adam_beta1, tcfg.adam_beta2), weight_decay=tcfg.weight_decay
-    )
-    global_batch = tcfg.micro_batch_size * topology.world_size
-    micro_batches_per_epoch = math.ceil(len(train_samples) / global_batch)
-    total_steps = math.ceil(tcfg.epochs * micro_batches_per_epoch / tcfg.grad_accum_steps)
+    # ---------------------------------------------------------------- shard, optimizer and schedule
+    # The data is one stream of samples, epoch after epoch, each epoch in an order fixed by (seed, epoch); a step
+    # takes the next `samples_per_step`. The data position is thus one integer (samples consumed), independent of
+    # how the step is split into ranks and micro-batches, so a run resumes exactly on another world size.
+    micro_batch_across_ranks = tcfg.micro_batch_size * topology.world_size
+    samples_per_step = micro_batch_across_ranks * tcfg.grad_accum_steps
+    total_steps = math.ceil(tcfg.epochs * len(train_samples) / samples_per_step)
     if tcfg.max_steps > 0:
         total_steps = min(total_steps, tcfg.max_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, tcfg.warmup_steps, total_steps, tcfg.min_lr_ratio)
-    )
+    peft_model = model  # the PEFT (or HF) model, for evaluation and export; `model` becomes the wrapped one
+    model = strategy.wrap(model, [p for p in model.parameters() if p.requires_grad],
+                          lambda s: warmup_cosine(s, tcfg.warmup_steps, total_steps, tcfg.min_lr_ratio))
+    sharding = strategy.sharding_report()  # now: after a forward FSDP2 keeps the root's parameters unsharded
 
     # ---------------------------------------------------------------- resume
-    step, micro_batches_done = 0, 0  # the data position is the number of global micro-batches consumed
+    step, samples_consumed = 0, 0
     checkpoints_dir = run_dir / "checkpoints"
     latest, incomplete = checkpoint.find_latest(checkpoints_dir)
     for folder in incomplete:
         log(topology, f"checkpoint: ignoring incomplete {folder}")
     if latest is not None:
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(latest / "trainable.safetensors", device=str(device)), strict=False)
-        optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=False))
-        state = torch.load(latest / "state.pt", weights_only=False)
-        scheduler.load_state_dict(state["scheduler"])
+        strategy.load(latest)
+        state = torch.load(latest / f"state_rank{topology.rank}.pt" if (latest / f"state_rank{topology.rank}.pt")
+                           .exists() else latest / "state_rank0.pt", weights_only=False)
         set_rng_state(state["rng"])
-        step, micro_batches_done = state["step"], state["micro_batches_done"]
-        log(topology, f"resume: from {latest} (step {step})")
+        step, samples_consumed = state["step"], state["samples_consumed"]
+        log(topology, f"resume: from {latest} (step {step}, saved with world size "
+                      f"{checkpoint.read_manifest(latest)['world_size']})")
 
     def save_checkpoint() -> None:
-        from safetensors.torch import save_file
-
         def write(folder: Path) -> None:
-            save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
-                      folder / "trainable.safetensors")
-            torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-            torch.save({"scheduler": scheduler.state_dict(), "rng": rng_state(), "step": step,
-                        "micro_batches_done": micro_batches_done}, folder / "state.pt")
+            strategy.save(folder)
+            torch.save({"rng": rng_state(), "step": step, "samples_consumed": samples_consumed},
+                       folder / f"state_rank{topology.rank}.pt")
 
         meta = {"world_size": topology.world_size, "strategy": cfg.parallelism.strategy.value}
-        path = checkpoint.save(checkpoints_dir, step, write, meta, tcfg.keep_last)
+        path = checkpoint.save(checkpoints_dir, step, write, meta, tcfg.keep_last, barrier=lambda: barrier(topology),
+                               is_main=topology.is_main)
         log(topology, f"checkpoint: {path}")
 
     def next_micro_batch() -> dict:
-        """This rank's share of the next global micro-batch, in the order fixed by (seed, epoch)."""
-        nonlocal micro_batches_done
-        epoch, index = divmod(micro_batches_done, micro_batches_per_epoch)
-        order = epoch_order(len(train_samples), tcfg.seed, epoch)
-        chosen = order[index * global_batch : (index + 1) * global_batch]
-        mine = chosen[topology.rank :: topology.world_size] or chosen[:1]
-        micro_batches_done += 1
+        """This rank's share (every world_size-th sample) of the next micro-batch across ranks."""
+        nonlocal samples_consumed
+        positions = range(samples_consumed, samples_consumed + micro_batch_across_ranks)
+        stream = [epoch_order(len(train_samples), tcfg.seed, k // len(train_samples))[k % len(train_samples)]
+                  for k in positions]
+        mine = stream[topology.rank :: topology.world_size]
+        samples_consumed += micro_batch_across_ranks
         return {k: v.to(device) for k, v in collate([train_samples[i] for i in mine], tokenizer.pad_token_id).items()}
 
     # ---------------------------------------------------------------- loop
     metrics = MetricsLog(run_dir / "metrics.jsonl", total_steps, step, enabled=topology.is_main)
     first_loss = last_loss = val_loss = None
-    step_start, tokens_since_log, supervised_since_log = time.time(), 0, 0
+    step_start, tokens_since_log, supervised_since_log, sequences_since_log = time.time(), 0, 0, 0
+    hf_config = peft_model.config
+    gpu_peak_flops = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     while step < total_steps:
         micro_batches = [next_micro_batch() for _ in range(tcfg.grad_accum_steps)]
         # Normalise by the supervised tokens of the whole step, so accumulation does not change the loss.
-        num_supervised = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
-        step_loss = 0.0
+        # and across ranks: every rank divides by the global count; the gradient averaging of DDP, FSDP and ZeRO
+        # divides by the world size, which the factor world_size undoes. The result is the exact token-mean
+        # gradient of the global batch, whatever the strategy and the number of ranks.
+        num_supervised = int(all_reduce_sum(
+            sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches), topology))
+        step_loss_sum = 0.0
         for batch in micro_batches:
             loss_sum, _ = token_losses(model, batch, precision, device.type)
-            loss = loss_sum / max(1, num_supervised)
-            loss.backward()
-            step_loss += float(loss.detach())
+            strategy.backward(loss_sum * topology.world_size / max(1, num_supervised))
+            step_loss_sum += float(loss_sum.detach())
             tokens_since_log += int(batch["num_tokens"])
+            sequences_since_log += int(batch.get("num_sequences", batch["input_ids"].shape[0]))
         supervised_since_log += num_supervised
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, tcfg.max_grad_norm))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = strategy.step()
+        step_loss = all_reduce_sum(step_loss_sum, topology) / max(1, num_supervised)
         step += 1
         first_loss = step_loss if first_loss is None else first_loss
         last_loss = step_loss
@@ -237,16 +270,23 @@ def train(cfg, run_dir: Path) -> TrainResult:
             elapsed = time.time() - step_start
             record = {
                 "step": step,
-                "epoch": micro_batches_done / micro_batches_per_epoch,
+                "epoch": samples_consumed / len(train_samples),
                 "loss": step_loss,
-                "lr": scheduler.get_last_lr()[0],
+                "lr": strategy.lr(),
                 "grad_norm": grad_norm,
-                "tokens_per_s": tokens_since_log / elapsed,
+                "tokens_per_s": all_reduce_sum(tokens_since_log, topology) / elapsed,
+                "tokens_per_s_per_rank": tokens_since_log / elapsed,
                 "supervised_tokens_per_s": supervised_since_log / elapsed,
             }
+            record["peak_memory_gb"] = peak_memory_gb(device)
+            if gpu_peak_flops:  # MFU with the LoRA-aware FLOPs count (llmft/flops.py)
+                per_token = flops_per_token(num_params, num_trainable, hf_config.num_hidden_layers,
+                                            hf_config.hidden_size, tokens_since_log / max(1, sequences_since_log),
+                                            lora=cfg.peft.method.value != "full")
+                record["mfu"] = per_token * record["tokens_per_s_per_rank"] / gpu_peak_flops
             metrics.write(record)
             metrics.show(step, record)
-            step_start, tokens_since_log, supervised_since_log = time.time(), 0, 0
+            step_start, tokens_since_log, supervised_since_log, sequences_since_log = time.time(), 0, 0, 0
         if step % tcfg.eval_every == 0 or step == total_steps:
             val_loss = evaluate(model, val_samples, tcfg.micro_batch_size, tokenizer.pad_token_id, precision, device)
             metrics.write({"step": step, "val_loss": val_loss})
@@ -257,8 +297,10 @@ def train(cfg, run_dir: Path) -> TrainResult:
 
     # ---------------------------------------------------------------- final save and summary
     final_dir = run_dir / "final"
+    trainable_state = strategy.trainable_state_for_export()  # a collective: every rank takes part
     if topology.is_main:
-        save_final(model, tokenizer, final_dir, base_model_path)
+        save_final(peft_model, trainable_state, tokenizer, final_dir, base_model_path)
+    barrier(topology)
     summary = {
         "status": "completed",
         "steps": step,
@@ -272,13 +314,15 @@ def train(cfg, run_dir: Path) -> TrainResult:
         "num_validation_samples": len(val_samples),
         "data": {**read_report, **prep_counts},
         "world_size": topology.world_size,
+        "strategy": cfg.parallelism.strategy.value,
+        "sharding_rank0": sharding,
         "wall_time_s": time.time() - started,
         "final_dir": str(final_dir),
         "base_model_path": str(base_model_path),
     }
     if topology.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return TrainResult(summary, model, tokenizer)
+    return TrainResult(summary, peft_model, tokenizer)
 
 
 def run(run_dir: Path) -> TrainResult:
@@ -287,9 +331,13 @@ def run(run_dir: Path) -> TrainResult:
     try:
         return train(cfg, run_dir)
     except Exception as error:
-        summary_path = Path(run_dir) / "summary.json"
-        summary_path.write_text(json.dumps({"status": "failed", "error": f"{type(error).__name__}: {error}"}, indent=2))
+        if Topology.from_env().is_main:
+            summary = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
+            (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
         raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, TemplateError) as error:
         print(f"llmft: {error}", file=sys.stderr)
         return 2
-    print(f"run dir: {Path(argv[0]).resolve()}")
+    if Topology.from_env().is_main and "TORCHELASTIC_RUN_ID" not in os.environ:  # torchrun: launch prints it
+        print(f"run dir: {Path(argv[0]).resolve()}")
     return 0
 
 

@@ -1,0 +1,127 @@
+"""DeepSpeed ZeRO-2 / ZeRO-3 (optionally with the optimizer offloaded to CPU) through `deepspeed.initialize`.
+
+The DeepSpeed config is generated from ours (batch sizes, precision, stage, offload, clipping, optimizer) and a user
+JSON file (`parallelism.deepspeed_config`) is merged over it. Checkpoints are DeepSpeed's own (frozen weights
+excluded); the adapter is exported by gathering the partitioned LoRA tensors on rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+CHECKPOINT_TAG = "deepspeed"
+
+
+def merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
+    return merged
+
+
+def deepspeed_config(cfg, world_size: int, bf16: bool) -> dict:
+    strategy = cfg.parallelism.strategy.value
+    tcfg = cfg.train
+    zero = {"stage": 2 if strategy == "zero2" else 3}
+    if zero["stage"] == 3:
+        zero["stage3_param_persistence_threshold"] = cfg.parallelism.zero3_param_persistence_threshold
+        zero["stage3_model_persistence_threshold"] = cfg.parallelism.zero3_model_persistence_threshold
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    if strategy == "zero3_offload":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config = {
+        "train_micro_batch_size_per_gpu": tcfg.micro_batch_size,
+        "gradient_accumulation_steps": tcfg.grad_accum_steps,
+        "train_batch_size": tcfg.micro_batch_size * tcfg.grad_accum_steps * world_size,
+        "gradient_clipping": tcfg.max_grad_norm,
+        "bf16": {"enabled": bf16},
+        "zero_optimization": zero,
+        "optimizer": {
+            "type": "AdamW",
+            # torch_adam: torch's AdamW (the same update as the other strategies; no CPU-Adam build step).
+            "params": {"lr": tcfg.lr, "betas": [tcfg.adam_beta1, tcfg.adam_beta2], "eps": 1e-8,
+                       "weight_decay": tcfg.weight_decay, "torch_adam": True},
+        },
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.parallelism.deepspeed_config:
+        config = merge(config, json.loads(Path(cfg.parallelism.deepspeed_config).read_text()))
+    return config
+
+
+class DeepSpeedStrategy:
+    def __init__(self, cfg, topology):
+        self.cfg = cfg
+        self.topology = topology
+        self.engine = None
+
+    def uses_bf16(self) -> bool:
+        precision = self.cfg.train.precision.value
+        return precision == "bf16" or (precision == "auto" and self.topology.device_type == "cuda"
+                                       and torch.cuda.is_bf16_supported())
+
+    def wrap(self, model, trainable, lr_lambda):
+        import deepspeed
+
+        config = deepspeed_config(self.cfg, self.topology.world_size, self.uses_bf16())
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=trainable,
+            config=config,
+            lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda),
+        )
+        return self.engine
+
+    def unwrap(self):
+        return self.engine.module
+
+    def backward(self, loss):
+        # Our loss is already normalised over the whole accumulated step: no further division by DeepSpeed.
+        # engine.step() after every backward is how DeepSpeed counts micro-batches; it only updates the weights
+        # (clip, optimizer, LR schedule) at the accumulation boundary.
+        self.engine.backward(loss, scale_wrt_gas=False)
+        self.engine.step()
+
+    def step(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def lr(self) -> float:
+        return self.engine.lr_scheduler.get_last_lr()[0]
+
+    def save(self, folder: Path) -> None:
+        self.engine.save_checkpoint(str(folder), tag=CHECKPOINT_TAG, save_latest=False,
+                                    exclude_frozen_parameters=self.cfg.peft.method.value != "full")
+
+    def load(self, folder: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(folder), tag=CHECKPOINT_TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True,
+                                              load_module_strict=self.cfg.peft.method.value == "full")
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint in {folder}")
+
+    def sharding_report(self) -> dict:
+        """ZeRO-3 parameters carry `ds_tensor` (this rank's partition) and `ds_numel` (the full size)."""
+        params = list(self.engine.module.parameters())
+        return {
+            "local_numel": sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params),
+            "global_numel": sum(getattr(p, "ds_numel", p.numel()) for p in params),
+            "sharded_params": sum(hasattr(p, "ds_tensor") for p in params),
+        }
+
+    def trainable_state_for_export(self):
+        """Gather the (ZeRO-3 partitioned) trainable tensors to rank 0: a collective, every rank calls it."""
+        import deepspeed
+
+        named = [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
+        state = {}
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+            if self.topology.is_main:
+                state = {n: p.detach().cpu().clone() for n, p in named}
+        return state if self.topology.is_main else None

@@ -1,0 +1,81 @@
+"""One process, one replica: plain torch AdamW. Checkpoint: trainable tensors (safetensors) + optimizer state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+class SingleStrategy:
+    def __init__(self, cfg, topology):
+        self.cfg = cfg
+        self.topology = topology
+        self.model = None
+        self.optimizer = None
+        self.scheduler = None
+        self.trainable = []
+
+    def wrap(self, model, trainable, lr_lambda):
+        self.model = model
+        self.trainable = trainable
+        tcfg = self.cfg.train
+        self.optimizer = torch.optim.AdamW(
+            trainable, lr=tcfg.lr, betas=(tcfg.adam_beta1, tcfg.adam_beta2), weight_decay=tcfg.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
+        return model
+
+    def unwrap(self):
+        return self.model
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self) -> float:
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.train.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def _trainable_named(self):
+        return {n: p for n, p in self.unwrap().named_parameters() if p.requires_grad}
+
+    def save(self, folder: Path) -> None:
+        """Replicas are identical: rank 0 writes for everyone."""
+        from safetensors.torch import save_file
+
+        if not self.topology.is_main:
+            return
+        save_file({n: p.detach().cpu().contiguous() for n, p in self._trainable_named().items()},
+                  folder / "trainable.safetensors")
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                   folder / "optimizer.pt")
+
+    def load(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        tensors = load_file(folder / "trainable.safetensors", device=str(self.topology.device))
+        missing = set(self._trainable_named()) - set(tensors)
+        if missing:
+            raise RuntimeError(f"{folder} lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]})")
+        with torch.no_grad():
+            for name, param in self._trainable_named().items():
+                param.copy_(tensors[name])
+        state = torch.load(folder / "optimizer.pt", weights_only=False, map_location=self.topology.device)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def sharding_report(self) -> dict:
+        """How many parameter elements this rank holds, against the model's total (a full replica here)."""
+        numel = sum(p.numel() for p in self.unwrap().parameters())
+        return {"local_numel": numel, "global_numel": numel, "sharded_params": 0}
+
+    def trainable_state_for_export(self):
+        if not self.topology.is_main:
+            return None
+        return {n: p.detach().cpu() for n, p in self._trainable_named().items()}

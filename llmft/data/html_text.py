@@ -17,6 +17,7 @@ _QUOTE_MARKERS = re.compile(r"gmail_quote|moz-cite-prefix|yahoo_quoted|divRplyFw
 _BLOCKS = {"p", "div", "br", "tr", "table", "ul", "ol", "li", "h1", "h2", "h3", "h4", "h5", "h6", "pre",
            "hr", "section", "article", "header", "footer", "dl", "dt", "dd", "address"}
 _VOID = {"br", "hr", "img", "meta", "link", "input", "area", "base", "col", "embed", "source", "track", "wbr"}
+_PRE_LINE = "\x00"  # marks the start of a line inside <pre>
 _LOOKS_LIKE_HTML = re.compile(r"<\s*(html|body|div|p|br|span|table|blockquote|a\s|b>|i>|ul|ol|li|font|pre)\b", re.I)
 
 
@@ -55,6 +56,7 @@ class _TextExtractor(HTMLParser):
             self.hidden_depth = len(self.open_tags)
         if tag == "pre":
             self.pre_depth += 1
+            self.parts.append(_PRE_LINE)
 
     def handle_startendtag(self, tag, attrs):
         if tag in _BLOCKS:
@@ -71,19 +73,23 @@ class _TextExtractor(HTMLParser):
                 self.hidden_depth = None
             if closed == tag:
                 break
-        if tag in _BLOCKS:
+        if tag in _BLOCKS and tag != "li":
             self.parts.append("\n")
 
     def handle_data(self, data):
         if self.hidden_depth is not None:
             return
-        self.parts.append(data if self.pre_depth else re.sub(r"[ \t\r\n\f]+", " ", data))
+        if self.pre_depth:  # keep the layout: mark each line so the final tidying leaves its indentation alone
+            self.parts.append(data.replace("\n", "\n" + _PRE_LINE))
+        else:
+            self.parts.append(re.sub(r"[ \t\r\n\f]+", " ", data))
 
 
 def html_to_text(html: str, drop_quotes: bool = True) -> str:
     parser = _TextExtractor(drop_quotes)
     parser.feed(html)
     parser.close()
-    lines = [line.strip() if not line.startswith(" " * 4) else line.rstrip() for line in "".join(parser.parts).split("\n")]
+    text = "".join(parser.parts).replace("\xa0", " ")
+    lines = [line[1:].rstrip() if line.startswith(_PRE_LINE) else line.strip() for line in text.split("\n")]
     text = "\n".join(lines)
     return re.sub(r"\n{3,}", "\n\n", text).strip()

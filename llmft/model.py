@@ -83,3 +83,139 @@ def count_parameters(model) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return total, trainable
+
+
+def build_on_meta(model_cfg):
+    """The model's skeleton with its parameters on the meta device (no memory); buffers (rotary tables) stay real.
+
+    FSDP2 shards this skeleton, and each rank then reads only its shards from the safetensors files
+    (`load_shards`), so no rank ever holds a full copy of the weights in host RAM.
+    """
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(os.path.expandvars(model_cfg.path)).expanduser()
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=getattr(torch, DTYPES[model_cfg.dtype]), attn_implementation=model_cfg.attn_implementation
+        )
+    return model
+
+
+def checkpoint_name(parameter_name: str) -> str:
+    """The name a parameter of the PEFT-wrapped model has in the base model's safetensors files."""
+    name = parameter_name.removeprefix("base_model.model.")
+    return name.replace(".base_layer.", ".")
+
+
+def safetensors_index(model_path: Path) -> dict[str, Path]:
+    """Tensor name -> the .safetensors file holding it (sharded checkpoints have an index json)."""
+    import json
+
+    index_file = model_path / "model.safetensors.index.json"
+    if index_file.exists():
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+        return {name: model_path / file for name, file in weight_map.items()}
+    single = model_path / "model.safetensors"
+    if not single.exists():
+        raise ConfigError(f"{model_path} has no model.safetensors (or index): llmft loads safetensors weights only.")
+    from safetensors import safe_open
+
+    with safe_open(single, framework="pt") as handle:
+        return {name: single for name in handle.keys()}
+
+
+def rows_of_rank(num_rows: int, world_size: int, rank: int) -> tuple[int, int]:
+    """The rows of dim 0 that FSDP2 gives a rank: torch.chunk's split (ceil-sized chunks, the last ones shorter)."""
+    chunk = -(-num_rows // world_size)
+    start = min(num_rows, rank * chunk)
+    return start, min(num_rows, start + chunk)
+
+
+SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64"}
+
+
+def read_rows(file: Path, name: str, start: int, end: int, header_cache: dict):
+    """Rows [start, end) of a tensor in a .safetensors file, read with plain file I/O.
+
+    Hand-written on purpose: safetensors' `safe_open` memory-maps the file, and every page a rank touches stays in
+    its resident memory while the handle is open, so N ranks reading their shards would count the model again.
+    Rows of a row-major tensor are one contiguous byte range: seek, read, done.
+    """
+    import json
+    import struct
+
+    import torch
+
+    if file not in header_cache:
+        with open(file, "rb") as handle:
+            (header_size,) = struct.unpack("<Q", handle.read(8))
+            header_cache[file] = (8 + header_size, json.loads(handle.read(header_size)))
+    data_start, header = header_cache[file]
+    entry = header[name]
+    dtype = getattr(torch, SAFETENSORS_DTYPES[entry["dtype"]])
+    shape = entry["shape"]
+    row_numel = 1
+    for size in shape[1:]:
+        row_numel *= size
+    row_bytes = row_numel * torch.empty(0, dtype=dtype).element_size()
+    begin = data_start + entry["data_offsets"][0] + start * row_bytes
+    buffer = bytearray((end - start) * row_bytes)
+    with open(file, "rb") as handle:
+        handle.seek(begin)
+        handle.readinto(buffer)
+    return torch.frombuffer(buffer, dtype=dtype).reshape([end - start, *shape[1:]]) if buffer else \
+        torch.empty([0, *shape[1:]], dtype=dtype)
+
+
+def load_shards(model, model_path: Path, rank: int, world_size: int) -> None:
+    """Fill a sharded (FSDP2, DTensor) model that was built on meta: each rank reads only its rows from disk."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    index = safetensors_index(Path(model_path))
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    headers: dict = {}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                continue
+            source = checkpoint_name(name)
+            if source not in index and tied and source.endswith("lm_head.weight"):
+                source = next(n for n in index if n.endswith("embed_tokens.weight"))
+            if source not in index:
+                raise ConfigError(f"{model_path} lacks the tensor {source}: is it the model the config names?")
+            local = param.to_local() if isinstance(param, DTensor) else param
+            start, end = rows_of_rank(param.shape[0], world_size, rank) if isinstance(param, DTensor) \
+                else (0, param.shape[0])
+            local.copy_(read_rows(index[source], source, start, end, headers).to(local.dtype))
+
+
+def init_lora_weights(model, seed: int) -> None:
+    """LoRA's initial values from the seed and each parameter's name: the same on every rank and every strategy,
+    whether the model was built whole or sharded on meta. A: PEFT's Kaiming-uniform; B: zeros (so the adapted
+    model starts equal to the base)."""
+    import math
+    import zlib
+
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_A" not in name and "lora_B" not in name:
+                continue
+            full = torch.empty(tuple(param.shape), dtype=torch.float32)
+            if "lora_A" in name:
+                generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                torch.nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=generator)
+            else:
+                full.zero_()
+            if isinstance(param, DTensor):
+                rank = param.device_mesh.get_local_rank()
+                start, end = rows_of_rank(full.shape[0], param.device_mesh.size(), rank)
+                param.to_local().copy_(full[start:end])
+            else:
+                param.copy_(full.to(param.dtype))

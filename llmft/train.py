@@ -31,7 +31,14 @@ from llmft.data.chat import DataError
 from llmft.data.pipeline import build_splits, read_conversations
 from llmft.data.templating import IGNORE_INDEX, TemplateError
 from llmft.metrics import MetricsLog
-from llmft.model import apply_peft, build_tiny_model, count_parameters, load_pretrained_model
+from llmft.model import (
+    apply_peft,
+    build_on_meta,
+    build_tiny_model,
+    count_parameters,
+    init_lora_weights,
+    load_pretrained_model,
+)
 from llmft.export import save_final
 from llmft.flops import flops_per_token, peak_flops
 from llmft.tokenizer import load_tokenizer, train_tiny_tokenizer
@@ -64,6 +71,17 @@ def all_reduce_sum(value: float, topology: Topology) -> float:
         tensor = tensor.to(topology.device)
     dist.all_reduce(tensor)
     return tensor.item()
+
+
+def resident_mb() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_resident_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # kilobytes on Linux
 
 
 def peak_memory_gb(device) -> float:
@@ -171,19 +189,27 @@ def train(cfg, run_dir: Path) -> TrainResult:
                   f"{len(train_samples)} train / {len(val_samples)} validation samples")
 
     # ---------------------------------------------------------------- model: load -> PEFT -> AC -> device
+    rss_before_load_mb = resident_mb()
     if cfg.model.path is None:
         model = build_tiny_model(cfg.model.tiny, tokenizer, tcfg.seed, cfg.model.max_seq_len)
         base_model_path = run_dir / "base_model"
         if topology.is_main:  # the base the adapter applies to, so stock PEFT can load the result
             model.save_pretrained(base_model_path)
+    elif strategy.builds_on_meta:  # no weights yet: each rank loads its shards once sharded
+        model = build_on_meta(cfg.model)
+        base_model_path = Path(cfg.model.path)
     else:
         model = load_pretrained_model(cfg.model)
         base_model_path = Path(cfg.model.path)
     model.config.use_cache = False
     model = apply_peft(model, cfg.peft, cfg.model)
+    on_meta = any(p.is_meta for p in model.parameters())
+    if not on_meta:
+        init_lora_weights(model, tcfg.seed)  # seeded by name: the same LoRA start for every strategy
     if tcfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.to(device)
+    if not on_meta:
+        model.to(device)
     model.train()
     num_params, num_trainable = count_parameters(model)
     log(topology, f"model: {num_params:,} parameters, {num_trainable:,} trainable")
@@ -201,6 +227,10 @@ def train(cfg, run_dir: Path) -> TrainResult:
     model = strategy.wrap(model, [p for p in model.parameters() if p.requires_grad],
                           lambda s: warmup_cosine(s, tcfg.warmup_steps, total_steps, tcfg.min_lr_ratio))
     sharding = strategy.sharding_report()  # now: after a forward FSDP2 keeps the root's parameters unsharded
+    # Host RAM that loading and sharding took on this rank, summed over ranks (peak since start minus before).
+    load_rss_mb = all_reduce_sum(peak_resident_mb() - rss_before_load_mb, topology)
+    log(topology, f"memory: loading the model took {load_rss_mb:,.0f} MB of host RAM over {topology.world_size} "
+                  f"rank(s)")
 
     # ---------------------------------------------------------------- resume
     step, samples_consumed = 0, 0
@@ -316,6 +346,7 @@ def train(cfg, run_dir: Path) -> TrainResult:
         "world_size": topology.world_size,
         "strategy": cfg.parallelism.strategy.value,
         "sharding_rank0": sharding,
+        "load_host_rss_mb_all_ranks": load_rss_mb,
         "wall_time_s": time.time() - started,
         "final_dir": str(final_dir),
         "base_model_path": str(base_model_path),

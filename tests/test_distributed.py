@@ -103,3 +103,16 @@ def test_fsdp_checkpoint_saved_on_2_ranks_resumes_on_1(runs, tmp_path):
     result = train_ranks(resumed, 1, ["parallelism=fsdp", "train.grad_accum_steps=2"])
     assert result["summary"]["steps"] == 8
     assert losses(resumed) == pytest.approx(losses(source)[4:], abs=1e-4)
+
+
+def test_fsdp_loading_shards_from_disk_matches_ddp_loading_whole_model(runs, tmp_path):
+    """model.path under FSDP2: built on meta, each rank reads its rows; same losses as DDP's full from_pretrained."""
+    root, _ = runs
+    base = root / "ddp" / "base_model"
+    local_model = ["model=llama3_2_1b", f"model.path={base}", "model.dtype=float32", "model.max_seq_len=256",
+                   "train=debug", "train.max_steps=3", "train.save_every=0", "train.eval_every=3"]
+    ddp = train_ranks(tmp_path / "ddp", 2, ["parallelism=ddp", *local_model])
+    fsdp = train_ranks(tmp_path / "fsdp", 2, ["parallelism=fsdp", *local_model])
+    assert fsdp["kinds"]["num_dtensor"] == fsdp["kinds"]["num_params"]
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "ddp"), abs=1e-4)
+    torch.testing.assert_close(fsdp["logits"], ddp["logits"], rtol=0, atol=1e-4)

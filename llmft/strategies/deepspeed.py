@@ -56,6 +56,8 @@ def deepspeed_config(cfg, world_size: int, bf16: bool) -> dict:
 
 
 class DeepSpeedStrategy:
+    builds_on_meta = False
+
     def __init__(self, cfg, topology):
         self.cfg = cfg
         self.topology = topology

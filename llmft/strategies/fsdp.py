@@ -35,6 +35,8 @@ def decoder_layers(model) -> list[torch.nn.Module]:
 
 
 class FSDPStrategy(SingleStrategy):
+    builds_on_meta = True
+
     def wrap(self, model, trainable, lr_lambda):
         mesh = init_device_mesh(self.topology.device_type, (self.topology.world_size,))
         mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
@@ -42,8 +44,22 @@ class FSDPStrategy(SingleStrategy):
         for layer in decoder_layers(model):
             fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
         fully_shard(model, mesh=mesh, mp_policy=mp_policy)
+        if any(p.is_meta for p in model.parameters()):
+            self.materialize(model)
         # fully_shard replaced the parameters with DTensors: collect the trainable ones again.
         return super().wrap(model, [p for p in model.parameters() if p.requires_grad], lr_lambda)
+
+    def materialize(self, model) -> None:
+        """Allocate this rank's shards of a model built on meta, and fill them from the safetensors files."""
+        from llmft.model import init_lora_weights, load_shards
+
+        buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}  # rotary tables: computed, real
+        model.to_empty(device=self.topology.device)
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                buffer.copy_(buffers[name])
+        load_shards(model, Path(self.cfg.model.path), self.topology.rank, self.topology.world_size)
+        init_lora_weights(model, self.cfg.train.seed)
 
     def uses_bf16(self) -> bool:
         precision = self.cfg.train.precision.value

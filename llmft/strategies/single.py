@@ -8,6 +8,8 @@ import torch
 
 
 class SingleStrategy:
+    builds_on_meta = False  # FSDP2 builds big models on the meta device and loads its shards after sharding
+
     def __init__(self, cfg, topology):
         self.cfg = cfg
         self.topology = topology

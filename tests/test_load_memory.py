@@ -1,0 +1,53 @@
+"""A ~300M-parameter model written to disk loads under FSDP2 without a full copy per rank in host RAM."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import REPO
+from test_distributed import train_ranks
+
+pytestmark = pytest.mark.slow
+
+
+def write_model(folder, num_layers: int, hidden: int, intermediate: int) -> int:
+    """A Llama folder (config, bf16 safetensors, tokenizer) with random weights; returns the weights' bytes."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmft.tokenizer import train_tiny_tokenizer
+
+    samples = REPO / "llmft/data/samples/tickets_sample.chat.jsonl"
+    texts = [m["content"] for line in samples.read_text().splitlines() for m in json.loads(line)["messages"]]
+    tokenizer = train_tiny_tokenizer(texts, 2048)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=num_layers, num_attention_heads=16, num_key_value_heads=16,
+                         tie_word_embeddings=False, dtype="bfloat16")
+    with torch.device("meta"):
+        shapes = {n: p.shape for n, p in LlamaForCausalLM(config).state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    tensors = {n: (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16) for n, shape in shapes.items()}
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def test_fsdp_loads_a_300m_model_within_one_and_a_half_times_its_size(tmp_path):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    model_bytes = write_model(model_dir, num_layers=24, hidden=1024, intermediate=2816)
+    assert model_bytes > 550e6  # ~300M parameters in bf16
+    result = train_ranks(tmp_path / "run", 2, [
+        "parallelism=fsdp", "model=llama3_2_1b", f"model.path={model_dir}", "model.max_seq_len=512",
+        "train.max_steps=1", "train.save_every=0", "train.micro_batch_size=1", "train.eval_every=1",
+    ])
+    load_mb = result["summary"]["load_host_rss_mb_all_ranks"]
+    ratio = load_mb * 2**20 / model_bytes
+    print(f"\nFSDP2 load of a {model_bytes / 1e6:.0f} MB model on 2 ranks: {load_mb:.0f} MB host RSS "
+          f"({ratio:.2f}x the model)")
+    assert ratio <= 1.5
+    assert result["kinds"]["num_dtensor"] == result["kinds"]["num_params"]

@@ -195,6 +195,15 @@ def validate(cfg: DictConfig, check_paths: bool = True) -> None:
         raise ConfigError(f"model.path is not set for model={model.name}: set model.path=/path/to/a/local/hf/folder.")
     if peft.method != PeftMethod.full and not (peft.target_modules or model.lora_target_modules):
         raise ConfigError("No LoRA target modules: set peft.target_modules=[q_proj,v_proj] or model.lora_target_modules.")
+    if peft.method == PeftMethod.qlora:
+        from llmft.model import quantization_kwargs  # noqa: PLC0415  (no torch at import time)
+
+        quantization_kwargs(peft)
+        if cfg.parallelism.strategy not in (Strategy.single, Strategy.ddp):
+            raise ConfigError(
+                f"peft=qlora runs with parallelism=single or ddp; parallelism={cfg.parallelism.strategy.value} "
+                "would need 4-bit weights sharded, which llmft does not do yet."
+            )
     if cfg.launch.nproc > 1 and cfg.parallelism.strategy == Strategy.single and cfg.cluster is None:
         raise ConfigError(
             f"launch.nproc={cfg.launch.nproc} needs a distributed strategy: add parallelism=ddp (or fsdp, zero2, zero3)."

@@ -37,7 +37,33 @@ def build_tiny_model(tiny_cfg, tokenizer, seed: int, max_seq_len: int):
     return LlamaForCausalLM(config)
 
 
-def load_pretrained_model(model_cfg):
+def quantization_kwargs(peft_cfg) -> dict:
+    """peft=qlora as BitsAndBytesConfig arguments: the frozen base in 4 bits, computed in `peft.compute_dtype`."""
+    if peft_cfg.quant_type not in ("nf4", "fp4"):
+        raise ConfigError(f"peft.quant_type={peft_cfg.quant_type} must be nf4 or fp4.")
+    if peft_cfg.compute_dtype not in DTYPES:
+        raise ConfigError(f"peft.compute_dtype={peft_cfg.compute_dtype} must be one of {', '.join(DTYPES)}.")
+    return {
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": peft_cfg.quant_type,
+        "bnb_4bit_use_double_quant": bool(peft_cfg.double_quant),
+        "bnb_4bit_compute_dtype": peft_cfg.compute_dtype,
+    }
+
+
+def require_qlora_runtime() -> None:
+    """QLoRA needs a CUDA GPU and bitsandbytes: say so in one sentence rather than fail deep in the load."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError("peft=qlora needs a CUDA GPU (bitsandbytes 4-bit); on this machine use peft=lora.")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError("peft=qlora needs bitsandbytes: pip install -e '.[qlora]'.") from None
+
+
+def load_pretrained_model(model_cfg, peft_cfg=None, local_rank: int = 0):
     """A local Hugging Face folder, read with `local_files_only` (compute nodes are offline)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -48,12 +74,25 @@ def load_pretrained_model(model_cfg):
             f"model.path={model_cfg.path} is not a Hugging Face model folder (no config.json): "
             "point model.path at a local copy of the model."
         )
-    return AutoModelForCausalLM.from_pretrained(
+    extra = {}
+    if peft_cfg is not None and peft_cfg.method.value == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        require_qlora_runtime()
+        extra = {"quantization_config": BitsAndBytesConfig(**quantization_kwargs(peft_cfg)),
+                 "device_map": {"": local_rank}}
+    model = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=getattr(torch, DTYPES[model_cfg.dtype]),
         local_files_only=True,
         attn_implementation=model_cfg.attn_implementation,
+        **extra,
     )
+    if extra:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model
 
 
 def apply_peft(model, peft_cfg, model_cfg):
@@ -63,10 +102,7 @@ def apply_peft(model, peft_cfg, model_cfg):
         model.requires_grad_(True)
         return model
     if method == "qlora":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError("peft=qlora needs a CUDA GPU (bitsandbytes 4-bit); on this machine use peft=lora.")
+        require_qlora_runtime()
     from peft import LoraConfig, get_peft_model
 
     lora_config = LoraConfig(

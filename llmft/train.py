@@ -199,7 +199,7 @@ def train(cfg, run_dir: Path) -> TrainResult:
         model = build_on_meta(cfg.model)
         base_model_path = Path(cfg.model.path)
     else:
-        model = load_pretrained_model(cfg.model)
+        model = load_pretrained_model(cfg.model, cfg.peft, topology.local_rank)
         base_model_path = Path(cfg.model.path)
     model.config.use_cache = False
     model = apply_peft(model, cfg.peft, cfg.model)

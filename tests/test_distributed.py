@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 COMMON = ["peft.dropout=0", "train.max_steps=8", "train.log_every=1", "train.eval_every=4", "train.save_every=4",
           "train.micro_batch_size=4", "parallelism.zero3_param_persistence_threshold=0",
           "parallelism.zero3_model_persistence_threshold=0"]
-STRATEGIES = ["ddp", "fsdp", "zero2", "zero3"]
+STRATEGIES = ["ddp", "fsdp", "zero2", "zero3", "zero3_offload"]
 
 
 def torchrun(nproc: int, script_args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
@@ -67,9 +67,10 @@ def test_sharding_really_happened(runs):
     _, results = runs
     fsdp = results["fsdp"]
     assert fsdp["kinds"]["num_dtensor"] == fsdp["kinds"]["num_params"] > 0
-    zero3 = results["zero3"]
-    assert zero3["kinds"]["num_zero3_partitioned"] == zero3["kinds"]["num_params"] > 0
-    for strategy in ("fsdp", "zero3"):
+    for strategy in ("zero3", "zero3_offload"):
+        kinds = results[strategy]["kinds"]
+        assert kinds["num_zero3_partitioned"] == kinds["num_params"] > 0, strategy
+    for strategy in ("fsdp", "zero3", "zero3_offload"):
         sharding = results[strategy]["summary"]["sharding_rank0"]
         assert sharding["local_numel"] <= 0.55 * sharding["global_numel"], (strategy, sharding)
     for strategy in ("ddp", "zero2"):

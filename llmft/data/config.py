@@ -102,11 +102,12 @@ class ScrubConfig:
     names_from_headers: bool = True
     # Site-specific patterns: placeholder name -> regular expression. A match becomes <NAME_OF_THE_KEY>.
     # The defaults fit IDRIS Jean Zay: logins like abc12de, project ids like gen1234 and accounts like abc@h100,
-    # home directories.
+    # home directories (/home/jdupont/x -> <HOME>/x).
     patterns: dict[str, str] = field(
         default_factory=lambda: {
-            "LOGIN": r"\b[a-z]{3}\d{2}[a-z]{2,3}\b|(?<=/home/)[A-Za-z0-9._-]+|(?<=/Users/)[A-Za-z0-9._-]+",
+            "LOGIN": r"\b[a-z]{3}\d{2}[a-z]{2,3}\b",
             "PROJECT": r"\bgen\d{4,5}\b|\b[a-z]{3}@(?:v100|a100|h100|cpu)\b",
+            "HOME": r"/(?:home|Users)/[A-Za-z0-9._-]+",
         }
     )
     keep_ips: list[str] = field(default_factory=lambda: ["0.0.0.0", "127.0.0.1", "::1"])  # not personal data

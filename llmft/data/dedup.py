@@ -18,6 +18,8 @@ NUM_PERMUTATIONS = 64
 BANDS = 16  # 16 bands of 4 rows: pairs above ~0.5 similarity become candidates, then are checked
 SHINGLE_WORDS = 5
 _PRIME = np.uint64(4294967311)  # > 2**32, so (a * x) stays below 2**64 for 32-bit a and x
+_WORD = re.compile(r"\w+")
+_SPACES = re.compile(r"\s+")
 _rng = np.random.default_rng(20241122)
 _A = _rng.integers(1, 2**32 - 1, NUM_PERMUTATIONS, dtype=np.uint64)
 _B = _rng.integers(0, 2**32 - 1, NUM_PERMUTATIONS, dtype=np.uint64)
@@ -28,10 +30,15 @@ def _text_of(messages: list[dict[str, str]]) -> str:
 
 
 def minhash(text: str) -> np.ndarray:
-    words = re.findall(r"\w+", text.lower())
-    shingles = {" ".join(words[i : i + SHINGLE_WORDS]) for i in range(max(1, len(words) - SHINGLE_WORDS + 1))}
-    hashes = np.fromiter((zlib.crc32(s.encode()) for s in shingles), dtype=np.uint64, count=len(shingles))
-    return (((_A[:, None] * hashes[None, :]) % _PRIME + _B[:, None]) % _PRIME).min(axis=1)
+    words = _WORD.findall(text.lower()) or [""]
+    word_hashes = np.fromiter((zlib.crc32(w.encode()) for w in words), dtype=np.uint64, count=len(words))
+    # the hash of a 5-gram combines the hashes of its words (polynomial, mod 2**32): no string per shingle
+    count = max(1, len(words) - SHINGLE_WORDS + 1)
+    shingles = np.zeros(count, dtype=np.uint64)
+    for offset in range(min(SHINGLE_WORDS, len(words))):
+        shingles = (shingles * np.uint64(1_000_003) + word_hashes[offset : offset + count]) & np.uint64(0xFFFFFFFF)
+    shingles = np.unique(shingles)
+    return (((_A[:, None] * shingles[None, :]) % _PRIME + _B[:, None]) % _PRIME).min(axis=1)
 
 
 def drop_duplicates(conversations: list, threshold: float) -> tuple[list, dict[str, int]]:
@@ -43,7 +50,7 @@ def drop_duplicates(conversations: list, threshold: float) -> tuple[list, dict[s
     rows = NUM_PERMUTATIONS // BANDS
     for conversation in conversations:
         text = _text_of(conversation.messages)
-        exact_key = hashlib.sha1(re.sub(r"\s+", " ", text.lower()).strip().encode()).digest()
+        exact_key = hashlib.sha1(_SPACES.sub(" ", text.lower()).strip().encode()).digest()
         if exact_key in seen_exact:
             dropped["exact_duplicate"] += 1
             continue

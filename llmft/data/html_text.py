@@ -17,6 +17,7 @@ _QUOTE_MARKERS = re.compile(r"gmail_quote|moz-cite-prefix|yahoo_quoted|divRplyFw
 _BLOCKS = {"p", "div", "br", "tr", "table", "ul", "ol", "li", "h1", "h2", "h3", "h4", "h5", "h6", "pre",
            "hr", "section", "article", "header", "footer", "dl", "dt", "dd", "address"}
 _VOID = {"br", "hr", "img", "meta", "link", "input", "area", "base", "col", "embed", "source", "track", "wbr"}
+_SPACES = re.compile(r"[ \t\r\n\f]+")
 _PRE_LINE = "\x00"  # marks the start of a line inside <pre>
 _LOOKS_LIKE_HTML = re.compile(r"<\s*(html|body|div|p|br|span|table|blockquote|a\s|b>|i>|ul|ol|li|font|pre)\b", re.I)
 
@@ -82,7 +83,7 @@ class _TextExtractor(HTMLParser):
         if self.pre_depth:  # keep the layout: mark each line so the final tidying leaves its indentation alone
             self.parts.append(data.replace("\n", "\n" + _PRE_LINE))
         else:
-            self.parts.append(re.sub(r"[ \t\r\n\f]+", " ", data))
+            self.parts.append(_SPACES.sub(" ", data))
 
 
 def html_to_text(html: str, drop_quotes: bool = True) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import email.utils
 import json
 import re
+from functools import lru_cache
 from pathlib import Path
 
 from llmft.data.records import Conversation, DataError, ReadReport, input_files
@@ -30,7 +31,7 @@ class StaffRule:
             )
 
     def role_of(self, author: str) -> str:
-        name, address = email.utils.parseaddr(author)
+        name, address = parse_address(author)
         address = address.lower()
         domain = address.rpartition("@")[2]
         if any(domain == d or domain.endswith("." + d) for d in self.domains):
@@ -40,9 +41,14 @@ class StaffRule:
         return "user"
 
 
+@lru_cache(maxsize=65536)
+def parse_address(author: str) -> tuple[str, str]:
+    return email.utils.parseaddr(author)
+
+
 def person_name(author: str) -> str | None:
     """The display name of a From header when it names a person (not "HPC Support <support@...>")."""
-    name = email.utils.parseaddr(author)[0].strip()
+    name = parse_address(author)[0].strip()
     if not name or "@" in name or _ROLE_ACCOUNT.search(name):
         return None
     return name

@@ -15,6 +15,10 @@ from pathlib import Path
 from typing import Callable
 
 MANIFEST = "manifest.json"
+
+
+class CheckpointError(Exception):
+    """A checkpoint could not be written (disk full, quota, permissions): the run stops, the previous one stays."""
 TMP_PREFIX = ".tmp-"
 
 
@@ -68,7 +72,14 @@ def save(checkpoints_dir: Path, step: int, write_files: Callable[[Path], None], 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     barrier()
-    write_files(tmp)
+    try:
+        write_files(tmp)
+    except OSError as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"could not write the checkpoint of step {step} in {checkpoints_dir} ({error.strerror or error}); "
+            "the previous checkpoint is kept and training stops: free space or fix permissions, then resume."
+        ) from error
     barrier()
     if not is_main:
         barrier()

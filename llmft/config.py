@@ -36,6 +36,7 @@ class PeftMethod(str, Enum):
 
 
 class Strategy(str, Enum):
+    auto = "auto"  # single for one rank; ddp for LoRA / QLoRA and fsdp for full fine-tuning on several
     single = "single"
     ddp = "ddp"
     fsdp = "fsdp"
@@ -94,7 +95,7 @@ class PeftConfig:
 
 @dataclass
 class ParallelismConfig:
-    strategy: Strategy = Strategy.single
+    strategy: Strategy = Strategy.auto
     # ZeRO-3 keeps parameters smaller than these unpartitioned (DeepSpeed's defaults); 0 partitions everything.
     zero3_param_persistence_threshold: int = 100_000
     zero3_model_persistence_threshold: int = 9_223_372_036_854_775_807
@@ -126,11 +127,53 @@ class TrainConfig:
 @dataclass
 class LaunchConfig:
     nproc: int = 1  # local processes (ranks) for a run without a cluster
+    wait: bool = False  # with a cluster: wait for the job to end and report its result (default: return at once)
+    prepare_only: bool = False  # create the run directory and its config, print it, run nothing (sbatch templates)
+
+
+@dataclass
+class QosLimit:
+    name: str = MISSING
+    max_time: str = MISSING  # HH:MM:SS
+
+
+@dataclass
+class GpuKind:
+    """One kind of GPU node of a cluster: where it is, what it has, which QoS it offers."""
+
+    partition: Optional[str] = None
+    constraint: Optional[str] = None  # sbatch -C
+    gpus_per_node: int = 8
+    cpus_per_gpu: int = 8  # one task per GPU gets this many CPUs
+    memory_gb: int = 80  # per GPU, for plan's fit verdict
+    peak_tflops: float = 312.0  # dense bf16, for plan's GPU-hour estimate
+    account_suffix: Optional[str] = None  # Jean Zay: the account is <project>@<suffix>
+    qos: list[QosLimit] = field(default_factory=list)  # shortest first: the first that fits cluster.time is used
+    setup: list[str] = field(default_factory=list)  # lines run before srun for this kind (module load arch/a100)
 
 
 @dataclass
 class ClusterConfig:
+    """A cluster profile (conf/cluster/NAME.yaml), selected with `+cluster=NAME`."""
+
     name: str = MISSING
+    gpu: str = MISSING  # a key of `kinds`
+    kinds: dict[str, GpuKind] = field(default_factory=dict)
+    nodes: int = 1
+    gpus_per_node: Optional[int] = None  # default: all the GPUs of a node of this kind
+    time: str = "01:00:00"  # HH:MM:SS, at most the longest QoS of the kind
+    account: Optional[str] = None
+    account_required: bool = False
+    qos: Optional[str] = None  # default: the shortest QoS of the kind whose limit covers `time`
+    gpu_request: str = "gres"  # how GPUs are asked for: gres (--gres=gpu:N) | gpus_per_node | none
+    hint_nomultithread: bool = False
+    setup: list[str] = field(default_factory=list)  # lines run before srun (modules, venv activation)
+    env: dict[str, str] = field(default_factory=dict)  # exported in the job (offline variables...)
+    python: Optional[str] = None  # how the job starts Python (default: this Python); a container wrapper goes here
+    runs_root: Optional[str] = None  # where cluster runs go (shared storage); default: the top-level runs_root
+    signal_delay_s: int = 120  # SLURM sends USR2 this long before the time limit: checkpoint, requeue
+    max_requeues: int = 3  # requeues at the time limit before the job gives up (resume it with resume=RUN_DIR)
+    extra_sbatch: dict[str, str] = field(default_factory=dict)  # more sbatch options, e.g. {reservation: x}
 
 
 @dataclass
@@ -144,6 +187,7 @@ class LlmftConfig:
     cluster: Optional[ClusterConfig] = None  # absent: a local run; `+cluster=NAME` selects a profile
     runs_root: str = "runs"  # where timestamped run directories are created
     run_dir: Optional[str] = None  # set it to choose the run directory yourself
+    resume: Optional[str] = None  # a run directory: continue it with its saved config (locally or on its cluster)
 
 
 def register_configs() -> None:
@@ -199,11 +243,13 @@ def validate(cfg: DictConfig, check_paths: bool = True) -> None:
         from llmft.model import quantization_kwargs  # noqa: PLC0415  (no torch at import time)
 
         quantization_kwargs(peft)
-        if cfg.parallelism.strategy not in (Strategy.single, Strategy.ddp):
+        if cfg.parallelism.strategy not in (Strategy.auto, Strategy.single, Strategy.ddp):
             raise ConfigError(
                 f"peft=qlora runs with parallelism=single or ddp; parallelism={cfg.parallelism.strategy.value} "
                 "would need 4-bit weights sharded, which llmft does not do yet."
             )
+    if cfg.cluster is None:
+        settle_strategy(cfg, cfg.launch.nproc)
     if cfg.launch.nproc > 1 and cfg.parallelism.strategy == Strategy.single and cfg.cluster is None:
         raise ConfigError(
             f"launch.nproc={cfg.launch.nproc} needs a distributed strategy: add parallelism=ddp (or fsdp, zero2, zero3)."
@@ -213,11 +259,28 @@ def validate(cfg: DictConfig, check_paths: bool = True) -> None:
     data_path = Path(os.path.expandvars(cfg.data.path)).expanduser()
     if not data_path.exists():
         raise ConfigError(f"data.path={cfg.data.path} does not exist: point data.path at your data file or folder.")
-    if model.path is not None and not (Path(os.path.expandvars(model.path)).expanduser() / "config.json").is_file():
-        raise ConfigError(
-            f"model.path={model.path} is not a local Hugging Face model folder (no config.json there): "
-            f"copy the model there or set model.path=/path/to/model."
-        )
+    problem = model_path_problem(cfg)
+    if problem:
+        raise ConfigError(problem + ".")
+
+
+def settle_strategy(cfg: DictConfig, world_size: int) -> None:
+    """Replace parallelism=auto by the strategy for this number of ranks (in cfg, so the run directory records it)."""
+    if cfg.parallelism.strategy != Strategy.auto:
+        return
+    if world_size == 1:
+        cfg.parallelism.strategy = Strategy.single
+    else:
+        cfg.parallelism.strategy = Strategy.fsdp if cfg.peft.method == PeftMethod.full else Strategy.ddp
+
+
+def model_path_problem(cfg: DictConfig) -> Optional[str]:
+    """Why model.path cannot be loaded (no config.json there), or None."""
+    path = cfg.model.path
+    if path is None or (Path(os.path.expandvars(path)).expanduser() / "config.json").is_file():
+        return None
+    return (f"model.path={path} is not a local Hugging Face model folder (no config.json there): "
+            f"copy the model there or set model.path=/path/to/model")
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:

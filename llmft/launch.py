@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from llmft.config import CONF_DIR, ConfigError, register_configs, validate
+from llmft.config import CONF_DIR, ConfigError, load_run_config, register_configs, validate
 
 register_configs()
 
@@ -40,6 +42,19 @@ def one_line_error(hydra_output: str) -> str:
     return f"llmft: bad config: {key}{reason} (see `python -m llmft.launch --cfg job` for the valid keys)."
 
 
+def compose_or_exit(overrides: list[str]) -> DictConfig:
+    """Compose conf/ with these overrides through Hydra's compose API (for commands other than launch);
+    a bad override exits with one line, like launch."""
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name="config", overrides=overrides)
+    except Exception as error:  # Hydra's and OmegaConf's composition errors
+        print(one_line_error(str(error)), file=sys.stderr)
+        sys.exit(2)
+
+
 _hydra_stderr = io.StringIO()
 _task_started = False
 
@@ -49,17 +64,27 @@ def _launch(cfg: DictConfig) -> None:
     global _task_started
     _task_started = True
     sys.stderr = sys.__stderr__  # composition is over: stop holding stderr (see main)
+    from llmft import rundir
+
     try:
+        if cfg.resume:
+            run_dir = resumable_run_dir(cfg.resume)
+            cfg = load_run_config(run_dir)
         validate(cfg)
+        if cfg.cluster is not None:
+            from llmft import slurm
+
+            slurm.resolve(cfg)  # every resource check before anything is created or submitted
+        if not cfg.resume:
+            run_dir = rundir.create(cfg)
     except ConfigError as error:
         print(f"llmft: {error}", file=sys.stderr)
         sys.exit(2)
-    from llmft import rundir
-
-    run_dir = rundir.create(cfg)
+    if cfg.launch.prepare_only:
+        print(f"run dir: {run_dir}")
+        return
     if cfg.cluster is not None:
-        print(f"llmft: cluster submission (+cluster={cfg.cluster.name}) is not available yet.", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(submit_to_cluster(cfg, run_dir))
     if cfg.parallelism.strategy.value == "single":
         from llmft.train import main as train_main
 
@@ -68,6 +93,37 @@ def _launch(cfg: DictConfig) -> None:
         code = run_local_ranks(run_dir, cfg.launch.nproc)
     if code:
         sys.exit(code)
+
+
+def resumable_run_dir(path: str) -> Path:
+    run_dir = Path(os.path.expandvars(path)).expanduser().resolve()
+    summary = run_dir / "summary.json"
+    if summary.exists() and json.loads(summary.read_text()).get("status") == "completed":
+        raise ConfigError(f"resume={path}: this run has completed already (see {summary}).")
+    return run_dir
+
+
+def submit_to_cluster(cfg: DictConfig, run_dir: Path) -> int:
+    """Submit with submitit, print the job id, the run directory and how to follow it; wait if asked."""
+    from llmft import slurm
+
+    job = slurm.submit(cfg, run_dir)
+    with open(run_dir / "jobs.jsonl", "a") as handle:  # every submission of this run, for `llmft runs`
+        handle.write(json.dumps({"job_id": job.job_id, "cluster": cfg.cluster.name, "time": time.time()}) + "\n")
+    print(f"submitted job {job.job_id} to {cfg.cluster.name}")
+    print(f"follow it:  tail -f {job.paths.stdout}")
+    print(f"run dir: {run_dir}")
+    if not cfg.launch.wait:
+        return 0
+    try:
+        job.result()
+    except Exception as error:  # submitit raises with the job's own error: report it as one line with the log
+        state = job.state
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"llmft: job {job.job_id} failed ({state}): {first_line}; its log: {job.paths.stderr}", file=sys.stderr)
+        return 1
+    print(f"job {job.job_id} completed: {run_dir / 'final'}")
+    return 0
 
 
 def run_local_ranks(run_dir: Path, nproc: int) -> int:

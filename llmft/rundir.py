@@ -31,7 +31,8 @@ from llmft.config import PACKAGE_DIR, to_container
 def new_run_dir(cfg: DictConfig) -> Path:
     if cfg.run_dir:
         return Path(os.path.expandvars(cfg.run_dir)).expanduser().resolve()
-    root = Path(os.path.expandvars(cfg.runs_root)).expanduser().resolve()
+    runs_root = cfg.cluster.runs_root if cfg.cluster is not None and cfg.cluster.runs_root else cfg.runs_root
+    root = Path(os.path.expandvars(runs_root)).expanduser().resolve()
     name = f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model.name}-{cfg.peft.method.value}"
     path, suffix = root / name, 1
     while path.exists():

@@ -13,7 +13,9 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -44,6 +46,58 @@ from llmft.flops import flops_per_token, peak_flops
 from llmft.tokenizer import load_tokenizer, train_tiny_tokenizer
 from llmft.topology import Topology
 from llmft import strategies
+
+
+class Interrupted(Exception):
+    """The run stopped at a signal after checkpointing; `requeued` when the SLURM job was put back in the queue."""
+
+    def __init__(self, step: int, signal_name: str, requeued: bool):
+        super().__init__(f"stopped by {signal_name} at step {step}")
+        self.step, self.signal_name, self.requeued = step, signal_name, requeued
+
+
+class StopSignals:
+    """SIGUSR2 (SLURM's warning before the time limit) and SIGTERM (scancel, preemption, the limit itself) ask the
+    run to stop. The handler only records the signal: ranks agree at the next step boundary (a collective), write
+    the checkpoint of that step together, and stop. Checkpointing inside the handler would interrupt a collective.
+    """
+
+    SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+    def __init__(self):
+        self.received = 0
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._record) for s in self.SIGNALS}
+
+    def _record(self, signum, frame) -> None:
+        self.received = signum
+
+    def agreed(self, topology: Topology) -> int:
+        """The signal any rank received (0: none). Every rank calls it at the same step."""
+        if not topology.is_distributed:
+            return self.received
+        flag = torch.tensor([self.received], dtype=torch.int64, device=topology.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+def requeue_slurm_job(cfg, topology: Topology) -> bool:
+    """Rank 0 puts the SLURM job back in the queue (below cluster.max_requeues); the next attempt resumes."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    max_requeues = cfg.cluster.max_requeues if cfg.cluster is not None else 3  # sbatch templates: no profile
+    if not job_id or restarts >= max_requeues:
+        return False
+    if topology.is_main:
+        import subprocess
+
+        subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
+    return True
 
 
 @dataclass
@@ -162,7 +216,10 @@ def train(cfg, run_dir: Path) -> TrainResult:
     topology = Topology.from_env()
     device = topology.device
     if topology.is_distributed and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if topology.device_type == "cuda" else "gloo")
+        # rank and world size from the topology (torchrun's or SLURM's variables); MASTER_ADDR / MASTER_PORT from
+        # the environment (torchrun, submitit, or the sbatch templates in slurm/)
+        dist.init_process_group(backend="nccl" if topology.device_type == "cuda" else "gloo",
+                                rank=topology.rank, world_size=topology.world_size)
     strategy = strategies.build(cfg, topology)
     tcfg = cfg.train
     precision = str(getattr(tcfg.precision, "value", tcfg.precision))
@@ -274,6 +331,7 @@ def train(cfg, run_dir: Path) -> TrainResult:
     step_start, tokens_since_log, supervised_since_log, sequences_since_log = time.time(), 0, 0, 0
     hf_config = peft_model.config
     gpu_peak_flops = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    stop = StopSignals()
     while step < total_steps:
         micro_batches = [next_micro_batch() for _ in range(tcfg.grad_accum_steps)]
         # Normalise by the supervised tokens of the whole step, so accumulation does not change the loss.
@@ -321,9 +379,19 @@ def train(cfg, run_dir: Path) -> TrainResult:
             val_loss = evaluate(model, val_samples, tcfg.micro_batch_size, tokenizer.pad_token_id, precision, device)
             metrics.write({"step": step, "val_loss": val_loss})
             metrics.show(step, {"val_loss": val_loss})
-        if tcfg.save_every > 0 and step % tcfg.save_every == 0 and step < total_steps:
+        saved = tcfg.save_every > 0 and step % tcfg.save_every == 0 and step < total_steps
+        if saved:
             save_checkpoint()
+        stop_signal = stop.agreed(topology)
+        if stop_signal:
+            if not saved:
+                save_checkpoint()
+            barrier(topology)
+            metrics.close()
+            stop.restore()
+            raise Interrupted(step, signal.Signals(stop_signal).name, requeue_slurm_job(cfg, topology))
     metrics.close()
+    stop.restore()
 
     # ---------------------------------------------------------------- final save and summary
     final_dir = run_dir / "final"
@@ -361,6 +429,12 @@ def run(run_dir: Path) -> TrainResult:
     cfg = load_run_config(run_dir)
     try:
         return train(cfg, run_dir)
+    except Interrupted as stop:
+        if Topology.from_env().is_main:
+            summary = {"status": "requeued" if stop.requeued else "interrupted", "step": stop.step,
+                       "signal": stop.signal_name, "resume": f"python -m llmft.launch resume={Path(run_dir).resolve()}"}
+            (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+        raise
     except Exception as error:
         if Topology.from_env().is_main:
             summary = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
@@ -378,9 +452,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         run(Path(argv[0]))
-    except (ConfigError, DataError, TemplateError) as error:
+    except (ConfigError, DataError, TemplateError, checkpoint.CheckpointError) as error:
         print(f"llmft: {error}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        if Topology.from_env().is_main:
+            print(f"llmft: {stop}; the checkpoint is saved. Continue with: "
+                  f"python -m llmft.launch resume={Path(argv[0]).resolve()}", file=sys.stderr)
+        return 3
     if Topology.from_env().is_main and "TORCHELASTIC_RUN_ID" not in os.environ:  # torchrun: launch prints it
         print(f"run dir: {Path(argv[0]).resolve()}")
     return 0

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 
 def build(cfg, topology):
+    from llmft.config import settle_strategy
+
+    settle_strategy(cfg, topology.world_size)
     name = cfg.parallelism.strategy.value
     if name == "single":
         from llmft.strategies.single import SingleStrategy

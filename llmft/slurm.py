@@ -1,0 +1,191 @@
+"""SLURM: resources from a cluster profile, checks before submission, and submission through submitit.
+
+`llmft.launch +cluster=NAME` calls `submit()` itself (Hydra's submitit launcher only engages with --multirun, so a
+single run would otherwise train on the login node). One task per GPU; submitit's TorchDistributedEnvironment turns
+the SLURM variables into RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR (the first host of the allocation) and a
+MASTER_PORT derived from the job id. `llmft.plan` prints the very script `submit()` would hand to sbatch.
+
+No torch here: this runs on the login node.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from llmft.config import ConfigError
+
+
+@dataclass
+class Resources:
+    kind: str
+    partition: str | None
+    constraint: str | None
+    nodes: int
+    gpus_per_node: int
+    cpus_per_task: int
+    time: str
+    minutes: int
+    account: str | None
+    qos: str | None
+    qos_max_time: str | None
+    longest_qos_time: str | None
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+def parse_time(value: str, key: str = "cluster.time") -> int:
+    """HH:MM:SS (hours may exceed 24) -> minutes, rounded up."""
+    parts = str(value).split(":")
+    try:
+        hours, minutes, seconds = (int(p) for p in parts) if len(parts) == 3 else (None, None, None)
+    except ValueError:
+        hours = None
+    if hours is None or not (0 <= minutes < 60 and 0 <= seconds < 60):
+        raise ConfigError(f"{key}={value} is not a duration HH:MM:SS (for example {key}=20:00:00).")
+    return hours * 60 + minutes + (1 if seconds else 0)
+
+
+def resolve(cfg: DictConfig) -> Resources:
+    """The job's resources from the profile and the overrides, checked; ConfigError with one sentence otherwise."""
+    cluster = cfg.cluster
+    profile = f"conf/cluster/{cluster.name}.yaml"
+    if cluster.gpu not in cluster.kinds:
+        raise ConfigError(f"cluster.gpu={cluster.gpu} is not one of {', '.join(cluster.kinds)} ({profile}).")
+    kind = cluster.kinds[cluster.gpu]
+    gpus_per_node = kind.gpus_per_node if cluster.gpus_per_node is None else cluster.gpus_per_node
+    if cluster.nodes < 1 or gpus_per_node < 1:
+        raise ConfigError(f"cluster.nodes={cluster.nodes} and cluster.gpus_per_node={gpus_per_node} must be >= 1.")
+    if gpus_per_node > kind.gpus_per_node:
+        raise ConfigError(
+            f"cluster.gpus_per_node={gpus_per_node} exceeds the {kind.gpus_per_node} GPUs of a {cluster.name} "
+            f"{cluster.gpu} node: use cluster.nodes={-(-gpus_per_node // kind.gpus_per_node)} "
+            f"cluster.gpus_per_node={kind.gpus_per_node}."
+        )
+    minutes = parse_time(cluster.time)
+    qos, qos_max_time = cluster.qos, None
+    longest = max(kind.qos, key=lambda q: parse_time(q.max_time), default=None)
+    if cluster.qos:
+        known = next((q for q in kind.qos if q.name == cluster.qos), None)
+        qos_max_time = known.max_time if known else None
+    elif kind.qos:
+        fitting = [q for q in kind.qos if parse_time(q.max_time) >= minutes]
+        if not fitting:
+            raise ConfigError(
+                f"cluster.time={cluster.time} exceeds the longest QoS of {cluster.name} {cluster.gpu} nodes "
+                f"({longest.name}, {longest.max_time}): ask for cluster.time={longest.max_time} or less; at the "
+                f"limit the job checkpoints, requeues itself and resumes (up to cluster.max_requeues="
+                f"{cluster.max_requeues} times)."
+            )
+        qos, qos_max_time = fitting[0].name, fitting[0].max_time
+    if qos_max_time and minutes > parse_time(qos_max_time):
+        raise ConfigError(f"cluster.time={cluster.time} exceeds {qos}'s limit of {qos_max_time}.")
+    account = cluster.account
+    if not account and cluster.account_required:
+        suffix = f"@{kind.account_suffix}" if kind.account_suffix else ""
+        raise ConfigError(
+            f"cluster.account is not set: {cluster.name} charges every job to a project; add "
+            f"cluster.account=<project> (llmft submits as <project>{suffix})."
+        )
+    if account and kind.account_suffix and "@" not in account:
+        account = f"{account}@{kind.account_suffix}"
+    resources = Resources(
+        kind=cluster.gpu, partition=kind.partition, constraint=kind.constraint, nodes=cluster.nodes,
+        gpus_per_node=gpus_per_node, cpus_per_task=kind.cpus_per_gpu, time=cluster.time, minutes=minutes,
+        account=account, qos=qos, qos_max_time=qos_max_time,
+        longest_qos_time=longest.max_time if longest else None,
+    )
+    from llmft.config import settle_strategy
+
+    settle_strategy(cfg, resources.world_size)
+    if resources.world_size > 1 and cfg.parallelism.strategy.value == "single":
+        raise ConfigError(
+            f"cluster.nodes={cluster.nodes} x {gpus_per_node} GPUs = {resources.world_size} ranks need a "
+            f"distributed strategy: add parallelism=ddp (or fsdp, zero2, zero3)."
+        )
+    return resources
+
+
+def setup_lines(cfg: DictConfig, resources: Resources) -> list[str]:
+    cluster = cfg.cluster
+    lines = [*cluster.setup, *cluster.kinds[resources.kind].setup]
+    lines += [f'export {name}="{value}"' for name, value in cluster.env.items()]
+    return lines
+
+
+def make_executor(cfg: DictConfig, run_dir: Path):
+    """A submitit executor configured for this run; its folder (RUN_DIR/slurm) holds the script and the logs."""
+    import submitit
+
+    cluster = cfg.cluster
+    resources = resolve(cfg)
+    executor = submitit.AutoExecutor(
+        folder=run_dir / "slurm",
+        cluster="slurm",
+        slurm_max_num_timeout=cluster.max_requeues,
+        slurm_python=cluster.python or sys.executable,
+    )
+    extra = dict(cluster.extra_sbatch)
+    if cluster.hint_nomultithread:
+        extra["hint"] = "nomultithread"
+    parameters = {
+        "name": f"llmft-{run_dir.name}",
+        "nodes": resources.nodes,
+        "tasks_per_node": resources.gpus_per_node,  # one task (rank) per GPU
+        "cpus_per_task": resources.cpus_per_task,
+        "timeout_min": resources.minutes,
+        "slurm_signal_delay_s": cluster.signal_delay_s,
+        "slurm_setup": setup_lines(cfg, resources),
+        "slurm_additional_parameters": extra,
+    }
+    optional = {"slurm_partition": resources.partition, "slurm_account": resources.account,
+                "slurm_qos": resources.qos, "slurm_constraint": resources.constraint}
+    parameters.update({k: v for k, v in optional.items() if v})
+    if cluster.gpu_request == "gres":
+        parameters["slurm_gres"] = f"gpu:{resources.gpus_per_node}"
+    elif cluster.gpu_request == "gpus_per_node":
+        parameters["gpus_per_node"] = resources.gpus_per_node
+    executor.update_parameters(**parameters)
+    return executor
+
+
+def sbatch_script(executor) -> str:
+    """The exact script submitit hands to sbatch for this executor (submitit's own renderer)."""
+    slurm_executor = executor._executor  # submitit has no public API for the script text; this is its renderer
+    return slurm_executor._make_submission_file_text(slurm_executor._submitit_command_str, "plan")
+
+
+class TrainJob:
+    """What each SLURM task runs (pickled by submitit): set up torch.distributed from SLURM, then train.
+
+    Time limits are handled by the training loop, not by submitit's own USR2 handler: submitit would call a
+    checkpoint method inside the signal handler on rank 0 alone, while the other ranks wait in a collective. The
+    loop replaces that handler, all ranks agree on a step, save together, and rank 0 requeues the job.
+    """
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+
+    def __call__(self) -> dict:
+        import submitit
+
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        from llmft.train import Interrupted, run
+
+        try:
+            return run(Path(self.run_dir)).summary
+        except Interrupted as stop:
+            if stop.requeued:
+                sys.exit(-1)  # like submitit: no result file, the job is back in the queue
+            raise
+
+
+def submit(cfg: DictConfig, run_dir: Path):
+    executor = make_executor(cfg, run_dir)
+    (run_dir / "submit.sbatch").write_text(sbatch_script(executor))  # the run directory keeps the exact script
+    return executor.submit(TrainJob(str(run_dir)))

@@ -1,0 +1,76 @@
+"""`python -m llmft.plan`: resources and the sbatch script for a cluster profile; wrong requests refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import compose, run_llmft
+from llmft import slurm
+from llmft.config import ConfigError
+
+JEAN_ZAY = ["+cluster=jeanzay", "cluster.account=abc"]
+
+
+def test_plan_for_two_jean_zay_a100_nodes():
+    result = run_llmft("plan", "+cluster=jeanzay", "cluster.gpu=a100", "cluster.account=abc", "cluster.nodes=2",
+                       "model=llama7b", "parallelism=zero3")
+    assert result.returncode == 0, result.stderr
+    script = result.stdout
+    for line in ["#SBATCH --account=abc@a100", "#SBATCH --constraint=a100", "#SBATCH --ntasks-per-node=8",
+                 "#SBATCH --gres=gpu:8", "#SBATCH --cpus-per-task=8", "#SBATCH --hint=nomultithread",
+                 "#SBATCH --nodes=2", "#SBATCH --partition=gpu_p5", "#SBATCH --signal=USR2@120",
+                 "#SBATCH --qos=qos_gpu_a100-dev", "module load arch/a100", 'export HF_HUB_OFFLINE="1"']:
+        assert line in script, line
+    assert "16 ranks" in script
+    assert "warning: model.path" in result.stderr  # not on this machine: plan warns, launch refuses
+
+
+@pytest.mark.parametrize("time,qos", [("01:59:00", "qos_gpu_h100-dev"), ("19:00:00", "qos_gpu_h100-t3"),
+                                      ("99:00:00", "qos_gpu_h100-t4")])
+def test_qos_follows_the_time(time, qos):
+    resources = slurm.resolve(compose(JEAN_ZAY + ["cluster.gpu=h100", f"cluster.time={time}"]))
+    assert resources.qos == qos and resources.gpus_per_node == 4 and resources.cpus_per_task == 24
+    assert resources.account == "abc@h100"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["cluster.gpus_per_node=16"], "exceeds the 8 GPUs of a jeanzay a100 node: use cluster.nodes=2"),
+    (["cluster.time=30:00:00"], "exceeds the longest QoS of jeanzay a100 nodes (qos_gpu_a100-t3, 20:00:00)"),
+    (["cluster.time=1h"], "is not a duration HH:MM:SS"),
+    (["cluster.gpu=b200"], "cluster.gpu=b200 is not one of a100, h100, v100"),
+    (["cluster.nodes=2", "parallelism=single"], "need a distributed strategy"),
+    (["cluster.gpus_per_node=0"], "must be >= 1"),
+])
+def test_wrong_requests_are_refused_with_one_sentence(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        slurm.resolve(compose(JEAN_ZAY + overrides))
+
+
+def test_missing_account_is_refused_by_plan_and_launch(tmp_path):
+    for module in ("plan", "launch"):
+        result = run_llmft(module, "+cluster=jeanzay", f"run_dir={tmp_path / module}")
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines() == [
+            "llmft: cluster.account is not set: jeanzay charges every job to a project; add "
+            "cluster.account=<project> (llmft submits as <project>@a100)."]
+        assert not (tmp_path / module).exists()
+
+
+def test_launch_refuses_a_missing_model_before_submitting(tmp_path):
+    result = run_llmft("launch", *JEAN_ZAY, "model=llama7b", "model.path=/nowhere/llama", f"run_dir={tmp_path}/r")
+    assert result.returncode == 2 and "model.path=/nowhere/llama is not a local Hugging Face model" in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_parallelism_auto_picks_the_strategy_for_the_ranks():
+    assert slurm.resolve(cfg := compose(JEAN_ZAY)).world_size == 8 and cfg.parallelism.strategy.value == "ddp"
+    slurm.resolve(cfg := compose(JEAN_ZAY + ["peft=full"]))
+    assert cfg.parallelism.strategy.value == "fsdp"
+    slurm.resolve(cfg := compose(JEAN_ZAY + ["cluster.gpus_per_node=1"]))
+    assert cfg.parallelism.strategy.value == "single"
+
+
+def test_launch_with_cluster_composes_as_written():
+    cfg = compose(["+cluster=jeanzay", "model=llama7b"])
+    assert cfg.cluster.name == "jeanzay" and cfg.model.name == "llama7b"
+    assert compose([]).cluster is None

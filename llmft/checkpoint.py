@@ -99,7 +99,12 @@ def save(checkpoints_dir: Path, step: int, write_files: Callable[[Path], None], 
 
 
 def _prune(checkpoints_dir: Path, keep_last: int) -> None:
+    """Keep the last `keep_last` complete checkpoints, and the one with the best validation loss."""
     complete = sorted((p for p in checkpoints_dir.iterdir() if p.name.startswith("step_") and is_complete(p)),
                       key=_step_of)
+    evaluated = [(read_manifest(p).get("val_loss"), p) for p in complete]
+    evaluated = [(loss, p) for loss, p in evaluated if loss is not None]
+    best = min(evaluated, key=lambda pair: pair[0])[1] if evaluated else None
     for old in complete[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != best:
+            shutil.rmtree(old, ignore_errors=True)

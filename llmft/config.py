@@ -188,6 +188,7 @@ class LlmftConfig:
     runs_root: str = "runs"  # where timestamped run directories are created
     run_dir: Optional[str] = None  # set it to choose the run directory yourself
     resume: Optional[str] = None  # a run directory: continue it with its saved config (locally or on its cluster)
+    umask: str = "027"  # run directories and checkpoints: group-readable, never world-readable
 
 
 def register_configs() -> None:

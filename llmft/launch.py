@@ -138,8 +138,14 @@ def run_local_ranks(run_dir: Path, nproc: int) -> int:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                f"--log-dir={run_dir / 'logs'}", "--tee=3", "-m", "llmft.train", str(run_dir)]
     code = subprocess.call(command, env=env)
+    status = json.loads((run_dir / "summary.json").read_text()).get("status") if (run_dir / "summary.json").exists() \
+        else None
     if code == 0:
         print(f"run dir: {run_dir}")
+    elif status == "interrupted":  # a rank was signalled: every rank checkpointed and stopped
+        print(f"llmft: interrupted; the checkpoint is saved. Continue with: python -m llmft.launch resume={run_dir}",
+              file=sys.stderr)
+        return 3
     else:
         print(f"llmft: the run failed (exit code {code}); each rank's output is in {run_dir / 'logs'}", file=sys.stderr)
     return code

@@ -25,7 +25,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from llmft import __version__
-from llmft.config import PACKAGE_DIR, to_container
+from llmft.config import PACKAGE_DIR, ConfigError, to_container
+from llmft.redact import redact_argv, redact_config
 
 
 def new_run_dir(cfg: DictConfig) -> Path:
@@ -52,16 +53,26 @@ def git_state() -> dict:
     return {"git_commit": commit or None, "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no").strip())}
 
 
+def apply_umask(cfg: DictConfig) -> None:
+    """Files and folders of a run are not world-readable (default umask 027): a model trained on private tickets
+    must not be readable by every user of the cluster."""
+    try:
+        os.umask(int(str(cfg.umask), 8))
+    except ValueError:
+        raise ConfigError(f"umask={cfg.umask} is not an octal mask such as 027.") from None
+
+
 def create(cfg: DictConfig) -> Path:
     """Create the run directory and write the resolved config and provenance; returns its absolute path."""
+    apply_umask(cfg)
     run_dir = new_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.run_dir = str(run_dir)
-    OmegaConf.save(OmegaConf.create(to_container(cfg)), run_dir / "config.yaml")
+    OmegaConf.save(OmegaConf.create(redact_config(to_container(cfg))), run_dir / "config.yaml")
     provenance = {
         "llmft_version": __version__,
         **git_state(),
-        "command": sys.argv,
+        "command": redact_argv(sys.argv),
         "host": socket.gethostname(),
         "python": platform.python_version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

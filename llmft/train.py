@@ -215,6 +215,7 @@ def train(cfg, run_dir: Path) -> TrainResult:
     # ---------------------------------------------------------------- setup
     topology = Topology.from_env()
     device = topology.device
+    os.umask(int(str(cfg.umask), 8))  # every rank writes into the run directory (see rundir.apply_umask)
     if topology.is_distributed and not dist.is_initialized():
         # rank and world size from the topology (torchrun's or SLURM's variables); MASTER_ADDR / MASTER_PORT from
         # the environment (torchrun, submitit, or the sbatch templates in slurm/)
@@ -310,7 +311,7 @@ def train(cfg, run_dir: Path) -> TrainResult:
             torch.save({"rng": rng_state(), "step": step, "samples_consumed": samples_consumed},
                        folder / f"state_rank{topology.rank}.pt")
 
-        meta = {"world_size": topology.world_size, "strategy": cfg.parallelism.strategy.value}
+        meta = {"world_size": topology.world_size, "strategy": cfg.parallelism.strategy.value, "val_loss": val_loss}
         path = checkpoint.save(checkpoints_dir, step, write, meta, tcfg.keep_last, barrier=lambda: barrier(topology),
                                is_main=topology.is_main)
         log(topology, f"checkpoint: {path}")

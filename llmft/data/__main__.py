@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         print(composition_error(error), file=sys.stderr)
         return 2
     if args.cfg:
-        print(OmegaConf.to_yaml(cfg.data))
+        print(OmegaConf.to_yaml(cfg.data, resolve=True))
         return 0
     try:
         validate(cfg)

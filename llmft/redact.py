@@ -1,0 +1,38 @@
+"""Secrets never reach the run directory, the logs or the resolved config.
+
+A config key or command-line override named like a secret (key, token, password, secret, credential) has its
+value replaced before anything is written. Environment variables (HF_TOKEN, WANDB_API_KEY...) are never written
+at all: llmft records the config, not the environment.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+SECRET_NAME = re.compile(r"(api[_-]?key|token|passw(or)?d|secret|credential|private[_-]?key)", re.IGNORECASE)
+REDACTED = "<redacted>"
+
+
+def is_secret_name(name: str) -> bool:
+    return bool(SECRET_NAME.search(name))
+
+
+def redact_config(value: Any, name: str = "") -> Any:
+    """A copy of a plain config (dicts, lists, scalars) with the values of secret-named keys replaced."""
+    if isinstance(value, dict):
+        return {k: redact_config(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_config(v, name) for v in value]
+    if value is not None and is_secret_name(name) and not isinstance(value, bool):
+        return REDACTED
+    return value
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """Command-line overrides `some.api_key=VALUE` with the value replaced."""
+    redacted = []
+    for argument in argv:
+        key, sep, _ = argument.partition("=")
+        redacted.append(f"{key}={REDACTED}" if sep and is_secret_name(key.rsplit(".", 1)[-1]) else argument)
+    return redacted

@@ -1,0 +1,159 @@
+"""Runs that lose nothing: a signal at an arbitrary step, a SIGKILL during a checkpoint write, a full disk;
+and nothing private leaks from a run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, compose, read_metrics, run_llmft
+from llmft import checkpoint, rundir
+from llmft.checkpoint import CheckpointError
+from llmft.train import train
+
+RUN = ["train.max_steps=50", "train.log_every=1", "train.eval_every=20", "train.save_every=0",
+       "train.micro_batch_size=4"]
+
+
+def start_launch(run_dir: Path, overrides: list[str], env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "llmft.launch", *RUN, *overrides, f"run_dir={run_dir}"],
+                            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert process.poll() is None, process.communicate()
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and any(r.get("step", 0) >= step for r in read_metrics(run_dir) if "loss" in r):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{run_dir} never reached step {step}")
+
+
+def training_processes(launcher: subprocess.Popen) -> list[psutil.Process]:
+    """The processes that train: the launcher itself (single), or torchrun's workers (one per rank)."""
+    children = psutil.Process(launcher.pid).children(recursive=True)
+    workers = [p for p in children if "llmft.train" in " ".join(p.cmdline()) and "torch.distributed.run"
+               not in " ".join(p.cmdline())]
+    return workers or [psutil.Process(launcher.pid)]
+
+
+def adapter(run_dir: Path) -> dict:
+    return load_file(run_dir / "final" / "adapter_model.safetensors")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy,nproc", [("single", 1), ("ddp", 2), ("fsdp", 2), ("zero3", 2)])
+def test_signal_then_resume_gives_bitwise_the_uninterrupted_adapter(tmp_path, strategy, nproc):
+    overrides = [f"parallelism={strategy}", f"launch.nproc={nproc}",
+                 "parallelism.zero3_param_persistence_threshold=0", "parallelism.zero3_model_persistence_threshold=0"]
+    whole = start_launch(tmp_path / "whole", overrides)
+    interrupted = start_launch(tmp_path / "cut", overrides)
+    wait_for_step(tmp_path / "cut", 12, interrupted)
+    training_processes(interrupted)[-1].send_signal(signal.SIGUSR2)  # one rank only: the others must follow
+    out, err = interrupted.communicate(timeout=240)
+    assert interrupted.returncode == 3, out[-2000:] + err[-4000:]
+    assert "resume=" in err
+    summary = json.loads((tmp_path / "cut/summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["signal"] == "SIGUSR2"
+    cut_step = summary["step"]
+    assert 12 <= cut_step < 50
+    assert checkpoint.find_latest(tmp_path / "cut/checkpoints")[0].name == f"step_{cut_step}"
+
+    resumed = run_llmft("launch", f"resume={tmp_path / 'cut'}", timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-4000:]
+    assert f"resume: from {tmp_path / 'cut/checkpoints'}/step_{cut_step}" in resumed.stdout + resumed.stderr
+    out, err = whole.communicate(timeout=300)
+    assert whole.returncode == 0, err[-4000:]
+    expected, got = adapter(tmp_path / "whole"), adapter(tmp_path / "cut")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
+
+@pytest.mark.slow
+def test_sigkill_during_checkpoint_writes_never_breaks_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    checkpoints = run_dir / "checkpoints"
+    kills, seen_incomplete = 0, 0
+    for attempt in range(3):  # kill, resume, kill again...
+        process = start_launch(run_dir, ["train.save_every=1", "train.keep_last=2"]) if attempt == 0 else \
+            subprocess.Popen([sys.executable, "-m", "llmft.launch", f"resume={run_dir}"], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and process.poll() is None:
+            if checkpoints.exists() and any(p.name.startswith(".tmp-") for p in checkpoints.iterdir()) and \
+                    len(list(checkpoints.glob("step_*"))) >= 1:
+                process.send_signal(signal.SIGKILL)  # in the middle of writing a checkpoint
+                kills += 1
+                break
+            time.sleep(0.002)
+        process.communicate(timeout=60)
+        latest, incomplete = checkpoint.find_latest(checkpoints)
+        assert latest is not None and checkpoint.is_complete(latest)
+        seen_incomplete += bool(incomplete)
+    assert kills >= 1 and seen_incomplete >= 1  # a partial checkpoint was left behind, and was ignored
+    final = run_llmft("launch", f"resume={run_dir}", timeout=300)
+    assert final.returncode == 0, final.stderr[-4000:]
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+
+
+def test_a_full_disk_at_save_time_stops_the_run_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    from llmft.strategies.single import SingleStrategy
+
+    cfg = compose(["train.max_steps=30", "train.save_every=10", "train.eval_every=10", f"run_dir={tmp_path / 'r'}"])
+    run_dir = rundir.create(cfg)
+    real_save = SingleStrategy.save
+
+    def save_until_disk_full(self, folder):
+        if "step_20" in folder.name:
+            raise OSError(28, "No space left on device")
+        real_save(self, folder)
+
+    monkeypatch.setattr(SingleStrategy, "save", save_until_disk_full)
+    with pytest.raises(CheckpointError, match="No space left on device.*previous checkpoint is kept"):
+        train(cfg, run_dir)
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_10"]
+    assert max(r["step"] for r in read_metrics(run_dir) if "loss" in r) == 20  # it did not train on
+    assert not (run_dir / "final").exists()
+
+
+def test_no_secret_and_nothing_world_readable_in_a_run_directory(tmp_path):
+    secrets = {"HF_TOKEN": "hf_SECRETSECRETSECRETSECRETSECRETSE", "WANDB_API_KEY": "wandb0123456789abcdef0123456789"}
+    run_dir = tmp_path / "run"
+    result = run_llmft("launch", "train.max_steps=4", "train.eval_every=2", "train.save_every=2",
+                       f"run_dir={run_dir}", "data.system_prompt=You help.", env=secrets)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for output in (result.stdout, result.stderr):
+        assert not any(value in output for value in secrets.values())
+    paths = [run_dir, *run_dir.rglob("*")]
+    assert len(paths) > 10
+    for path in paths:
+        if not path.is_symlink():
+            mode = path.stat().st_mode
+            assert not mode & stat.S_IROTH and not mode & stat.S_IWOTH, f"{path} is world-readable"
+        if path.is_file():
+            content = path.read_bytes()
+            assert not any(value.encode() in content for value in secrets.values()), path
+
+
+def test_secret_named_config_values_are_redacted(tmp_path):
+    from llmft.redact import REDACTED, redact_argv, redact_config
+
+    assert redact_config({"eval": {"judge_api_key": "sk-123", "judge_model": "m"}, "hub_token": None}) == \
+        {"eval": {"judge_api_key": REDACTED, "judge_model": "m"}, "hub_token": None}
+    assert redact_argv(["x", "eval.judge_api_key=sk-1", "train.lr=1"]) == ["x", f"eval.judge_api_key={REDACTED}",
+                                                                             "train.lr=1"]

@@ -107,7 +107,12 @@ def submit_to_cluster(cfg: DictConfig, run_dir: Path) -> int:
     """Submit with submitit, print the job id, the run directory and how to follow it; wait if asked."""
     from llmft import slurm
 
-    job = slurm.submit(cfg, run_dir)
+    try:
+        job = slurm.submit(cfg, run_dir)
+    except Exception as error:  # submitit's FailedJobError: sbatch's own message is what the user needs
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"llmft: the submission failed: {message} (run dir: {run_dir})", file=sys.stderr)
+        return 1
     with open(run_dir / "jobs.jsonl", "a") as handle:  # every submission of this run, for `llmft runs`
         handle.write(json.dumps({"job_id": job.job_id, "cluster": cfg.cluster.name, "time": time.time()}) + "\n")
     print(f"submitted job {job.job_id} to {cfg.cluster.name}")
@@ -116,7 +121,7 @@ def submit_to_cluster(cfg: DictConfig, run_dir: Path) -> int:
     if not cfg.launch.wait:
         return 0
     try:
-        job.result()
+        job.results()  # one result per task (rank)
     except Exception as error:  # submitit raises with the job's own error: report it as one line with the log
         state = job.state
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -1,0 +1,121 @@
+"""On the real one-node SLURM of tools/local-slurm.sh: submission through submitit, sbatch --test-only of every
+template and rendered script, a USR2 mid-run (checkpoint, requeue, resume), and a failing job."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, compose, read_metrics
+from slurm_cluster import ensure_local_slurm
+
+pytestmark = pytest.mark.slow
+
+TINY = ["train.max_steps=40", "train.log_every=1", "train.eval_every=20", "train.save_every=0", "peft.dropout=0"]
+
+
+@pytest.fixture(scope="module")
+def slurm_env():
+    return ensure_local_slurm()
+
+
+def llmft(args: list[str], env: dict, timeout: float = 400) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llmft.launch", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+
+
+def job_id_of(run_dir: Path) -> str:
+    return json.loads((run_dir / "jobs.jsonl").read_text().splitlines()[-1])["job_id"]
+
+
+def test_two_task_job_gives_the_local_two_rank_losses(slurm_env, tmp_path):
+    on_slurm = llmft(["+cluster=localslurm", "launch.wait=true", *TINY, f"run_dir={tmp_path / 'slurm'}"], slurm_env)
+    assert on_slurm.returncode == 0, on_slurm.stdout + on_slurm.stderr
+    assert "submitted job" in on_slurm.stdout and f"run dir: {tmp_path / 'slurm'}" in on_slurm.stdout
+    local = llmft(["parallelism=ddp", "launch.nproc=2", *TINY, f"run_dir={tmp_path / 'local'}"], {})
+    assert local.returncode == 0, local.stderr[-3000:]
+    summary = json.loads((tmp_path / "slurm/summary.json").read_text())
+    assert summary["status"] == "completed" and summary["world_size"] == 2 and summary["strategy"] == "ddp"
+    assert losses(tmp_path / "slurm") == pytest.approx(losses(tmp_path / "local"), abs=1e-6)
+    assert (tmp_path / "slurm/submit.sbatch").read_text().count("#SBATCH --ntasks-per-node=2") == 1
+
+
+def test_sbatch_accepts_every_template_and_rendered_script(slurm_env, tmp_path):
+    from llmft import slurm
+
+    env = {**os.environ, **slurm_env}
+    scripts = {
+        "slurm/jeanzay_a100.sbatch": ["--account=abc@a100"],
+        "slurm/jeanzay_h100.sbatch": ["--account=abc@h100"],
+        "slurm/generic.sbatch": ["--partition=debug"],  # its placeholder partition `gpu` does not exist here
+    }
+    for gpu in ("a100", "h100", "v100"):
+        cfg = compose(["+cluster=jeanzay", f"cluster.gpu={gpu}", "cluster.account=abc", "cluster.time=10:00:00"])
+        script = tmp_path / f"jeanzay_{gpu}.sh"
+        script.write_text(slurm.sbatch_script(slurm.make_executor(cfg, tmp_path / gpu)))
+        scripts[str(script)] = []
+    cfg = compose(["+cluster=slurm", "cluster.kinds.default.partition=debug"])
+    generic = tmp_path / "generic.sh"
+    generic.write_text(slurm.sbatch_script(slurm.make_executor(cfg, tmp_path / "generic")))
+    scripts[str(generic)] = []
+    for script, options in scripts.items():
+        result = subprocess.run(["sbatch", "--test-only", *options, script], cwd=REPO, env=env, capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 0 and "to start at" in result.stderr, (script, result.stderr)
+
+
+def test_usr2_mid_run_checkpoints_requeues_and_ends_like_an_uninterrupted_run(slurm_env, tmp_path):
+    run_dir = tmp_path / "slurm"
+    long_run = ["train.max_steps=60", "train.log_every=1", "train.eval_every=30", "train.save_every=0"]
+    submitted = llmft(["+cluster=localslurm", *long_run, f"run_dir={run_dir}"], slurm_env)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = job_id_of(run_dir)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait until the job trains
+        if (run_dir / "metrics.jsonl").exists() and len(losses(run_dir)) >= 8:
+            break
+        time.sleep(0.2)
+    env = {**os.environ, **slurm_env}
+    subprocess.run(["scancel", "--signal=USR2", job_id], env=env, check=True, timeout=30)
+    while time.time() < deadline:  # requeued, resumed, completed
+        summary = run_dir / "summary.json"
+        if summary.exists() and json.loads(summary.read_text())["status"] in ("completed", "failed"):
+            break
+        time.sleep(1)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed", summary
+    logs = "".join(p.read_text() for p in (run_dir / "slurm").glob("*_0_log.*"))
+    assert "resume: from" in logs
+    restarts = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-o", "Restarts"], env=env, capture_output=True,
+                              text=True, timeout=30).stdout.split()
+    assert restarts and int(restarts[0]) >= 1
+    local = llmft(["parallelism=ddp", "launch.nproc=2", *long_run, f"run_dir={tmp_path / 'local'}"], {})
+    assert local.returncode == 0, local.stderr[-3000:]
+    expected = load_file(tmp_path / "local/final/adapter_model.safetensors")
+    got = load_file(run_dir / "final/adapter_model.safetensors")
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+
+
+def test_a_failing_job_is_reported_as_failed_with_its_log(slurm_env, tmp_path):
+    data = tmp_path / "no_answers.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hello?"}]}) + "\n")
+    result = llmft(["+cluster=localslurm", "launch.wait=true", "data=chat_jsonl", f"data.path={data}",
+                    *TINY, f"run_dir={tmp_path / 'run'}"], slurm_env)
+    assert result.returncode == 1
+    line = result.stderr.strip().splitlines()[-1]
+    assert "failed" in line and "its log: " in line, result.stderr
+    log = Path(line.split("its log: ")[1])
+    assert log.exists() and log.stat().st_size > 0
+    assert json.loads((tmp_path / "run/summary.json").read_text())["status"] == "failed"

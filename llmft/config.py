@@ -67,6 +67,20 @@ class TinyArchConfig:
 
 
 @dataclass
+class ArchConfig:
+    """A model's shape, for `plan` when the weights are not on this machine (config.json wins when they are)."""
+
+    hidden_size: int = MISSING
+    intermediate_size: int = MISSING
+    num_hidden_layers: int = MISSING
+    num_attention_heads: int = MISSING
+    num_key_value_heads: int = MISSING
+    vocab_size: int = MISSING
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2 has biases on q, k, v
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING
     # Local Hugging Face folder (config.json, *.safetensors, tokenizer). None only for `tiny`, which is built.
@@ -78,6 +92,7 @@ class ModelConfig:
     # Jinja chat template used when the tokenizer has none (base models). None: a ChatML-style fallback.
     fallback_chat_template: Optional[str] = None
     tiny: Optional[TinyArchConfig] = None  # model=tiny only: the architecture to build
+    arch: Optional[ArchConfig] = None  # the published shape, for plan's estimates without the weights
 
 
 @dataclass

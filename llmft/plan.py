@@ -16,15 +16,51 @@ from llmft.config import ConfigError, validate
 from llmft.launch import compose_or_exit
 
 
+ASSUMED_MFU = 0.4  # what FSDP LoRA / full fine-tuning of 7B models reaches on A100 and H100 (40-55 %)
+
+
+def estimate_lines(cfg: DictConfig, world: int, gpu_memory_gb: float | None, peak_tflops: float | None,
+                   qos_minutes: int | None) -> list[str]:
+    from llmft.estimate import GiB, advice, estimate, gpu_hours, requeues_needed
+
+    result = estimate(cfg, world, gpu_memory_gb)
+    if result is None:
+        return ["estimate     unknown model shape: give model.path with a config.json"]
+    memory = ", ".join(f"{name.replace('_', ' ')} {value / GiB:.1f}" for name, value in result.memory.items())
+    lines = [
+        f"parameters  {result.total_params / 1e9:.2f} B, {result.trainable_params / 1e6:.1f} M trainable",
+        f"memory/GPU  {result.memory_total / GiB:.1f} GiB ({memory} GiB; micro-batch "
+        f"{cfg.train.micro_batch_size} x {cfg.model.max_seq_len} tokens, activation checkpointing "
+        f"{'on' if cfg.train.activation_checkpointing else 'off'})",
+    ]
+    if result.fits is not None:
+        verdict = "fits" if result.fits else "does NOT fit"
+        lines.append(f"verdict     {verdict} in {gpu_memory_gb:.0f} GB per GPU (90% usable)")
+        if not result.fits:
+            lines.append("change      " + "; or ".join(advice(cfg, result)))
+    lines.append(f"compute     {result.flops_per_token / 1e9:.1f} GFLOP per token, {result.tokens_per_step:,} tokens "
+                 f"per step")
+    if cfg.train.max_steps > 0 and peak_tflops:
+        hours = gpu_hours(result, cfg.train.max_steps * result.tokens_per_step, world, peak_tflops, ASSUMED_MFU)
+        wall = hours / world
+        requeue = f", {requeues_needed(wall, qos_minutes)} requeue(s) at the QoS limit" if qos_minutes else ""
+        lines.append(f"cost        {hours:,.1f} GPU-hours ({wall:,.1f} h wall) for {cfg.train.max_steps} steps at "
+                     f"{ASSUMED_MFU:.0%} MFU{requeue}")
+    return lines
+
+
 def describe(cfg: DictConfig) -> str:
     from llmft import slurm
 
-    lines = [f"model       {cfg.model.name} ({cfg.model.path or 'built: random weights'})",
-             f"method      peft={cfg.peft.method.value}  parallelism={cfg.parallelism.strategy.value}"]
+    lines = [f"model       {cfg.model.name} ({cfg.model.path or 'built: random weights'})"]
+    method = "method      peft={}  parallelism={}"
     if cfg.cluster is None:
+        lines.append(method.format(cfg.peft.method.value, cfg.parallelism.strategy.value))
         lines.append(f"where       local, {cfg.launch.nproc} process(es); add +cluster=NAME to plan a SLURM job")
+        lines += estimate_lines(cfg, cfg.launch.nproc, None, None, None)
         return "\n".join(lines)
-    resources = slurm.resolve(cfg)
+    resources = slurm.resolve(cfg)  # also settles parallelism=auto for this many ranks
+    lines.append(method.format(cfg.peft.method.value, cfg.parallelism.strategy.value))
     lines += [
         f"cluster     {cfg.cluster.name}, {resources.kind} nodes (partition {resources.partition}, "
         f"constraint {resources.constraint})",
@@ -35,6 +71,9 @@ def describe(cfg: DictConfig) -> str:
         f"account     {resources.account or '(default)'}",
         f"requeues    up to {cfg.cluster.max_requeues} at the time limit (USR2 {cfg.cluster.signal_delay_s} s before)",
     ]
+    kind = cfg.cluster.kinds[resources.kind]
+    qos_minutes = slurm.parse_time(resources.qos_max_time) if resources.qos_max_time else resources.minutes
+    lines += estimate_lines(cfg, resources.world_size, kind.memory_gb, kind.peak_tflops, qos_minutes)
     with tempfile.TemporaryDirectory() as scratch:
         executor = slurm.make_executor(cfg, Path(scratch) / "RUN_DIR")
         script = slurm.sbatch_script(executor).replace(str(Path(scratch) / "RUN_DIR"), "RUN_DIR")

@@ -74,3 +74,25 @@ def test_launch_with_cluster_composes_as_written():
     cfg = compose(["+cluster=jeanzay", "model=llama7b"])
     assert cfg.cluster.name == "jeanzay" and cfg.model.name == "llama7b"
     assert compose([]).cluster is None
+
+
+def test_plan_says_whether_it_fits_and_what_to_change():
+    fits = run_llmft("plan", *JEAN_ZAY, "cluster.gpu=h100", "model=mistral_7b", "train.max_steps=2000")
+    assert fits.returncode == 0, fits.stderr
+    assert "verdict     fits in 80 GB" in fits.stdout and "GPU-hours" in fits.stdout
+    too_big = run_llmft("plan", *JEAN_ZAY, "model=llama3_8b", "peft=full", "parallelism=ddp",
+                        "train.activation_checkpointing=false", "train.micro_batch_size=4")
+    assert "does NOT fit" in too_big.stdout
+    assert "parallelism=fsdp" in too_big.stdout and "train.activation_checkpointing=true" in too_big.stdout
+
+
+def test_plan_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.argv = ['plan', '+cluster=jeanzay', 'cluster.account=abc', 'model=llama7b']\n"
+            "import llmft.plan\nllmft.plan.main()\n"
+            "heavy = [m for m in ('torch', 'transformers', 'deepspeed', 'peft') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,187 @@
+"""Before submitting: will it fit, how many FLOPs, how many GPU-hours, how many requeues. Pure Python, no torch.
+
+Parameter counts come from the model's config (its config.json when the folder is here, else the shape recorded in
+the model profile), by the Llama/Mistral/Qwen2 layout: no weights are loaded and nothing heavy is imported, so
+`plan` answers in a fraction of the time `import torch` takes.
+
+Model-state bytes per parameter follow DeepSpeed's accounting for mixed-precision AdamW, so that full fine-tuning
+matches DeepSpeed's own estimators: 2 (bf16 weights) + 18 (2 bf16 grads + 4 fp32 grads + 4 fp32 master weights +
+8 Adam moments). With LoRA the frozen weights cost only their storage (2 bytes, or ~0.56 in 4 bits for QLoRA) and
+only the adapter (fp32 in PEFT) has gradients and optimizer states: 4 + 4 + 8 = 16 bytes per trainable parameter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+GiB = 2**30
+
+
+@dataclass
+class Arch:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each linear module of one decoder layer."""
+        d, kv = self.hidden_size, self.num_key_value_heads * self.head_dim
+        q = self.num_attention_heads * self.head_dim
+        return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
+                "gate_proj": (d, self.intermediate_size), "up_proj": (d, self.intermediate_size),
+                "down_proj": (self.intermediate_size, d)}
+
+
+def arch_of(model_cfg) -> Arch | None:
+    """The model's shape: config.json in model.path if it is here, else the profile's `arch`, else tiny's."""
+    if model_cfg.path:
+        config_file = Path(os.path.expandvars(model_cfg.path)).expanduser() / "config.json"
+        if config_file.is_file():
+            config = json.loads(config_file.read_text())
+            return Arch(
+                hidden_size=config["hidden_size"], intermediate_size=config["intermediate_size"],
+                num_hidden_layers=config["num_hidden_layers"], num_attention_heads=config["num_attention_heads"],
+                num_key_value_heads=config.get("num_key_value_heads", config["num_attention_heads"]),
+                vocab_size=config["vocab_size"], tie_word_embeddings=config.get("tie_word_embeddings", False),
+                attention_bias=config.get("attention_bias", config.get("model_type") == "qwen2"),
+            )
+    if model_cfg.arch is not None:
+        return Arch(**dict(model_cfg.arch))
+    if model_cfg.tiny is not None:
+        tiny = model_cfg.tiny
+        return Arch(tiny.hidden_size, tiny.intermediate_size, tiny.num_hidden_layers, tiny.num_attention_heads,
+                    tiny.num_key_value_heads, tiny.vocab_size)
+    return None
+
+
+def layer_parameters(arch: Arch) -> int:
+    linear = sum(i * o for i, o in arch.linear_shapes().values())
+    bias = (arch.num_attention_heads + 2 * arch.num_key_value_heads) * arch.head_dim if arch.attention_bias else 0
+    return linear + bias + 2 * arch.hidden_size  # two RMSNorm weights
+
+
+def count_parameters(arch: Arch, lora_targets: list[str] | None, rank: int) -> tuple[int, int, int]:
+    """(all parameters, trainable parameters, largest layer's parameters). lora_targets None: full fine-tuning."""
+    embedding = arch.vocab_size * arch.hidden_size
+    total = embedding * (1 if arch.tie_word_embeddings else 2) + arch.num_hidden_layers * layer_parameters(arch) \
+        + arch.hidden_size
+    largest = max(embedding, layer_parameters(arch))
+    if lora_targets is None:
+        return total, total, largest
+    shapes = arch.linear_shapes()
+    lora = arch.num_hidden_layers * sum(rank * (shapes[m][0] + shapes[m][1]) for m in lora_targets if m in shapes)
+    return total + lora, lora, largest
+
+
+def model_state_bytes(total: int, trainable: int, largest: int, strategy: str, method: str, world: int) -> dict:
+    """Bytes per GPU of weights, gradients and optimizer states."""
+    frozen = total - trainable if method != "full" else 0
+    weight_bytes = 0.5625 if method == "qlora" else 2.0  # 4 bits + block scales
+    if method == "full":  # DeepSpeed's estimators, component by component
+        if strategy in ("single", "ddp"):
+            return {"weights": 2 * total, "gradients_and_optimizer": 18 * total}
+        if strategy == "zero2":
+            return {"weights": 2 * total, "gradients_and_optimizer": 18 * total / world}
+        gathered_layer = 4 * largest
+        if strategy == "zero3_offload":  # optimizer states, fp32 master weights and grads on the CPU
+            return {"weights": gathered_layer + 2 * total / world, "gradients_and_optimizer": 0.0}
+        return {"weights": gathered_layer + 2 * total / world, "gradients_and_optimizer": 16 * total / world}
+    sharded = strategy in ("fsdp", "zero3", "zero3_offload")
+    weights = weight_bytes * frozen / (world if sharded else 1) + (2 * largest if sharded else 0)
+    adapter = 16 * trainable
+    if strategy in ("zero2", "zero3", "fsdp"):
+        adapter = 4 * trainable + 12 * trainable / world
+    elif strategy == "zero3_offload":
+        adapter = 4 * trainable / world
+    return {"weights": weights, "gradients_and_optimizer": adapter}
+
+
+def activation_bytes(arch: Arch, micro_batch: int, seq_len: int, checkpointing: bool) -> float:
+    """Activations of one micro-batch: 34 bytes per token per hidden unit per layer (bf16, fused attention,
+    Korthikanti et al.); with activation checkpointing, each layer's input plus one layer recomputed. Plus the
+    logits (bf16, their fp32 copy for the loss, its gradient)."""
+    tokens = micro_batch * seq_len
+    per_layer = 34 * tokens * arch.hidden_size
+    layers = (2 * tokens * arch.hidden_size * arch.num_hidden_layers + per_layer) if checkpointing \
+        else per_layer * arch.num_hidden_layers
+    return layers + 10 * tokens * arch.vocab_size
+
+
+@dataclass
+class Estimate:
+    total_params: int
+    trainable_params: int
+    memory: dict  # component -> bytes per GPU
+    gpu_memory_gb: float | None
+    flops_per_token: float
+    tokens_per_step: int
+
+    @property
+    def memory_total(self) -> float:
+        return sum(self.memory.values())
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.gpu_memory_gb is None else self.memory_total <= 0.9 * self.gpu_memory_gb * GiB
+
+
+def estimate(cfg, world: int, gpu_memory_gb: float | None) -> Estimate | None:
+    from llmft.flops import flops_per_token
+
+    arch = arch_of(cfg.model)
+    if arch is None:
+        return None
+    method = cfg.peft.method.value
+    targets = None if method == "full" else list(cfg.peft.target_modules or cfg.model.lora_target_modules)
+    total, trainable, largest = count_parameters(arch, targets, cfg.peft.r)
+    strategy = cfg.parallelism.strategy.value
+    memory = model_state_bytes(total, trainable, largest, strategy, method, world)
+    memory["activations"] = activation_bytes(arch, cfg.train.micro_batch_size, cfg.model.max_seq_len,
+                                             cfg.train.activation_checkpointing)
+    per_token = flops_per_token(total, trainable, arch.num_hidden_layers, arch.hidden_size, cfg.model.max_seq_len,
+                                lora=method != "full")
+    tokens_per_step = cfg.train.micro_batch_size * cfg.model.max_seq_len * world * cfg.train.grad_accum_steps
+    return Estimate(total, trainable, memory, gpu_memory_gb, per_token, tokens_per_step)
+
+
+def advice(cfg, estimate_: Estimate) -> list[str]:
+    """What to change when it does not fit, most effective first."""
+    changes = []
+    if not cfg.train.activation_checkpointing and estimate_.memory["activations"] > 0.25 * estimate_.memory_total:
+        changes.append("train.activation_checkpointing=true")
+    if cfg.train.micro_batch_size > 1:
+        changes.append(f"train.micro_batch_size={max(1, cfg.train.micro_batch_size // 2)} "
+                       f"train.grad_accum_steps={cfg.train.grad_accum_steps * 2}")
+    strategy = cfg.parallelism.strategy.value
+    if strategy in ("single", "ddp", "zero2"):
+        changes.append("parallelism=fsdp (or zero3): shard the weights across GPUs")
+    if strategy == "zero3":
+        changes.append("parallelism=zero3_offload")
+    if cfg.peft.method.value == "full":
+        changes.append("peft=lora")
+    elif cfg.peft.method.value == "lora":
+        changes.append("peft=qlora")
+    changes.append("more GPUs: cluster.nodes")
+    return changes
+
+
+def gpu_hours(estimate_: Estimate, total_tokens: float, world: int, peak_tflops: float, mfu: float) -> float:
+    seconds = total_tokens * estimate_.flops_per_token / (mfu * peak_tflops * 1e12 * world)
+    return seconds * world / 3600
+
+
+def requeues_needed(hours_wall: float, qos_limit_minutes: int) -> int:
+    return max(0, math.ceil(hours_wall * 60 / qos_limit_minutes) - 1)

@@ -84,7 +84,10 @@ def _launch(cfg: DictConfig) -> None:
         print(f"run dir: {run_dir}")
         return
     if cfg.cluster is not None:
-        sys.exit(submit_to_cluster(cfg, run_dir))
+        code = submit_to_cluster(cfg, run_dir)
+        if code:
+            sys.exit(code)
+        return  # with -m (multirun), Hydra calls this again for the next combination
     if cfg.parallelism.strategy.value == "single":
         from llmft.train import main as train_main
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from conftest import REPO, compose, read_metrics
@@ -119,3 +120,15 @@ def test_a_failing_job_is_reported_as_failed_with_its_log(slurm_env, tmp_path):
     log = Path(line.split("its log: ")[1])
     assert log.exists() and log.stat().st_size > 0
     assert json.loads((tmp_path / "run/summary.json").read_text())["status"] == "failed"
+
+
+def test_multirun_submits_one_job_per_combination_each_with_its_run_directory(slurm_env, tmp_path):
+    result = llmft(["-m", "+cluster=localslurm", "train.lr=1e-4,3e-4", "train.max_steps=2",
+                    f"runs_root={tmp_path}"], slurm_env)
+    assert result.returncode == 0, result.stderr
+    run_dirs = sorted(p for p in tmp_path.iterdir() if (p / "config.yaml").exists())
+    assert len(run_dirs) == 2 and result.stdout.count("submitted job") == 2
+    assert sorted(OmegaConf.load(d / "config.yaml").train.lr for d in run_dirs) == [1e-4, 3e-4]
+    job_ids = [job_id_of(d) for d in run_dirs]
+    assert len(set(job_ids)) == 2
+    subprocess.run(["scancel", *job_ids], env={**os.environ, **slurm_env}, timeout=30)

@@ -135,7 +135,8 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 50
     save_every: int = 100  # checkpoint every N optimizer steps (0: only at the end)
-    keep_last: int = 2  # checkpoints kept
+    keep_last: int = 2  # checkpoints kept (plus the best by validation loss)
+    wandb: bool = False  # also log to wandb, offline (pip install wandb)
     seed: int = 0
 
 

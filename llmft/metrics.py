@@ -1,4 +1,5 @@
-"""What a run shows while it runs: `metrics.jsonl` always, a progress bar in a terminal, one-line status otherwise.
+"""What a run shows while it runs: `metrics.jsonl` always, TensorBoard event files in RUN_DIR/tensorboard, wandb
+in offline mode when `train.wandb=true`, a progress bar in a terminal, a one-line status otherwise.
 
 A SLURM log is not a terminal, so there a status line every `train.log_every` steps replaces the bar.
 """
@@ -12,13 +13,26 @@ from pathlib import Path
 
 
 class MetricsLog:
-    def __init__(self, path: Path, total_steps: int, start_step: int, enabled: bool):
+    def __init__(self, path: Path, total_steps: int, start_step: int, enabled: bool, use_wandb: bool = False):
         self.enabled = enabled
         self.total_steps = total_steps
         self.start_time = time.time()
         self.start_step = start_step
         self.file = open(path, "a") if enabled else None
         self.bar = None
+        self.tensorboard = None
+        self.wandb_run = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(log_dir=str(path.parent / "tensorboard"))
+        if enabled and use_wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise RuntimeError("train.wandb=true needs wandb: pip install wandb") from None
+            # offline: compute nodes have no internet; `wandb sync RUN_DIR/wandb/offline-run-*` from a login node
+            self.wandb_run = wandb.init(mode="offline", dir=str(path.parent), name=path.parent.name)
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -29,6 +43,12 @@ class MetricsLog:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        step = record["step"]
+        for name, value in record.items():
+            if name != "step" and isinstance(value, (int, float)):
+                self.tensorboard.add_scalar(("val/" if name.startswith("val") else "train/") + name, value, step)
+        if self.wandb_run is not None:
+            self.wandb_run.log(record, step=step)
 
     def show(self, step: int, record: dict) -> None:
         """Advance the bar to `step` with the latest figures, or print one status line without a terminal."""
@@ -52,3 +72,7 @@ class MetricsLog:
             self.bar.close()
         if self.file is not None:
             self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()

@@ -327,7 +327,7 @@ def train(cfg, run_dir: Path) -> TrainResult:
         return {k: v.to(device) for k, v in collate([train_samples[i] for i in mine], tokenizer.pad_token_id).items()}
 
     # ---------------------------------------------------------------- loop
-    metrics = MetricsLog(run_dir / "metrics.jsonl", total_steps, step, enabled=topology.is_main)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", total_steps, step, enabled=topology.is_main, use_wandb=tcfg.wandb)
     first_loss = last_loss = val_loss = None
     step_start, tokens_since_log, supervised_since_log, sequences_since_log = time.time(), 0, 0, 0
     hf_config = peft_model.config

@@ -1,0 +1,95 @@
+"""The real one-node SLURM cluster of ``tools/local-slurm.sh``, for tests that submit jobs (not a test file).
+
+``ensure_local_slurm()`` starts the cluster if it is not running (a no-op taking ~0.2 s when it is; ~4 s from
+stopped; ~12 s the first time, plus the package installation on a fresh machine) and returns the environment the
+SLURM commands, submitit and llmft need (``SLURM_CONF``, ``LLMFT_SLURM_STATE_DIR``), read from
+``STATE_DIR/env.sh``. If the cluster cannot start it raises ``LocalSlurmError`` carrying the script's output:
+a test needing SLURM fails loudly, it is never skipped.
+
+Usage in a test module or ``conftest.py``::
+
+    import pytest
+    from slurm_cluster import ensure_local_slurm   # tests/ is on sys.path, as for `from conftest import ...`
+
+    @pytest.fixture(scope="session")
+    def slurm_cluster_env() -> dict[str, str]:
+        return ensure_local_slurm()
+
+    @pytest.fixture
+    def slurm_env(slurm_cluster_env, monkeypatch, tmp_path):
+        for key, value in slurm_cluster_env.items():
+            monkeypatch.setenv(key, value)   # sbatch/sacct/submitit in this process find the cluster
+        return slurm_cluster_env
+
+    def test_submitit_ranks(slurm_env, tmp_path):
+        import submitit
+        executor = submitit.AutoExecutor(folder=tmp_path / "%j", cluster="slurm")  # job ids restart at 1 after a
+        executor.update_parameters(tasks_per_node=2, slurm_partition="debug", timeout_min=5)  # fresh start: use
+        job = executor.submit(lambda: submitit.JobEnvironment().global_rank)                   # per-test folders
+        assert job.results() == [0, 1]   # several tasks: results(), or job.task(0).result()
+
+Subprocesses get the cluster with ``subprocess.run([...], env={**os.environ, **slurm_env})``.
+
+What the cluster offers (see tools/README.md): partitions ``debug`` (default), ``gpu_p5``, ``gpu_p6``, ``gpu_p13``;
+features ``a100,h100,v100-32g``; ``--gres=gpu:N`` up to 8 (fake devices, CUDA_VISIBLE_DEVICES is set); accounts
+``root`` (default) and ``abc@a100``, ``abc@h100``, ``abc@v100``; Jean Zay's QoS names with their MaxWall.
+The script needs root; it leaves the cluster running (``tools/local-slurm.sh stop`` stops it).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "tools" / "local-slurm.sh"
+DEFAULT_STATE_DIR = Path("/tmp/llmft-slurm")
+
+
+class LocalSlurmError(RuntimeError):
+    """tools/local-slurm.sh could not start the cluster (the message holds its output)."""
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """The variables of an env.sh made of `export NAME=VALUE` lines (VALUE shell-quoted)."""
+    env = {}
+    for line in Path(path).read_text().splitlines():
+        words = shlex.split(line, comments=True)
+        if len(words) == 2 and words[0] == "export" and "=" in words[1]:
+            name, value = words[1].split("=", 1)
+            env[name] = value
+    return env
+
+
+def ensure_local_slurm(state_dir: str | os.PathLike | None = None, timeout: float = 900) -> dict[str, str]:
+    """Start the local SLURM cluster unless it runs (idempotent) and return the env vars to use it.
+
+    Raises LocalSlurmError with the script's stdout and stderr when it fails or times out (the timeout covers a
+    package installation on a fresh CI machine).
+    """
+    state = Path(state_dir) if state_dir is not None else DEFAULT_STATE_DIR
+    command = ["bash", str(SCRIPT), "start", str(state)]
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as error:
+        raise LocalSlurmError(f"{shlex.join(command)} timed out after {timeout:.0f} s\n"
+                              f"--- stdout\n{_text(error.stdout)}\n--- stderr\n{_text(error.stderr)}") from error
+    except OSError as error:
+        raise LocalSlurmError(f"cannot run {shlex.join(command)}: {error}") from error
+    if proc.returncode != 0:
+        raise LocalSlurmError(f"{shlex.join(command)} failed with exit status {proc.returncode}\n"
+                              f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
+    env_file = state / "env.sh"
+    env = read_env_file(env_file) if env_file.is_file() else {}
+    if "SLURM_CONF" not in env:
+        raise LocalSlurmError(f"{shlex.join(command)} succeeded but {env_file} has no SLURM_CONF\n"
+                              f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
+    return env
+
+
+def _text(data: str | bytes | None) -> str:
+    if data is None:
+        return ""
+    return data.decode(errors="replace") if isinstance(data, bytes) else data

@@ -29,16 +29,16 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def slurm_state(job_id: str) -> tuple[str | None, int]:
-    """(state, restarts) of a job from sacct, or (None, 0) without SLURM accounting."""
+    """(state, requeues) of a job from sacct, or (None, 0) without SLURM accounting. With --duplicates sacct lists
+    every attempt of a requeued job: the requeues are the attempts but the last."""
     try:
-        out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State,Restarts"], capture_output=True,
-                             text=True, timeout=20).stdout.strip().splitlines()
+        out = subprocess.run(["sacct", "-j", job_id, "--duplicates", "-X", "-n", "-P", "-o", "State"],
+                             capture_output=True, text=True, timeout=20).stdout.strip().splitlines()
     except (OSError, subprocess.SubprocessError):
         return None, 0
     if not out:
         return None, 0
-    state, _, restarts = out[-1].partition("|")
-    return state.split()[0], int(restarts or 0)
+    return out[-1].split()[0], len(out) - 1
 
 
 def run_status(run_dir: Path) -> dict:
@@ -49,9 +49,10 @@ def run_status(run_dir: Path) -> dict:
     jobs = read_jsonl(run_dir / "jobs.jsonl")
     status = summary.get("status") or ("running?" if train_records else "created")
     job_ids, restarts = [j["job_id"] for j in jobs], 0
-    if jobs and status not in ("completed", "failed"):
+    if jobs:
         state, restarts = slurm_state(jobs[-1]["job_id"])
-        status = state.lower() if state else status
+        if state and status not in ("completed", "failed"):
+            status = state.lower()
     total = summary.get("total_steps")
     if total is None and (run_dir / "config.yaml").exists():
         from omegaconf import OmegaConf

@@ -30,7 +30,7 @@ from llmft import checkpoint
 from llmft.config import ConfigError, load_run_config
 from llmft.data.batching import collate, epoch_order
 from llmft.data.chat import DataError
-from llmft.data.pipeline import build_splits, read_conversations
+from llmft.data.pipeline import build_splits, load_run_tokenizer, read_conversations
 from llmft.data.templating import IGNORE_INDEX, TemplateError
 from llmft.metrics import MetricsLog
 from llmft.model import (
@@ -43,7 +43,7 @@ from llmft.model import (
 )
 from llmft.export import save_final
 from llmft.flops import flops_per_token, peak_flops
-from llmft.tokenizer import load_tokenizer, train_tiny_tokenizer
+from llmft.tokenizer import load_tokenizer
 from llmft.topology import Topology
 from llmft import strategies
 
@@ -182,11 +182,13 @@ def token_losses(model, batch: dict, precision: str, device_type: str) -> tuple[
 
 
 @torch.no_grad()
-def evaluate(model, samples, micro_batch_size: int, pad_token_id: int, precision: str, device) -> float:
+def evaluate(model, samples, micro_batch_size: int, pad_token_id: int, precision: str, device,
+             flatten: bool = False) -> float:
     model.eval()
     total_loss, total_tokens = 0.0, 0
     for start in range(0, len(samples), micro_batch_size):
-        batch = {k: v.to(device) for k, v in collate(samples[start : start + micro_batch_size], pad_token_id).items()}
+        rows = samples[start : start + micro_batch_size]
+        batch = {k: v.to(device) for k, v in collate(rows, pad_token_id, flatten=flatten).items()}
         loss_sum, num_tokens = token_losses(model, batch, precision, device.type)
         total_loss += float(loss_sum)
         total_tokens += num_tokens
@@ -235,8 +237,7 @@ def train(cfg, run_dir: Path) -> TrainResult:
     if cfg.model.path is None:  # the tiny model: a tokenizer trained on this run's texts, by rank 0
         tokenizer_dir = run_dir / "base_model"
         if topology.is_main:
-            texts = [m["content"] for c in conversations for m in c.messages]
-            train_tiny_tokenizer(texts, cfg.model.tiny.vocab_size).save_pretrained(tokenizer_dir)
+            load_run_tokenizer(cfg, conversations).save_pretrained(tokenizer_dir)
         barrier(topology)
         tokenizer = load_tokenizer(str(tokenizer_dir), None)
     else:
@@ -316,6 +317,10 @@ def train(cfg, run_dir: Path) -> TrainResult:
                                is_main=topology.is_main)
         log(topology, f"checkpoint: {path}")
 
+    # flash-attention finds sample boundaries from restarting positions only in a single row: lay packed rows end
+    # to end (SDPA and eager get a block-diagonal mask from the positions of each row)
+    flash_attention = cfg.model.attn_implementation.startswith("flash")
+
     def next_micro_batch() -> dict:
         """This rank's share (every world_size-th sample) of the next micro-batch across ranks."""
         nonlocal samples_consumed
@@ -324,7 +329,8 @@ def train(cfg, run_dir: Path) -> TrainResult:
                   for k in positions]
         mine = stream[topology.rank :: topology.world_size]
         samples_consumed += micro_batch_across_ranks
-        return {k: v.to(device) for k, v in collate([train_samples[i] for i in mine], tokenizer.pad_token_id).items()}
+        batch = collate([train_samples[i] for i in mine], tokenizer.pad_token_id, flatten=flash_attention)
+        return {k: v.to(device) for k, v in batch.items()}
 
     # ---------------------------------------------------------------- loop
     metrics = MetricsLog(run_dir / "metrics.jsonl", total_steps, step, enabled=topology.is_main, use_wandb=tcfg.wandb)
@@ -377,7 +383,8 @@ def train(cfg, run_dir: Path) -> TrainResult:
             metrics.show(step, record)
             step_start, tokens_since_log, supervised_since_log, sequences_since_log = time.time(), 0, 0, 0
         if step % tcfg.eval_every == 0 or step == total_steps:
-            val_loss = evaluate(model, val_samples, tcfg.micro_batch_size, tokenizer.pad_token_id, precision, device)
+            val_loss = evaluate(model, val_samples, tcfg.micro_batch_size, tokenizer.pad_token_id, precision, device,
+                                flash_attention)
             metrics.write({"step": step, "val_loss": val_loss})
             metrics.show(step, {"val_loss": val_loss})
         saved = tcfg.save_every > 0 and step % tcfg.save_every == 0 and step < total_steps

@@ -21,11 +21,13 @@ the training loop passes every other key to the model. Padding is masked by posi
 
 from __future__ import annotations
 
+import functools
 import random
 
 from llmft.data.templating import IGNORE_INDEX, Sample
 
 
+@functools.lru_cache(maxsize=4)  # the loop asks once per sample; callers must not modify the list
 def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
     order = list(range(num_samples))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)

@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "runs": "list runs and their status",
     "eval": "evaluate a run",
     "chat": "chat with a run's model",
+    "export": "export a run's adapter or merged model",
 }
 
 

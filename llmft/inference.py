@@ -1,0 +1,261 @@
+"""Use a finished run: its arguments, its model (base + adapter), its prompts, and batched generation.
+
+`python -m llmft.eval`, `llmft.chat` and `llmft.export` share this. A run's model is the base it was trained on
+(`RUN_DIR/base_model` for model=tiny, else `model.path`) with the adapter of `RUN_DIR/final`, and its tokenizer is
+the one saved in `final/`, with the exact chat template training used. Prompts are rendered as training rendered
+them (the run's `data.system_prompt` first) and tokenized without special tokens, as training tokenized them.
+
+No torch at import time: the commands parse and check their arguments in a fraction of a second first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+
+class UsageError(Exception):
+    """A user mistake on the command line or in a run directory: printed as one sentence, exit code 2."""
+
+
+def parse_arguments(argv: list[str], schema: Any, usage: str) -> Any:
+    """`key=value` arguments into the dataclass `schema` (nested: `eval.max_new_tokens=64`), strictly.
+
+    Values are given as text and converted by OmegaConf against the field's type (`64` -> int, `true` -> bool);
+    text fields keep the value as typed (`prompt=My job: pending` stays a string). `null` or nothing after `=`
+    sets an optional field to None. An unknown key or a bad value raises UsageError naming it.
+    """
+    conf = OmegaConf.structured(schema)
+    for argument in argv:
+        key, sep, value = argument.partition("=")
+        key = key.strip().lstrip("+")
+        if not sep or not key:
+            raise UsageError(f"argument {argument!r} is not key=value ({usage}).")
+        try:
+            OmegaConf.update(conf, key, None if value.strip().lower() in ("", "null") else value, merge=True)
+        except Exception as error:  # OmegaConf's ConfigKeyError / ValidationError: first line names the problem
+            reason = str(error).strip().splitlines()[0]
+            valid = ", ".join(valid_keys(schema))
+            raise UsageError(f"bad argument {key}: {reason} (valid keys: {valid}).") from None
+    return OmegaConf.to_object(conf)
+
+
+def valid_keys(schema: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for item in fields(schema):
+        default = item.default_factory() if callable(item.default_factory) else item.default  # type: ignore[misc]
+        if hasattr(default, "__dataclass_fields__"):
+            keys += valid_keys(type(default), f"{prefix}{item.name}.")
+        else:
+            keys.append(prefix + item.name)
+    return keys
+
+
+def run_directory(text: str | None, usage: str) -> Path:
+    """The run directory named by `run=`, checked: it exists, has its config and a final model."""
+    if not text:
+        raise UsageError(f"say which run: {usage}")
+    run_dir = Path(os.path.expandvars(text)).expanduser().resolve()
+    if not run_dir.is_dir():
+        raise UsageError(f"run={text}: no such directory.")
+    if not (run_dir / "config.yaml").is_file():
+        raise UsageError(f"run={text} is not a run directory (no config.yaml): give a folder made by llmft.launch.")
+    final = run_dir / "final"
+    if not (final / "adapter_config.json").is_file() and not (final / "config.json").is_file():
+        status = ""
+        summary = run_dir / "summary.json"
+        if summary.is_file():
+            status = f" (summary.json says: {json.loads(summary.read_text()).get('status', 'unknown')})"
+        raise UsageError(f"run={text} has no final model in {final}{status}: the run has not completed; continue it "
+                         f"with `python -m llmft.launch resume={run_dir}`.")
+    return run_dir
+
+
+def run_config(run_dir: Path):
+    from llmft.config import ConfigError, load_run_config
+
+    try:
+        return load_run_config(run_dir)
+    except ConfigError as error:
+        raise UsageError(str(error)) from None
+    except Exception as error:  # a config.yaml that no longer matches the schema
+        reason = str(error).strip().splitlines()[0]
+        raise UsageError(f"{run_dir / 'config.yaml'} does not match llmft's schema: {reason}.") from None
+
+
+def is_adapter_run(run_dir: Path) -> bool:
+    return (run_dir / "final" / "adapter_config.json").is_file()
+
+
+def base_model_dir(run_dir: Path, cfg, override: str | None = None) -> Path:
+    """The base model the run's adapter applies to: `override`, `RUN_DIR/base_model` (model=tiny) or `model.path`.
+
+    Resolved from the run directory rather than the adapter's `base_model_name_or_path`, so a run directory that
+    was moved (copied off the cluster) still finds its tiny base; `base=DIR` covers a model that moved.
+    """
+    if override:
+        path = Path(os.path.expandvars(override)).expanduser().resolve()
+        source = f"base={override}"
+    elif cfg.model.path is None:
+        path, source = run_dir / "base_model", "the run's base_model/"
+    else:
+        path = Path(os.path.expandvars(cfg.model.path)).expanduser()
+        source = f"model.path={cfg.model.path}"
+    if not (path / "config.json").is_file():
+        raise UsageError(f"the base model ({source}) is not a local Hugging Face folder (no config.json in {path}): "
+                         f"pass the base model's folder with base=DIR.")
+    return path
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_tokenizer(run_dir: Path):
+    """The tokenizer saved with the run's final model, with its chat template, padding on the left (generation)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "final", local_files_only=True)
+    if not tokenizer.chat_template:
+        raise UsageError(f"{run_dir / 'final'} has no chat template: was it written by llmft?")
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def device_for_inference():
+    import torch
+
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def load_base(path: Path, cfg, dtype: str | None = None):
+    """The base model from a local folder; on GPUs spread over the visible devices (device_map=auto)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    extra = {"device_map": "auto"} if torch.cuda.is_available() else {}
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype or cfg.model.dtype),
+                                                local_files_only=True, **extra)
+
+
+def load_run_model(run_dir: Path, cfg, base_override: str | None = None):
+    """The fine-tuned model for inference: base + adapter (a PeftModel: `disable_adapter()` gives the base), or
+    for peft=full the whole model of `final/`. Returns (model, base_path)."""
+    from transformers import AutoModelForCausalLM
+
+    if is_adapter_run(run_dir):
+        from peft import PeftModel
+
+        base_path = base_model_dir(run_dir, cfg, base_override)
+        base = load_base(base_path, cfg)
+        model = PeftModel.from_pretrained(base, run_dir / "final", is_trainable=False)
+    else:
+        base_path = Path(cfg.model.path) if cfg.model.path else None
+        model = AutoModelForCausalLM.from_pretrained(run_dir / "final", dtype=torch_dtype(cfg.model.dtype),
+                                                     local_files_only=True)
+    if not hasattr(model, "hf_device_map"):
+        model.to(device_for_inference())
+    model.eval()
+    model.config.use_cache = True
+    return model, base_path
+
+
+def input_device(model):
+    return next(model.parameters()).device
+
+
+def stop_token_ids(tokenizer, data_cfg) -> list[int]:
+    """Generation stops at the token that closes an assistant turn in training (data.end_of_turn_token, else eos)."""
+    ids = [tokenizer.eos_token_id]
+    end_of_turn = data_cfg.end_of_turn_token
+    if end_of_turn:
+        token_ids = tokenizer(end_of_turn, add_special_tokens=False)["input_ids"]
+        if len(token_ids) == 1:
+            ids.insert(0, token_ids[0])
+    return [i for i in dict.fromkeys(ids) if i is not None]
+
+
+def prompt_messages(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
+    """The messages before a reply, with the run's system prompt first when they have none (as in training)."""
+    from llmft.data.templating import with_system_prompt
+
+    return with_system_prompt([{"role": m["role"], "content": m["content"]} for m in messages], system_prompt)
+
+
+def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def fit_prompt(tokenizer, messages: list[dict[str, str]], max_tokens: int) -> tuple[str, int, int] | None:
+    """The rendered prompt, its token count and the number of earliest exchanges dropped so that it fits in
+    `max_tokens` (the run's model.max_seq_len: as training cut long conversations into windows of whole
+    exchanges, the system prompt kept). None when the last user turn alone does not fit."""
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    rest = messages[len(system):]
+    dropped = 0
+    while True:
+        text = render_prompt(tokenizer, system + rest)
+        num_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if num_tokens <= max_tokens:
+            return text, num_tokens, dropped
+        next_user = [i for i, m in enumerate(rest) if m["role"] == "user" and i > 0]
+        if not next_user:
+            return None
+        rest = rest[next_user[0]:]
+        dropped += 1
+
+
+@dataclass
+class Generation:
+    text: str
+    num_tokens: int  # generated tokens, the stop token included
+    stopped: bool  # ended with a stop token (else cut at max_new_tokens)
+
+
+def generation_config(tokenizer, stop_ids: list[int], max_new_tokens: int, temperature: float, top_p: float):
+    from transformers import GenerationConfig
+
+    sampling = temperature > 0
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sampling,
+                            temperature=temperature if sampling else None, top_p=top_p if sampling else None,
+                            top_k=None, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
+
+
+def generate(model, tokenizer, prompts: list[str], stop_ids: list[int], max_new_tokens: int, batch_size: int,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, progress=None) -> list[Generation]:
+    """Answers to rendered prompts, in batches of similar lengths (left padding), returned in the prompts' order.
+
+    Greedy when temperature is 0: the answer of a prompt does not depend on the batch it is in.
+    """
+    import torch
+
+    config = generation_config(tokenizer, stop_ids, max_new_tokens, temperature, top_p)
+    torch.manual_seed(seed)
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]] if prompts else []
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    results: list[Generation | None] = [None] * len(prompts)
+    device = input_device(model)
+    for start in range(0, len(order), batch_size):
+        indices = order[start:start + batch_size]
+        batch = tokenizer([prompts[i] for i in indices], add_special_tokens=False, padding=True, return_tensors="pt")
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.no_grad():
+            output = model.generate(**batch, generation_config=config)
+        new_tokens = output[:, batch["input_ids"].shape[1]:].tolist()
+        for i, tokens in zip(indices, new_tokens):
+            end = next((k + 1 for k, t in enumerate(tokens) if t in stop_ids), None)
+            kept = tokens[:end] if end else tokens  # rows pad only after their stop token
+            text = tokenizer.decode(kept, skip_special_tokens=True).strip()
+            results[i] = Generation(text, len(kept), end is not None)
+        if progress:
+            progress(min(start + batch_size, len(order)), len(order))
+    return results  # type: ignore[return-value]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -333,16 +334,37 @@ def test_an_unreachable_judge_and_a_file_of_questions(tiny_run, tmp_path):
         [("user", "My job is pending, why?"), ("assistant", "The partition is busy; check squeue --start.")],
         [("system", "Be brief."), ("user", "Quota?"), ("assistant", "Run idr_quota_user.")],
         [("user", "no answer here")],
+        # longer than model.max_seq_len=256 tokens: the first exchange is dropped, as training's windows do
+        [("user", "my log: " + "error " * 300), ("assistant", "Look at the first error."), ("user", "And now?"),
+         ("assistant", "Resubmit.")],
+        [("user", "my log: " + "error " * 300), ("assistant", "Too long to answer.")],  # cannot fit: skipped
     ])
     report = run_eval(tiny_run, ["eval.max_new_tokens=4", "eval.embedding_model=off", "eval.compare_base=false",
                                  f"eval.file={questions}", f"eval.judge_url=http://127.0.0.1:{port}/v1",
                                  "eval.judge_model=m", f"eval.output_dir={tmp_path / 'out'}"])
     assert report["source"]["kind"] == "file" and report["source"]["conversations_without_reply"] == 1
     assert [s["reference"] for s in report["samples"]] == ["The partition is busy; check squeue --start.",
-                                                           "Run idr_quota_user."]
+                                                           "Run idr_quota_user.", "Resubmit."]
     assert report["samples"][1]["prompt"][0] == {"role": "system", "content": "Be brief."}
+    assert [s["exchanges_dropped_to_fit"] for s in report["samples"]] == [0, 0, 1]
+    assert all(s["prompt_tokens"] <= 256 for s in report["samples"])
+    assert report["num_skipped_prompt_too_long"] == 1
     assert list(report["metrics"]) == ["finetuned"]
     assert all("cannot reach the judge" in s["finetuned"]["judge"]["error"] for s in report["samples"])
+
+
+def test_data_changed_since_training_is_reported(tiny_run, tmp_path):
+    from llmft.config import load_run_config
+    from llmft.evaluate import held_out_examples
+
+    shutil.copy(tiny_run / "config.yaml", tmp_path)
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    summary["data"]["fingerprint"]["conversations"] = "0123456789abcdef"
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    examples, source = held_out_examples(load_run_config(tmp_path), tmp_path, EvalConfig())
+    assert examples and "changed since training" in source["warning"]
+    _, source = held_out_examples(load_run_config(tiny_run), tiny_run, EvalConfig())
+    assert "warning" not in source
 
 
 def test_the_runs_eval_overrides_apply_first_and_a_redacted_key_does_not(tmp_path, monkeypatch):

@@ -37,8 +37,12 @@ class Chat:
     """A run's model, tokenizer and settings; `answer(messages)` streams one reply to `out` and returns it."""
 
     def __init__(self, run_dir, args: ChatArgs):
-        from llmft.inference import load_run_model, load_tokenizer, run_config, stop_token_ids
+        from llmft.inference import UsageError, is_adapter_run, load_run_model, load_tokenizer, run_config, \
+            stop_token_ids
 
+        if not args.adapter and not is_adapter_run(run_dir):
+            raise UsageError("adapter=false: this run trained the whole model (peft=full), it has no adapter to "
+                             "disable.")
         self.args = args
         self.cfg = run_config(run_dir)
         self.tokenizer = load_tokenizer(run_dir)
@@ -63,8 +67,7 @@ class Chat:
         config = generation_config(self.tokenizer, self.stop_ids, self.args.max_new_tokens, self.args.temperature,
                                    self.args.top_p)
         torch.manual_seed(self.args.seed)
-        adapter_off = self.model.disable_adapter() if not self.args.adapter and hasattr(self.model, "disable_adapter") \
-            else contextlib.nullcontext()
+        adapter_off = self.model.disable_adapter() if not self.args.adapter else contextlib.nullcontext()
         with adapter_off, torch.no_grad():
             output = self.model.generate(**batch, generation_config=config, streamer=streamer)
         tokens = output[0, batch["input_ids"].shape[1]:].tolist()

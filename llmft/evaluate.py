@@ -190,7 +190,8 @@ def held_out_examples(cfg, run_dir: Path, settings: EvalConfig) -> tuple[list[Ex
     if split == "auto":
         split = "test" if cfg.data.test_fraction > 0 else "validation"
     if split == "test" and cfg.data.test_fraction <= 0:
-        raise EvalError("eval.split=test: this run has no test split (data.test_fraction=0); use eval.split=validation.")
+        raise EvalError("eval.split=test: this run has no test split (data.test_fraction=0); "
+                        "use eval.split=validation.")
     conversations, _ = read_conversations(cfg.data)
     split_by_id = assign_splits([c.id for c in conversations], cfg.data)
     chosen = [c for c in conversations if split_by_id[c.id] == split]

@@ -405,3 +405,15 @@ def test_mistakes_are_one_line(arguments, message):
 def test_a_judge_url_without_a_model_is_refused_before_loading_anything(tiny_run):
     with pytest.raises(EvalError, match="eval.judge_model"):
         run_eval(tiny_run, ["eval.judge_url=http://127.0.0.1:9/v1"])
+
+
+@pytest.mark.slow
+def test_a_full_fine_tuning_run_is_compared_with_its_base(tmp_path):
+    """peft=full: final/ is a whole model and the base is another one (here the run's base_model/)."""
+    cfg = compose(["peft=full", "train.max_steps=4", "train.eval_every=4", "train.save_every=0",
+                   f"run_dir={tmp_path / 'run'}"])
+    run_dir = rundir.create(cfg)
+    train(cfg, run_dir)
+    report = run_eval(run_dir, ["eval.limit=2", "eval.max_new_tokens=6", "eval.embedding_model=off"])
+    assert report["models"] == {"base": str(run_dir / "base_model"), "finetuned": str(run_dir / "final")}
+    assert [s["base"]["output"] for s in report["samples"]] != [s["finetuned"]["output"] for s in report["samples"]]

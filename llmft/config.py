@@ -148,6 +148,14 @@ class LaunchConfig:
 
 
 @dataclass
+class EvalAfterTrainConfig:
+    # With a cluster: submit `python -m llmft.eval` as a job that starts only if training succeeds (afterok).
+    after_train: bool = False
+    overrides: list[str] = field(default_factory=list)  # for llmft.eval, e.g. ["eval.max_new_tokens=128"]
+    time: str = "01:00:00"  # the evaluation job's time limit
+
+
+@dataclass
 class QosLimit:
     name: str = MISSING
     max_time: str = MISSING  # HH:MM:SS
@@ -200,6 +208,7 @@ class LlmftConfig:
     parallelism: ParallelismConfig = MISSING
     train: TrainConfig = MISSING
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    eval: EvalAfterTrainConfig = field(default_factory=EvalAfterTrainConfig)
     cluster: Optional[ClusterConfig] = None  # absent: a local run; `+cluster=NAME` selects a profile
     runs_root: str = "runs"  # where timestamped run directories are created
     run_dir: Optional[str] = None  # set it to choose the run directory yourself

@@ -120,6 +120,12 @@ def submit_to_cluster(cfg: DictConfig, run_dir: Path) -> int:
         handle.write(json.dumps({"job_id": job.job_id, "cluster": cfg.cluster.name, "time": time.time()}) + "\n")
     print(f"submitted job {job.job_id} to {cfg.cluster.name}")
     print(f"follow it:  tail -f {job.paths.stdout}")
+    if cfg.eval.after_train:
+        eval_job = slurm.submit_eval_after(cfg, run_dir, job.job_id)
+        with open(run_dir / "jobs.jsonl", "a") as handle:
+            handle.write(json.dumps({"job_id": eval_job.job_id, "kind": "eval", "after": job.job_id,
+                                     "time": time.time()}) + "\n")
+        print(f"submitted evaluation job {eval_job.job_id}, after job {job.job_id} succeeds: {run_dir / 'eval'}")
     print(f"run dir: {run_dir}")
     if not cfg.launch.wait:
         return 0

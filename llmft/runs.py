@@ -46,7 +46,7 @@ def run_status(run_dir: Path) -> dict:
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     train_records = [r for r in metrics if "loss" in r]
     val_records = [r for r in metrics if "val_loss" in r]
-    jobs = read_jsonl(run_dir / "jobs.jsonl")
+    jobs = [j for j in read_jsonl(run_dir / "jobs.jsonl") if j.get("kind") != "eval"]  # training jobs
     status = summary.get("status") or ("running?" if train_records else "created")
     job_ids, restarts = [j["job_id"] for j in jobs], 0
     if jobs:

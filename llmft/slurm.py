@@ -185,6 +185,33 @@ class TrainJob:
             raise
 
 
+class EvalJob:
+    """The evaluation of a run, as a one-task job (submitted with afterok on the training job)."""
+
+    def __init__(self, run_dir: str, overrides: list[str]):
+        self.run_dir, self.overrides = run_dir, list(overrides)
+
+    def __call__(self) -> dict:
+        from llmft.evaluate import run_eval
+
+        return run_eval(Path(self.run_dir), self.overrides)
+
+
+def submit_eval_after(cfg: DictConfig, run_dir: Path, train_job_id: str):
+    """One GPU, the same cluster profile, starting only when the training job completes successfully."""
+    executor = make_executor(cfg, run_dir)
+    extra = dict(executor._executor.parameters.get("additional_parameters", {}) or {})
+    extra["dependency"] = f"afterok:{train_job_id}"
+    parameters = {"name": f"llmft-eval-{run_dir.name}", "nodes": 1, "tasks_per_node": 1,
+                  "timeout_min": parse_time(cfg.eval.time, "eval.time"), "slurm_additional_parameters": extra}
+    if cfg.cluster.gpu_request == "gres":
+        parameters["slurm_gres"] = "gpu:1"
+    elif cfg.cluster.gpu_request == "gpus_per_node":
+        parameters["gpus_per_node"] = 1
+    executor.update_parameters(**parameters)
+    return executor.submit(EvalJob(str(run_dir), list(cfg.eval.overrides)))
+
+
 def submit(cfg: DictConfig, run_dir: Path):
     executor = make_executor(cfg, run_dir)
     (run_dir / "submit.sbatch").write_text(sbatch_script(executor))  # the run directory keeps the exact script

@@ -132,3 +132,20 @@ def test_multirun_submits_one_job_per_combination_each_with_its_run_directory(sl
     job_ids = [job_id_of(d) for d in run_dirs]
     assert len(set(job_ids)) == 2
     subprocess.run(["scancel", *job_ids], env={**os.environ, **slurm_env}, timeout=30)
+
+
+def test_evaluation_after_training_is_a_dependent_job(slurm_env, tmp_path):
+    run_dir = tmp_path / "run"
+    result = llmft(["+cluster=localslurm", "eval.after_train=true", "eval.overrides=['eval.limit=2','eval.max_new_tokens=4']",
+                    "train.max_steps=4", "train.eval_every=2", f"run_dir={run_dir}"], slurm_env)
+    assert result.returncode == 0, result.stderr
+    jobs = [json.loads(line) for line in (run_dir / "jobs.jsonl").read_text().splitlines()]
+    train_job, eval_job = jobs[0]["job_id"], jobs[1]["job_id"]
+    assert jobs[1]["kind"] == "eval" and jobs[1]["after"] == train_job
+    env = {**os.environ, **slurm_env}
+    shown = subprocess.run(["scontrol", "show", "job", eval_job], env=env, capture_output=True, text=True).stdout
+    assert f"Dependency=afterok:{train_job}" in shown or "JobState=COMPLETED" in shown or "RUNNING" in shown, shown
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run_dir / "eval/report.json").exists():
+        time.sleep(1)
+    assert (run_dir / "eval/report.json").exists(), "the evaluation job did not write its report"

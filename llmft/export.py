@@ -223,7 +223,9 @@ def export_merged(run_dir: Path, cfg, out: Path, base_override: str | None = Non
     max_diff = max(float((g - e).abs().max()) for g, e in zip(got, expected))
     scale = max(float(e.abs().max()) for e in expected)
     adapter_effect = max(float((e - b).abs().max()) for e, b in zip(expected, base_logits))
-    tolerance = (1e-4 if dtype == "float32" else 2e-2) * scale
+    # float32: the merge is exact up to summation order. bfloat16 / float16: W + BA rounded to 8 (11) bits moves the
+    # tiny model's logits by up to ~2% of their largest value; 5% leaves room for deeper models.
+    tolerance = (1e-4 if dtype == "float32" else 5e-2) * scale
     if max_diff > tolerance:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ExportError(f"the merged model's logits differ from base + adapter by {max_diff:.3g} (tolerance "

@@ -186,3 +186,12 @@ def test_the_llmft_command_lists_eval_chat_and_export():
     from llmft.cli import available
 
     assert {"eval", "chat", "export"} <= set(available())
+
+
+def test_a_bfloat16_merge_is_checked_within_its_precision(tiny_run, tmp_path):
+    out = tmp_path / "merged-bf16"
+    assert export_main([f"run={tiny_run}", f"out={out}", "merge=true", "dtype=bfloat16"]) == 0
+    record = json.loads((out / "llmft_export.json").read_text())
+    check = record["check"]
+    assert record["dtype"] == "bfloat16" and 0 < check["max_abs_logit_diff"] <= check["tolerance"]
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"

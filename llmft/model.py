@@ -116,9 +116,9 @@ def apply_peft(model, peft_cfg, model_cfg):
 
 
 def count_parameters(model) -> tuple[int, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return total, trainable
+    """(all, trainable) parameters; a ZeRO-3 partitioned parameter counts its full size (ds_numel)."""
+    sizes = [(getattr(p, "ds_numel", None) or p.numel(), p.requires_grad) for p in model.parameters()]
+    return sum(n for n, _ in sizes), sum(n for n, trainable in sizes if trainable)
 
 
 def build_on_meta(model_cfg):

@@ -10,19 +10,28 @@ from __future__ import annotations
 import re
 from typing import Any
 
-SECRET_NAME = re.compile(r"(api[_-]?key|token|passw(or)?d|secret|credential|private[_-]?key)", re.IGNORECASE)
+# A name ending in one of these words (hf_token, judge_api_key, password), not one merely containing it
+# (max_new_tokens is no secret).
+SECRET_NAME = re.compile(r"(^|[_.-])(api[_-]?key|key|token|passw(or)?d|secret|credentials?|private[_-]?key)$",
+                         re.IGNORECASE)
 REDACTED = "<redacted>"
 
 
+# Tokenizer tokens are settings, not credentials.
+NOT_SECRET = re.compile(r"(end_of_turn|eos|bos|pad|unk|sep|cls|mask)_token$", re.IGNORECASE)
+
+
 def is_secret_name(name: str) -> bool:
-    return bool(SECRET_NAME.search(name))
+    return bool(SECRET_NAME.search(name)) and not NOT_SECRET.search(name)
 
 
 def redact_config(value: Any, name: str = "") -> Any:
     """A copy of a plain config (dicts, lists, scalars) with the values of secret-named keys replaced."""
     if isinstance(value, dict):
         return {k: redact_config(v, str(k)) for k, v in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, list):  # lists of `key=value` overrides (eval.overrides) are redacted item by item
+        if all(isinstance(v, str) for v in value):
+            return redact_argv([str(v) for v in value])
         return [redact_config(v, name) for v in value]
     if value is not None and is_secret_name(name) and not isinstance(value, bool):
         return REDACTED

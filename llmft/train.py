@@ -258,16 +258,18 @@ def train(cfg, run_dir: Path) -> TrainResult:
         model = build_on_meta(cfg.model)
         base_model_path = Path(cfg.model.path)
     else:
-        model = load_pretrained_model(cfg.model, cfg.peft, topology.local_rank)
+        with strategy.loading_context():  # ZeRO-3: partitioned as it loads (deepspeed.zero.Init)
+            model = load_pretrained_model(cfg.model, cfg.peft, topology.local_rank)
         base_model_path = Path(cfg.model.path)
     model.config.use_cache = False
     model = apply_peft(model, cfg.peft, cfg.model)
     on_meta = any(p.is_meta for p in model.parameters())
+    partitioned = any(hasattr(p, "ds_id") for p in model.parameters())  # ZeRO-3 placed them while loading
     if not on_meta:
         init_lora_weights(model, tcfg.seed)  # seeded by name: the same LoRA start for every strategy
     if tcfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if not on_meta:
+    if not on_meta and not partitioned:
         model.to(device)
     model.train()
     num_params, num_trainable = count_parameters(model)

@@ -106,8 +106,9 @@ def test_fsdp_checkpoint_saved_on_2_ranks_resumes_on_1(runs, tmp_path):
     assert losses(resumed) == pytest.approx(losses(source)[4:], abs=1e-4)
 
 
-def test_fsdp_loading_shards_from_disk_matches_ddp_loading_whole_model(runs, tmp_path):
-    """model.path under FSDP2: built on meta, each rank reads its rows; same losses as DDP's full from_pretrained."""
+def test_loading_from_disk_sharded_matches_ddp_loading_whole_model(runs, tmp_path):
+    """model.path under FSDP2 (built on meta, each rank reads its rows) and ZeRO-3 (deepspeed.zero.Init): the same
+    losses as DDP's whole from_pretrained."""
     root, _ = runs
     base = root / "ddp" / "base_model"
     local_model = ["model=llama3_2_1b", f"model.path={base}", "model.dtype=float32", "model.max_seq_len=256",
@@ -117,3 +118,10 @@ def test_fsdp_loading_shards_from_disk_matches_ddp_loading_whole_model(runs, tmp
     assert fsdp["kinds"]["num_dtensor"] == fsdp["kinds"]["num_params"]
     assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "ddp"), abs=1e-4)
     torch.testing.assert_close(fsdp["logits"], ddp["logits"], rtol=0, atol=1e-4)
+    # ZeRO-3 loads the same folder under deepspeed.zero.Init: partitioned as it loads, same losses
+    zero3 = train_ranks(tmp_path / "zero3", 2, ["parallelism=zero3", *local_model,
+                                                "parallelism.zero3_param_persistence_threshold=0",
+                                                "parallelism.zero3_model_persistence_threshold=0"])
+    assert zero3["kinds"]["num_zero3_partitioned"] == zero3["kinds"]["num_params"]
+    assert zero3["summary"]["num_parameters"] == ddp["summary"]["num_parameters"]
+    assert losses(tmp_path / "zero3") == pytest.approx(losses(tmp_path / "ddp"), abs=1e-4)

@@ -36,11 +36,16 @@ def write_model(folder, num_layers: int, hidden: int, intermediate: int) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def test_fsdp_loads_a_300m_model_within_one_and_a_half_times_its_size(tmp_path):
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
+@pytest.fixture(scope="module")
+def model_on_disk(tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("model")
     model_bytes = write_model(model_dir, num_layers=24, hidden=1024, intermediate=2816)
     assert model_bytes > 550e6  # ~300M parameters in bf16
+    return model_dir, model_bytes
+
+
+def test_fsdp_loads_a_300m_model_within_one_and_a_half_times_its_size(model_on_disk, tmp_path):
+    model_dir, model_bytes = model_on_disk
     result = train_ranks(tmp_path / "run", 2, [
         "parallelism=fsdp", "model=llama3_2_1b", f"model.path={model_dir}", "model.max_seq_len=512",
         "train.max_steps=1", "train.save_every=0", "train.micro_batch_size=1", "train.eval_every=1",
@@ -51,3 +56,4 @@ def test_fsdp_loads_a_300m_model_within_one_and_a_half_times_its_size(tmp_path):
           f"({ratio:.2f}x the model)")
     assert ratio <= 1.5
     assert result["kinds"]["num_dtensor"] == result["kinds"]["num_params"]
+

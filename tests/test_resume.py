@@ -157,3 +157,7 @@ def test_secret_named_config_values_are_redacted(tmp_path):
         {"eval": {"judge_api_key": REDACTED, "judge_model": "m"}, "hub_token": None}
     assert redact_argv(["x", "eval.judge_api_key=sk-1", "train.lr=1"]) == ["x", f"eval.judge_api_key={REDACTED}",
                                                                              "train.lr=1"]
+    assert redact_config({"eval": {"overrides": ["eval.judge_api_key=sk-1", "eval.max_new_tokens=64"]},
+                          "max_new_tokens": 64, "hf_token": "hf_x", "password": "p", "end_of_turn_token": "<e>"}) == {
+        "eval": {"overrides": [f"eval.judge_api_key={REDACTED}", "eval.max_new_tokens=64"]},
+        "max_new_tokens": 64, "hf_token": REDACTED, "password": REDACTED, "end_of_turn_token": "<e>"}

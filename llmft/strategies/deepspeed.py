@@ -68,6 +68,22 @@ class DeepSpeedStrategy:
         return precision == "bf16" or (precision == "auto" and self.topology.device_type == "cuda"
                                        and torch.cuda.is_bf16_supported())
 
+    def loading_context(self):
+        """ZeRO-3 loads a model from disk under `deepspeed.zero.Init`: transformers sees a live HfDeepSpeedConfig and
+        partitions every parameter as it is created and loaded, so no rank holds the whole model."""
+        from contextlib import nullcontext
+
+        if self.cfg.parallelism.strategy.value in ("zero3", "zero3_offload"):
+            import deepspeed
+            from transformers.integrations import HfDeepSpeedConfig
+
+            deepspeed.init_distributed()  # DeepSpeed's view of the process group, for its batch-size checks
+
+            # transformers keeps only a weak reference: hold it for the strategy's lifetime
+            self.hf_deepspeed_config = HfDeepSpeedConfig(
+                deepspeed_config(self.cfg, self.topology.world_size, self.uses_bf16()))
+        return nullcontext()
+
     def wrap(self, model, trainable, lr_lambda):
         import deepspeed
 

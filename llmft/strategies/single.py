@@ -18,6 +18,12 @@ class SingleStrategy:
         self.scheduler = None
         self.trainable = []
 
+    def loading_context(self):
+        """Where a model loaded from disk is built (ZeRO-3 overrides it to partition while loading)."""
+        from contextlib import nullcontext
+
+        return nullcontext()
+
     def wrap(self, model, trainable, lr_lambda):
         self.model = model
         self.trainable = trainable

@@ -128,15 +128,22 @@ def build_on_meta(model_cfg):
     (`load_shards`), so no rank ever holds a full copy of the weights in host RAM.
     """
     import torch
-    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(os.path.expandvars(model_cfg.path)).expanduser()
     config = AutoConfig.from_pretrained(path, local_files_only=True)
-    with init_empty_weights(include_buffers=False):
+    # Straight on the meta device: accelerate's init_empty_weights creates each tensor on the CPU first, which under
+    # deterministic mode (filling new memory) costs the model's size in resident memory.
+    with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(
             config, dtype=getattr(torch, DTYPES[model_cfg.dtype]), attn_implementation=model_cfg.attn_implementation
         )
+    for module in model.modules():  # computed buffers (rotary tables) must be real: rebuild their small owners
+        meta_buffers = [name for name, buffer in module.named_buffers(recurse=False) if buffer.is_meta]
+        if meta_buffers:
+            fresh = type(module)(config=model.config)
+            for name in meta_buffers:
+                module.register_buffer(name, getattr(fresh, name), persistent=False)
     return model
 
 

@@ -40,13 +40,34 @@ def estimate_lines(cfg: DictConfig, world: int, gpu_memory_gb: float | None, pea
             lines.append("change      " + "; or ".join(advice(cfg, result)))
     lines.append(f"compute     {result.flops_per_token / 1e9:.1f} GFLOP per token, {result.tokens_per_step:,} tokens "
                  f"per step")
-    if cfg.train.max_steps > 0 and peak_tflops:
-        hours = gpu_hours(result, cfg.train.max_steps * result.tokens_per_step, world, peak_tflops, ASSUMED_MFU)
+    train_tokens = prepared_train_tokens(cfg)
+    if cfg.train.max_steps > 0:
+        total_tokens, what = cfg.train.max_steps * result.tokens_per_step, f"{cfg.train.max_steps} steps"
+    elif train_tokens:
+        total_tokens, what = cfg.train.epochs * train_tokens, f"{cfg.train.epochs} epoch(s) of {train_tokens:,} tokens"
+    else:
+        total_tokens, what = None, ""
+        lines.append("cost        set train.max_steps, or data.prepared=DIR (a prepared dataset), for GPU-hours")
+    if total_tokens and peak_tflops:
+        hours = gpu_hours(result, total_tokens, world, peak_tflops, ASSUMED_MFU)
         wall = hours / world
         requeue = f", {requeues_needed(wall, qos_minutes)} requeue(s) at the QoS limit" if qos_minutes else ""
-        lines.append(f"cost        {hours:,.1f} GPU-hours ({wall:,.1f} h wall) for {cfg.train.max_steps} steps at "
+        lines.append(f"cost        {hours:,.1f} GPU-hours ({wall:,.1f} h wall) for {what} at "
                      f"{ASSUMED_MFU:.0%} MFU{requeue}")
     return lines
+
+
+def prepared_train_tokens(cfg: DictConfig) -> int | None:
+    """Training tokens of one epoch, from the report of `python -m llmft.data prepare` (data.prepared)."""
+    import json
+    import os
+
+    folder = cfg.data.prepared or cfg.data.output_dir
+    report = Path(os.path.expandvars(str(folder))).expanduser() / "report.json" if folder else None
+    if report is None or not report.is_file():
+        return None
+    tokens = json.loads(report.read_text()).get("tokens")
+    return tokens.get("train") if isinstance(tokens, dict) else tokens
 
 
 def describe(cfg: DictConfig) -> str:

@@ -96,3 +96,13 @@ def test_plan_imports_no_torch():
             "assert not heavy, heavy\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_plan_costs_epochs_from_a_prepared_dataset(tmp_path):
+    import json
+
+    (tmp_path / "report.json").write_text(json.dumps({"tokens": {"train": 50_000_000, "validation": 1}}))
+    result = run_llmft("plan", *JEAN_ZAY, "model=mistral_7b", "train.epochs=2", f"data.prepared={tmp_path}")
+    assert "for 2 epoch(s) of 50,000,000 tokens" in result.stdout, result.stdout
+    no_count = run_llmft("plan", *JEAN_ZAY, "model=mistral_7b")
+    assert "set train.max_steps, or data.prepared=DIR" in no_count.stdout

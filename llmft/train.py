@@ -284,7 +284,8 @@ def train(cfg, run_dir: Path) -> TrainResult:
         init_lora_weights(model, tcfg.seed)  # seeded by name: the same LoRA start for every strategy
     if tcfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if not on_meta and not partitioned:
+    placed = on_meta or partitioned or cfg.peft.method.value == "qlora"  # QLoRA: device_map put it on its GPU
+    if not placed:
         model.to(device)
     model.train()
     num_params, num_trainable = count_parameters(model)

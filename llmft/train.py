@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from llmft import checkpoint
 from llmft.config import ConfigError, load_run_config
 from llmft.data.batching import collate, epoch_order
-from llmft.data.chat import DataError
+from llmft.data.records import DataError
 from llmft.data.pipeline import build_splits, load_run_tokenizer, read_conversations
 from llmft.data.templating import IGNORE_INDEX, TemplateError
 from llmft.metrics import MetricsLog

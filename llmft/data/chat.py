@@ -10,7 +10,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from llmft.data.records import ROLES, Conversation, DataError, ReadReport, input_files  # noqa: F401 (DataError: train.py)
+from llmft.data.records import ROLES, Conversation, ReadReport, jsonl_lines
 
 
 def check_messages(record: object) -> list[dict[str, str]]:
@@ -37,26 +37,20 @@ def check_messages(record: object) -> list[dict[str, str]]:
 
 def read_chat_jsonl(path: Path, data_cfg, report: ReadReport) -> list[Conversation]:
     conversations: list[Conversation] = []
-    for file in input_files(path, (".jsonl", ".json")):
-        with open(file, "rb") as handle:
-            for line_number, raw in enumerate(handle, start=1):
-                if not raw.strip():
-                    continue
-                report.records_read += 1
-                where = f"{file}:{line_number}"
-                try:
-                    record = json.loads(raw.decode("utf-8"))
-                    messages = check_messages(record)
-                    record_id = record.get("id")
-                    if record_id is not None and not isinstance(record_id, (str, int)):
-                        raise ValueError('"id" is neither a string nor a number')
-                except UnicodeDecodeError:
-                    report.skip(where, "not UTF-8 text")
-                except json.JSONDecodeError as error:
-                    report.skip(where, f"bad JSON ({error.msg})")
-                except ValueError as error:
-                    report.skip(where, str(error))
-                else:
-                    record_id = record_id if record_id is not None else hashlib.sha1(raw.strip()).hexdigest()[:16]
-                    conversations.append(Conversation(str(record_id), messages, where))
+    for where, raw in jsonl_lines(path, report):
+        try:
+            record = json.loads(raw.decode("utf-8"))
+            messages = check_messages(record)
+            record_id = record.get("id")
+            if record_id is not None and not isinstance(record_id, (str, int)):
+                raise ValueError('"id" is neither a string nor a number')
+        except UnicodeDecodeError:
+            report.skip(where, "not UTF-8 text")
+        except json.JSONDecodeError as error:
+            report.skip(where, f"bad JSON ({error.msg})")
+        except ValueError as error:
+            report.skip(where, str(error))
+        else:
+            record_id = record_id if record_id is not None else hashlib.sha1(raw.strip()).hexdigest()[:16]
+            conversations.append(Conversation(str(record_id), messages, where))
     return conversations

@@ -64,3 +64,13 @@ def input_files(path: Path, suffixes: tuple[str, ...]) -> list[Path]:
 
 def line_of(text: str, offset: int) -> int:
     return text.count("\n", 0, offset) + 1
+
+
+def jsonl_lines(path: Path, report: ReadReport):
+    """(file:line, raw bytes) of every non-blank line of the .jsonl/.json files at `path`, counted as read."""
+    for file in input_files(path, (".jsonl", ".json")):
+        with open(file, "rb") as handle:
+            for line_number, raw in enumerate(handle, start=1):
+                if raw.strip():
+                    report.records_read += 1
+                    yield f"{file}:{line_number}", raw

@@ -12,7 +12,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-from llmft.data.records import Conversation, DataError, ReadReport, input_files
+from llmft.data.records import Conversation, DataError, ReadReport, jsonl_lines
 
 # Role accounts: their display name ("HPC Support") is not a person's name and must not be scrubbed as one.
 _ROLE_ACCOUNT = re.compile(r"\b(support|help ?desk|team|équipe|service|admin|noreply|no-reply|info|contact)\b", re.I)
@@ -94,24 +94,18 @@ def _ticket(record: object, staff: StaffRule, tickets_cfg) -> tuple[str, str, li
 def read_tickets_jsonl(path: Path, data_cfg, report: ReadReport) -> list[Conversation]:
     staff = StaffRule(data_cfg.tickets)
     conversations: list[Conversation] = []
-    for file in input_files(path, (".jsonl", ".json")):
-        with open(file, "rb") as handle:
-            for line_number, raw in enumerate(handle, start=1):
-                if not raw.strip():
-                    continue
-                report.records_read += 1
-                where = f"{file}:{line_number}"
-                try:
-                    ticket_id, subject, messages, participants, num_internal = _ticket(
-                        json.loads(raw.decode("utf-8")), staff, data_cfg.tickets
-                    )
-                except UnicodeDecodeError:
-                    report.skip(where, "not UTF-8 text")
-                except json.JSONDecodeError as error:
-                    report.skip(where, f"bad JSON ({error.msg})")
-                except ValueError as error:
-                    report.skip(where, str(error))
-                else:
-                    report.count("internal_notes", num_internal)
-                    conversations.append(Conversation(ticket_id, messages, where, participants, subject))
+    for where, raw in jsonl_lines(path, report):
+        try:
+            ticket_id, subject, messages, participants, num_internal = _ticket(
+                json.loads(raw.decode("utf-8")), staff, data_cfg.tickets
+            )
+        except UnicodeDecodeError:
+            report.skip(where, "not UTF-8 text")
+        except json.JSONDecodeError as error:
+            report.skip(where, f"bad JSON ({error.msg})")
+        except ValueError as error:
+            report.skip(where, str(error))
+        else:
+            report.count("internal_notes", num_internal)
+            conversations.append(Conversation(ticket_id, messages, where, participants, subject))
     return conversations

@@ -132,6 +132,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     precision: Precision = Precision.auto
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each decoder layer (after activation checkpointing, before sharding)
     log_every: int = 10
     eval_every: int = 50
     save_every: int = 100  # checkpoint every N optimizer steps (0: only at the end)

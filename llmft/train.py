@@ -45,6 +45,7 @@ from llmft.model import (
 from llmft.export import save_final
 from llmft.flops import flops_per_token, peak_flops
 from llmft.tokenizer import load_tokenizer
+from llmft.strategies.fsdp import decoder_layers
 from llmft.topology import Topology
 from llmft import strategies
 
@@ -261,7 +262,7 @@ def train(cfg, run_dir: Path) -> TrainResult:
     log(topology, f"data: {len(conversations)} conversations ({len(read_report['skipped'])} bad records skipped), "
                   f"{len(train_samples)} train / {len(val_samples)} validation samples")
 
-    # ---------------------------------------------------------------- model: load -> PEFT -> AC -> device
+    # ---------------------------------------------------------------- model: load -> PEFT -> AC -> compile -> device
     rss_before_load_mb = resident_mb()
     reset_peak_resident()  # the peak of the load itself, not of the data preparation before it
     if cfg.model.path is None:
@@ -284,6 +285,9 @@ def train(cfg, run_dir: Path) -> TrainResult:
         init_lora_weights(model, tcfg.seed)  # seeded by name: the same LoRA start for every strategy
     if tcfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if tcfg.compile:  # per layer, like torchtitan: small graphs, compiled once and reused by every layer
+        for layer in decoder_layers(model):
+            layer.compile()
     placed = on_meta or partitioned or cfg.peft.method.value == "qlora"  # QLoRA: device_map put it on its GPU
     if not placed:
         model.to(device)

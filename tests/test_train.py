@@ -82,3 +82,15 @@ def test_the_readme_demo_command(tmp_path):
     summary = json.loads((tmp_path / "demo/summary.json").read_text())
     assert summary["steps"] >= 200
     assert summary["final_loss"] < 0.7 * summary["first_loss"], summary
+
+
+@pytest.mark.slow
+def test_compiled_layers_give_the_same_losses(tmp_path):
+    """train.compile=true: torch.compile per decoder layer (inductor, on the CPU here), same numbers."""
+    common = ["train.max_steps=4", "train.log_every=1", "train.eval_every=4", "train.save_every=0", "peft.dropout=0"]
+    curves = {}
+    for compiled in ("false", "true"):
+        cfg = compose(common + [f"train.compile={compiled}", f"run_dir={tmp_path / compiled}"])
+        train(cfg, rundir.create(cfg))
+        curves[compiled] = [r["loss"] for r in read_metrics(tmp_path / compiled) if "loss" in r]
+    assert curves["true"] == pytest.approx(curves["false"], abs=1e-4)

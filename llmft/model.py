@@ -63,6 +63,15 @@ def require_qlora_runtime() -> None:
         raise ConfigError("peft=qlora needs bitsandbytes: pip install -e '.[qlora]'.") from None
 
 
+def weights_dtype(model_cfg, peft_cfg) -> str:
+    """Frozen weights stay in model.dtype; trained weights are kept in float32 (the optimizer's master copy), and the
+    compute runs in bf16 through autocast, FSDP2's MixedPrecisionPolicy or DeepSpeed's bf16 mode. Adam updates on
+    bf16 weights would lose most small steps to rounding."""
+    if peft_cfg is not None and peft_cfg.method.value == "full":
+        return "float32"
+    return model_cfg.dtype
+
+
 def load_pretrained_model(model_cfg, peft_cfg=None, local_rank: int = 0):
     """A local Hugging Face folder, read with `local_files_only` (compute nodes are offline)."""
     import torch
@@ -83,7 +92,7 @@ def load_pretrained_model(model_cfg, peft_cfg=None, local_rank: int = 0):
                  "device_map": {"": local_rank}}
     model = AutoModelForCausalLM.from_pretrained(
         path,
-        dtype=getattr(torch, DTYPES[model_cfg.dtype]),
+        dtype=getattr(torch, weights_dtype(model_cfg, peft_cfg)),
         local_files_only=True,
         attn_implementation=model_cfg.attn_implementation,
         **extra,
@@ -121,7 +130,7 @@ def count_parameters(model) -> tuple[int, int]:
     return sum(n for n, _ in sizes), sum(n for n, trainable in sizes if trainable)
 
 
-def build_on_meta(model_cfg):
+def build_on_meta(model_cfg, peft_cfg=None):
     """The model's skeleton with its parameters on the meta device (no memory); buffers (rotary tables) stay real.
 
     FSDP2 shards this skeleton, and each rank then reads only its shards from the safetensors files
@@ -136,7 +145,8 @@ def build_on_meta(model_cfg):
     # deterministic mode (filling new memory) costs the model's size in resident memory.
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(
-            config, dtype=getattr(torch, DTYPES[model_cfg.dtype]), attn_implementation=model_cfg.attn_implementation
+            config, dtype=getattr(torch, weights_dtype(model_cfg, peft_cfg)),
+            attn_implementation=model_cfg.attn_implementation
         )
     for module in model.modules():  # computed buffers (rotary tables) must be real: rebuild their small owners
         meta_buffers = [name for name, buffer in module.named_buffers(recurse=False) if buffer.is_meta]

@@ -271,7 +271,7 @@ def train(cfg, run_dir: Path) -> TrainResult:
         if topology.is_main:  # the base the adapter applies to, so stock PEFT can load the result
             model.save_pretrained(base_model_path)
     elif strategy.builds_on_meta:  # no weights yet: each rank loads its shards once sharded
-        model = build_on_meta(cfg.model)
+        model = build_on_meta(cfg.model, cfg.peft)
         base_model_path = Path(cfg.model.path)
     else:
         with strategy.loading_context():  # ZeRO-3: partitioned as it loads (deepspeed.zero.Init)

@@ -92,3 +92,10 @@ def test_shard_rows_follow_torch_chunk():
                 start, end = rows_of_rank(rows, world, rank)
                 expected = chunks[rank].tolist() if rank < len(chunks) else []
                 assert list(range(start, end)) == expected
+
+
+def test_trained_weights_are_kept_in_float32_frozen_ones_in_the_model_dtype():
+    from llmft.model import weights_dtype
+
+    assert weights_dtype(compose(["model=llama7b", "peft=full"]).model, compose(["peft=full"]).peft) == "float32"
+    assert weights_dtype(compose(["model=llama7b"]).model, compose(["peft=lora"]).peft) == "bfloat16"

@@ -20,7 +20,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llmft.config import SAMPLES_DIR  # noqa: E402
 from llmft.data.batching import collate, epoch_order  # noqa: E402
 from llmft.data.pipeline import build_splits, read_conversations  # noqa: E402
 from llmft.data.templating import IGNORE_INDEX  # noqa: E402

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import REPO, compose, run_llmft
+from conftest import compose, run_llmft
 from llmft import rundir
 from llmft.train import train
 

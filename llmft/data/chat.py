@@ -7,10 +7,9 @@ a hash of the line. Other keys are ignored, so the audit files that `prepare` wr
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
-from llmft.data.records import ROLES, Conversation, ReadReport, jsonl_lines
+from llmft.data.records import ROLES, Conversation, ReadReport, jsonl_records
 
 
 def check_messages(record: object) -> list[dict[str, str]]:
@@ -37,17 +36,12 @@ def check_messages(record: object) -> list[dict[str, str]]:
 
 def read_chat_jsonl(path: Path, data_cfg, report: ReadReport) -> list[Conversation]:
     conversations: list[Conversation] = []
-    for where, raw in jsonl_lines(path, report):
+    for where, raw, record in jsonl_records(path, report):
         try:
-            record = json.loads(raw.decode("utf-8"))
             messages = check_messages(record)
             record_id = record.get("id")
             if record_id is not None and not isinstance(record_id, (str, int)):
                 raise ValueError('"id" is neither a string nor a number')
-        except UnicodeDecodeError:
-            report.skip(where, "not UTF-8 text")
-        except json.JSONDecodeError as error:
-            report.skip(where, f"bad JSON ({error.msg})")
         except ValueError as error:
             report.skip(where, str(error))
         else:

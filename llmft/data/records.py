@@ -66,11 +66,24 @@ def line_of(text: str, offset: int) -> int:
     return text.count("\n", 0, offset) + 1
 
 
-def jsonl_lines(path: Path, report: ReadReport):
-    """(file:line, raw bytes) of every non-blank line of the .jsonl/.json files at `path`, counted as read."""
+
+def jsonl_records(path: Path, report: ReadReport):
+    """(file:line, raw bytes, parsed JSON) of every non-blank line of the .jsonl/.json files at `path`, counted as
+    read; a line that is not UTF-8 or not JSON is skipped here with its reason, so readers check only their fields."""
+    import json
+
     for file in input_files(path, (".jsonl", ".json")):
         with open(file, "rb") as handle:
             for line_number, raw in enumerate(handle, start=1):
-                if raw.strip():
-                    report.records_read += 1
-                    yield f"{file}:{line_number}", raw
+                if not raw.strip():
+                    continue
+                report.records_read += 1
+                where = f"{file}:{line_number}"
+                try:
+                    record = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    report.skip(where, "not UTF-8 text")
+                except json.JSONDecodeError as error:
+                    report.skip(where, f"bad JSON ({error.msg})")
+                else:
+                    yield where, raw, record

@@ -7,12 +7,11 @@ writes assistant turns; anyone else writes user turns. Internal notes (`"interna
 from __future__ import annotations
 
 import email.utils
-import json
 import re
 from functools import lru_cache
 from pathlib import Path
 
-from llmft.data.records import Conversation, DataError, ReadReport, jsonl_lines
+from llmft.data.records import Conversation, DataError, ReadReport, jsonl_records
 
 # Role accounts: their display name ("HPC Support") is not a person's name and must not be scrubbed as one.
 _ROLE_ACCOUNT = re.compile(r"\b(support|help ?desk|team|équipe|service|admin|noreply|no-reply|info|contact)\b", re.I)
@@ -94,15 +93,9 @@ def _ticket(record: object, staff: StaffRule, tickets_cfg) -> tuple[str, str, li
 def read_tickets_jsonl(path: Path, data_cfg, report: ReadReport) -> list[Conversation]:
     staff = StaffRule(data_cfg.tickets)
     conversations: list[Conversation] = []
-    for where, raw in jsonl_lines(path, report):
+    for where, _, record in jsonl_records(path, report):
         try:
-            ticket_id, subject, messages, participants, num_internal = _ticket(
-                json.loads(raw.decode("utf-8")), staff, data_cfg.tickets
-            )
-        except UnicodeDecodeError:
-            report.skip(where, "not UTF-8 text")
-        except json.JSONDecodeError as error:
-            report.skip(where, f"bad JSON ({error.msg})")
+            ticket_id, subject, messages, participants, num_internal = _ticket(record, staff, data_cfg.tickets)
         except ValueError as error:
             report.skip(where, str(error))
         else:

@@ -120,14 +120,11 @@ def converse(chat: Chat, read=input, out=None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.strip())
-        return 0
-    import warnings
+    from llmft.inference import UsageError, command_arguments, parse_arguments, run_directory
 
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # transformers, through PEFT
-    from llmft.inference import UsageError, parse_arguments, run_directory
+    argv = command_arguments(argv, __doc__.strip())
+    if argv is None:
+        return 0
 
     try:
         args = parse_arguments(argv, ChatArgs, USAGE)

@@ -16,15 +16,12 @@ USAGE = "python -m llmft.eval run=RUN_DIR [eval.KEY=VALUE ...]"
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.strip())
-        return 0
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # transformers, through PEFT
     from llmft.evaluate import EvalArgs, EvalError, metric_rows, run_eval
-    from llmft.inference import UsageError, parse_arguments
+    from llmft.inference import UsageError, command_arguments, parse_arguments
+
+    argv = command_arguments(argv, __doc__.strip())
+    if argv is None:
+        return 0
 
     try:
         args = parse_arguments(argv, EvalArgs, USAGE)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -239,17 +240,20 @@ def export_merged(run_dir: Path, cfg, out: Path, base_override: str | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    import sys
-    import warnings
+    from llmft.inference import (
+        UsageError,
+        command_arguments,
+        is_adapter_run,
+        parse_arguments,
+        run_config,
+        run_directory,
+    )
 
-    from llmft.inference import UsageError, is_adapter_run, parse_arguments, run_config, run_directory
-
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(f"usage: {USAGE}\n\nmerge=false (default): the adapter alone, for stock PEFT or vLLM --enable-lora.\n"
-              "merge=true: base + adapter merged into one model, checked against base + adapter.")
+    argv = command_arguments(argv, f"usage: {USAGE}\n\nmerge=false (default): the adapter alone, for stock PEFT or "
+                                   "vLLM --enable-lora.\nmerge=true: base + adapter merged into one model, checked "
+                                   "against base + adapter.")
+    if argv is None:
         return 0
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # transformers, through PEFT
     try:
         args = parse_arguments(argv, ExportArgs, USAGE)
         run_dir = run_directory(args.run, USAGE)
@@ -289,6 +293,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main())

@@ -23,6 +23,20 @@ class UsageError(Exception):
     """A user mistake on the command line or in a run directory: printed as one sentence, exit code 2."""
 
 
+def command_arguments(argv: list[str] | None, help_text: str) -> list[str] | None:
+    """The command's `key=value` arguments (sys.argv's by default), or None once `help_text` is printed for -h/--help.
+    Also silences the FutureWarning transformers emits through PEFT on every model load."""
+    import sys
+    import warnings
+
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(help_text)
+        return None
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    return argv
+
+
 def parse_arguments(argv: list[str], schema: Any, usage: str) -> Any:
     """`key=value` arguments into the dataclass `schema` (nested: `eval.max_new_tokens=64`), strictly.
 

@@ -161,3 +161,14 @@ def test_secret_named_config_values_are_redacted(tmp_path):
                           "max_new_tokens": 64, "hf_token": "hf_x", "password": "p", "end_of_turn_token": "<e>"}) == {
         "eval": {"overrides": [f"eval.judge_api_key={REDACTED}", "eval.max_new_tokens=64"]},
         "max_new_tokens": 64, "hf_token": REDACTED, "password": REDACTED, "end_of_turn_token": "<e>"}
+
+
+def test_resume_refuses_a_missing_or_completed_run_in_one_line(tmp_path):
+    missing = run_llmft("launch", f"resume={tmp_path / 'nowhere'}")
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
+    assert "is not" in missing.stderr or "does not exist" in missing.stderr
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "summary.json").write_text(json.dumps({"status": "completed"}))
+    completed = run_llmft("launch", f"resume={done}")
+    assert completed.returncode == 2 and "has completed already" in completed.stderr

@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,6 +230,7 @@ def set_rng_state(state: dict) -> None:
 def train(cfg, run_dir: Path) -> TrainResult:
     started = time.time()
     run_dir = Path(run_dir)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # transformers 5, through PEFT
     # ---------------------------------------------------------------- setup
     topology = Topology.from_env()
     device = topology.device

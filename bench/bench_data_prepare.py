@@ -96,7 +96,7 @@ def main() -> int:
     from llmft.data.pipeline import read_conversations, tokenize_splits
     from llmft.data.prepare import write_conversations
     from llmft.data.prepared import save_samples
-    from llmft.tokenizer import train_tiny_tokenizer
+    from llmft.data.tokenizer import train_tiny_tokenizer
     from tests.conftest import compose
 
     disable_progress_bar()

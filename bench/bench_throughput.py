@@ -27,11 +27,11 @@ os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 
 
 def llmft_run(steps: int, micro_batch: int, work: Path) -> tuple[float, Path]:
-    from llmft import rundir
-    from llmft.launch import compose_or_exit
-    from llmft.train import train
+    from llmft.launch import run_dir as rundir
+    from llmft.config.compose import compose
+    from llmft.training.loop import train
 
-    cfg = compose_or_exit([f"train.max_steps={steps}", f"train.micro_batch_size={micro_batch}", "train.log_every=1",
+    cfg = compose([f"train.max_steps={steps}", f"train.micro_batch_size={micro_batch}", "train.log_every=1",
                            f"train.eval_every={steps}", "train.save_every=0", f"run_dir={work / 'llmft'}"])
     run_dir = rundir.create(cfg)
     train(cfg, run_dir)
@@ -56,7 +56,7 @@ def trainer_run(steps: int, micro_batch: int, llmft_run_dir: Path, work: Path) -
     from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
                               TrainerCallback, TrainingArguments)
 
-    from llmft.config import load_run_config
+    from llmft.config.compose import load_run_config
     from llmft.data.pipeline import build_splits, read_conversations
 
     cfg = load_run_config(llmft_run_dir)

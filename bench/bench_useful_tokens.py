@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llmft.data.batching import collate, epoch_order  # noqa: E402
 from llmft.data.pipeline import build_splits, read_conversations  # noqa: E402
 from llmft.data.templating import IGNORE_INDEX  # noqa: E402
-from llmft.launch import compose_or_exit  # noqa: E402
-from llmft.tokenizer import train_tiny_tokenizer  # noqa: E402
+from llmft.config.compose import compose  # noqa: E402
+from llmft.data.tokenizer import train_tiny_tokenizer  # noqa: E402
 
 
 def fractions(batches) -> tuple[float, float]:
@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=4)
     args = parser.parse_args()
     base = ["data=tickets_sample_jsonl"]
-    cfg = compose_or_exit(base)
+    cfg = compose(base)
     conversations, _ = read_conversations(cfg.data)
     tokenizer = train_tiny_tokenizer([m["content"] for c in conversations for m in c.messages], 2048)
     print(f"{len(conversations)} conversations from the bundled tickets; micro-batch {args.micro_batch}\n")
@@ -49,7 +49,7 @@ def main() -> None:
     for max_seq_len in (512, 2048):
         results = {}
         for packing in (False, True):
-            cfg = compose_or_exit(base + [f"data.packing={str(packing).lower()}"])
+            cfg = compose(base + [f"data.packing={str(packing).lower()}"])
             samples = build_splits(conversations, tokenizer, cfg.data, max_seq_len)[0]["train"]
             order = epoch_order(len(samples), 0, 0)
             size = 1 if packing else args.micro_batch

@@ -19,7 +19,7 @@ def compose(overrides: list[str]):
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from llmft.config import CONF_DIR, register_configs
+    from llmft.config.compose import CONF_DIR, register_configs
 
     register_configs()
     GlobalHydra.instance().clear()

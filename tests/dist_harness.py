@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from llmft.config import load_run_config
-from llmft.topology import Topology
-from llmft.train import train
+from llmft.config.compose import load_run_config
+from llmft.training.topology import Topology
+from llmft.training.loop import train
 
 PROBE_IDS = [[5, 17, 42, 99, 7, 256, 31, 8, 64, 12]]
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from conftest import compose, run_llmft
-from llmft import rundir
-from llmft.chat import Chat, ChatArgs, converse
-from llmft.export import main as export_main
-from llmft.export import vllm_adapter_problems
-from llmft.train import train
+from llmft.launch import run_dir as rundir
+from llmft.serve.chat import Chat, ChatArgs, converse
+from llmft.serve.export import main as export_main
+from llmft.serve.export import vllm_adapter_problems
+from llmft.training.loop import train
 
 QUESTION = "My job is pending, why?"
 

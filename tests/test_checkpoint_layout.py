@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from llmft import checkpoint
+from llmft.training import checkpoint
 
 
 def write_two_files(folder):

@@ -6,13 +6,17 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import REPO, compose, run_llmft
-from llmft.config import ConfigError, validate
+from llmft.config.compose import CONF_DIR
+from llmft.config.validation import validate
+from llmft.errors import ConfigError
 
 GROUPS = ["model", "data", "peft", "parallelism", "train"]
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml"))
+    found = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    assert found, f"no option for {group} in {CONF_DIR}"  # an empty list would skip the test silently
+    return found
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])

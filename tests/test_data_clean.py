@@ -5,7 +5,7 @@ from __future__ import annotations
 from omegaconf import OmegaConf
 
 from llmft.data.clean import MessageCleaner, shape_turns, strip_quoted_replies
-from llmft.data.config import CleanConfig
+from llmft.config.data_schema import CleanConfig
 from llmft.data.dedup import drop_duplicates
 from llmft.data.html_text import html_to_text
 from llmft.data.records import Conversation

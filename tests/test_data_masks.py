@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from llmft.data.config import DataConfig
+from llmft.config.data_schema import DataConfig
 from llmft.data.pipeline import build_splits, preflight
 from llmft.data.records import Conversation
 from llmft.data.templating import IGNORE_INDEX, TemplateError, tokenize_conversation, windows
-from llmft.tokenizer import train_tiny_tokenizer
+from llmft.data.tokenizer import train_tiny_tokenizer
 
 # A Llama-3-style template: a header before each turn, <|eot_id|> after it, nothing between turns.
 LLAMA3_STYLE = (

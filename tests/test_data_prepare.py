@@ -9,9 +9,10 @@ import re
 import pytest
 
 from conftest import compose, run_llmft
-from llmft.config import SAMPLES_DIR
+from llmft.config.compose import SAMPLES_DIR
 from llmft.data.chat import read_chat_jsonl
-from llmft.data.pipeline import build_splits, load_run_tokenizer, read_conversations
+from llmft.data.tokenizer import tokenizer_for_run
+from llmft.data.pipeline import build_splits, read_conversations
 from llmft.data.prepare import prepare
 from llmft.data.records import ReadReport
 
@@ -71,7 +72,7 @@ def test_training_reuses_the_prepared_dataset_by_fingerprint(prepared, capsys):
     out_dir, _ = prepared
     cfg = compose(["data=tickets_sample_jsonl", f"data.prepared={out_dir}"])
     conversations, _ = read_conversations(cfg.data)
-    tokenizer = load_run_tokenizer(cfg, conversations)
+    tokenizer = tokenizer_for_run(cfg, conversations)
     splits, counts = build_splits(conversations, tokenizer, cfg.data, cfg.model.max_seq_len)
     assert counts["reused_prepared"] is True
     cfg.data.prepared = None

@@ -13,7 +13,7 @@ import pytest
 from conftest import compose
 from llmft.data.prepare import prepare
 from llmft.data.scrub import Scrubber
-from llmft.data.config import ScrubConfig
+from llmft.config.data_schema import ScrubConfig
 from omegaconf import OmegaConf
 
 STAFF = "support.example-hpc.fr"

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import REPO, compose, read_metrics
-from llmft import rundir
-from llmft.train import train
+from llmft.launch import run_dir as rundir
+from llmft.training.loop import train
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import compose
-from llmft.estimate import Arch, arch_of, count_parameters, model_state_bytes
+from llmft.launch.estimate import Arch, arch_of, arch_parameter_counts, model_state_bytes
 
 MODELS = ["llama7b", "llama3_8b", "llama3_2_1b", "mistral_7b", "qwen2_5_7b"]
 
@@ -22,7 +22,7 @@ def test_parameter_counts_equal_transformers_on_the_meta_device(model):
                                                  if k != "attention_bias"})
     with torch.device("meta"):
         reference = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
-    assert count_parameters(arch, None, 0)[0] == reference
+    assert arch_parameter_counts(arch, None, 0)[0] == reference
 
 
 @pytest.mark.parametrize("gpus,nodes", [(8, 1), (4, 2), (8, 4)])
@@ -31,7 +31,7 @@ def test_full_fine_tuning_model_states_match_deepspeed_within_5_percent(gpus, no
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     arch = arch_of(compose(["model=llama3_8b", "model.path=/nowhere"]).model)
-    total, trainable, largest = count_parameters(arch, None, 0)
+    total, trainable, largest = arch_parameter_counts(arch, None, 0)
     world = gpus * nodes
     ours = {s: sum(model_state_bytes(total, trainable, largest, s, "full", world).values())
             for s in ("zero2", "zero3", "zero3_offload")}
@@ -47,7 +47,7 @@ def test_full_fine_tuning_model_states_match_deepspeed_within_5_percent(gpus, no
 def test_lora_counts_only_the_adapter_gradients_and_optimizer_states():
     arch = arch_of(compose(["model=llama7b", "model.path=/nowhere"]).model)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    total, trainable, largest = count_parameters(arch, targets, 16)
+    total, trainable, largest = arch_parameter_counts(arch, targets, 16)
     assert trainable == 39_976_960  # PEFT's count for Llama-2-7B, r=16, all linear layers
     states = model_state_bytes(total, trainable, largest, "ddp", "lora", 8)
     assert states["gradients_and_optimizer"] == 16 * trainable

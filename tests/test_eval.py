@@ -23,10 +23,10 @@ import sacrebleu
 import sentence_transformers  # noqa: F401
 
 from conftest import compose, run_llmft, write_chat_jsonl
-from llmft import rundir
-from llmft.evaluate import (EvalError, _WordTokenizer, bleu, embedding_cosines, embedding_model_dir, eval_settings,
+from llmft.launch import run_dir as rundir
+from llmft.serve.evaluation import (EvalError, _WordTokenizer, bleu, embedding_cosines, embedding_model_dir, eval_settings,
                             parse_verdict, JudgeReplyError, rouge_l, run_eval, EvalConfig)
-from llmft.train import train
+from llmft.training.loop import train
 
 JUDGE_ENV = ("LLMFT_JUDGE_URL", "LLMFT_JUDGE_MODEL", "LLMFT_JUDGE_API_KEY", "OPENAI_API_KEY")
 VERDICTS = ["correct", "partially correct", "incorrect"]
@@ -192,7 +192,7 @@ def test_scores_of_a_reference_against_itself_are_perfect():
 
 
 def test_the_examples_are_the_held_out_split(tiny_run, evaluated):
-    from llmft.config import load_run_config
+    from llmft.config.compose import load_run_config
     from llmft.data.pipeline import assign_splits, read_conversations
 
     report, _, _ = evaluated
@@ -354,8 +354,8 @@ def test_an_unreachable_judge_and_a_file_of_questions(tiny_run, tmp_path):
 
 
 def test_data_changed_since_training_is_reported(tiny_run, tmp_path):
-    from llmft.config import load_run_config
-    from llmft.evaluate import held_out_examples
+    from llmft.config.compose import load_run_config
+    from llmft.serve.evaluation import held_out_examples
 
     shutil.copy(tiny_run / "config.yaml", tmp_path)
     summary = json.loads((tiny_run / "summary.json").read_text())

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import compose, run_llmft
-from llmft import slurm
-from llmft.config import ConfigError
+from llmft.launch import slurm
+from llmft.errors import ConfigError
 
 JEAN_ZAY = ["+cluster=jeanzay", "cluster.account=abc"]
 

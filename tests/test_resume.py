@@ -18,9 +18,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, compose, read_metrics, run_llmft
-from llmft import checkpoint, rundir
-from llmft.checkpoint import CheckpointError
-from llmft.train import train
+from llmft.launch import run_dir as rundir
+from llmft.training import checkpoint
+from llmft.training.checkpoint import CheckpointError
+from llmft.training.loop import train
 
 RUN = ["train.max_steps=50", "train.log_every=1", "train.eval_every=20", "train.save_every=0",
        "train.micro_batch_size=4"]
@@ -112,7 +113,7 @@ def test_sigkill_during_checkpoint_writes_never_breaks_resume(tmp_path):
 
 
 def test_a_full_disk_at_save_time_stops_the_run_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    from llmft.strategies.single import SingleStrategy
+    from llmft.training.strategies.single import SingleStrategy
 
     cfg = compose(["train.max_steps=30", "train.save_every=10", "train.eval_every=10", f"run_dir={tmp_path / 'r'}"])
     run_dir = rundir.create(cfg)
@@ -151,7 +152,7 @@ def test_no_secret_and_nothing_world_readable_in_a_run_directory(tmp_path):
 
 
 def test_secret_named_config_values_are_redacted(tmp_path):
-    from llmft.redact import REDACTED, redact_argv, redact_config
+    from llmft.config.redact import REDACTED, redact_argv, redact_config
 
     assert redact_config({"eval": {"judge_api_key": "sk-123", "judge_model": "m"}, "hub_token": None}) == \
         {"eval": {"judge_api_key": REDACTED, "judge_model": "m"}, "hub_token": None}

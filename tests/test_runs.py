@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 from conftest import compose, run_llmft
-from llmft import rundir
-from llmft.train import train
+from llmft.launch import run_dir as rundir
+from llmft.training.loop import train
 
 
 def test_runs_lists_completed_and_failed_runs_and_show_draws_the_loss(tmp_path):

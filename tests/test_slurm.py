@@ -54,7 +54,7 @@ def test_two_task_job_gives_the_local_two_rank_losses(slurm_env, tmp_path):
 
 
 def test_sbatch_accepts_every_template_and_rendered_script(slurm_env, tmp_path):
-    from llmft import slurm
+    from llmft.launch import slurm
 
     env = {**os.environ, **slurm_env}
     scripts = {

@@ -8,11 +8,12 @@ import json
 import pytest
 
 from conftest import compose
-from llmft.config import ConfigError, validate
-from llmft.flops import flops_per_token, peak_flops
-from llmft.model import quantization_kwargs, rows_of_rank
-from llmft.strategies.deepspeed import deepspeed_config
-from llmft.topology import Topology
+from llmft.config.validation import validate
+from llmft.errors import ConfigError
+from llmft.training.flops import flops_per_token, peak_flops
+from llmft.training.model import quantization_kwargs, rows_of_rank
+from llmft.training.strategies.deepspeed import deepspeed_config
+from llmft.training.topology import Topology
 
 
 def test_qlora_config_translates_to_bitsandbytes():
@@ -95,7 +96,7 @@ def test_shard_rows_follow_torch_chunk():
 
 
 def test_trained_weights_are_kept_in_float32_frozen_ones_in_the_model_dtype():
-    from llmft.model import weights_dtype
+    from llmft.training.model import weights_dtype
 
     assert weights_dtype(compose(["model=llama7b", "peft=full"]).model, compose(["peft=full"]).peft) == "float32"
     assert weights_dtype(compose(["model=llama7b"]).model, compose(["peft=lora"]).peft) == "bfloat16"

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import compose, read_metrics, run_llmft
-from llmft import rundir
-from llmft.train import train
+from llmft.launch import run_dir as rundir
+from llmft.training.loop import train
 
 FAST = ["train.max_steps=40", "train.eval_every=20", "train.save_every=20", "train.log_every=5"]
 

@@ -15,30 +15,11 @@ import sys
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from llmft.config.compose import compose
+from llmft.config.validation import validate
+from llmft.errors import ConfigError, run_command
+
 USAGE = __doc__.split("\n\n")[0].strip()
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from llmft.config import CONF_DIR, register_configs
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
-
-
-def composition_error(error: Exception) -> str:
-    from llmft.launch import one_line_error
-
-    chain, cause = [], error
-    while cause is not None:
-        chain.append(str(cause))
-        cause = cause.__cause__
-    return one_line_error("\n".join(chain))
 
 
 def summary_lines(report: dict) -> list[str]:
@@ -71,42 +52,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="train", help="inspect: which split")
     parser.add_argument("--no-color", action="store_true", help="inspect: brackets instead of colour")
     args, overrides = parser.parse_known_args(argv)
+    return run_command(lambda: run(args, overrides))
 
-    from llmft.config import ConfigError, validate
-    from llmft.data.records import DataError
-    from llmft.data.templating import TemplateError
 
-    try:
-        cfg = compose(overrides)
-    except Exception as error:  # Hydra and OmegaConf raise many kinds for a bad override: all are user errors
-        print(composition_error(error), file=sys.stderr)
-        return 2
+def run(args, overrides: list[str]) -> int:
+    cfg = compose(overrides)
     if args.cfg:
         print(OmegaConf.to_yaml(cfg.data, resolve=True))
         return 0
     try:
         validate(cfg)
-        if args.command == "prepare":
-            from llmft.data.prepare import prepare
-
-            report = prepare(cfg)
-            if report.get("reused_prepared"):
-                print(f"llmft: {report['output_dir']} is up to date (same conversations, tokenizer and settings).")
-            else:
-                print("\n".join(summary_lines(report)))
-                print(f"wrote {report['output_dir']} (report.json, dataset/, *.conversations.jsonl, lengths.png)")
-        else:
-            from llmft.data.inspect_samples import inspect
-
-            color = sys.stdout.isatty() and not args.no_color
-            print(inspect(cfg, args.num, args.split, color))
     except MissingMandatoryValue as error:
         key = getattr(error, "full_key", None) or "a key"
-        print(f"llmft: bad config: {key} is not set: add {key}=... to the command.", file=sys.stderr)
-        return 2
-    except (ConfigError, DataError, TemplateError) as error:
-        print(f"llmft: {error}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"bad config: {key} is not set: add {key}=... to the command.") from None
+    if args.command == "prepare":
+        from llmft.data.prepare import prepare
+
+        report = prepare(cfg)
+        if report.get("reused_prepared"):
+            print(f"llmft: {report['output_dir']} is up to date (same conversations, tokenizer and settings).")
+        else:
+            print("\n".join(summary_lines(report)))
+            print(f"wrote {report['output_dir']} (report.json, dataset/, *.conversations.jsonl, lengths.png)")
+    else:
+        from llmft.data.inspect_samples import inspect
+
+        color = sys.stdout.isatty() and not args.no_color
+        print(inspect(cfg, args.num, args.split, color))
     return 0
 
 

@@ -8,7 +8,8 @@ The samples come from the same code as training (a matching prepared dataset is 
 from __future__ import annotations
 
 from llmft.data.records import DataError
-from llmft.data.pipeline import build_splits, load_run_tokenizer, read_conversations
+from llmft.data.tokenizer import tokenizer_for_run
+from llmft.data.pipeline import build_splits, read_conversations
 from llmft.data.templating import IGNORE_INDEX, Sample
 
 GREEN, RESET = "\x1b[1;32m", "\x1b[0m"
@@ -44,7 +45,7 @@ def highlight(tokenizer, sample: Sample, color: bool) -> str:
 
 def inspect(cfg, num_samples: int, split: str, color: bool) -> str:
     conversations, _ = read_conversations(cfg.data)
-    tokenizer = load_run_tokenizer(cfg, conversations)
+    tokenizer = tokenizer_for_run(cfg, conversations)
     splits, counts = build_splits(conversations, tokenizer, cfg.data, cfg.model.max_seq_len)
     if split not in splits:
         raise DataError(f"--split {split}: there is no such split; the splits are {', '.join(splits)}.")

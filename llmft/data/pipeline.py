@@ -1,7 +1,7 @@
 """The data path of a run: read, clean and scrub the conversations, then tokenize, mask, split and pack them.
 
     conversations, report = read_conversations(cfg.data)                  # text: no tokenizer needed
-    tokenizer = load_run_tokenizer(cfg, conversations)                    # model=tiny trains its own on the texts
+    tokenizer = tokenizer_for_run(cfg, conversations)                     # model=tiny trains its own on the texts
     splits, counts = build_splits(conversations, tokenizer, cfg.data, cfg.model.max_seq_len)
 
 `python -m llmft.data prepare` and training run this same code. `build_splits` first looks for a prepared
@@ -29,8 +29,8 @@ from llmft.data.records import Conversation, DataError, ReadReport
 from llmft.data.scrub import Scrubber
 from llmft.data.splits import bucket_of, split_of
 from llmft.data.templating import IGNORE_INDEX, Sample, TemplateError, tokenize_many, windows
-
 from llmft.data.tickets import read_tickets_jsonl
+from llmft.config.validation import check_data
 
 READERS = {  # data.format -> reader(path, data_cfg, report) -> conversations
     "chat_jsonl": read_chat_jsonl,
@@ -55,23 +55,10 @@ def plain(data_cfg):
     return OmegaConf.to_object(data_cfg) if isinstance(data_cfg, DictConfig) else data_cfg
 
 
-def check_settings(data_cfg) -> None:
-    """Data settings a type cannot check, as one sentence naming the key."""
-    if not 0.0 < data_cfg.validation_fraction < 1.0:
-        raise DataError(f"data.validation_fraction={data_cfg.validation_fraction} must be between 0 and 1 (exclusive).")
-    if not 0.0 <= data_cfg.test_fraction < 1.0 - data_cfg.validation_fraction:
-        raise DataError(f"data.test_fraction={data_cfg.test_fraction} must be at least 0 and leave room for training "
-                        f"next to data.validation_fraction={data_cfg.validation_fraction}.")
-    if not 0.0 < data_cfg.clean.near_duplicate_threshold <= 1.0:
-        raise DataError(f"data.clean.near_duplicate_threshold={data_cfg.clean.near_duplicate_threshold} must be in (0, 1].")
-    if data_cfg.acronyms.conversations_per_acronym < 1:
-        raise DataError("data.acronyms.conversations_per_acronym must be at least 1.")
-
-
 def read_conversations(data_cfg) -> tuple[list[Conversation], dict]:
     """Clean, scrubbed conversations ready for a chat template, and the report of what was read and dropped."""
+    check_data(data_cfg)  # checked at launch already; again for callers that did not validate
     data_cfg = plain(data_cfg)
-    check_settings(data_cfg)
     data_format, path = format_of(data_cfg), data_path(data_cfg)
     report = ReadReport(strict=data_cfg.strict)
     raw = READERS[data_format](path, data_cfg, report)
@@ -118,15 +105,6 @@ def read_conversations(data_cfg) -> tuple[list[Conversation], dict]:
         "pii_replacements": {kind: n for kind, n in sorted(scrubber.counts.items()) if n} if scrubber else {},
     }
     return conversations, read_report
-
-
-def load_run_tokenizer(cfg, conversations: list[Conversation]):
-    """The run's tokenizer: the model's, or for model=tiny a BPE trained on these conversations (as train.py does)."""
-    from llmft.tokenizer import load_tokenizer, train_tiny_tokenizer
-
-    if cfg.model.path is None:
-        return train_tiny_tokenizer([m["content"] for c in conversations for m in c.messages], cfg.model.tiny.vocab_size)
-    return load_tokenizer(cfg.model.path, cfg.model.fallback_chat_template)
 
 
 def assign_splits(conversation_ids: list[str], data_cfg) -> dict[str, str]:

@@ -16,10 +16,10 @@ import json
 import os
 from pathlib import Path
 
+from llmft.data.tokenizer import tokenizer_for_run
 from llmft.data.pipeline import (
     assign_splits,
     end_of_turn_of,
-    load_run_tokenizer,
     read_conversations,
     tokenize_splits,
 )
@@ -89,7 +89,7 @@ def prepare(cfg) -> dict:
     out_dir = output_dir_of(data_cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     conversations, read_report = read_conversations(data_cfg)
-    tokenizer = load_run_tokenizer(cfg, conversations)
+    tokenizer = tokenizer_for_run(cfg, conversations)
     end_of_turn, _ = end_of_turn_of(tokenizer, data_cfg)
     parts = fingerprint_parts(conversations, tokenizer, data_cfg, max_seq_len, end_of_turn)
     if not isinstance(load_samples(out_dir, parts), str) and (out_dir / "report.json").is_file():

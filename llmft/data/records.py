@@ -9,10 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llmft.errors import UserError
+
 ROLES = ("system", "user", "assistant")
 
 
-class DataError(Exception):
+class DataError(UserError):
     """Bad input data or data settings, reported as one sentence naming the file and line, or the key."""
 
 

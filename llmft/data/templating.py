@@ -14,10 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llmft.errors import UserError
+
 IGNORE_INDEX = -100
 
 
-class TemplateError(Exception):
+class TemplateError(UserError):
     pass
 
 

@@ -7,9 +7,12 @@ A SLURM log is not a terminal, so there a status line every `train.log_every` st
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 
 class MetricsLog:
@@ -67,6 +70,12 @@ class MetricsLog:
             eta = elapsed / done * (self.total_steps - step) if done else 0.0
             print(f"step {step}/{self.total_steps} {text} elapsed={elapsed:.0f}s eta={eta:.0f}s", flush=True)
 
+    def __enter__(self) -> "MetricsLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -76,3 +85,46 @@ class MetricsLog:
             self.tensorboard.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+        self.file = self.bar = self.tensorboard = self.wandb_run = None
+
+
+class MemoryMeter:
+    """Peak memory of this rank since the previous reading: GPU memory allocated by torch, or on a CPU the process's
+    resident memory (its high-water mark, reset after each reading where Linux allows)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.interval_peak_gb()  # start the first interval now
+
+    def interval_peak_gb(self) -> float:
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return peak
+        peak = peak_resident_mb() / 2**10
+        reset_peak_resident()
+        return peak
+
+
+def resident_mb() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def reset_peak_resident() -> None:
+    """Start a new high-water mark of resident memory (Linux: writing 5 to clear_refs resets VmHWM)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass  # then the peak since the process started is reported: an overestimate, never an underestimate
+
+
+def peak_resident_mb() -> float:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10  # kB
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10

@@ -7,16 +7,17 @@ from __future__ import annotations
 
 from torch.nn.parallel import DistributedDataParallel
 
-from llmft.strategies.single import SingleStrategy
+from llmft.training.strategies.single import SingleStrategy
 
 
 class DDPStrategy(SingleStrategy):
+    name = "ddp"
+
     def wrap(self, model, trainable, lr_lambda):
         device_ids = [self.topology.local_rank] if self.topology.device_type == "cuda" else None
-        ddp_model = DistributedDataParallel(model, device_ids=device_ids)
-        super().wrap(model, trainable, lr_lambda)
-        self.ddp_model = ddp_model
-        return ddp_model
+        self.ddp_model = DistributedDataParallel(model, device_ids=device_ids)
+        super().wrap(model, trainable, lr_lambda)  # self.model: the unwrapped model, for checkpoints and export
+        return self.ddp_model
 
-    def unwrap(self):
-        return self.model
+    def no_gradient_sync(self):
+        return self.ddp_model.no_sync()  # DDP's own: no all-reduce until the last micro-batch's backward

@@ -76,3 +76,10 @@ def load_tokenizer(model_path: str, fallback_chat_template: str | None):
         # padding is masked by position, so any existing token will do.
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return tokenizer
+
+
+def tokenizer_for_run(cfg, conversations):
+    """The run's tokenizer: the model's, or for model=tiny a BPE trained on these conversations' texts."""
+    if cfg.model.path is None:
+        return train_tiny_tokenizer([m["content"] for c in conversations for m in c.messages], cfg.model.tiny.vocab_size)
+    return load_tokenizer(cfg.model.path, cfg.model.fallback_chat_template)

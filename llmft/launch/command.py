@@ -1,5 +1,6 @@
 """python -m llmft.launch [overrides]: compose, validate, create the run directory, and run or submit.
 
+
 Without `+cluster=...` the run is local (in this process; several with `launch.nproc`). This module imports no
 torch: on a login node it composes and validates in about a second. Hydra's own flags work (`--cfg job`, `-m`).
 """
@@ -10,7 +11,6 @@ import contextlib
 import io
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -19,40 +19,14 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from llmft.config import CONF_DIR, ConfigError, load_run_config, register_configs, validate
+from llmft.config.compose import CONF_DIR, load_run_config, one_line_error, register_configs
+from llmft.config.schema import Strategy
+from llmft.config.validation import settled_strategy, validate
+from llmft.errors import ConfigError, UserError, report
+from llmft.launch import run_dir as run_dirs
+from llmft.launch import slurm
 
 register_configs()
-
-
-def one_line_error(hydra_output: str) -> str:
-    """Hydra's multi-line composition error as one sentence naming the key (or group) and the fix."""
-    lines = [l.strip() for l in hydra_output.strip().splitlines() if l.strip()]
-    lines = [l for l in lines if not l.startswith(("Set the environment variable HYDRA_FULL_ERROR", "object_type="))]
-    full_key = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("full_key:")), None)
-    missing_group = re.search(r"Could not find '([^']+)'", hydra_output)
-    if missing_group:
-        group = missing_group.group(1).split("/")[0]
-        listed = hydra_output.split("Available options", 1)[-1].split("Config search path", 1)[0]
-        options = [l.strip() for l in listed.splitlines()[1:] if l.strip()]
-        return f"llmft: no config '{missing_group.group(1)}'; the options for {group}= are: {', '.join(options)}."
-    core = [l for l in lines if not l.startswith(("full_key:", "To append to your config", "Could not override",
-                                                    "Error merging override", "Error parsing override"))]
-    reason = core[0] if core else lines[0] if lines else "invalid configuration"
-    key = f"{full_key}: " if full_key else ""
-    return f"llmft: bad config: {key}{reason} (see `python -m llmft.launch --cfg job` for the valid keys)."
-
-
-def compose_or_exit(overrides: list[str]) -> DictConfig:
-    """Compose conf/ with these overrides through Hydra's compose API (for commands other than launch);
-    a bad override exits with one line, like launch."""
-    from hydra import compose, initialize_config_dir
-
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(config_name="config", overrides=overrides)
-    except Exception as error:  # Hydra's and OmegaConf's composition errors
-        print(one_line_error(str(error)), file=sys.stderr)
-        sys.exit(2)
 
 
 _hydra_stderr = io.StringIO()
@@ -64,22 +38,17 @@ def _launch(cfg: DictConfig) -> None:
     global _task_started
     _task_started = True
     sys.stderr = sys.__stderr__  # composition is over: stop holding stderr (see main)
-    from llmft import rundir
-
     try:
         if cfg.resume:
             run_dir = resumable_run_dir(cfg.resume)
             cfg = load_run_config(run_dir)
         validate(cfg)
         if cfg.cluster is not None:
-            from llmft import slurm
-
             slurm.resolve(cfg)  # every resource check before anything is created or submitted
         if not cfg.resume:
-            run_dir = rundir.create(cfg)
-    except ConfigError as error:
-        print(f"llmft: {error}", file=sys.stderr)
-        sys.exit(2)
+            run_dir = run_dirs.create(cfg)
+    except UserError as error:
+        sys.exit(report(error))
     if cfg.launch.prepare_only:
         print(f"run dir: {run_dir}")
         return
@@ -88,8 +57,8 @@ def _launch(cfg: DictConfig) -> None:
         if code:
             sys.exit(code)
         return  # with -m (multirun), Hydra calls this again for the next combination
-    if cfg.parallelism.strategy.value == "single":
-        from llmft.train import main as train_main
+    if settled_strategy(cfg, cfg.launch.nproc) == Strategy.single:
+        from llmft.training.loop import main as train_main  # in this process: no torchrun for one plain rank
 
         code = train_main([str(run_dir)])
     else:
@@ -108,8 +77,6 @@ def resumable_run_dir(path: str) -> Path:
 
 def submit_to_cluster(cfg: DictConfig, run_dir: Path) -> int:
     """Submit with submitit, print the job id, the run directory and how to follow it; wait if asked."""
-    from llmft import slurm
-
     try:
         job = slurm.submit(cfg, run_dir)
     except Exception as error:  # submitit's FailedJobError: sbatch's own message is what the user needs
@@ -175,13 +142,13 @@ def main() -> None:
             _launch()
         except SystemExit as exit_:
             if not _task_started and exit_.code not in (0, None):
-                print(one_line_error(_hydra_stderr.getvalue()), file=sys.__stderr__)
+                print(f"llmft: {one_line_error(_hydra_stderr.getvalue())}", file=sys.__stderr__)
             raise
         except Exception as error:
             if _task_started:
                 raise
-            print(one_line_error(f"{error}\n{_hydra_stderr.getvalue()}"), file=sys.__stderr__)
-            sys.exit(1)
+            print(f"llmft: {one_line_error(f'{error}{chr(10)}{_hydra_stderr.getvalue()}')}", file=sys.__stderr__)
+            sys.exit(2)
     if not _task_started:
         sys.stderr.write(_hydra_stderr.getvalue())
 

@@ -25,8 +25,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from llmft import __version__
-from llmft.config import PACKAGE_DIR, ConfigError, to_container
-from llmft.redact import redact_argv, redact_config
+from llmft.config.compose import PACKAGE_DIR, to_container
+from llmft.errors import ConfigError
+from llmft.config.redact import redact_argv, redact_config
 
 
 def new_run_dir(cfg: DictConfig) -> Path:

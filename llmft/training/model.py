@@ -1,7 +1,10 @@
-"""Load (or build) the base model and put the PEFT method on it.
+"""The model of a run, from nothing to ready to wrap: `load_model` applies the fixed order
 
-The order in which a run wraps its model is fixed and lives in train.py: load -> PEFT -> activation checkpointing
--> shard. This module does the first two.
+    load (built for model=tiny; on the meta device for FSDP2; under the strategy's loading context, which for ZeRO-3
+    partitions while loading) -> PEFT -> seeded LoRA init -> activation checkpointing -> compile -> device
+
+and the strategy then shards or replicates it (`Strategy.wrap`). Every model-specific case (the tiny model, QLoRA's
+4-bit load, the meta skeleton and its shards read from safetensors) lives here, not in the loop.
 """
 
 from __future__ import annotations
@@ -9,10 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from llmft.config import ConfigError
-
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-
+from llmft.errors import ConfigError, missing_extra
 
 def build_tiny_model(tiny_cfg, tokenizer, seed: int, max_seq_len: int):
     """A small Llama with seeded random weights, sized to the run's tokenizer."""
@@ -38,11 +38,8 @@ def build_tiny_model(tiny_cfg, tokenizer, seed: int, max_seq_len: int):
 
 
 def quantization_kwargs(peft_cfg) -> dict:
-    """peft=qlora as BitsAndBytesConfig arguments: the frozen base in 4 bits, computed in `peft.compute_dtype`."""
-    if peft_cfg.quant_type not in ("nf4", "fp4"):
-        raise ConfigError(f"peft.quant_type={peft_cfg.quant_type} must be nf4 or fp4.")
-    if peft_cfg.compute_dtype not in DTYPES:
-        raise ConfigError(f"peft.compute_dtype={peft_cfg.compute_dtype} must be one of {', '.join(DTYPES)}.")
+    """peft=qlora as BitsAndBytesConfig arguments: the frozen base in 4 bits, computed in `peft.compute_dtype`
+    (values checked at launch by llmft.config.validation)."""
     return {
         "load_in_4bit": True,
         "bnb_4bit_quant_type": peft_cfg.quant_type,
@@ -60,7 +57,7 @@ def require_qlora_runtime() -> None:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise ConfigError("peft=qlora needs bitsandbytes: pip install -e '.[qlora]'.") from None
+        raise missing_extra("bitsandbytes", "qlora", "peft=qlora") from None
 
 
 def weights_dtype(model_cfg, peft_cfg) -> str:
@@ -124,9 +121,23 @@ def apply_peft(model, peft_cfg, model_cfg):
     return get_peft_model(model, lora_config)
 
 
+def full_numel(param) -> int:
+    """A parameter's number of weights, however it is stored: a ZeRO-3 partition counts its full size (ds_numel),
+    a bitsandbytes 4-bit tensor packs two weights per byte (numel() counts the bytes)."""
+    if getattr(param, "ds_numel", None):
+        return int(param.ds_numel)
+    quant_state = getattr(param, "quant_state", None)
+    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
+        numel = 1
+        for size in quant_state.shape:
+            numel *= int(size)
+        return numel
+    return param.numel()
+
+
 def count_parameters(model) -> tuple[int, int]:
-    """(all, trainable) parameters; a ZeRO-3 partitioned parameter counts its full size (ds_numel)."""
-    sizes = [(getattr(p, "ds_numel", None) or p.numel(), p.requires_grad) for p in model.parameters()]
+    """(all, trainable) parameters of a model, sharded, partitioned or quantized alike."""
+    sizes = [(full_numel(p), p.requires_grad) for p in model.parameters()]
     return sum(n for n, _ in sizes), sum(n for n, trainable in sizes if trainable)
 
 
@@ -272,3 +283,48 @@ def init_lora_weights(model, seed: int) -> None:
                 param.to_local().copy_(full[start:end])
             else:
                 param.copy_(full.to(param.dtype))
+
+
+def decoder_layers(model) -> list:
+    """The transformer blocks, by the class names the HF model lists as not splittable across devices: the unit of
+    compilation and of FSDP2 sharding."""
+    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    block_names = set(getattr(hf_model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in block_names]
+    if not layers:
+        raise RuntimeError(f"no decoder layer found in {type(hf_model).__name__} ({block_names})")
+    return layers
+
+
+def load_model(cfg, strategy, tokenizer, run_dir: Path, topology) -> tuple:
+    """The run's model, ready for `strategy.wrap`, and the folder of the base model the adapter applies to.
+
+    The order is fixed (torchtitan's, for the same reasons): PEFT before activation checkpointing so the checkpointed
+    blocks hold the adapters; compile per decoder layer after checkpointing (small graphs compiled once, reused by
+    every layer) and before sharding, which then wraps the compiled layers.
+    """
+    if cfg.model.path is None:  # model=tiny: built from its config with seeded weights, saved as the run's base
+        model = build_tiny_model(cfg.model.tiny, tokenizer, cfg.train.seed, cfg.model.max_seq_len)
+        base_model_path = run_dir / "base_model"
+        if topology.is_main:  # the base the adapter applies to, so stock PEFT can load the result
+            model.save_pretrained(base_model_path)
+        topology.barrier()
+    elif strategy.builds_on_meta:  # no weights yet: each rank loads its shards once sharded
+        model = build_on_meta(cfg.model, cfg.peft)
+        base_model_path = Path(cfg.model.path)
+    else:
+        with strategy.loading_context():
+            model = load_pretrained_model(cfg.model, cfg.peft, topology.local_rank)
+        base_model_path = Path(cfg.model.path)
+    model.config.use_cache = False
+    model = apply_peft(model, cfg.peft, cfg.model)
+    if not any(p.is_meta for p in model.parameters()):
+        init_lora_weights(model, cfg.train.seed)  # seeded by name: the same LoRA start for every strategy
+    if cfg.train.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.train.compile:
+        for layer in decoder_layers(model):
+            layer.compile()
+    strategy.place(model)
+    model.train()
+    return model, base_model_path

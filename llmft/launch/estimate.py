@@ -18,6 +18,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmft.training.flops import flops_per_token  # pure Python: no torch
+
 GiB = 2**30
 
 
@@ -73,7 +75,7 @@ def layer_parameters(arch: Arch) -> int:
     return linear + bias + 2 * arch.hidden_size  # two RMSNorm weights
 
 
-def count_parameters(arch: Arch, lora_targets: list[str] | None, rank: int) -> tuple[int, int, int]:
+def arch_parameter_counts(arch: Arch, lora_targets: list[str] | None, rank: int) -> tuple[int, int, int]:
     """(all parameters, trainable parameters, largest layer's parameters). lora_targets None: full fine-tuning."""
     embedding = arch.vocab_size * arch.hidden_size
     total = embedding * (1 if arch.tie_word_embeddings else 2) + arch.num_hidden_layers * layer_parameters(arch) \
@@ -139,14 +141,13 @@ class Estimate:
 
 
 def estimate(cfg, world: int, gpu_memory_gb: float | None) -> Estimate | None:
-    from llmft.flops import flops_per_token
 
     arch = arch_of(cfg.model)
     if arch is None:
         return None
     method = cfg.peft.method.value
     targets = None if method == "full" else list(cfg.peft.target_modules or cfg.model.lora_target_modules)
-    total, trainable, largest = count_parameters(arch, targets, cfg.peft.r)
+    total, trainable, largest = arch_parameter_counts(arch, targets, cfg.peft.r)
     strategy = cfg.parallelism.strategy.value
     memory = model_state_bytes(total, trainable, largest, strategy, method, world)
     memory["activations"] = activation_bytes(arch, cfg.train.micro_batch_size, cfg.model.max_seq_len,

@@ -8,6 +8,7 @@ excluded); the adapter is exported by gathering the partitioned LoRA tensors on 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -39,6 +40,9 @@ def deepspeed_config(cfg, world_size: int, bf16: bool) -> dict:
         "train_batch_size": tcfg.micro_batch_size * tcfg.grad_accum_steps * world_size,
         "gradient_clipping": tcfg.max_grad_norm,
         "bf16": {"enabled": bf16},
+        # Reduce and accumulate gradients in fp32 as FSDP2 does (reduce_dtype=float32): by default both follow the
+        # model's dtype, so under bf16 the strategies would differ in precision.
+        **({"communication_data_type": "fp32", "data_types": {"grad_accum_dtype": "fp32"}} if bf16 else {}),
         "zero_optimization": zero,
         "optimizer": {
             "type": "AdamW",
@@ -58,36 +62,42 @@ def deepspeed_config(cfg, world_size: int, bf16: bool) -> dict:
 class DeepSpeedStrategy:
     builds_on_meta = False
 
-    def __init__(self, cfg, topology):
+    def __init__(self, cfg, topology, bf16: bool):
         self.cfg = cfg
         self.topology = topology
+        self.bf16 = bf16
+        self.name = cfg.parallelism.strategy.value
+        self.stage3 = self.name in ("zero3", "zero3_offload")
         self.engine = None
+        self.hf_deepspeed_config = None
 
-    def uses_bf16(self) -> bool:
-        precision = self.cfg.train.precision.value
-        return precision == "bf16" or (precision == "auto" and self.topology.device_type == "cuda"
-                                       and torch.cuda.is_bf16_supported())
-
+    @contextmanager
     def loading_context(self):
-        """ZeRO-3 loads a model from disk under `deepspeed.zero.Init`: transformers sees a live HfDeepSpeedConfig and
-        partitions every parameter as it is created and loaded, so no rank holds the whole model."""
-        from contextlib import nullcontext
-
-        if self.cfg.parallelism.strategy.value in ("zero3", "zero3_offload"):
+        """ZeRO-3: transformers builds and loads the model under `deepspeed.zero.Init` while a HfDeepSpeedConfig is
+        alive, partitioning every parameter as it is created, so no rank holds the whole model. transformers keeps
+        only a weak reference to that config: the strategy holds it for the rest of the run (save and export read
+        it too). ZeRO-2: nothing."""
+        if self.stage3:
             import deepspeed
             from transformers.integrations import HfDeepSpeedConfig
 
             deepspeed.init_distributed()  # DeepSpeed's view of the process group, for its batch-size checks
-
-            # transformers keeps only a weak reference: hold it for the strategy's lifetime
             self.hf_deepspeed_config = HfDeepSpeedConfig(
-                deepspeed_config(self.cfg, self.topology.world_size, self.uses_bf16()))
-        return nullcontext()
+                deepspeed_config(self.cfg, self.topology.world_size, self.bf16))
+        yield
+
+    def place(self, model) -> None:
+        if any(hasattr(p, "ds_id") for p in model.parameters()):
+            return  # partitioned by zero.Init while loading: each rank holds its part on its device already
+        model.to(self.topology.device)
+
+    def no_gradient_sync(self):
+        return nullcontext()  # the engine reduces at its accumulation boundary (it counts micro-batches itself)
 
     def wrap(self, model, trainable, lr_lambda):
         import deepspeed
 
-        config = deepspeed_config(self.cfg, self.topology.world_size, self.uses_bf16())
+        config = deepspeed_config(self.cfg, self.topology.world_size, self.bf16)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
             model_parameters=trainable,
@@ -96,9 +106,6 @@ class DeepSpeedStrategy:
         )
         return self.engine
 
-    def unwrap(self):
-        return self.engine.module
-
     def backward(self, loss):
         # Our loss is already normalised over the whole accumulated step: no further division by DeepSpeed.
         # engine.step() after every backward is how DeepSpeed counts micro-batches; it only updates the weights
@@ -106,9 +113,9 @@ class DeepSpeedStrategy:
         self.engine.backward(loss, scale_wrt_gas=False)
         self.engine.step()
 
-    def step(self) -> float:
+    def step(self):
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return norm if norm is not None else float("nan")
 
     def lr(self) -> float:
         return self.engine.lr_scheduler.get_last_lr()[0]

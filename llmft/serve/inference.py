@@ -12,62 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from omegaconf import OmegaConf
-
-
-class UsageError(Exception):
-    """A user mistake on the command line or in a run directory: printed as one sentence, exit code 2."""
-
-
-def command_arguments(argv: list[str] | None, help_text: str) -> list[str] | None:
-    """The command's `key=value` arguments (sys.argv's by default), or None once `help_text` is printed for -h/--help.
-    Also silences the FutureWarning transformers emits through PEFT on every model load."""
-    import sys
-    import warnings
-
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(help_text)
-        return None
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-    return argv
-
-
-def parse_arguments(argv: list[str], schema: Any, usage: str) -> Any:
-    """`key=value` arguments into the dataclass `schema` (nested: `eval.max_new_tokens=64`), strictly.
-
-    Values are given as text and converted by OmegaConf against the field's type (`64` -> int, `true` -> bool);
-    text fields keep the value as typed (`prompt=My job: pending` stays a string). `null` or nothing after `=`
-    sets an optional field to None. An unknown key or a bad value raises UsageError naming it.
-    """
-    conf = OmegaConf.structured(schema)
-    for argument in argv:
-        key, sep, value = argument.partition("=")
-        key = key.strip().lstrip("+")
-        if not sep or not key:
-            raise UsageError(f"argument {argument!r} is not key=value ({usage}).")
-        try:
-            OmegaConf.update(conf, key, None if value.strip().lower() in ("", "null") else value, merge=True)
-        except Exception as error:  # OmegaConf's ConfigKeyError / ValidationError: first line names the problem
-            reason = str(error).strip().splitlines()[0]
-            valid = ", ".join(valid_keys(schema))
-            raise UsageError(f"bad argument {key}: {reason} (valid keys: {valid}).") from None
-    return OmegaConf.to_object(conf)
-
-
-def valid_keys(schema: Any, prefix: str = "") -> list[str]:
-    keys = []
-    for item in fields(schema):
-        default = item.default_factory() if callable(item.default_factory) else item.default  # type: ignore[misc]
-        if hasattr(default, "__dataclass_fields__"):
-            keys += valid_keys(type(default), f"{prefix}{item.name}.")
-        else:
-            keys.append(prefix + item.name)
-    return keys
+from llmft.config.arguments import UsageError
+from llmft.config.compose import load_run_config
+from llmft.data.templating import with_system_prompt
 
 
 def run_directory(text: str | None, usage: str) -> Path:
@@ -91,15 +41,8 @@ def run_directory(text: str | None, usage: str) -> Path:
 
 
 def run_config(run_dir: Path):
-    from llmft.config import ConfigError, load_run_config
-
-    try:
-        return load_run_config(run_dir)
-    except ConfigError as error:
-        raise UsageError(str(error)) from None
-    except Exception as error:  # a config.yaml that no longer matches the schema
-        reason = str(error).strip().splitlines()[0]
-        raise UsageError(f"{run_dir / 'config.yaml'} does not match llmft's schema: {reason}.") from None
+    """The run's saved config, checked against the schema (ConfigError in one sentence otherwise)."""
+    return load_run_config(run_dir)
 
 
 def is_adapter_run(run_dir: Path) -> bool:
@@ -132,7 +75,7 @@ def torch_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load_tokenizer(run_dir: Path):
+def load_saved_tokenizer(run_dir: Path):
     """The tokenizer saved with the run's final model, with its chat template, padding on the left (generation)."""
     from transformers import AutoTokenizer
 
@@ -200,8 +143,6 @@ def stop_token_ids(tokenizer, data_cfg) -> list[int]:
 
 def prompt_messages(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
     """The messages before a reply, with the run's system prompt first when they have none (as in training)."""
-    from llmft.data.templating import with_system_prompt
-
     return with_system_prompt([{"role": m["role"], "content": m["content"]} for m in messages], system_prompt)
 
 

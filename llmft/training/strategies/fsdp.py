@@ -7,6 +7,7 @@ disk already), and DCP reshards on load, so a run saved on 2 ranks resumes on 1 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -21,26 +22,33 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from llmft.strategies.single import SingleStrategy
+from llmft.training.model import decoder_layers, init_lora_weights, load_shards
+from llmft.training.strategies.single import SingleStrategy
 
 
-def decoder_layers(model) -> list[torch.nn.Module]:
-    """The transformer blocks, by the class names the HF model lists as not splittable across devices."""
-    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    block_names = set(getattr(hf_model, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in block_names]
-    if not layers:
-        raise RuntimeError(f"no decoder layer found to shard in {type(hf_model).__name__} ({block_names})")
-    return layers
+@contextmanager
+def _no_gradient_sync(model):
+    """FSDP2's way to accumulate without a reduce-scatter per micro-batch: the last micro-batch, outside this context,
+    reduces the accumulated (unsharded) gradients once."""
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 class FSDPStrategy(SingleStrategy):
+    name = "fsdp"
     builds_on_meta = True
+
+    def place(self, model) -> None:
+        if not any(p.is_meta for p in model.parameters()):  # a model built whole (tiny): to the device, then shard
+            model.to(self.topology.device)
 
     def wrap(self, model, trainable, lr_lambda):
         mesh = init_device_mesh(self.topology.device_type, (self.topology.world_size,))
         mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if self.uses_bf16() else MixedPrecisionPolicy()
+            if self.bf16 else MixedPrecisionPolicy()
         for layer in decoder_layers(model):
             fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
         fully_shard(model, mesh=mesh, mp_policy=mp_policy)
@@ -51,8 +59,6 @@ class FSDPStrategy(SingleStrategy):
 
     def materialize(self, model) -> None:
         """Allocate this rank's shards of a model built on meta, and fill them from the safetensors files."""
-        from llmft.model import init_lora_weights, load_shards
-
         buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}  # rotary tables: computed, real
         model.to_empty(device=self.topology.device)
         with torch.no_grad():
@@ -61,17 +67,15 @@ class FSDPStrategy(SingleStrategy):
         load_shards(model, Path(self.cfg.model.path), self.topology.rank, self.topology.world_size)
         init_lora_weights(model, self.cfg.train.seed)
 
-    def uses_bf16(self) -> bool:
-        precision = self.cfg.train.precision.value
-        return precision == "bf16" or (precision == "auto" and self.topology.device_type == "cuda"
-                                       and torch.cuda.is_bf16_supported())
+    def no_gradient_sync(self):
+        return _no_gradient_sync(self.model)
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.train.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
 
     def _options(self, **kwargs) -> StateDictOptions:
         lora = self.cfg.peft.method.value != "full"

@@ -10,13 +10,16 @@ No torch here: this runs on the login node.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import unittest.mock
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from llmft.config import ConfigError
+from llmft.config.validation import settle_strategy
+from llmft.errors import ConfigError
 
 
 @dataclass
@@ -100,14 +103,7 @@ def resolve(cfg: DictConfig) -> Resources:
         account=account, qos=qos, qos_max_time=qos_max_time,
         longest_qos_time=longest.max_time if longest else None,
     )
-    from llmft.config import settle_strategy
-
-    settle_strategy(cfg, resources.world_size)
-    if resources.world_size > 1 and cfg.parallelism.strategy.value == "single":
-        raise ConfigError(
-            f"cluster.nodes={cluster.nodes} x {gpus_per_node} GPUs = {resources.world_size} ranks need a "
-            f"distributed strategy: add parallelism=ddp (or fsdp, zero2, zero3)."
-        )
+    settle_strategy(cfg, resources.world_size, f"cluster.nodes={cluster.nodes} x cluster.gpus_per_node={gpus_per_node}")
     return resources
 
 
@@ -118,18 +114,26 @@ def setup_lines(cfg: DictConfig, resources: Resources) -> list[str]:
     return lines
 
 
-def make_executor(cfg: DictConfig, run_dir: Path):
-    """A submitit executor configured for this run; its folder (RUN_DIR/slurm) holds the script and the logs."""
+def make_executor(cfg: DictConfig, run_dir: Path, render_only: bool = False):
+    """A submitit executor configured for this run; its folder (RUN_DIR/slurm) holds the script and the logs.
+
+    `render_only`: for `plan` on any machine, SLURM or not (a laptop, CI, another cluster's login node). submitit
+    refuses to build a SLURM executor where `srun` is not on PATH; rendering the script needs no SLURM at all, so
+    its check is answered for the construction only (nothing is submitted through this executor).
+    """
     import submitit
 
     cluster = cfg.cluster
     resources = resolve(cfg)
-    executor = submitit.AutoExecutor(
-        folder=run_dir / "slurm",
-        cluster="slurm",
-        slurm_max_num_timeout=cluster.max_requeues,
-        slurm_python=cluster.python or sys.executable,
-    )
+    srun_check = contextlib.nullcontext() if not render_only else \
+        unittest.mock.patch.object(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 1))
+    with srun_check:
+        executor = submitit.AutoExecutor(
+            folder=run_dir / "slurm",
+            cluster="slurm",
+            slurm_max_num_timeout=cluster.max_requeues,
+            slurm_python=cluster.python or sys.executable,
+        )
     extra = dict(cluster.extra_sbatch)
     if cluster.hint_nomultithread:
         extra["hint"] = "nomultithread"
@@ -175,7 +179,7 @@ class TrainJob:
         import submitit
 
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        from llmft.train import Interrupted, run
+        from llmft.training.loop import Interrupted, run
 
         try:
             return run(Path(self.run_dir)).summary
@@ -192,7 +196,7 @@ class EvalJob:
         self.run_dir, self.overrides = run_dir, list(overrides)
 
     def __call__(self) -> dict:
-        from llmft.evaluate import run_eval
+        from llmft.serve.evaluation import run_eval
 
         return run_eval(Path(self.run_dir), self.overrides)
 

@@ -2,27 +2,32 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 
 class SingleStrategy:
-    builds_on_meta = False  # FSDP2 builds big models on the meta device and loads its shards after sharding
+    name = "single"
+    builds_on_meta = False
 
-    def __init__(self, cfg, topology):
+    def __init__(self, cfg, topology, bf16: bool):
         self.cfg = cfg
         self.topology = topology
+        self.bf16 = bf16
         self.model = None
         self.optimizer = None
         self.scheduler = None
         self.trainable = []
 
     def loading_context(self):
-        """Where a model loaded from disk is built (ZeRO-3 overrides it to partition while loading)."""
-        from contextlib import nullcontext
-
         return nullcontext()
+
+    def place(self, model) -> None:
+        if self.cfg.peft.method.value == "qlora":
+            return  # bitsandbytes put the 4-bit weights on this rank's GPU while loading (device_map)
+        model.to(self.topology.device)
 
     def wrap(self, model, trainable, lr_lambda):
         self.model = model
@@ -34,24 +39,24 @@ class SingleStrategy:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
         return model
 
-    def unwrap(self):
-        return self.model
+    def no_gradient_sync(self):
+        return nullcontext()  # one replica: nothing to synchronise
 
     def backward(self, loss):
         loss.backward()
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.train.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm)
+        return grad_norm
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
     def _trainable_named(self):
-        return {n: p for n, p in self.unwrap().named_parameters() if p.requires_grad}
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     def save(self, folder: Path) -> None:
         """Replicas are identical: rank 0 writes for everyone."""
@@ -80,7 +85,7 @@ class SingleStrategy:
 
     def sharding_report(self) -> dict:
         """How many parameter elements this rank holds, against the model's total (a full replica here)."""
-        numel = sum(p.numel() for p in self.unwrap().parameters())
+        numel = sum(p.numel() for p in self.model.parameters())
         return {"local_numel": numel, "global_numel": numel, "sharded_params": 0}
 
     def trainable_state_for_export(self):

@@ -14,10 +14,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from llmft.errors import UserError
+
 MANIFEST = "manifest.json"
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint could not be written (disk full, quota, permissions): the run stops, the previous one stays."""
 TMP_PREFIX = ".tmp-"
 

@@ -1,0 +1,209 @@
+"""The one validation step: every cross-field check a type cannot express, run on the login node before anything
+is created or submitted (`llmft.launch`, `plan` and `data` call `validate`), so nothing waits hours in a queue to
+be refused. Raises ConfigError with one sentence naming the key and the fix. No torch here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from llmft.config.arguments import parse_arguments
+from llmft.config.schema import EvalConfig, PeftMethod, Strategy
+from llmft.errors import ConfigError, missing_extra
+
+DTYPES = ("float32", "bfloat16", "float16")
+QUANT_TYPES = ("nf4", "fp4")
+EVAL_SPLITS = ("auto", "validation", "test")
+
+
+def validate(cfg: DictConfig, check_paths: bool = True) -> None:
+    """Every check of a composed config. `check_paths=False` skips the checks that files exist (for composing a config
+    meant for another machine, as `plan` does)."""
+    check_train(cfg)
+    check_model_and_peft(cfg)
+    check_data(cfg.data)
+    check_eval(cfg.eval, check_paths)
+    world_size = cfg.launch.nproc if cfg.cluster is None else None  # a cluster's: checked with its resources
+    if world_size is not None:
+        check_strategy_for_world_size(cfg, world_size, "launch.nproc")
+    if not check_paths:
+        return
+    data_path = Path(os.path.expandvars(cfg.data.path)).expanduser()
+    if not data_path.exists():
+        raise ConfigError(f"data.path={cfg.data.path} does not exist: point data.path at your data file or folder.")
+    problem = model_path_problem(cfg)
+    if problem:
+        raise ConfigError(problem + ".")
+
+
+def check_train(cfg: DictConfig) -> None:
+    train = cfg.train
+    positive = {
+        "train.lr": train.lr,
+        "train.micro_batch_size": train.micro_batch_size,
+        "train.grad_accum_steps": train.grad_accum_steps,
+        "train.epochs": train.epochs,
+        "train.log_every": train.log_every,
+        "train.eval_every": train.eval_every,
+        "model.max_seq_len": cfg.model.max_seq_len,
+        "peft.r": cfg.peft.r,
+        "launch.nproc": cfg.launch.nproc,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be positive.")
+    if train.max_steps == 0 or train.max_steps < -1:
+        raise ConfigError(f"train.max_steps={train.max_steps} must be a positive step count, or -1 for `train.epochs`.")
+    if not 0.0 <= train.min_lr_ratio <= 1.0:
+        raise ConfigError(f"train.min_lr_ratio={train.min_lr_ratio} must be between 0 and 1.")
+    if train.keep_last < 1:
+        raise ConfigError(f"train.keep_last={train.keep_last} must be at least 1.")
+    if train.save_every < 0:
+        raise ConfigError(f"train.save_every={train.save_every} must be 0 (only at the end) or a step count.")
+    if not re.fullmatch(r"0?[0-7]{3}", str(cfg.umask)):
+        raise ConfigError(f"umask={cfg.umask} is not an octal mask such as 027.")
+
+
+def check_model_and_peft(cfg: DictConfig) -> None:
+    model, peft = cfg.model, cfg.peft
+    if model.dtype not in DTYPES:
+        raise ConfigError(f"model.dtype={model.dtype} is not one of {', '.join(DTYPES)}.")
+    if model.path is None and model.tiny is None:
+        raise ConfigError(f"model.path is not set for model={model.name}: set model.path=/path/to/a/local/hf/folder.")
+    if peft.method != PeftMethod.full and not (peft.target_modules or model.lora_target_modules):
+        raise ConfigError("No LoRA target modules: set peft.target_modules=[q_proj,v_proj] or model.lora_target_modules.")
+    if peft.method == PeftMethod.qlora:
+        if peft.quant_type not in QUANT_TYPES:
+            raise ConfigError(f"peft.quant_type={peft.quant_type} must be one of {', '.join(QUANT_TYPES)}.")
+        if peft.compute_dtype not in DTYPES:
+            raise ConfigError(f"peft.compute_dtype={peft.compute_dtype} must be one of {', '.join(DTYPES)}.")
+        if cfg.parallelism.strategy not in (Strategy.auto, Strategy.single, Strategy.ddp):
+            raise ConfigError(
+                f"peft=qlora runs with parallelism=single or ddp; parallelism={cfg.parallelism.strategy.value} "
+                "would need 4-bit weights sharded, which llmft does not do yet."
+            )
+
+
+def check_data(data) -> None:
+    """Data settings a type cannot check (fractions, thresholds, per-format options)."""
+    if not 0.0 < data.validation_fraction < 1.0:
+        raise ConfigError(f"data.validation_fraction={data.validation_fraction} must be between 0 and 1 (exclusive).")
+    if not 0.0 <= data.test_fraction < 1.0 - data.validation_fraction:
+        raise ConfigError(f"data.test_fraction={data.test_fraction} must be at least 0 and leave room for training "
+                          f"next to data.validation_fraction={data.validation_fraction}.")
+    if not 0.0 < data.clean.near_duplicate_threshold <= 1.0:
+        raise ConfigError(f"data.clean.near_duplicate_threshold={data.clean.near_duplicate_threshold} must be in "
+                          f"(0, 1].")
+    if data.clean.min_assistant_chars < 0 or data.clean.max_message_chars <= 0:
+        raise ConfigError("data.clean.min_assistant_chars must be >= 0 and data.clean.max_message_chars positive.")
+    if data.acronyms.conversations_per_acronym < 1:
+        raise ConfigError("data.acronyms.conversations_per_acronym must be at least 1.")
+    for key, pattern in [("data.email.ticket_id_pattern", data.email.ticket_id_pattern),
+                         *((f"data.scrub.patterns.{name}", p) for name, p in data.scrub.patterns.items())]:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ConfigError(f"{key}={pattern!r} is not a regular expression ({error}).") from None
+    if re.compile(data.email.ticket_id_pattern).groups != 1:
+        raise ConfigError(f"data.email.ticket_id_pattern={data.email.ticket_id_pattern!r} needs exactly one capturing "
+                          f"group (the ticket id).")
+    if len(data.csv.delimiter) != 1:
+        raise ConfigError(f"data.csv.delimiter={data.csv.delimiter!r} must be one character.")
+    if not list(data.csv.question_columns):
+        raise ConfigError("data.csv.question_columns is empty: name the column(s) that hold the question.")
+
+
+def eval_settings(eval_cfg, overrides: list[str] = ()) -> EvalConfig:
+    """The `eval` keys as a plain EvalConfig: the config's values, then its `eval.overrides`, then `overrides`;
+    checked. An unknown key or a bad value raises ConfigError naming it."""
+    base = eval_cfg if isinstance(eval_cfg, EvalConfig) else OmegaConf.to_object(
+        OmegaConf.merge(OmegaConf.structured(EvalConfig), eval_cfg))
+    arguments = [str(a) for a in base.overrides] + list(overrides)
+    arguments = [a.lstrip("+").removeprefix("eval.") for a in arguments]
+    return parse_arguments(arguments, base, "eval.KEY=VALUE", prefix="eval.")
+
+
+def check_eval(eval_cfg, check_paths: bool = True) -> EvalConfig:
+    """The `eval` keys, with `eval.overrides` applied, checked before a job waits in the queue; the settings."""
+    settings = eval_settings(eval_cfg) if not isinstance(eval_cfg, EvalConfig) else eval_cfg
+    positive = {"eval.max_new_tokens": settings.max_new_tokens, "eval.batch_size": settings.batch_size,
+                "eval.judge_timeout_s": settings.judge_timeout_s, "eval.judge_max_tokens": settings.judge_max_tokens,
+                "eval.judge_concurrency": settings.judge_concurrency,
+                "eval.judge_give_up_after": settings.judge_give_up_after}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be positive.")
+    if settings.limit < 0:
+        raise ConfigError(f"eval.limit={settings.limit} must be 0 (all) or a number of examples.")
+    if settings.temperature < 0 or not 0 < settings.top_p <= 1:
+        raise ConfigError("eval.temperature must be >= 0 and eval.top_p in (0, 1].")
+    if settings.split not in EVAL_SPLITS:
+        raise ConfigError(f"eval.split={settings.split} must be auto, validation or test "
+                          f"(to evaluate other conversations, give them as eval.file=FILE).")
+    if settings.judge_url and not re.match(r"https?://", settings.judge_url):
+        raise ConfigError(f"eval.judge_url={settings.judge_url} must start with http:// or https://.")
+    if check_paths and settings.file and not Path(os.path.expandvars(settings.file)).expanduser().exists():
+        raise ConfigError(f"eval.file={settings.file} does not exist.")
+    model = settings.embedding_model
+    if check_paths and model and model.lower() != "off":
+        folder = Path(os.path.expandvars(model)).expanduser()
+        if not (folder / "modules.json").is_file() and not (folder / "config.json").is_file():
+            raise ConfigError(f"eval.embedding_model={model} is not a sentence-transformers folder (no modules.json "
+                              f"or config.json there).")
+    return settings
+
+
+def check_eval_runtime(settings: EvalConfig) -> None:
+    """What the evaluation needs installed, and a judge that can be asked (env vars filled in by then)."""
+    missing = [name for module, name in (("rouge_score", "rouge-score"), ("sacrebleu", "sacrebleu"))
+               if find_spec(module) is None]
+    if missing:
+        raise missing_extra(" and ".join(missing), "eval", "llmft.eval")
+    model = settings.embedding_model
+    if model and model.lower() != "off" and find_spec("sentence_transformers") is None:
+        raise missing_extra("sentence-transformers", "eval", "eval.embedding_model")
+    if settings.judge_url and not settings.judge_model:
+        raise ConfigError("eval.judge_url is set but not eval.judge_model: name the model the endpoint serves "
+                          "(eval.judge_model=NAME or LLMFT_JUDGE_MODEL).")
+
+
+def settled_strategy(cfg: DictConfig, world_size: int) -> Strategy:
+    """The strategy for this number of ranks: parallelism=auto becomes single for one rank, ddp for LoRA / QLoRA and
+    fsdp for full fine-tuning on several. The run directory keeps `auto`; each rank settles it from its real world
+    size, so an sbatch template that prepares a run without a cluster still trains one synchronised model."""
+    strategy = cfg.parallelism.strategy
+    if strategy != Strategy.auto:
+        return strategy
+    if world_size == 1:
+        return Strategy.single
+    return Strategy.fsdp if cfg.peft.method == PeftMethod.full else Strategy.ddp
+
+
+def check_strategy_for_world_size(cfg: DictConfig, world_size: int, where: str) -> Strategy:
+    strategy = settled_strategy(cfg, world_size)
+    if world_size > 1 and strategy == Strategy.single:
+        raise ConfigError(f"{where} gives {world_size} ranks, which need a distributed strategy (parallelism=single "
+                          f"would train unsynchronised copies): use parallelism=auto (or ddp, fsdp, zero2, zero3).")
+    return strategy
+
+
+def settle_strategy(cfg: DictConfig, world_size: int, where: str) -> None:
+    """Write the strategy for a known number of ranks into `cfg` (a cluster job's: its run directory records it).
+    A local run directory keeps `auto` and each rank settles it (see `settled_strategy`)."""
+    cfg.parallelism.strategy = check_strategy_for_world_size(cfg, world_size, where)
+
+
+def model_path_problem(cfg: DictConfig) -> Optional[str]:
+    """Why model.path cannot be loaded (no config.json there), or None."""
+    path = cfg.model.path
+    if path is None or (Path(os.path.expandvars(path)).expanduser() / "config.json").is_file():
+        return None
+    return (f"model.path={path} is not a local Hugging Face model folder (no config.json there): "
+            f"copy the model there or set model.path=/path/to/model")
+

@@ -1,0 +1,124 @@
+"""python -m llmft.plan [overrides]: what a launch would do, without doing it.
+
+Prints the resolved resources and the exact sbatch script `llmft.launch` would submit with the same overrides.
+Submits nothing, creates nothing but a scratch folder for submitit's renderer. Imports no torch.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from llmft.config.compose import compose
+from llmft.config.validation import model_path_problem, settled_strategy, validate
+from llmft.errors import run_command
+from llmft.launch import slurm
+from llmft.launch.estimate import GiB, advice, estimate, gpu_hours, requeues_needed
+
+
+ASSUMED_MFU = 0.4  # what FSDP LoRA / full fine-tuning of 7B models reaches on A100 and H100 (40-55 %)
+
+
+def estimate_lines(cfg: DictConfig, world: int, gpu_memory_gb: float | None, peak_tflops: float | None,
+                   qos_minutes: int | None) -> list[str]:
+    result = estimate(cfg, world, gpu_memory_gb)
+    if result is None:
+        return ["estimate     unknown model shape: give model.path with a config.json"]
+    memory = ", ".join(f"{name.replace('_', ' ')} {value / GiB:.1f}" for name, value in result.memory.items())
+    lines = [
+        f"parameters  {result.total_params / 1e9:.2f} B, {result.trainable_params / 1e6:.1f} M trainable",
+        f"memory/GPU  {result.memory_total / GiB:.1f} GiB ({memory} GiB; micro-batch "
+        f"{cfg.train.micro_batch_size} x {cfg.model.max_seq_len} tokens, activation checkpointing "
+        f"{'on' if cfg.train.activation_checkpointing else 'off'})",
+    ]
+    if result.fits is not None:
+        verdict = "fits" if result.fits else "does NOT fit"
+        lines.append(f"verdict     {verdict} in {gpu_memory_gb:.0f} GB per GPU (90% usable)")
+        if not result.fits:
+            lines.append("change      " + "; or ".join(advice(cfg, result)))
+    lines.append(f"compute     {result.flops_per_token / 1e9:.1f} GFLOP per token, {result.tokens_per_step:,} tokens "
+                 f"per step")
+    train_tokens = prepared_train_tokens(cfg)
+    if cfg.train.max_steps > 0:
+        total_tokens, what = cfg.train.max_steps * result.tokens_per_step, f"{cfg.train.max_steps} steps"
+    elif train_tokens:
+        total_tokens, what = cfg.train.epochs * train_tokens, f"{cfg.train.epochs} epoch(s) of {train_tokens:,} tokens"
+    else:
+        total_tokens, what = None, ""
+        lines.append("cost        set train.max_steps, or data.prepared=DIR (a prepared dataset), for GPU-hours")
+    if total_tokens and peak_tflops:
+        hours = gpu_hours(result, total_tokens, world, peak_tflops, ASSUMED_MFU)
+        wall = hours / world
+        requeue = f", {requeues_needed(wall, qos_minutes)} requeue(s) at the QoS limit" if qos_minutes else ""
+        lines.append(f"cost        {hours:,.1f} GPU-hours ({wall:,.1f} h wall) for {what} at "
+                     f"{ASSUMED_MFU:.0%} MFU{requeue}")
+    return lines
+
+
+def prepared_train_tokens(cfg: DictConfig) -> int | None:
+    """Training tokens of one epoch, from the report of `python -m llmft.data prepare` (data.prepared)."""
+    import json
+    import os
+
+    folder = cfg.data.prepared or cfg.data.output_dir
+    report = Path(os.path.expandvars(str(folder))).expanduser() / "report.json" if folder else None
+    if report is None or not report.is_file():
+        return None
+    tokens = json.loads(report.read_text()).get("tokens")
+    return tokens.get("train") if isinstance(tokens, dict) else tokens
+
+
+def describe(cfg: DictConfig) -> str:
+    lines = [f"model       {cfg.model.name} ({cfg.model.path or 'built: random weights'})"]
+    method = "method      peft={}  parallelism={}"
+    if cfg.cluster is None:
+        cfg.parallelism.strategy = settled_strategy(cfg, cfg.launch.nproc)  # what each rank will settle `auto` to
+        lines.append(method.format(cfg.peft.method.value, cfg.parallelism.strategy.value))
+        lines.append(f"where       local, {cfg.launch.nproc} process(es); add +cluster=NAME to plan a SLURM job")
+        lines += estimate_lines(cfg, cfg.launch.nproc, None, None, None)
+        return "\n".join(lines)
+    resources = slurm.resolve(cfg)  # also settles parallelism=auto for this many ranks
+    lines.append(method.format(cfg.peft.method.value, cfg.parallelism.strategy.value))
+    lines += [
+        f"cluster     {cfg.cluster.name}, {resources.kind} nodes (partition {resources.partition}, "
+        f"constraint {resources.constraint})",
+        f"resources   {resources.nodes} node(s) x {resources.gpus_per_node} GPU(s) = {resources.world_size} ranks, "
+        f"{resources.cpus_per_task} CPUs per task",
+        f"time        {resources.time} (QoS {resources.qos or 'default'}"
+        + (f", limit {resources.qos_max_time}" if resources.qos_max_time else "") + ")",
+        f"account     {resources.account or '(default)'}",
+        f"requeues    up to {cfg.cluster.max_requeues} at the time limit (USR2 {cfg.cluster.signal_delay_s} s before)",
+    ]
+    kind = cfg.cluster.kinds[resources.kind]
+    qos_minutes = slurm.parse_time(resources.qos_max_time) if resources.qos_max_time else resources.minutes
+    lines += estimate_lines(cfg, resources.world_size, kind.memory_gb, kind.peak_tflops, qos_minutes)
+    with tempfile.TemporaryDirectory() as scratch:
+        executor = slurm.make_executor(cfg, Path(scratch) / "RUN_DIR", render_only=True)
+        script = slurm.sbatch_script(executor).replace(str(Path(scratch) / "RUN_DIR"), "RUN_DIR")
+    lines += ["", "sbatch script (RUN_DIR: the run directory created at submission):", "", script]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip())
+        return 0
+    return run_command(lambda: plan(argv))
+
+
+def plan(overrides: list[str]) -> int:
+    cfg = compose(overrides)
+    validate(cfg, check_paths=False)
+    print(describe(cfg))
+    problem = model_path_problem(cfg)
+    if problem:
+        print(f"\nwarning: {problem} (launch checks it again and refuses a missing model)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Write the final model of a run: the PEFT adapter (or the whole model for full fine-tuning) with its tokenizer.
+
+The adapter is checked before it is accepted: every LoRA tensor of the trained model is in the file with its full
+shape, and lora_B is not all zeros (an untrained or partially gathered adapter is the anchors' silent failure).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from llmft.errors import UserError
+
+
+class ExportError(UserError):
+    pass
+
+
+def check_adapter(saved: dict, expected_shapes: dict) -> None:
+    """Refuse an empty or partial adapter. `expected_shapes`: the trained model's full LoRA shapes, by saved name."""
+    if not saved:
+        raise ExportError("the adapter is empty: no LoRA tensor was saved")
+    missing = sorted(set(expected_shapes) - set(saved))
+    if missing:
+        raise ExportError(f"the adapter misses {len(missing)} tensors, e.g. {missing[0]}")
+    for name, shape in expected_shapes.items():
+        if tuple(saved[name].shape) != tuple(shape):
+            raise ExportError(f"{name} has shape {tuple(saved[name].shape)} instead of {tuple(shape)}")
+    lora_b = [t for n, t in saved.items() if "lora_B" in n]
+    if lora_b and all(float(t.abs().max()) == 0.0 for t in lora_b):
+        raise ExportError("every lora_B tensor is zero: the adapter learned nothing (or was saved before training)")
+
+
+def full_shapes(model) -> dict:
+    """Trainable parameters' global shapes, whatever shards them (FSDP2 DTensor: .shape; ZeRO-3: .ds_shape)."""
+    return {n: tuple(getattr(p, "ds_shape", None) or p.shape) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_final(model, trainable_state: dict, tokenizer, final_dir: Path, base_model_path: Path) -> None:
+    """Write the final adapter (or model) from gathered full tensors: into a temporary folder, checked, renamed.
+
+    `model` is the PEFT (or HF) model, possibly sharded; `trainable_state` holds the full trainable tensors
+    gathered on this rank (the strategy's `trainable_state_for_export`). Only rank 0 calls this.
+    """
+    import torch
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    final_dir = Path(final_dir)
+    tmp = final_dir.with_name(final_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(model, PeftModel):
+        for peft_config in model.peft_config.values():
+            peft_config.base_model_name_or_path = str(base_model_path)
+        model.save_pretrained(tmp, state_dict=trainable_state)
+        shapes = full_shapes(model)
+        expected = get_peft_model_state_dict(model, state_dict={
+            n: torch.empty(shape, device="meta") for n, shape in shapes.items()})
+        check_adapter(load_file(tmp / "adapter_model.safetensors"), {n: t.shape for n, t in expected.items()})
+    else:
+        model.save_pretrained(tmp, state_dict=trainable_state)
+    tokenizer.save_pretrained(tmp)
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    os.replace(tmp, final_dir)

@@ -1,0 +1,448 @@
+"""The training loop, as a recipe with named steps (torchtune's shape, torchtitan's step split).
+
+    python -m llmft.train RUN_DIR      # one process per rank; the config is RUN_DIR/config.yaml
+
+`llmft.launch` creates the run directory and starts this (in-process for one rank, else torchrun or SLURM tasks).
+
+    Trainer(cfg, run_dir)   setup: process group -> strategy -> data and tokenizer -> model -> wrap (optimizer)
+    Trainer.train()         resume, then per step: train_step -> log -> validate -> checkpoint -> stop signals
+      train_step()            the micro-batches of one optimizer step, one gradient reduction, the optimizer
+        forward_backward()    one micro-batch: loss on the supervised tokens, backward
+
+State that must survive a restart is `TrainState` (step, samples consumed) plus the RNG states, written with every
+checkpoint. The data is one stream of samples, epoch after epoch, each epoch in an order fixed by (seed, epoch); a
+step takes the next `samples_per_step`, so the data position is one integer, valid on any world size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import peft  # noqa: F401  (imported here, not inside the load: the load's memory figure is the model's alone)
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from llmft.config.compose import load_run_config
+from llmft.data.batching import collate, epoch_order
+from llmft.data.pipeline import build_splits, read_conversations
+from llmft.data.templating import IGNORE_INDEX
+from llmft.data.tokenizer import load_tokenizer, tokenizer_for_run
+from llmft.errors import UserError, report
+from llmft.training import checkpoint, strategies
+from llmft.training.final import save_final
+from llmft.training.flops import flops_per_token, peak_flops
+from llmft.training.metrics import MemoryMeter, MetricsLog, peak_resident_mb, reset_peak_resident, resident_mb
+from llmft.training.model import count_parameters, load_model
+from llmft.training.precision import autocast, uses_bf16
+from llmft.training.signals import Interrupted, StopSignals, requeue_slurm_job
+from llmft.training.topology import Topology
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint restores besides the weights, the optimizer and the RNG states."""
+
+    step: int = 0
+    samples_consumed: int = 0
+
+
+@dataclass
+class Progress:
+    """What the run has seen so far, for the log, the checkpoints' manifests and summary.json."""
+
+    first_loss: float | None = None
+    last_loss: float | None = None
+    val_loss: float | None = None
+    val_loss_step: int | None = None  # the step `val_loss` was measured at
+    # since the last log line: kept on the device or as Python ints, read at logging steps only
+    loss_sum: torch.Tensor | None = None  # the last step's summed token losses over all ranks
+    num_supervised: torch.Tensor | None = None  # and its supervised tokens over all ranks
+    grad_norm: torch.Tensor | float | None = None
+    tokens: int = 0
+    supervised_tokens: int = 0
+    sequences: int = 0
+    interval_start: float = field(default_factory=time.time)
+
+
+@dataclass
+class TrainResult:
+    summary: dict
+    model: torch.nn.Module
+    tokenizer: object
+
+
+class Trainer:
+    def __init__(self, cfg, run_dir: Path):
+        self.cfg, self.tcfg, self.run_dir = cfg, cfg.train, Path(run_dir)
+        self.started = time.time()
+        self._setup_process()
+        self._setup_data()
+        self._setup_model()
+        self.state, self.progress = TrainState(), Progress()
+
+    # ------------------------------------------------------------------------------------------------ setup
+
+    def _setup_process(self) -> None:
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # transformers 5, through PEFT
+        self.topology = topology = Topology.from_env()
+        self.device = topology.device
+        os.umask(int(str(self.cfg.umask), 8))  # every rank writes into the run directory (see launch.run_dir)
+        topology.init_process_group(self.tcfg.collective_timeout_min)
+        self.bf16 = uses_bf16(self.tcfg.precision.value, topology.device_type)
+        self.strategy = strategies.build(self.cfg, topology, self.bf16)
+        random.seed(self.tcfg.seed)
+        np.random.seed(self.tcfg.seed)
+        torch.manual_seed(self.tcfg.seed)
+        if self.device.type == "cpu":
+            torch.use_deterministic_algorithms(True)
+        self.log(f"llmft: model={self.cfg.model.name} peft={self.cfg.peft.method.value} strategy={self.strategy.name} "
+                 f"world_size={topology.world_size} device={self.device} precision={'bf16' if self.bf16 else 'fp32'}")
+
+    def _setup_data(self) -> None:
+        cfg, topology = self.cfg, self.topology
+        conversations, self.read_report = read_conversations(cfg.data)
+        if cfg.model.path is None:  # the tiny model: a tokenizer trained on this run's texts, by rank 0
+            tokenizer_dir = self.run_dir / "base_model"
+            if topology.is_main:
+                tokenizer_for_run(cfg, conversations).save_pretrained(tokenizer_dir)
+            topology.barrier()
+            self.tokenizer = load_tokenizer(str(tokenizer_dir), None)
+        else:
+            self.tokenizer = load_tokenizer(cfg.model.path, cfg.model.fallback_chat_template)
+        splits, self.prep_counts = build_splits(conversations, self.tokenizer, cfg.data, cfg.model.max_seq_len)
+        self.train_samples, self.val_samples = splits["train"], splits["validation"]
+        # flash-attention finds sample boundaries from restarting positions only in a single row: lay packed rows
+        # end to end (SDPA and eager get a block-diagonal mask from the positions of each row)
+        self.flatten = cfg.model.attn_implementation.startswith("flash")
+        self.log(f"data: {len(conversations)} conversations ({len(self.read_report['skipped'])} bad records skipped),"
+                 f" {len(self.train_samples)} train / {len(self.val_samples)} validation samples")
+
+    def _setup_model(self) -> None:
+        tcfg, topology = self.tcfg, self.topology
+        rss_before_load_mb = resident_mb()
+        reset_peak_resident()  # the peak of the load itself, not of the data preparation before it
+        model, self.base_model_path = load_model(self.cfg, self.strategy, self.tokenizer, self.run_dir, topology)
+        self.num_params, self.num_trainable = count_parameters(model)
+        self.log(f"model: {self.num_params:,} parameters, {self.num_trainable:,} trainable")
+        self.micro_batch_across_ranks = tcfg.micro_batch_size * topology.world_size
+        samples_per_step = self.micro_batch_across_ranks * tcfg.grad_accum_steps
+        self.total_steps = math.ceil(tcfg.epochs * len(self.train_samples) / samples_per_step)
+        if tcfg.max_steps > 0:
+            self.total_steps = min(self.total_steps, tcfg.max_steps)
+        self.peft_model = model  # the PEFT (or HF) model, for export; `self.model` is the wrapped one
+        self.model = self.strategy.wrap(
+            model, [p for p in model.parameters() if p.requires_grad],
+            lambda s: warmup_cosine(s, tcfg.warmup_steps, self.total_steps, tcfg.min_lr_ratio))
+        self.sharding = self.strategy.sharding_report()  # now: after a forward FSDP2 keeps the root unsharded
+        # Host RAM that loading and sharding took on this rank, summed over ranks (peak since start minus before).
+        self.load_rss_mb = float(self.all_reduce(torch.tensor(peak_resident_mb() - rss_before_load_mb,
+                                                              dtype=torch.float64)))
+        self.log(f"memory: loading the model took {self.load_rss_mb:,.0f} MB of host RAM over "
+                 f"{topology.world_size} rank(s)")
+        hf_config = self.peft_model.config
+        self.gpu_peak_flops = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" \
+            else None
+        self.num_layers, self.hidden_size = hf_config.num_hidden_layers, hf_config.hidden_size
+        self.memory = MemoryMeter(self.device)
+
+    # ------------------------------------------------------------------------------------------------ the loop
+
+    def train(self) -> TrainResult:
+        self.resume()
+        metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.total_steps, self.state.step,
+                             enabled=self.topology.is_main, use_wandb=self.tcfg.wandb)
+        with metrics, StopSignals(self.topology) as stop:
+            while self.state.step < self.total_steps:
+                self.train_step()
+                step, last = self.state.step, self.state.step == self.total_steps
+                if step % self.tcfg.log_every == 0 or last:
+                    self.log_metrics(metrics)
+                if step % self.tcfg.eval_every == 0 or last:
+                    self.validate(metrics)
+                saved = self.tcfg.save_every > 0 and step % self.tcfg.save_every == 0 and not last
+                if saved:
+                    self.save_checkpoint()
+                stop_signal = stop.agreed()
+                if stop_signal:
+                    self.stop_at_signal(stop_signal, saved)
+        return self.finish()
+
+    def train_step(self) -> None:
+        """One optimizer step over `grad_accum_steps` micro-batches, normalised by the supervised tokens of the whole
+        step on all ranks: every rank divides by the global count, and the factor world_size undoes the gradient
+        averaging of DDP, FSDP and ZeRO. The result is the exact token-mean gradient of the global batch, whatever the
+        strategy, the number of ranks and of micro-batches. Gradients are reduced once, at the last micro-batch."""
+        micro_batches = [self.next_micro_batch() for _ in range(self.tcfg.grad_accum_steps)]
+        num_supervised = self.all_reduce(torch.tensor(sum(n for _, n in micro_batches), dtype=torch.float64))
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for index, (batch, _) in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
+            with nullcontext() if last else self.strategy.no_gradient_sync():
+                loss_sum += self.forward_backward(batch, num_supervised)
+        self.progress.grad_norm = self.strategy.step()
+        self.progress.loss_sum, self.progress.num_supervised = self.all_reduce(loss_sum), num_supervised
+        self.state.step += 1
+        if self.progress.first_loss is None:
+            self.progress.first_loss = self.step_loss()  # host sync: the first step only
+
+    def forward_backward(self, batch: dict, num_supervised: torch.Tensor) -> torch.Tensor:
+        loss_sum, _ = token_losses(self.model, batch, self.bf16)
+        self.strategy.backward(loss_sum * self.topology.world_size / num_supervised.clamp(min=1).to(loss_sum.dtype))
+        return loss_sum.detach().double()
+
+    def next_micro_batch(self) -> tuple[dict, int]:
+        """This rank's share (every world_size-th sample) of the next micro-batch across ranks, on its device, and the
+        number of its supervised tokens (counted on the host before the copy: no device sync)."""
+        num_train = len(self.train_samples)
+        positions = range(self.state.samples_consumed, self.state.samples_consumed + self.micro_batch_across_ranks)
+        stream = [epoch_order(num_train, self.tcfg.seed, k // num_train)[k % num_train] for k in positions]
+        mine = [self.train_samples[i] for i in stream[self.topology.rank :: self.topology.world_size]]
+        self.state.samples_consumed += self.micro_batch_across_ranks
+        batch = collate(mine, self.tokenizer.pad_token_id, flatten=self.flatten)
+        batch.pop("num_tokens")
+        num_supervised = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        self.progress.tokens += sum(len(s.input_ids) for s in mine)
+        self.progress.supervised_tokens += num_supervised
+        self.progress.sequences += sum(len(s.seq_lengths or [0]) for s in mine)  # real sequences, not packed rows
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}, num_supervised
+
+    # ------------------------------------------------------------------------------------------------ log, validate
+
+    def step_loss(self) -> float:
+        return float(self.progress.loss_sum) / max(1.0, float(self.progress.num_supervised))
+
+    def log_metrics(self, metrics: MetricsLog) -> None:
+        progress, topology = self.progress, self.topology
+        progress.last_loss = self.step_loss()  # host syncs: at logging steps only
+        elapsed = max(1e-9, time.time() - progress.interval_start)
+        tokens_all_ranks = float(self.all_reduce(torch.tensor(progress.tokens, dtype=torch.float64)))
+        supervised_all_ranks = float(self.all_reduce(torch.tensor(progress.supervised_tokens, dtype=torch.float64)))
+        record = {
+            "step": self.state.step,
+            "epoch": self.state.samples_consumed / len(self.train_samples),
+            "loss": progress.last_loss,
+            "lr": self.strategy.lr(),
+            "grad_norm": float(progress.grad_norm),
+            "tokens_per_s": tokens_all_ranks / elapsed,
+            "tokens_per_s_per_rank": progress.tokens / elapsed,
+            "supervised_tokens_per_s": supervised_all_ranks / elapsed,
+            "peak_memory_gb": float(self.all_reduce(torch.tensor(self.memory.interval_peak_gb(),
+                                                                 dtype=torch.float64), op="max")),
+        }
+        if self.gpu_peak_flops:  # MFU with the LoRA-aware FLOPs count (training/flops.py), per real sequence
+            per_token = flops_per_token(self.num_params, self.num_trainable, self.num_layers, self.hidden_size,
+                                        progress.tokens / max(1, progress.sequences),
+                                        lora=self.cfg.peft.method.value != "full")
+            record["mfu"] = per_token * record["tokens_per_s_per_rank"] / self.gpu_peak_flops
+        metrics.write(record)
+        metrics.show(self.state.step, record)
+        progress.tokens = progress.supervised_tokens = progress.sequences = 0
+        progress.interval_start = time.time()
+
+    def validate(self, metrics: MetricsLog) -> None:
+        val_loss = validation_loss(self.model, self.val_samples, self.tcfg.micro_batch_size,
+                                   self.tokenizer.pad_token_id, self.bf16, self.device, self.flatten)
+        self.progress.val_loss, self.progress.val_loss_step = val_loss, self.state.step
+        metrics.write({"step": self.state.step, "val_loss": val_loss})
+        metrics.show(self.state.step, {"val_loss": val_loss})
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self) -> None:
+        state = self.state
+
+        def write(folder: Path) -> None:
+            self.strategy.save(folder)
+            torch.save({"rng": rng_state(self.device), **asdict(state)}, folder / f"state_rank{self.topology.rank}.pt")
+
+        # a checkpoint is ranked by the validation loss of its own step, never by an older one
+        own_val_loss = self.progress.val_loss if self.progress.val_loss_step == state.step else None
+        meta = {"world_size": self.topology.world_size, "strategy": self.strategy.name, "val_loss": own_val_loss}
+        path = checkpoint.save(self.run_dir / "checkpoints", state.step, write, meta, self.tcfg.keep_last,
+                               barrier=self.topology.barrier, is_main=self.topology.is_main)
+        self.log(f"checkpoint: {path}")
+
+    def resume(self) -> None:
+        latest, incomplete = checkpoint.find_latest(self.run_dir / "checkpoints")
+        for folder in incomplete:
+            self.log(f"checkpoint: ignoring incomplete {folder}")
+        if latest is None:
+            return
+        self.strategy.load(latest)
+        own = latest / f"state_rank{self.topology.rank}.pt"
+        saved = torch.load(own if own.exists() else latest / "state_rank0.pt", weights_only=False)
+        set_rng_state(saved["rng"], self.device)
+        self.state = TrainState(step=saved["step"], samples_consumed=saved["samples_consumed"])
+        self.log(f"resume: from {latest} (step {self.state.step}, saved with world size "
+                 f"{checkpoint.read_manifest(latest)['world_size']})")
+
+    def stop_at_signal(self, stop_signal: int, saved: bool) -> None:
+        if not saved:
+            self.save_checkpoint()
+        self.topology.barrier()
+        max_requeues = self.cfg.cluster.max_requeues if self.cfg.cluster is not None else 3  # templates: no profile
+        raise Interrupted(self.state.step, signal.Signals(stop_signal).name,
+                          requeue_slurm_job(max_requeues, self.topology))
+
+    def finish(self) -> TrainResult:
+        final_dir = self.run_dir / "final"
+        trainable_state = self.strategy.trainable_state_for_export()  # a collective: every rank takes part
+        if self.topology.is_main:
+            save_final(self.peft_model, trainable_state, self.tokenizer, final_dir, self.base_model_path)
+        self.topology.barrier()
+        summary = {
+            "status": "completed",
+            "steps": self.state.step,
+            "total_steps": self.total_steps,
+            "first_loss": self.progress.first_loss,
+            "final_loss": self.progress.last_loss,
+            "final_val_loss": self.progress.val_loss,
+            "num_parameters": self.num_params,
+            "num_trainable_parameters": self.num_trainable,
+            "num_train_samples": len(self.train_samples),
+            "num_validation_samples": len(self.val_samples),
+            "data": {**self.read_report, **self.prep_counts},
+            "world_size": self.topology.world_size,
+            "strategy": self.strategy.name,
+            "precision": "bf16" if self.bf16 else "fp32",
+            "sharding_rank0": self.sharding,
+            "load_host_rss_mb_all_ranks": self.load_rss_mb,
+            "wall_time_s": time.time() - self.started,
+            "final_dir": str(final_dir),
+            "base_model_path": str(self.base_model_path),
+        }
+        if self.topology.is_main:
+            write_summary(self.run_dir, summary)
+        return TrainResult(summary, self.peft_model, self.tokenizer)
+
+    # ------------------------------------------------------------------------------------------------ helpers
+
+    def log(self, message: str) -> None:
+        if self.topology.is_main:
+            print(message, flush=True)
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """A reduction over ranks on this rank's device (no host sync); the tensor itself with one rank."""
+        tensor = tensor.to(self.device)
+        if self.topology.is_distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return tensor
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warmup from 0, then cosine decay to `min_lr_ratio`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def token_losses(model, batch: dict, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of next-token cross-entropies over supervised positions, and their number (both on the device)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with autocast(bf16, batch["input_ids"].device.type):
+        logits = model(**inputs).logits
+    targets = batch["labels"][:, 1:]
+    loss_sum = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss_sum, (targets != IGNORE_INDEX).sum()
+
+
+@torch.no_grad()
+def validation_loss(model, samples, micro_batch_size: int, pad_token_id: int, bf16: bool, device,
+                    flatten: bool = False) -> float:
+    """The token-mean loss of the model on `samples` (every rank computes it on all of them)."""
+    model.eval()
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    total_tokens = torch.zeros((), dtype=torch.int64, device=device)
+    for start in range(0, len(samples), micro_batch_size):
+        rows = samples[start : start + micro_batch_size]
+        batch = collate(rows, pad_token_id, flatten=flatten)
+        batch.pop("num_tokens")
+        loss_sum, num_tokens = token_losses(model, {k: v.to(device) for k, v in batch.items()}, bf16)
+        total_loss += loss_sum.double()
+        total_tokens += num_tokens
+    model.train()
+    return float(total_loss) / max(1, int(total_tokens))
+
+
+def rng_state(device: torch.device) -> dict:
+    """Python, NumPy and torch RNG states, and the CUDA one of this rank's own GPU (a resume on nodes with another
+    number of GPUs then finds what it needs)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and isinstance(state.get("cuda"), torch.Tensor):
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def write_summary(run_dir: Path, summary: dict) -> None:
+    tmp = Path(run_dir) / ".summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, Path(run_dir) / "summary.json")
+
+
+def train(cfg, run_dir: Path) -> TrainResult:
+    return Trainer(cfg, run_dir).train()
+
+
+def run(run_dir: Path) -> TrainResult:
+    """Train from a run directory; whatever stops the run, summary.json says how and why before it propagates."""
+    cfg = load_run_config(run_dir)
+    is_main = Topology.from_env().is_main
+    try:
+        return train(cfg, run_dir)
+    except Interrupted as stop:
+        if is_main:
+            write_summary(run_dir, {"status": "requeued" if stop.requeued else "interrupted", "step": stop.step,
+                                    "signal": stop.signal_name,
+                                    "resume": f"python -m llmft.launch resume={Path(run_dir).resolve()}"})
+        raise
+    except BaseException as error:  # KeyboardInterrupt (a second Ctrl-C) and SystemExit included
+        if is_main:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            write_summary(run_dir, {"status": "failed", "error": f"{type(error).__name__}: {reason}".rstrip(": ")})
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0] in ("-h", "--help"):
+        print("usage: python -m llmft.train RUN_DIR   (a run directory that llmft.launch created)",
+              file=sys.stdout if argv[:1] in (["-h"], ["--help"]) else sys.stderr)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    try:
+        run(Path(argv[0]))
+    except UserError as error:
+        return report(error)
+    except Interrupted as stop:
+        if Topology.from_env().is_main:
+            print(f"llmft: {stop}; the checkpoint is saved. Continue with: "
+                  f"python -m llmft.launch resume={Path(argv[0]).resolve()}", file=sys.stderr)
+        return 3
+    if Topology.from_env().is_main and "TORCHELASTIC_RUN_ID" not in os.environ:  # torchrun: launch prints it
+        print(f"run dir: {Path(argv[0]).resolve()}")
+    return 0

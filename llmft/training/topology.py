@@ -1,0 +1,87 @@
+"""The one place that knows the topology: nodes, world size, rank, local rank, device.
+
+Read from the environment set by the launcher: torchrun-style variables (RANK, WORLD_SIZE, LOCAL_RANK) or, under
+srun, SLURM's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_NNODES). Everything else asks this object.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Topology:
+    world_size: int
+    rank: int
+    local_rank: int
+    num_nodes: int
+    device_type: str  # "cuda" or "cpu"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def device(self):
+        import torch
+
+        return torch.device(f"cuda:{self.local_rank}" if self.device_type == "cuda" else "cpu")
+
+    @staticmethod
+    def from_env() -> "Topology":
+        import torch
+
+        env = os.environ
+        if "RANK" in env:
+            world_size, rank = int(env["WORLD_SIZE"]), int(env["RANK"])
+            local_rank = int(env.get("LOCAL_RANK", 0))
+            num_nodes = int(env.get("LLMFT_NUM_NODES", env.get("SLURM_NNODES", 1)))
+        elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+            world_size, rank = int(env["SLURM_NTASKS"]), int(env["SLURM_PROCID"])
+            local_rank = int(env.get("SLURM_LOCALID", 0))
+            num_nodes = int(env.get("SLURM_NNODES", 1))
+        else:
+            world_size, rank, local_rank, num_nodes = 1, 0, 0, 1
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        return Topology(world_size, rank, local_rank, num_nodes, device_type)
+
+    def export_env(self) -> None:
+        """RANK, WORLD_SIZE and LOCAL_RANK in the environment, whatever started the rank (torchrun, submitit, a bare
+        srun that only sets SLURM_*): DeepSpeed's zero.Init and engine read LOCAL_RANK from there."""
+        os.environ["RANK"], os.environ["WORLD_SIZE"] = str(self.rank), str(self.world_size)
+        os.environ["LOCAL_RANK"], os.environ["LOCAL_WORLD_SIZE"] = str(self.local_rank), str(self.ranks_per_node)
+
+    @property
+    def ranks_per_node(self) -> int:
+        return max(1, self.world_size // max(1, self.num_nodes))
+
+    def init_process_group(self, timeout_min: float = 30.0) -> None:
+        """Join the ranks: bind this rank's GPU first (so NCCL, FSDP2 and barriers use it, never GPU 0 from every
+        rank), then init_process_group with that device. MASTER_ADDR / MASTER_PORT come from the environment
+        (torchrun, submitit, or the sbatch templates in slurm/)."""
+        import datetime
+
+        import torch
+        import torch.distributed as dist
+
+        self.export_env()
+        if not self.is_distributed or dist.is_initialized():
+            return
+        extra = {}
+        if self.device_type == "cuda":
+            torch.cuda.set_device(self.local_rank)
+            extra["device_id"] = self.device
+        dist.init_process_group(backend="nccl" if self.device_type == "cuda" else "gloo", rank=self.rank,
+                                world_size=self.world_size, timeout=datetime.timedelta(minutes=timeout_min), **extra)
+
+    def barrier(self) -> None:
+        """All ranks meet here (on this rank's bound GPU under NCCL); nothing with one rank."""
+        if self.is_distributed:
+            import torch.distributed as dist
+
+            dist.barrier()

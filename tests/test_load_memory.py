@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from test_distributed import train_ranks
+from dist_runs import train_ranks
 
 pytestmark = pytest.mark.slow
 

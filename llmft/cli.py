@@ -26,10 +26,14 @@ def available() -> dict[str, str]:
 def main() -> None:
     commands = available()
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
-        print("usage: llmft SUBCOMMAND [args...]\n", file=sys.stderr)
+        asked_help = len(sys.argv) >= 2 and sys.argv[1] in ("-h", "--help")
+        out = sys.stdout if asked_help else sys.stderr
+        if len(sys.argv) >= 2 and not asked_help:
+            print(f"llmft: unknown command '{sys.argv[1]}'; the commands are: {', '.join(commands)}.", file=out)
+        print("usage: llmft SUBCOMMAND [args...]\n", file=out)
         for name, text in commands.items():
-            print(f"  {name:8} {text}", file=sys.stderr)
-        sys.exit(0 if len(sys.argv) >= 2 and sys.argv[1] in ("-h", "--help") else 2)
+            print(f"  {name:8} {text}", file=out)
+        sys.exit(0 if asked_help else 2)
     name = sys.argv[1]
     sys.argv = [f"llmft {name}", *sys.argv[2:]]
     runpy.run_module(f"llmft.{name}", run_name="__main__", alter_sys=True)

@@ -30,10 +30,16 @@ def report(error: UserError) -> int:
     return USER_ERROR_EXIT_CODE
 
 
-def run_command(main: Callable[[], int | None]) -> int:
-    """Run an entry point's `main`: a UserError becomes one line and exit code 2; anything else propagates."""
+def run_command(command: Callable[[list[str]], int | None], argv: list[str] | None = None,
+                help_text: str | None = None) -> int:
+    """Run a command on its arguments (sys.argv's by default): `-h` / `--help` prints `help_text`; a UserError becomes
+    one line and exit code 2; anything else (a bug in llmft) propagates with its traceback."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if help_text is not None and any(a in ("-h", "--help") for a in argv):
+        print(help_text.strip())
+        return 0
     try:
-        return main() or 0
+        return command(argv) or 0
     except UserError as error:
         return report(error)
 

@@ -4,7 +4,12 @@
 stopped; ~12 s the first time, plus the package installation on a fresh machine) and returns the environment the
 SLURM commands, submitit and llmft need (``SLURM_CONF``, ``LLMFT_SLURM_STATE_DIR``), read from
 ``STATE_DIR/env.sh``. If the cluster cannot start it raises ``LocalSlurmError`` carrying the script's output:
-a test needing SLURM fails loudly, it is never skipped.
+a test needing SLURM fails loudly, it is never skipped. STATE_DIR is ``$LLMFT_SLURM_STATE_DIR`` when set (a cluster
+started by hand with ``eval "$(tools/local-slurm.sh start DIR)"``), else /tmp/llmft-slurm. Concurrent callers (two
+pytest runs) are serialized with a lock file beside STATE_DIR, so they never start two clusters at once.
+
+Nothing starts SLURM before pytest (CI runs only ``python -m pytest``): every test that submits jobs or runs SLURM
+commands must take a session-scoped fixture calling ``ensure_local_slurm()``, as tests/test_slurm.py does.
 
 Usage in a test module or ``conftest.py``::
 
@@ -38,6 +43,7 @@ The script needs root; it leaves the cluster running (``tools/local-slurm.sh sto
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shlex
 import subprocess
@@ -69,7 +75,16 @@ def ensure_local_slurm(state_dir: str | os.PathLike | None = None, timeout: floa
     Raises LocalSlurmError with the script's stdout and stderr when it fails or times out (the timeout covers a
     package installation on a fresh CI machine).
     """
-    state = Path(state_dir) if state_dir is not None else DEFAULT_STATE_DIR
+    if state_dir is None:
+        state_dir = os.environ.get("LLMFT_SLURM_STATE_DIR") or DEFAULT_STATE_DIR
+    state = Path(state_dir).resolve()
+    state.parent.mkdir(parents=True, exist_ok=True)
+    with open(state.parent / f".{state.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        return _start(state, timeout)
+
+
+def _start(state: Path, timeout: float) -> dict[str, str]:
     command = ["bash", str(SCRIPT), "start", str(state)]
     try:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)

@@ -23,8 +23,10 @@ pytestmark = pytest.mark.slow
 TINY = ["train.max_steps=40", "train.log_every=1", "train.eval_every=20", "train.save_every=0", "peft.dropout=0"]
 
 
-@pytest.fixture(scope="module")
-def slurm_env():
+@pytest.fixture(scope="session")
+def slurm_env() -> dict[str, str]:
+    """Starts the local SLURM cluster unless it runs (CI does not start it beforehand): every test here takes this
+    fixture, so running any one of them alone gets the cluster. A failure to start fails the tests, never skips."""
     return ensure_local_slurm()
 
 

@@ -5,7 +5,6 @@ directory instead of composing `conf/`, so they parse their few keys with OmegaC
 
 from __future__ import annotations
 
-import sys
 from dataclasses import fields, is_dataclass
 from typing import Any
 
@@ -50,12 +49,3 @@ def valid_keys(schema: Any, prefix: str = "") -> list[str]:
         else:
             keys.append(prefix + item.name)
     return keys
-
-
-def command_arguments(argv: list[str] | None, help_text: str) -> list[str] | None:
-    """The command's arguments (sys.argv's by default), or None once `help_text` is printed for -h/--help."""
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(help_text)
-        return None
-    return argv

@@ -15,12 +15,16 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from llmft.config import data_schema, schema
 from llmft.config.schema import LlmftConfig
 from llmft.errors import ConfigError
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 CONF_DIR = PACKAGE_DIR / "conf"
 SAMPLES_DIR = PACKAGE_DIR / "data" / "samples"
+# The dataclasses of the schema by name: `from __future__ import annotations` leaves field types as strings.
+SCHEMA_TYPES = {name: value for module in (schema, data_schema) for name, value in vars(module).items()
+                if isinstance(value, type) and hasattr(value, "__dataclass_fields__")}
 
 
 def register_configs() -> None:
@@ -40,22 +44,63 @@ if not OmegaConf.has_resolver("llmft_samples"):
 
 
 def one_line_error(hydra_output: str) -> str:
-    """Hydra's multi-line composition error as one sentence naming the key (or group), what is expected, and the fix."""
-    lines = [l.strip() for l in hydra_output.strip().splitlines() if l.strip()]
-    lines = [l for l in lines if not l.startswith(("Set the environment variable HYDRA_FULL_ERROR", "object_type="))]
-    full_key = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("full_key:")), None)
+    """Hydra's multi-line composition error (or its traceback) as one sentence naming the key (or group), what is
+    expected, and the fix."""
+    full_key = re.search(r"full_key:\s*(\S+)", hydra_output)
+    key = full_key.group(1) if full_key else None
     missing_group = re.search(r"Could not find '([^']+)'", hydra_output)
     if missing_group:
         group = missing_group.group(1).split("/")[0]
         listed = hydra_output.split("Available options", 1)[-1].split("Config search path", 1)[0]
         options = [l.strip() for l in listed.splitlines()[1:] if l.strip()]
         return f"no config '{missing_group.group(1)}'; the options for {group}= are: {', '.join(options)}."
-    core = [l for l in lines if not l.startswith(("full_key:", "To append to your config", "Could not override",
-                                                    "Error merging override", "Error parsing override",
-                                                    "See https://hydra.cc"))]
-    reason = core[0] if core else lines[0] if lines else "invalid configuration"
-    key = f"{full_key}: " if full_key else ""
-    return f"bad config: {key}{reason} (see `python -m llmft.launch --cfg job` for the valid keys)."
+    unknown = re.search(r"Key '([^']+)' (?:not in|is not in struct|is not in) ?'?(\w*)'?", hydra_output)
+    if unknown:
+        key = key or unknown.group(1)
+        hint = close_key(key)
+        return (f"bad config: {key}: Key '{unknown.group(1)}' not in '{unknown.group(2) or key.rsplit('.', 1)[0]}'; "
+                + (hint or "see `python -m llmft.launch --cfg job` for the valid keys."))
+    wrong_type = re.search(r"Value '(.*)' of type '(\w+)' could not be converted to (\w+)", hydra_output)
+    if wrong_type:
+        value, expected = wrong_type.group(1), wrong_type.group(3).lower()
+        return f"bad config: {key or 'a key'}={value}: expected {'an' if expected[0] in 'aeiou' else 'a'} {expected}."
+    not_valid = re.search(r"Value '(.*)' is not a valid (\w+)", hydra_output)
+    if not_valid:
+        return f"bad config: {key or 'a key'}={not_valid.group(1)}: expected a {not_valid.group(2)}."
+    invalid_enum = re.search(r"Invalid value '([^']*)', expected one of \[([^\]]*)\]", hydra_output)
+    if invalid_enum:
+        return f"bad config: {key or 'a key'}={invalid_enum.group(1)}: expected one of {invalid_enum.group(2)}."
+    lines = [l.strip() for l in hydra_output.strip().splitlines() if l.strip()]
+    skip = ("Set the environment variable HYDRA_FULL_ERROR", "object_type=", "reference_type=", "full_key:",
+            "To append to your config", "Traceback", "File ", "See https://hydra.cc", "^", "~")
+    core = [l for l in lines if not l.startswith(skip)]
+    reason = core[-1] if core else "invalid configuration"
+    reason = re.sub(r"^[\w.]+(Error|Exception): ", "", reason)
+    return f"bad config: {key + ': ' if key else ''}{reason} (see `python -m llmft.launch --cfg job` for the valid keys)."
+
+
+def close_key(key: str) -> str | None:
+    """`did you mean train.lr?` for a misspelt key, from the schema's own keys."""
+    import difflib
+    from dataclasses import fields, is_dataclass
+
+    def keys_of(schema, prefix: str = "") -> list[str]:
+        found = []
+        for item in fields(schema):
+            found.append(prefix + item.name)
+            kind = item.type if isinstance(item.type, type) else None
+            default = item.default_factory() if callable(item.default_factory) else None  # type: ignore[misc]
+            nested = type(default) if is_dataclass(default) else kind if kind and is_dataclass(kind) else None
+            if nested is None and isinstance(item.type, str):
+                nested = SCHEMA_TYPES.get(item.type.replace("Optional[", "").rstrip("]"))
+            if nested is not None:
+                found += keys_of(nested, f"{prefix}{item.name}.")
+        return found
+
+    group, _, leaf = key.rpartition(".")
+    siblings = [k.rpartition(".")[2] for k in keys_of(LlmftConfig) if k.rpartition(".")[0] == group]
+    candidates = [f"{group}.{c}" if group else c for c in difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)]
+    return f"did you mean {candidates[0]}?" if candidates else None
 
 
 def error_chain(error: BaseException) -> str:

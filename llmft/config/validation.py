@@ -14,7 +14,8 @@ from typing import Optional
 from omegaconf import DictConfig, OmegaConf
 
 from llmft.config.arguments import parse_arguments
-from llmft.config.schema import EvalConfig, PeftMethod, Strategy
+from llmft.config.compose import one_line_error
+from llmft.config.schema import EvalConfig, LlmftConfig, PeftMethod, Strategy
 from llmft.errors import ConfigError, missing_extra
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -25,6 +26,12 @@ EVAL_SPLITS = ("auto", "validation", "test")
 def validate(cfg: DictConfig, check_paths: bool = True) -> None:
     """Every check of a composed config. `check_paths=False` skips the checks that files exist (for composing a config
     meant for another machine, as `plan` does)."""
+    check_schema(cfg)
+    if check_paths:  # `???` in a group file: a value the user must give (plan shows a job without it)
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise ConfigError(f"{missing[0]} is not set: add {missing[0]}=... to the command"
+                              + (f" (also unset: {', '.join(missing[1:])})" if missing[1:] else "") + ".")
     check_train(cfg)
     check_model_and_peft(cfg)
     check_data(cfg.data)
@@ -40,6 +47,15 @@ def validate(cfg: DictConfig, check_paths: bool = True) -> None:
     problem = model_path_problem(cfg)
     if problem:
         raise ConfigError(problem + ".")
+
+
+def check_schema(cfg: DictConfig) -> None:
+    """Keys added with `+group.key=value` pass Hydra's composition; the schema refuses them here, before a run
+    directory exists."""
+    try:
+        OmegaConf.merge(OmegaConf.structured(LlmftConfig), OmegaConf.to_container(cfg, resolve=False))
+    except Exception as error:  # OmegaConf's ConfigKeyError / ValidationError
+        raise ConfigError(one_line_error(str(error))) from None
 
 
 def check_train(cfg: DictConfig) -> None:
@@ -92,6 +108,13 @@ def check_model_and_peft(cfg: DictConfig) -> None:
 
 def check_data(data) -> None:
     """Data settings a type cannot check (fractions, thresholds, per-format options)."""
+    data_format = str(getattr(data.format, "value", data.format))
+    staff_set = any(not OmegaConf.is_missing(data.tickets, k) and list(data.tickets[k]) for k in
+                    ("staff_domains", "staff_addresses")) if isinstance(data.tickets, DictConfig) else \
+        bool(data.tickets.staff_domains or data.tickets.staff_addresses)
+    if data_format in ("tickets_jsonl", "email") and not staff_set:
+        raise ConfigError(f"data.format={data_format} needs to know who answers: set "
+                          f"data.tickets.staff_domains=[support.example.org] (or data.tickets.staff_addresses).")
     if not 0.0 < data.validation_fraction < 1.0:
         raise ConfigError(f"data.validation_fraction={data.validation_fraction} must be between 0 and 1 (exclusive).")
     if not 0.0 <= data.test_fraction < 1.0 - data.validation_fraction:
@@ -159,7 +182,23 @@ def check_eval(eval_cfg, check_paths: bool = True) -> EvalConfig:
     return settings
 
 
-def check_eval_runtime(settings: EvalConfig) -> None:
+def check_installed(cfg: DictConfig, local: bool) -> None:
+    """The optional packages this run needs, and a GPU where one is needed and the run is on this machine: one
+    sentence naming the pip command, before a run directory is created."""
+    strategy = cfg.parallelism.strategy.value
+    if strategy.startswith("zero") and find_spec("deepspeed") is None:
+        raise missing_extra("deepspeed", "deepspeed", f"parallelism={strategy}")
+    if cfg.peft.method == PeftMethod.qlora:
+        if find_spec("bitsandbytes") is None:
+            raise missing_extra("bitsandbytes", "qlora", "peft=qlora")
+        if local and not Path("/proc/driver/nvidia/version").exists():
+            raise ConfigError("peft=qlora needs a CUDA GPU (bitsandbytes 4-bit) and this machine has none: use "
+                              "peft=lora here, or submit to a GPU cluster with +cluster=NAME.")
+    if cfg.eval.after_train:
+        check_eval_runtime(check_eval(cfg.eval, check_paths=False), judge_env=False)
+
+
+def check_eval_runtime(settings: EvalConfig, judge_env: bool = True) -> None:
     """What the evaluation needs installed, and a judge that can be asked (env vars filled in by then)."""
     missing = [name for module, name in (("rouge_score", "rouge-score"), ("sacrebleu", "sacrebleu"))
                if find_spec(module) is None]
@@ -168,7 +207,7 @@ def check_eval_runtime(settings: EvalConfig) -> None:
     model = settings.embedding_model
     if model and model.lower() != "off" and find_spec("sentence_transformers") is None:
         raise missing_extra("sentence-transformers", "eval", "eval.embedding_model")
-    if settings.judge_url and not settings.judge_model:
+    if judge_env and settings.judge_url and not settings.judge_model:
         raise ConfigError("eval.judge_url is set but not eval.judge_model: name the model the endpoint serves "
                           "(eval.judge_model=NAME or LLMFT_JUDGE_MODEL).")
 

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="train", help="inspect: which split")
     parser.add_argument("--no-color", action="store_true", help="inspect: brackets instead of colour")
     args, overrides = parser.parse_known_args(argv)
-    return run_command(lambda: run(args, overrides))
+    return run_command(lambda overrides_: run(args, overrides_), overrides)
 
 
 def run(args, overrides: list[str]) -> int:

@@ -103,11 +103,7 @@ def describe(cfg: DictConfig) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.strip())
-        return 0
-    return run_command(lambda: plan(argv))
+    return run_command(plan, argv, __doc__)
 
 
 def plan(overrides: list[str]) -> int:

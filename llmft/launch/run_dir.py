@@ -28,6 +28,7 @@ from llmft import __version__
 from llmft.config.compose import PACKAGE_DIR, to_container
 from llmft.errors import ConfigError
 from llmft.config.redact import redact_argv, redact_config
+from llmft.training import run_lock  # torch-free
 
 
 def new_run_dir(cfg: DictConfig) -> Path:
@@ -64,12 +65,14 @@ def apply_umask(cfg: DictConfig) -> None:
 
 
 def create(cfg: DictConfig) -> Path:
-    """Create the run directory and write the resolved config and provenance; returns its absolute path."""
+    """Create the run directory, take its lock, write the resolved config and provenance; returns its absolute path.
+    A `run_dir=` that a live run trains into is refused (RunDirectoryInUse) before anything is written."""
     apply_umask(cfg)
     run_dir = new_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    run_lock.acquire(run_dir)
     cfg.run_dir = str(run_dir)
-    OmegaConf.save(OmegaConf.create(redact_config(to_container(cfg))), run_dir / "config.yaml")
+    write_config(cfg, run_dir)
     provenance = {
         "llmft_version": __version__,
         **git_state(),
@@ -80,3 +83,13 @@ def create(cfg: DictConfig) -> Path:
     }
     (run_dir / "provenance.json").write_text(json.dumps(provenance, indent=2))
     return run_dir
+
+
+def write_config(cfg: DictConfig, run_dir: Path) -> None:
+    """The resolved config, secrets redacted: what every rank and every resume reads."""
+    OmegaConf.save(OmegaConf.create(redact_config(to_container(cfg))), run_dir / "config.yaml")
+
+
+def mark_failed(run_dir: Path, reason: str) -> None:
+    """summary.json for a run that failed before training started (a refused submission)."""
+    (run_dir / "summary.json").write_text(json.dumps({"status": "failed", "error": reason}, indent=2))

@@ -132,11 +132,7 @@ def show(run_dir: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.strip())
-        return 0
-    return run_command(lambda: runs(argv))
+    return run_command(runs, argv, __doc__)
 
 
 def runs(argv: list[str]) -> int:

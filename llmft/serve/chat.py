@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-from llmft.config.arguments import UsageError, command_arguments, parse_arguments
+from llmft.config.arguments import UsageError, parse_arguments
 from llmft.errors import run_command
 from llmft.serve.inference import (
     fit_prompt,
@@ -130,10 +130,7 @@ def converse(chat: Chat, read=input, out=None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = command_arguments(argv, __doc__.strip())
-    if argv is None:
-        return 0
-    return run_command(lambda: chat(argv))
+    return run_command(chat, argv, __doc__)
 
 
 def chat(argv: list[str]) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from llmft.config.arguments import UsageError, command_arguments, parse_arguments
+from llmft.config.arguments import UsageError, parse_arguments
 from llmft.errors import run_command
 from llmft.serve.evaluation import EvalArgs, metric_rows, run_eval
 
@@ -21,10 +21,7 @@ USAGE = "python -m llmft.eval run=RUN_DIR [eval.KEY=VALUE ...]"
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = command_arguments(argv, __doc__.strip())
-    if argv is None:
-        return 0
-    return run_command(lambda: evaluate_run(argv))
+    return run_command(evaluate_run, argv, __doc__)
 
 
 def evaluate_run(argv: list[str]) -> int:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from llmft.config.arguments import UsageError, command_arguments, parse_arguments
+from llmft.config.arguments import UsageError, parse_arguments
 from llmft.errors import run_command
 from llmft.serve.inference import base_model_dir, is_adapter_run, run_config, run_directory, stop_token_ids, torch_dtype
 from llmft.training.final import ExportError, check_adapter
@@ -185,12 +185,9 @@ def export_merged(run_dir: Path, cfg, out: Path, base_override: str | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = command_arguments(argv, f"usage: {USAGE}\n\nmerge=false (default): the adapter alone, for stock PEFT or "
-                                   "vLLM --enable-lora.\nmerge=true: base + adapter merged into one model, checked "
-                                   "against base + adapter.")
-    if argv is None:
-        return 0
-    return run_command(lambda: export(argv))
+    return run_command(export, argv, f"usage: {USAGE}\n\nmerge=false (default): the adapter alone, for stock PEFT or "
+                                     "vLLM --enable-lora.\nmerge=true: base + adapter merged into one model, checked "
+                                     "against base + adapter.")
 
 
 def export(argv: list[str]) -> int:

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from llmft.config.arguments import UsageError
 from llmft.config.compose import load_run_config
 from llmft.data.templating import with_system_prompt
+
+# transformers 5 warns through PEFT on every model load; nothing a user can act on
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 
 
 def run_directory(text: str | None, usage: str) -> Path:

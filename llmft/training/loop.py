@@ -40,9 +40,10 @@ from llmft.data.pipeline import build_splits, read_conversations
 from llmft.data.templating import IGNORE_INDEX
 from llmft.data.tokenizer import load_tokenizer, tokenizer_for_run
 from llmft.errors import UserError, report
-from llmft.training import checkpoint, strategies
+from llmft.training import checkpoint, run_lock, strategies
 from llmft.training.final import save_final
 from llmft.training.flops import flops_per_token, peak_flops
+from llmft.training.lifetime import die_with_parent
 from llmft.training.metrics import MemoryMeter, MetricsLog, peak_resident_mb, reset_peak_resident, resident_mb
 from llmft.training.model import count_parameters, load_model
 from llmft.training.precision import autocast, uses_bf16
@@ -97,6 +98,10 @@ class Trainer:
     def _setup_process(self) -> None:
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # transformers 5, through PEFT
         self.topology = topology = Topology.from_env()
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank under torchrun: stop (with a checkpoint) if torchrun dies
+            die_with_parent(signal.SIGTERM)
+        if topology.is_main:  # one writer per run directory: this rank holds it until the run ends
+            run_lock.acquire(self.run_dir, log=self.log)
         self.device = topology.device
         os.umask(int(str(self.cfg.umask), 8))  # every rank writes into the run directory (see launch.run_dir)
         topology.init_process_group(self.tcfg.collective_timeout_min)
@@ -161,6 +166,8 @@ class Trainer:
 
     def train(self) -> TrainResult:
         self.resume()
+        if self.topology.is_main:
+            forget_metrics_after(self.run_dir / "metrics.jsonl", self.state.step)
         metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.total_steps, self.state.step,
                              enabled=self.topology.is_main, use_wandb=self.tcfg.wandb)
         with metrics, StopSignals(self.topology) as stop:
@@ -248,6 +255,8 @@ class Trainer:
             record["mfu"] = per_token * record["tokens_per_s_per_rank"] / self.gpu_peak_flops
         metrics.write(record)
         metrics.show(self.state.step, record)
+        if self.topology.is_main:
+            run_lock.heartbeat(self.run_dir)
         progress.tokens = progress.supervised_tokens = progress.sequences = 0
         progress.interval_start = time.time()
 
@@ -396,6 +405,23 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def forget_metrics_after(path: Path, step: int) -> None:
+    """Drop the records of steps after `step` (trained before a crash, after the checkpoint we resume from): they
+    are trained again, and metrics.jsonl never holds a step twice."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except ValueError:
+            continue  # a line cut by a crash
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
 def write_summary(run_dir: Path, summary: dict) -> None:
     tmp = Path(run_dir) / ".summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
@@ -424,6 +450,8 @@ def run(run_dir: Path) -> TrainResult:
             write_summary(run_dir, {"status": "failed", "error": f"{type(error).__name__}: {reason}".rstrip(": ")})
         raise
     finally:
+        if is_main:
+            run_lock.release(run_dir)
         if dist.is_initialized():
             dist.destroy_process_group()
 

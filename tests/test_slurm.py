@@ -138,9 +138,13 @@ def test_multirun_submits_one_job_per_combination_each_with_its_run_directory(sl
 
 def test_evaluation_after_training_is_a_dependent_job(slurm_env, tmp_path):
     run_dir = tmp_path / "run"
-    result = llmft(["+cluster=localslurm", "eval.after_train=true", "eval.overrides=['eval.limit=2','eval.max_new_tokens=4']",
+    secret = "sk-test-judge-key-0123456789"
+    result = llmft(["+cluster=localslurm", "eval.after_train=true",
+                    f"eval.overrides=['eval.limit=2','eval.max_new_tokens=4','eval.judge_api_key={secret}']",
                     "train.max_steps=4", "train.eval_every=2", f"run_dir={run_dir}"], slurm_env)
     assert result.returncode == 0, result.stderr
+    written = [p for p in run_dir.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    assert not written, f"the judge's key was written to {written}"  # it travels in the job's environment
     jobs = [json.loads(line) for line in (run_dir / "jobs.jsonl").read_text().splitlines()]
     train_job, eval_job = jobs[0]["job_id"], jobs[1]["job_id"]
     assert jobs[1]["kind"] == "eval" and jobs[1]["after"] == train_job
@@ -151,3 +155,40 @@ def test_evaluation_after_training_is_a_dependent_job(slurm_env, tmp_path):
     while time.time() < deadline and not (run_dir / "eval/report.json").exists():
         time.sleep(1)
     assert (run_dir / "eval/report.json").exists(), "the evaluation job did not write its report"
+
+
+def test_the_sbatch_templates_train_one_synchronised_model(slurm_env, tmp_path):
+    """The templates prepare the run without a cluster (launch.prepare_only) and srun the ranks: `auto` must become
+    ddp from the job's 2 tasks (not `single` from the preparing process), and DeepSpeed must find LOCAL_RANK."""
+    steps = ["train.max_steps=6", "train.log_every=1", "train.eval_every=6", "train.save_every=0", "peft.dropout=0",
+             "parallelism.zero3_param_persistence_threshold=0", "parallelism.zero3_model_persistence_threshold=0"]
+    env = {**os.environ, **slurm_env, "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "BASH_FUNC_module%%": "() {  :\n}"}  # Jean Zay's `module load` lines: a no-op here
+    jobs = {
+        "generic-auto": ("slurm/generic.sbatch", ["--partition=debug"], ["parallelism=auto"]),
+        "generic-fsdp": ("slurm/generic.sbatch", ["--partition=debug"], ["parallelism=fsdp"]),
+        "generic-zero3": ("slurm/generic.sbatch", ["--partition=debug"], ["parallelism=zero3"]),
+        "jeanzay-auto": ("slurm/jeanzay_a100.sbatch", ["--account=abc@a100", "--gres=gpu:2"], ["parallelism=auto"]),
+    }
+    job_ids = {}
+    for name, (template, options, overrides) in jobs.items():
+        submitted = subprocess.run(
+            ["sbatch", "--parsable", "--ntasks-per-node=2", "--nodes=1", "--cpus-per-task=1", "--time=00:20:00",
+             *options, str(REPO / template), *steps, *overrides],
+            cwd=tmp_path, env={**env, "RUN_DIR": str(tmp_path / name)}, capture_output=True, text=True, timeout=60)
+        assert submitted.returncode == 0, submitted.stderr
+        job_ids[name] = submitted.stdout.strip().split(";")[0]
+    local = llmft(["parallelism=ddp", "launch.nproc=2", *steps, f"run_dir={tmp_path / 'local'}"], {})
+    assert local.returncode == 0, local.stderr[-3000:]
+    deadline = time.time() + 600
+    for name in jobs:
+        summary = tmp_path / name / "summary.json"
+        while time.time() < deadline and not summary.exists():
+            time.sleep(1)
+        logs = "".join(p.read_text() for p in tmp_path.glob(f"*-{job_ids[name]}.out"))
+        assert summary.exists(), f"{name}: no summary; its log: {logs[-3000:]}"
+        result = json.loads(summary.read_text())
+        assert result["status"] == "completed" and result["world_size"] == 2, (name, result, logs[-3000:])
+        assert result["strategy"] == {"auto": "ddp"}.get(name.split("-")[1], name.split("-")[1]), (name, result)
+        assert losses(tmp_path / name) == pytest.approx(losses(tmp_path / "local"), abs=1e-4), name

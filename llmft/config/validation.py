@@ -115,8 +115,9 @@ def check_data(data) -> None:
     if data_format in ("tickets_jsonl", "email") and not staff_set:
         raise ConfigError(f"data.format={data_format} needs to know who answers: set "
                           f"data.tickets.staff_domains=[support.example.org] (or data.tickets.staff_addresses).")
-    if not 0.0 < data.validation_fraction < 1.0:
-        raise ConfigError(f"data.validation_fraction={data.validation_fraction} must be between 0 and 1 (exclusive).")
+    if not 0.0 <= data.validation_fraction < 1.0:
+        raise ConfigError(f"data.validation_fraction={data.validation_fraction} must be at least 0 (0: train on every "
+                          f"ticket, evaluate with eval.file) and below 1.")
     if not 0.0 <= data.test_fraction < 1.0 - data.validation_fraction:
         raise ConfigError(f"data.test_fraction={data.test_fraction} must be at least 0 and leave room for training "
                           f"next to data.validation_fraction={data.validation_fraction}.")

@@ -109,9 +109,10 @@ def read_conversations(data_cfg) -> tuple[list[Conversation], dict]:
 
 def assign_splits(conversation_ids: list[str], data_cfg) -> dict[str, str]:
     """Split of each id by hash. When that leaves validation empty (tiny data), the id with the lowest hash among
-    the training ids is held out, so a run always has something to evaluate on."""
+    the training ids is held out, so a run always has something to evaluate on, unless
+    data.validation_fraction=0 asks to train on every ticket (and evaluate on eval.file)."""
     splits = {i: split_of(i, data_cfg.validation_fraction, data_cfg.test_fraction) for i in conversation_ids}
-    if "validation" not in splits.values():
+    if "validation" not in splits.values() and data_cfg.validation_fraction > 0:
         candidates = [i for i, split in splits.items() if split == "train"]
         if len(candidates) > 1:
             splits[min(candidates, key=bucket_of)] = "validation"

@@ -158,6 +158,22 @@ def estimate(cfg, world: int, gpu_memory_gb: float | None) -> Estimate | None:
     return Estimate(total, trainable, memory, gpu_memory_gb, per_token, tokens_per_step)
 
 
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def inference_gpus(cfg, gpu_memory_gb: float, max_gpus: int) -> int:
+    """GPUs of one node that the evaluation needs: the weights in model.dtype (the base, plus a full model for
+    peft=full) and 30% for activations and the KV cache of batched generation, at 90% of each GPU. 1 when the
+    model's shape is unknown (model=tiny is built)."""
+    arch = arch_of(cfg.model)
+    if arch is None:
+        return 1
+    total, _, _ = arch_parameter_counts(arch, None, 0)
+    copies = 2 if cfg.peft.method.value == "full" and cfg.eval.compare_base else 1
+    needed = total * DTYPE_BYTES.get(cfg.model.dtype, 2) * copies * 1.3
+    return max(1, min(max_gpus, math.ceil(needed / (0.9 * gpu_memory_gb * GiB))))
+
+
 def advice(cfg, estimate_: Estimate) -> list[str]:
     """What to change when it does not fit, most effective first."""
     changes = []

@@ -11,6 +11,7 @@ No torch here: this runs on the login node.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import unittest.mock
 from dataclasses import dataclass
@@ -18,7 +19,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from llmft.config.validation import settle_strategy
+from llmft.config.redact import REDACTED, redact_argv
+from llmft.config.validation import check_eval, settle_strategy
+from llmft.launch.estimate import inference_gpus
 from llmft.errors import ConfigError
 
 
@@ -146,6 +149,8 @@ def make_executor(cfg: DictConfig, run_dir: Path, render_only: bool = False):
         "slurm_signal_delay_s": cluster.signal_delay_s,
         "slurm_setup": setup_lines(cfg, resources),
         "slurm_additional_parameters": extra,
+        # one task failing ends the step (and the job): the other ranks must not wait in a collective for hours
+        "slurm_srun_args": ["--kill-on-bad-exit=1"],
     }
     optional = {"slurm_partition": resources.partition, "slurm_account": resources.account,
                 "slurm_qos": resources.qos, "slurm_constraint": resources.constraint}
@@ -202,18 +207,30 @@ class EvalJob:
 
 
 def submit_eval_after(cfg: DictConfig, run_dir: Path, train_job_id: str):
-    """One GPU, the same cluster profile, starting only when the training job completes successfully."""
+    """The evaluation as one task on one node, with the GPUs the model needs (plan's estimate), starting only when
+    the training job completes successfully (afterok).
+
+    Secrets never reach the run directory: submitit pickles the job into RUN_DIR/slurm, so the judge's key given as
+    `eval.judge_api_key` (or in `eval.overrides`) travels in the environment sbatch passes to the job
+    (LLMFT_JUDGE_API_KEY), and the pickled overrides carry `<redacted>` in its place."""
+    resources = resolve(cfg)
+    kind = cfg.cluster.kinds[resources.kind]
+    gpus = inference_gpus(cfg, kind.memory_gb, resources.gpus_per_node)
+    settings = check_eval(cfg.eval, check_paths=False)
+    if settings.judge_api_key and settings.judge_api_key != REDACTED:
+        os.environ["LLMFT_JUDGE_API_KEY"] = settings.judge_api_key  # sbatch exports this process's environment
     executor = make_executor(cfg, run_dir)
     extra = dict(executor._executor.parameters.get("additional_parameters", {}) or {})
     extra["dependency"] = f"afterok:{train_job_id}"
     parameters = {"name": f"llmft-eval-{run_dir.name}", "nodes": 1, "tasks_per_node": 1,
+                  "cpus_per_task": resources.cpus_per_task * gpus,
                   "timeout_min": parse_time(cfg.eval.time, "eval.time"), "slurm_additional_parameters": extra}
     if cfg.cluster.gpu_request == "gres":
-        parameters["slurm_gres"] = "gpu:1"
+        parameters["slurm_gres"] = f"gpu:{gpus}"
     elif cfg.cluster.gpu_request == "gpus_per_node":
-        parameters["gpus_per_node"] = 1
+        parameters["gpus_per_node"] = gpus
     executor.update_parameters(**parameters)
-    return executor.submit(EvalJob(str(run_dir), list(cfg.eval.overrides)))
+    return executor.submit(EvalJob(str(run_dir), redact_argv([str(o) for o in cfg.eval.overrides])))
 
 
 def submit(cfg: DictConfig, run_dir: Path):

@@ -7,6 +7,7 @@ resume ignores it and says so. The rename is atomic on POSIX file systems (Lustr
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -61,28 +62,41 @@ def read_manifest(path: Path) -> dict:
 
 
 def save(checkpoints_dir: Path, step: int, write_files: Callable[[Path], None], meta: dict, keep_last: int,
-         barrier: Callable[[], None] = lambda: None, is_main: bool = True) -> Path:
+         barrier: Callable[[], None] = lambda: None, is_main: bool = True,
+         gather: Callable[[object], list] = lambda value: [value], rank: int = 0) -> Path:
     """Write a checkpoint through `write_files(tmp_dir)`, add the manifest, rename into place, prune old ones.
 
-    Collective when distributed: every rank calls it and writes its part; rank 0 alone writes the manifest and
-    renames, after a barrier that guarantees every rank's files are there.
+    Collective when distributed: every rank calls it and writes its part. Every rank then reports success or its
+    error (`gather`: one value per rank, on every rank), so all ranks stop together when one fails (a full quota on
+    one node must not leave the others waiting at a barrier); the first error is named (rank, path, errno) and the
+    previous checkpoint stays. Rank 0 alone writes the manifest and renames.
     """
     final = checkpoints_dir / f"step_{step}"
     tmp = checkpoints_dir / f"{TMP_PREFIX}step_{step}"
+    problem = None
     if is_main:
-        checkpoints_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    barrier()
-    try:
-        write_files(tmp)
-    except OSError as error:
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            checkpoints_dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        except OSError as error:
+            problem = _describe(error, 0, tmp)
+    problems = [x for x in gather(problem) if x is not None]  # rank 0's mkdir, seen by every rank
+    if not problems:
+        try:
+            write_files(tmp)
+        except OSError as error:
+            problem = _describe(error, rank, tmp)
+        problems = [x for x in gather(problem) if x is not None]  # every rank's writes: all agree
+    if problems:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        barrier()
         raise CheckpointError(
-            f"could not write the checkpoint of step {step} in {checkpoints_dir} ({error.strerror or error}); "
-            "the previous checkpoint is kept and training stops: free space or fix permissions, then resume."
-        ) from error
-    barrier()
+            f"the checkpoint of step {step} failed: {problems[0]}"
+            + (f" (and {len(problems) - 1} more rank(s))" if len(problems) > 1 else "")
+            + "; the previous checkpoint is kept and training stops: free space or fix permissions, then resume."
+        )
     if not is_main:
         barrier()
         return final
@@ -98,6 +112,12 @@ def save(checkpoints_dir: Path, step: int, write_files: Callable[[Path], None], 
     _prune(checkpoints_dir, keep_last)
     barrier()
     return final
+
+
+def _describe(error: OSError, rank: int, where: Path) -> str:
+    name = errno.errorcode.get(error.errno, "") if error.errno else ""
+    return (f"rank {rank} could not write {error.filename or where} ({name + ': ' if name else ''}"
+            f"{error.strerror or error})")
 
 
 def _prune(checkpoints_dir: Path, keep_last: int) -> None:

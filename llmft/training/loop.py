@@ -261,6 +261,8 @@ class Trainer:
         progress.interval_start = time.time()
 
     def validate(self, metrics: MetricsLog) -> None:
+        if not self.val_samples:  # data.validation_fraction=0: every ticket trains
+            return
         val_loss = validation_loss(self.model, self.val_samples, self.tcfg.micro_batch_size,
                                    self.tokenizer.pad_token_id, self.bf16, self.device, self.flatten)
         self.progress.val_loss, self.progress.val_loss_step = val_loss, self.state.step
@@ -280,7 +282,8 @@ class Trainer:
         own_val_loss = self.progress.val_loss if self.progress.val_loss_step == state.step else None
         meta = {"world_size": self.topology.world_size, "strategy": self.strategy.name, "val_loss": own_val_loss}
         path = checkpoint.save(self.run_dir / "checkpoints", state.step, write, meta, self.tcfg.keep_last,
-                               barrier=self.topology.barrier, is_main=self.topology.is_main)
+                               barrier=self.topology.barrier, is_main=self.topology.is_main,
+                               gather=self.topology.gather, rank=self.topology.rank)
         self.log(f"checkpoint: {path}")
 
     def resume(self) -> None:

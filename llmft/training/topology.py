@@ -85,3 +85,13 @@ class Topology:
             import torch.distributed as dist
 
             dist.barrier()
+
+    def gather(self, value) -> list:
+        """Every rank's `value` (a small picklable object), on every rank, in rank order."""
+        if not self.is_distributed:
+            return [value]
+        import torch.distributed as dist
+
+        values: list = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values

@@ -83,6 +83,13 @@ def test_plan_prints_the_sbatch_script_without_slurm(tmp_path):
     assert "#SBATCH --account=abc@a100" in result.stdout and "--kill-on-bad-exit=1" in result.stdout
 
 
+def test_prepared_data_is_not_world_readable(tmp_path):
+    result = run_llmft("data", "prepare", f"data.output_dir={tmp_path / 'prepared'}", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    paths = [tmp_path / "prepared", *(tmp_path / "prepared").rglob("*")]
+    assert paths[1:] and all(p.stat().st_mode & 0o007 == 0 for p in paths), [oct(p.stat().st_mode) for p in paths]
+
+
 def test_training_on_every_ticket_is_allowed(tmp_path):
     cfg = compose(["data.validation_fraction=0", "train.max_steps=3", *QUICK, f"run_dir={tmp_path}"])
     summary = train(cfg, rundir.create(cfg)).summary
@@ -178,3 +185,39 @@ def test_ranks_die_with_their_launcher(tmp_path):
     # and the run can be resumed at once: the lock's holder is dead
     resumed = run_llmft("launch", f"resume={run_dir}", "train.max_steps=3", timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_adapter(tmp_path):
+    """20 trials: start (or resume), SIGKILL the launcher's whole process group at a random moment, resume; the
+    final adapter equals an uninterrupted run's, bit for bit."""
+    import random
+
+    import torch
+    from safetensors.torch import load_file
+
+    run = ["train.max_steps=24", "train.save_every=2", "train.keep_last=2", "peft.dropout=0"]
+    whole = launch(tmp_path / "whole", *run)
+    run_dir, rng, kills = tmp_path / "cut", random.Random(12), 0
+    for trial in range(20):
+        process = launch(run_dir, *run) if trial == 0 else subprocess.Popen(
+            [sys.executable, "-m", "llmft.launch", f"resume={run_dir}"], cwd=REPO, start_new_session=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            process.wait(timeout=rng.uniform(2.0, 9.0))  # import, data, model, steps, checkpoints: anywhere
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            kills += 1
+        out, err = process.communicate(timeout=60)
+        if process.returncode == 0:
+            break
+        assert process.returncode == -signal.SIGKILL, err[-3000:]  # never a refused or broken resume
+    final = run_llmft("launch", f"resume={run_dir}", timeout=300) if not (run_dir / "final").exists() else None
+    assert final is None or final.returncode == 0, final.stderr[-3000:]
+    assert whole.wait(timeout=300) == 0
+    assert kills >= 10
+    expected = load_file(tmp_path / "whole/final/adapter_model.safetensors")
+    got = load_file(run_dir / "final/adapter_model.safetensors")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 24  # no step written twice

@@ -10,6 +10,7 @@ Overrides are Hydra's, as for `python -m llmft.launch`: data=tickets_sample data
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from omegaconf import OmegaConf
@@ -68,6 +69,7 @@ def run(args, overrides: list[str]) -> int:
     if args.command == "prepare":
         from llmft.data.prepare import prepare
 
+        os.umask(int(str(cfg.umask), 8))  # prepared tickets are no more readable than a run (default 027)
         report = prepare(cfg)
         if report.get("reused_prepared"):
             print(f"llmft: {report['output_dir']} is up to date (same conversations, tokenizer and settings).")

@@ -184,6 +184,7 @@ class TrainJob:
         import submitit
 
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        os.environ["MASTER_PORT"] = str(agree_on_free_port(Path(self.run_dir)))
         from llmft.training.loop import Interrupted, run
 
         try:
@@ -192,6 +193,38 @@ class TrainJob:
             if stop.requeued:
                 sys.exit(-1)  # like submitit: no result file, the job is back in the queue
             raise
+
+
+def agree_on_free_port(run_dir: Path, timeout_s: float = 300) -> int:
+    """A rendezvous port free on the first node, the same for every task of this attempt.
+
+    submitit derives MASTER_PORT from the job id: two jobs sharing a node can collide, and a requeued attempt (same
+    job id) can find the port still held by the previous one (EADDRINUSE, then the other ranks wait). Rank 0 asks
+    the kernel for a free port and writes it into the run directory (shared storage, as every rank reads it); the
+    others read it. One file per attempt (job id, restart count), so an earlier attempt's port is never reused.
+    """
+    import json
+    import socket
+    import time
+
+    attempt = f"{os.environ.get('SLURM_JOB_ID', 'local')}-{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+    path = run_dir / "slurm" / f"rendezvous-{attempt}.json"
+    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("", 0))
+            port = probe.getsockname()[1]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"port": port, "host": socket.gethostname()}))
+        os.replace(tmp, path)
+        return port
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            return int(json.loads(path.read_text())["port"])
+        except (OSError, ValueError, KeyError):
+            time.sleep(0.2)
+    raise RuntimeError(f"rank 0 did not publish the rendezvous port in {path} within {timeout_s:.0f} s")
 
 
 class EvalJob:

@@ -44,7 +44,8 @@ from llmft.training import checkpoint, run_lock, strategies
 from llmft.training.final import save_final
 from llmft.training.flops import flops_per_token, peak_flops
 from llmft.training.lifetime import die_with_parent
-from llmft.training.metrics import MemoryMeter, MetricsLog, peak_resident_mb, reset_peak_resident, resident_mb
+from llmft.training.metrics import (MemoryMeter, MetricsLog, peak_resident_mb, quiet_progress_bars,
+                                    reset_peak_resident, resident_mb)
 from llmft.training.model import count_parameters, load_model
 from llmft.training.precision import autocast, uses_bf16
 from llmft.training.signals import Interrupted, StopSignals, requeue_slurm_job
@@ -98,6 +99,7 @@ class Trainer:
     def _setup_process(self) -> None:
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # transformers 5, through PEFT
         self.topology = topology = Topology.from_env()
+        quiet_progress_bars()
         if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank under torchrun: stop (with a checkpoint) if torchrun dies
             die_with_parent(signal.SIGTERM)
         if topology.is_main:  # one writer per run directory: this rank holds it until the run ends
@@ -131,8 +133,12 @@ class Trainer:
         # flash-attention finds sample boundaries from restarting positions only in a single row: lay packed rows
         # end to end (SDPA and eager get a block-diagonal mask from the positions of each row)
         self.flatten = cfg.model.attn_implementation.startswith("flash")
+        samples = self.prep_counts["samples"]  # the same counts as summary.json's data.samples / data.packed_rows
+        rows = self.prep_counts.get("packed_rows")
         self.log(f"data: {len(conversations)} conversations ({len(self.read_report['skipped'])} bad records skipped),"
-                 f" {len(self.train_samples)} train / {len(self.val_samples)} validation samples")
+                 f" {samples['train']} train / {samples['validation']} validation samples"
+                 + (f", packed into {rows['train']} / {rows['validation']} rows of {cfg.model.max_seq_len} tokens"
+                    if rows else ""))
 
     def _setup_model(self) -> None:
         tcfg, topology = self.tcfg, self.topology
@@ -323,7 +329,7 @@ class Trainer:
             "final_val_loss": self.progress.val_loss,
             "num_parameters": self.num_params,
             "num_trainable_parameters": self.num_trainable,
-            "num_train_samples": len(self.train_samples),
+            "num_train_samples": len(self.train_samples),  # rows the loop draws from (packed rows when packing)
             "num_validation_samples": len(self.val_samples),
             "data": {**self.read_report, **self.prep_counts},
             "world_size": self.topology.world_size,

@@ -128,3 +128,15 @@ def peak_resident_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+
+def quiet_progress_bars() -> None:
+    """transformers' and datasets' own progress bars ("Loading checkpoint shards", "Saving the dataset") only in a
+    terminal: in a SLURM log they are hundreds of carriage-return lines between llmft's status lines."""
+    if sys.stderr.isatty():
+        return
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 from omegaconf import OmegaConf
 
 from llmft.data.clean import MessageCleaner, shape_turns, strip_quoted_replies
 from llmft.config.data_schema import CleanConfig
 from llmft.data.dedup import drop_duplicates
-from llmft.data.html_text import html_to_text
+from llmft.data.html_text import HTML_TAGS, html_to_text, looks_like_html
 from llmft.data.records import Conversation
 
 CLEAN = OmegaConf.structured(CleanConfig)
@@ -56,6 +57,43 @@ def test_html_becomes_text_without_its_quotes():
     assert "- one\n- two" in text
     assert "  sbatch job.slurm\n  squeue -u $USER" in text
     assert text.startswith("Hi,\n\nMy job") and text.endswith("Bye")
+
+
+ANSWER = ("Hello,\n\nI copied Jean Dupont <{tag}.dupont@example.org> on this ticket, he has the same problem.\n\n"
+          "Run these on a login node:\n\n    module purge\n    module load cuda/12.4\n"
+          "    sbatch --gres=gpu:1 job.slurm\n\nThe job should start within the hour.")
+QUOTES = {
+    "gmail": "On Mon, 13 Jan 2025 at 09:05, Jean Dupont <{tag}.dupont@example.org> wrote:\n> My job stays pending.\n"
+             "> Any idea?",
+    "french": "Le lun. 13 janv. 2025 à 09:05, Jean Dupont <{tag}.dupont@example.org> a écrit :\nMon job reste en attente.",
+    "outlook": "From: Jean Dupont <{tag}.dupont@example.org>\nSent: Monday, 13 January 2025 09:05\nTo: Support\n"
+               "Subject: job pending\n\nMy job stays pending.",
+}
+
+
+@pytest.mark.parametrize("data_format", ["tickets_jsonl", "csv", "email"])
+@pytest.mark.parametrize("tag", HTML_TAGS)
+def test_plain_text_with_an_address_that_starts_like_a_tag_keeps_its_lines_and_loses_its_quote(tag, data_format):
+    cleaner = MessageCleaner(CLEAN, data_format)
+    for quote in QUOTES.values():
+        body = ANSWER.format(tag=tag) + "\n\n" + quote.format(tag=tag)
+        assert not looks_like_html(body), body
+        assert cleaner.clean(body, []) == ANSWER.format(tag=tag)
+    for tag_case in (tag.upper(), tag.capitalize()):
+        assert not looks_like_html(f"Jean Dupont <{tag_case}.dupont@example.org> wrote:\n> old")
+
+
+def test_real_html_is_detected_and_one_tag_word_is_not():
+    for html in ('<div dir="ltr">Hi,<br><br>My job fails.</div>', '<p class="MsoNormal">Bonjour,<o:p></o:p></p>',
+                 "<html><body>Hello", "<!DOCTYPE html>\n<title>x</title>", "Line one<br/>Line two",
+                 "Hello <b>world</b>", "<div><span style='color:red'>Hello", "<P>Hello<BR>world",
+                 "<table><tr><td>1</td></tr></table>", "<ul>\n<li>one\n<li>two\n</ul>"):
+        assert looks_like_html(html), html
+    for text in ("Use the <pre> tag for code.", "Jean <p.dupont@example.org>", "Mail <div.x@y.org> or <li.wei@x.cn>",
+                 "if a <b and c > d then", "<a.b@c.d> <b.c@d.e> <i.j@k.l> <p.q@r.s>", "x < y and p > q",
+                 "Template: <your_login>@<project>"):
+        assert not looks_like_html(text), text
+    assert clean("Hi,<br>Run <b>sbatch</b>.<br><br>Thanks") == "Hi,\nRun sbatch."
 
 
 def test_turns_are_merged_trimmed_and_tickets_without_answer_dropped():

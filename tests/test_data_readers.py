@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import compose, run_llmft
+from llmft.data.html_text import HTML_TAGS
 from llmft.data.pipeline import read_conversations
 from llmft.data.records import DataError
 from llmft.data.splits import split_of
@@ -88,6 +89,85 @@ def test_bad_tickets_csv_and_acronyms_records_are_counted_with_file_and_line(tmp
                                  f'{acronyms}:5: "acronym" is not a non-empty string']
 
 
+def test_json_that_parses_into_nothing_usable_is_skipped_with_its_line(tmp_path):
+    good = json.dumps(GOOD_CHAT).encode()
+    path = write_lines(tmp_path / "chat.jsonl", [
+        b"\xef\xbb\xbf" + good,  # a byte order mark on the first line is no error
+        b'{"id": ' + b"7" * 5000 + b', "messages": []}',
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"messages": [{"role": "user", "content": "lone \\ud800"}, {"role": "assistant", "content": "x"}]}',
+        b'{"messages": [{"role": "user", "content": "pair \\ud83d\\ude00 ok"}, '
+        b'{"role": "assistant", "content": "An answer that is long enough."}]}',
+        b'{"messages": [{"role": "' + b"r" * 100_000 + b'", "content": "x"}]}',
+    ])
+    conversations, report = read(["data=chat_jsonl", f"data.path={path}"])
+    assert len(conversations) == 2 and report["records_read"] == 6
+    assert report["skipped"] == [
+        f"{path}:2: bad JSON (a number with too many digits)",
+        f"{path}:3: bad JSON (nested too deeply)",
+        f"{path}:4: not valid Unicode text (an escaped lone surrogate such as \\ud800)",
+        f"{path}:6: message 0 has unknown role 'rrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrr... "
+        f"(expected one of system, user, assistant)",
+    ]
+
+
+def test_ticket_fields_of_the_wrong_type_skip_the_ticket(tmp_path):
+    def ticket(number, **fields):
+        messages = [{"from": "a@uni.example.org", "body": f"My quota {number} is full."},
+                    {"from": "b@help.example.org", "body": "Clean your conda caches with conda clean -a."}]
+        return json.dumps({"id": number, "subject": "Quota", "messages": messages, **fields}).encode()
+
+    internal = json.loads(ticket(3))
+    internal["messages"][1]["internal"] = "yes"
+    path = write_lines(tmp_path / "t.jsonl", [ticket(1), ticket(2, subject=0), json.dumps(internal).encode(),
+                                             ticket(" "), ticket(5, subject=None)])
+    conversations, report = read(["data.format=tickets_jsonl", f"data.path={path}", STAFF])
+    assert [c.id for c in conversations] == ["1", "5"]
+    assert report["skipped"] == [f'{path}:2: "subject" is not a string',
+                                 f'{path}:3: message 1 has an "internal" that is neither true nor false',
+                                 f'{path}:4: "id" is empty']
+
+
+def test_damage_in_acronyms_email_and_csv_files_stays_where_it_is(tmp_path):
+    glossary = tmp_path / "g.json"
+    glossary.write_bytes(b'\xef\xbb\xbf[\n  {"acronym": "MPI", "definition": "Message Passing Interface: a standard."},\n'
+                         b'  {"acronym": "GPU", "definition": "Graphics Processing Unit: caf\xe9 latin-1."},\n'
+                         b'  {"acronym": "X", "definition": "lone \\udc00 surrogate"},\n'
+                         b'  {"acronym": "OOM", "definition": "Out Of Memory: the job used more than it asked."}\n]\n')
+    conversations, report = read(["data=acronyms_sample", f"data.path={glossary}"])
+    assert {c.id for c in conversations} == {"acronym:MPI", "acronym:OOM"} and report["records_read"] == 4
+    assert report["skipped"] == [f"{glossary}:3: not UTF-8 text",
+                                 f"{glossary}:4: not valid Unicode text (an escaped lone surrogate such as \\ud800)"]
+
+    folder = tmp_path / "mails"
+    folder.mkdir()
+    good = mail("<m1@x>", "[Ticket #5] Help", "u@uni.example.org", "Question?", "Mon, 06 Jan 2025 09:00:00 +0100")
+    reply = mail("<m2@x>", "Re: [Ticket #5] Help", "s@help.example.org", "An answer long enough to keep.",
+                 "Mon, 06 Jan 2025 10:00:00 +0100", ["<m1@x>"])
+    (folder / "a.mbox").write_bytes(b"\xef\xbb\xbfjunk before the first mail\nFrom a@b Mon Jan  6 09:00:00 2025\n"
+                                    + good + b"\nFrom a@b Mon Jan  6 10:00:00 2025\n" + reply)
+    (folder / "b.eml").write_bytes(b"")
+    (folder / "c.eml").write_bytes("From: x@y\n\nUTF-16".encode("utf-16"))
+    conversations, report = read(["data.format=email", f"data.path={folder}", STAFF])
+    assert [c.id for c in conversations] == ["ticket#5"]
+    assert report["skipped"] == [
+        f'{folder / "a.mbox"}:1: unreadable mail (ValueError: missing "From" header)', f"{folder / 'b.eml'}: empty file",
+        f"{folder / 'c.eml'}: not an e-mail file (binary data, or UTF-16 text: mail is ASCII or UTF-8)"]
+
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    (folder / "a.csv").write_bytes(b"question,answer\nQuota?,Clean conda caches with conda clean -a.\n,\n"
+                                   b'"GPU?,Unclosed quote\nNext?,Swallowed\n')
+    (folder / "b.csv").write_bytes(b"\n")
+    (folder / "c.csv").write_bytes("question,answer\nQ,A\n".encode("utf-16"))
+    conversations, report = read(["data=csv", f"data.path={folder}"])
+    assert len(conversations) == 1 and report["skipped"] == [
+        f"{folder / 'a.csv'}:3: empty question",
+        f"{folder / 'a.csv'}:4: fewer fields than the 2 columns of the header (the row runs on to line 5: a quote "
+        f"left open?)",
+        f"{folder / 'b.csv'}: empty file", f"{folder / 'c.csv'}:1: the header is not UTF-8 text; the file is unread"]
+
+
 def test_strict_mode_stops_with_one_sentence_naming_file_and_line(tmp_path):
     path = write_lines(tmp_path / "chat.jsonl", [json.dumps(GOOD_CHAT).encode(), b"{oops"])
     result = run_llmft("data", "prepare", "data=chat_jsonl", f"data.path={path}", "data.strict=true",
@@ -138,7 +218,8 @@ def test_email_is_threaded_by_references_and_by_ticket_id_in_the_subject(tmp_pat
         {"role": "assistant", "content": "Your QoS allows <NUM> GPUs; you use <NUM> already.".replace("<NUM>", "8")},
     ]
     assert report["reader_dropped"] == {"auto_replies": 1}
-    assert report["skipped"] == [] or all(":1: " in s for s in report["skipped"])
+    assert report["skipped"] == [f"{folder / 'c1.eml'}: not an e-mail file (binary data, or UTF-16 text: mail is "
+                                 f"ASCII or UTF-8)"]
 
 
 def test_mbox_bad_mail_is_reported_with_its_line(tmp_path):
@@ -154,6 +235,37 @@ def test_mbox_bad_mail_is_reported_with_its_line(tmp_path):
     conversations, report = read(["data.format=email", f"data.path={mbox}", STAFF])
     assert [c.id for c in conversations] == ["ticket#5"]
     assert report["skipped"] == [f'{mbox}:{broken_line}: unreadable mail (ValueError: missing "From" header)']
+
+
+def test_email_html_is_decided_by_the_mime_type_not_by_an_address_that_starts_like_a_tag(tmp_path):
+    user, staff = "Ada Lovelace <ada@uni.example.org>", "Claire <claire@help.example.org>"
+    commands = "    module purge\n    module load cuda/12.4\n    sbatch --gres=gpu:1 job.slurm"
+    chunks = []
+    for n, tag in enumerate(HTML_TAGS, start=1):
+        question = mail(f"<q{n}@x>", f"[Ticket #{n}] GPU job pending", user, f"My GPU job {n} stays pending.",
+                        "Mon, 06 Jan 2025 09:00:00 +0100")
+        answer = (f"Hello,\n\nI copied Jean Dupont <{tag}.dupont@example.org> on this ticket.\n\nRun these:\n\n"
+                  f"{commands}\n\nIt should start within the hour.\n\n"
+                  f"On Mon, 6 Jan 2025 at 09:00, Jean Dupont <{tag}.dupont@example.org> wrote:\n> OLD QUOTED TEXT\n")
+        reply = mail(f"<r{n}@x>", f"Re: [Ticket #{n}] GPU job pending", staff, answer,
+                     "Mon, 06 Jan 2025 10:00:00 +0100", [f"<q{n}@x>"])
+        chunks += [b"From a@b Mon Jan  6 09:00:00 2025\n" + question, b"From a@b Mon Jan  6 10:00:00 2025\n" + reply]
+    html = EmailMessage()  # an HTML-only mail is still turned into text, its quote dropped
+    html["From"], html["Subject"], html["Message-ID"] = staff, "Re: [Ticket #1] GPU job pending", "<h1@x>"
+    html["Date"] = "Mon, 06 Jan 2025 11:00:00 +0100"
+    html.set_content("<div>One more thing:<br><pre>squeue -u $USER\nscontrol show job 1</pre>"
+                     "<blockquote>HTML QUOTE</blockquote></div>", subtype="html")
+    chunks.append(b"From a@b Mon Jan  6 11:00:00 2025\n" + html.as_bytes())
+    mbox = tmp_path / "export.mbox"
+    mbox.write_bytes(b"\n".join(chunks) + b"\n")
+    conversations, report = read(["data.format=email", f"data.path={mbox}", STAFF])
+    assert report["skipped"] == [] and len(conversations) == len(HTML_TAGS)
+    for conversation in conversations:
+        answer = conversation.messages[1]["content"]
+        assert f"Run these:\n\n{commands}\n\nIt should start within the hour." in answer, answer
+        assert "OLD QUOTED TEXT" not in answer and "wrote:" not in answer
+    first = next(c for c in conversations if c.id == "ticket#1").messages[1]["content"]
+    assert first.endswith("One more thing:\n\nsqueue -u $USER\nscontrol show job 1") and "HTML QUOTE" not in first
 
 
 def test_split_is_deterministic_and_adding_tickets_never_moves_old_ones():

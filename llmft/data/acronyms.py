@@ -19,7 +19,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from llmft.data.records import Conversation, ReadReport, input_files, line_of
+from llmft.data.records import (Conversation, JsonError, ReadReport, decode_json, input_files, line_of,
+                                 text_problem)
 
 QUESTIONS = {
     "en": [
@@ -139,41 +140,53 @@ def llm_conversations(acronym: str, definition: str, count: int, cfg) -> list[li
 
 
 def _entries(file: Path, report: ReadReport) -> list[tuple[str, object]]:
-    """(file:line, entry) for each element of a JSON list (or each line of a JSONL file)."""
-    raw = file.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = raw.count(b"\n", 0, error.start) + 1
-        report.skip(f"{file}:{line}", "not UTF-8 text")
-        return []
-    decoder = json.JSONDecoder()
+    """(file:line, entry) for each element of a JSON list (or each line of a JSONL file), each counted as read; one
+    that is no JSON, or holds no valid text, is skipped with its reason. Bytes that are not UTF-8 spoil only the
+    entry they are in: they are read as surrogates, which `text_problem` finds."""
+    text = file.read_bytes().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")  # (Notepad's BOM)
+    found = []
     if file.suffix == ".jsonl":
-        found = []
-        for line_number, line in enumerate(text.splitlines(), start=1):
+        for line_number, line in enumerate(text.split("\n"), start=1):
             if line.strip():
+                report.records_read += 1
+                where = f"{file}:{line_number}"
                 try:
-                    found.append((f"{file}:{line_number}", json.loads(line)))
-                except json.JSONDecodeError as error:
-                    report.skip(f"{file}:{line_number}", f"bad JSON ({error.msg})")
+                    entry, _ = decode_json(line)
+                except JsonError as error:
+                    report.skip(where, str(error))
+                    continue
+                problem = text_problem(line, 0, len(line), entry)
+                if problem:
+                    report.skip(where, problem)
+                else:
+                    found.append((where, entry))
         return found
     position = len(text) - len(text.lstrip())
     if not text.startswith("[", position):
-        report.skip(f"{file}:{line_of(text, position)}", "not a JSON list of {acronym, definition} objects")
+        if text.strip():
+            report.skip(f"{file}:{line_of(text, position)}", "not a JSON list of {acronym, definition} objects")
+        else:
+            report.skip(str(file), "empty file")
         return []
     position += 1
-    found = []
+    line, counted_to = 1, 0  # line_of(text, position), counted on from the last entry: no quadratic recount
     while True:
         while position < len(text) and text[position] in " \t\r\n,":
             position += 1
         if position >= len(text) or text[position] == "]":
             return found
+        line, counted_to = line + text.count("\n", counted_to, position), position
+        report.records_read += 1
         try:
-            entry, end = decoder.raw_decode(text, position)
-        except json.JSONDecodeError as error:
-            report.skip(f"{file}:{line_of(text, error.pos)}", f"bad JSON ({error.msg}); the rest of the file is unread")
+            entry, end = decode_json(text, position)
+        except JsonError as error:
+            report.skip(f"{file}:{line_of(text, error.pos)}", f"{error}; the rest of the file is unread")
             return found
-        found.append((f"{file}:{line_of(text, position)}", entry))
+        problem = text_problem(text, position, end, entry)
+        if problem:
+            report.skip(f"{file}:{line}", problem)
+        else:
+            found.append((f"{file}:{line}", entry))
         position = end
 
 
@@ -183,7 +196,6 @@ def read_acronyms(path: Path, data_cfg, report: ReadReport) -> list[Conversation
     conversations = []
     for file in input_files(path, (".json", ".jsonl")):
         for where, entry in _entries(file, report):
-            report.records_read += 1
             if not isinstance(entry, dict):
                 report.skip(where, "the entry is not an object")
                 continue
@@ -200,7 +212,8 @@ def read_acronyms(path: Path, data_cfg, report: ReadReport) -> list[Conversation
                 try:
                     generated = llm_conversations(acronym, definition, cfg.conversations_per_acronym, cfg)
                     report.count("llm_conversations", len(generated))
-                except (OSError, urllib.error.URLError, ValueError, KeyError, IndexError, TypeError) as error:
+                except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError) as error:
+                    # any answer the endpoint gives, however broken, falls back to the templates
                     report.count("llm_failures_fell_back_to_templates")
                     if isinstance(error, urllib.error.URLError) and not isinstance(error, urllib.error.HTTPError):
                         use_llm = False  # the endpoint is unreachable: do not wait for it once per acronym

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from llmft.data.records import ROLES, Conversation, ReadReport, jsonl_records
+from llmft.data.records import ROLES, Conversation, ReadReport, jsonl_records, short_repr
 
 
 def check_messages(record: object) -> list[dict[str, str]]:
@@ -27,7 +27,7 @@ def check_messages(record: object) -> list[dict[str, str]]:
             raise ValueError(f"message {i} is not an object")
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
-            raise ValueError(f"message {i} has unknown role {role!r} (expected one of {', '.join(ROLES)})")
+            raise ValueError(f"message {i} has unknown role {short_repr(role)} (expected one of {', '.join(ROLES)})")
         if not isinstance(content, str):
             raise ValueError(f'message {i} has no text "content"')
         clean.append({"role": role, "content": content})
@@ -40,7 +40,7 @@ def read_chat_jsonl(path: Path, data_cfg, report: ReadReport) -> list[Conversati
         try:
             messages = check_messages(record)
             record_id = record.get("id")
-            if record_id is not None and not isinstance(record_id, (str, int)):
+            if record_id is not None and (not isinstance(record_id, (str, int)) or isinstance(record_id, bool)):
                 raise ValueError('"id" is neither a string nor a number')
         except ValueError as error:
             report.skip(where, str(error))

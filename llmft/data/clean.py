@@ -121,9 +121,12 @@ class MessageCleaner:
         self.strip_quotes = from_mail if clean_cfg.strip_quotes is None else clean_cfg.strip_quotes
         self.strip_signatures = from_mail if clean_cfg.strip_signatures is None else clean_cfg.strip_signatures
         self.closing_pattern = _closing_pattern(list(clean_cfg.closings))
+        # E-mail bodies are text already: the reader took the text/plain part, or turned the text/html part into
+        # text, by MIME type. Guessing again here would flatten a plain-text mail that has `<p.name@host>` in it.
+        self.detect_html = data_format != "email"
 
     def clean(self, text: str, author_names: list[str]) -> str:
-        if looks_like_html(text):
+        if self.detect_html and looks_like_html(text):
             text = html_to_text(text, drop_quotes=self.strip_quotes)
         text = normalize_whitespace(text)
         if self.strip_quotes:

@@ -12,6 +12,7 @@ after a blank line), keeping the line where each mail starts so a bad mail is re
 
 from __future__ import annotations
 
+import codecs
 import email
 import email.policy
 import email.utils
@@ -42,18 +43,20 @@ class Mail:
 
 
 def mbox_chunks(data: bytes) -> list[tuple[int, bytes]]:
-    """(line number, bytes) of each mail of an mbox: a mail starts at a "From " line at the top or after a blank line."""
+    """(line number, bytes) of each mail of an mbox: a mail starts at a "From " line after a blank line, or at the
+    first "From " line. What comes before that line, when it is not blank, is a chunk of its own (a mail without its
+    "From " line, or garbage that is then reported), so it never swallows the first mail."""
     chunks: list[tuple[int, bytes]] = []
-    start, start_line, previous_blank = None, 0, True
+    start, start_line, previous_blank, started = 0, 1, True, False
     offset = 0
     for line_number, line in enumerate(data.splitlines(keepends=True), start=1):
-        if line.startswith(b"From ") and previous_blank:
-            if start is not None:
+        if line.startswith(b"From ") and (previous_blank or not started):
+            if data[start:offset].strip():
                 chunks.append((start_line, data[start:offset]))
-            start, start_line = offset, line_number
+            start, start_line, started = offset, line_number, True
         previous_blank = not line.strip()
         offset += len(line)
-    if start is not None:
+    if data[start:].strip():
         chunks.append((start_line, data[start:]))
     return chunks
 
@@ -104,15 +107,24 @@ def _read_mails(path: Path, data_cfg, report: ReadReport) -> list[Mail]:
     drop_quotes = data_cfg.clean.strip_quotes is not False
     mails: list[Mail] = []
     for file in input_files(path, (".eml", ".mbox", ".mbx")):
-        data = file.read_bytes()
-        chunks = mbox_chunks(data) if data.startswith(b"From ") else [(1, data)]
+        data = file.read_bytes().removeprefix(codecs.BOM_UTF8)
+        if not data.strip():
+            report.skip(str(file), "empty file")
+            continue
+        if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) or b"\x00" in data[:1000]:
+            report.skip(str(file), "not an e-mail file (binary data, or UTF-16 text: mail is ASCII or UTF-8)")
+            continue
+        is_mbox = data.startswith(b"From ") or file.suffix.lower() in (".mbox", ".mbx")
+        chunks = mbox_chunks(data) if is_mbox else [(1, data)]
         for line_number, raw in chunks:
             report.records_read += 1
             where = f"{file}:{line_number}"
             try:
                 mail = _parse_mail(raw, len(mails), where, ticket_pattern, drop_quotes)
             except Exception as error:  # the email package raises many kinds on broken mail: all are bad data
-                report.skip(where, f"unreadable mail ({type(error).__name__}: {error})")
+                message = " ".join(str(error).split())  # one line, and short: it may quote a 1 MB header
+                message = message if len(message) <= 200 else message[:197] + "..."
+                report.skip(where, f"unreadable mail ({type(error).__name__}: {message})")
                 continue
             if mail is None:
                 report.count("auto_replies")

@@ -8,6 +8,7 @@ parts (`<head>`, `<style>`, `<script>`) are dropped, so the previous mails of a 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from html.parser import HTMLParser
 
 _INVISIBLE = {"head", "style", "script", "title", "template", "noscript"}
@@ -19,11 +20,33 @@ _BLOCKS = {"p", "div", "br", "tr", "table", "ul", "ol", "li", "h1", "h2", "h3", 
 _VOID = {"br", "hr", "img", "meta", "link", "input", "area", "base", "col", "embed", "source", "track", "wbr"}
 _SPACES = re.compile(r"[ \t\r\n\f]+")
 _PRE_LINE = "\x00"  # marks the start of a line inside <pre>
-_LOOKS_LIKE_HTML = re.compile(r"<\s*(html|body|div|p|br|span|table|blockquote|a\s|b>|i>|ul|ol|li|font|pre)\b", re.I)
+# The tags `looks_like_html` looks for. A tag counts only when written as one: its name followed by `>`, `/` or a
+# space, so the address in `Jean Dupont <p.dupont@example.org>` or `<li.wei@x.cn>` is no tag.
+HTML_TAGS = ("html", "head", "body", "div", "p", "br", "hr", "span", "font", "a", "b", "i", "u", "em", "strong",
+             "table", "tbody", "tr", "td", "th", "ul", "ol", "li", "blockquote", "pre", "code", "img", "style",
+             "h1", "h2", "h3", "h4", "h5", "h6")
+_TAG_NAMES = "|".join(sorted(HTML_TAGS, key=len, reverse=True))
+_START_TAG = re.compile(rf"<({_TAG_NAMES})(?=[\s/>])[^<>]*>", re.I)
+_CLOSING_TAG = re.compile(rf"</({_TAG_NAMES})\s*>", re.I)
+_DOCUMENT = re.compile(r"<!doctype\s+html|<html(?=[\s>])|<br\s*/?>", re.I)
+_HTML_SCAN_CHARS = 10000
 
 
 def looks_like_html(text: str) -> bool:
-    return bool(_LOOKS_LIKE_HTML.search(text[:4000]))
+    """Whether a body of unknown type (tickets, CSV, chat) is HTML, by its structure: a doctype, `<html>`, `<br>`, a
+    closing tag such as `</p>`, or start tags of two distinct names. One `<word` is no HTML: `Name <p.name@host>`
+    is an address, "the <pre> tag" a sentence. E-mail needs none of this: its MIME type says (text/html part)."""
+    head = text[:_HTML_SCAN_CHARS]
+    if "<" not in head:
+        return False
+    if _DOCUMENT.search(head) or _CLOSING_TAG.search(head):
+        return True
+    names = set()
+    for match in _START_TAG.finditer(head):
+        names.add(match.group(1).lower())
+        if len(names) >= 2:
+            return True
+    return False
 
 
 class _TextExtractor(HTMLParser):
@@ -32,6 +55,7 @@ class _TextExtractor(HTMLParser):
         self.drop_quotes = drop_quotes
         self.parts: list[str] = []
         self.open_tags: list[str] = []
+        self.open_counts: Counter = Counter()  # of open_tags: a stray end tag is found without a scan of the stack
         self.hidden_depth: int | None = None  # depth of the open element whose content is dropped
         self.pre_depth = 0
 
@@ -53,6 +77,7 @@ class _TextExtractor(HTMLParser):
         if tag in _VOID:
             return
         self.open_tags.append(tag)
+        self.open_counts[tag] += 1
         if self.hidden_depth is None and self._hides(tag, attrs):
             self.hidden_depth = len(self.open_tags)
         if tag == "pre":
@@ -64,10 +89,11 @@ class _TextExtractor(HTMLParser):
             self.parts.append("\n")
 
     def handle_endtag(self, tag):
-        if tag not in self.open_tags:
+        if not self.open_counts[tag]:
             return  # a stray end tag: ignore it, as browsers do
         while self.open_tags:  # close what was left open inside (<p> and <li> often are)
             closed = self.open_tags.pop()
+            self.open_counts[closed] -= 1
             if closed == "pre":
                 self.pre_depth -= 1
             if self.hidden_depth is not None and len(self.open_tags) < self.hidden_depth:

@@ -6,6 +6,9 @@ sentence naming it). Never a traceback for bad data, never a silent drop.
 
 from __future__ import annotations
 
+import codecs
+import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,24 +71,91 @@ def line_of(text: str, offset: int) -> int:
     return text.count("\n", 0, offset) + 1
 
 
+def short_repr(value: object, limit: int = 60) -> str:
+    """repr(value) cut to `limit` characters, for a reason that names a bad value (it may be a 1 MB string)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_DECODER = json.JSONDecoder()
+
+
+def _has_surrogate(value: object) -> bool:
+    stack = [value]  # a loop, not recursion: the value may be nested as deep as the JSON decoder allows
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+class JsonError(ValueError):
+    """JSON that cannot be read: str() is the reason, `pos` the offset in the text where it went wrong."""
+
+    def __init__(self, reason: str, pos: int):
+        super().__init__(reason)
+        self.pos = pos
+
+
+def decode_json(text: str, position: int | None = None) -> tuple[object, int]:
+    """The JSON value of `text` (or of the value that starts at `position`) and where it ends, or JsonError. Besides
+    bad syntax, JSON nested deeper than Python's recursion limit and numbers too long for `int` are errors here."""
+    try:
+        if position is None:
+            return json.loads(text), len(text)
+        return _DECODER.raw_decode(text, position)
+    except json.JSONDecodeError as error:
+        raise JsonError(f"bad JSON ({error.msg})", error.pos) from None
+    except RecursionError:
+        raise JsonError("bad JSON (nested too deeply)", position or 0) from None
+    except ValueError as error:  # "Exceeds the limit (4300 digits) for integer string conversion"
+        reason = "a number with too many digits" if "digits" in str(error) else str(error)[:80]
+        raise JsonError(f"bad JSON ({reason})", position or 0) from None
+
+
+def text_problem(text: str, start: int, end: int, value: object) -> str | None:
+    """Why the JSON `text[start:end]`, decoded into `value`, holds no valid text, or None. `text` may come from
+    bytes decoded with "surrogateescape": a byte that is not UTF-8 is then a surrogate in the text. An escaped lone
+    surrogate (`"\\ud800"`) is no text either: no encoder, file or tokenizer accepts it later."""
+    if _SURROGATE.search(text, start, end):
+        return "not UTF-8 text"
+    if _SURROGATE_ESCAPE.search(text, start, end) and _has_surrogate(value):
+        return "not valid Unicode text (an escaped lone surrogate such as \\ud800)"
+    return None
+
 
 def jsonl_records(path: Path, report: ReadReport):
     """(file:line, raw bytes, parsed JSON) of every non-blank line of the .jsonl/.json files at `path`, counted as
     read; a line that is not UTF-8 or not JSON is skipped here with its reason, so readers check only their fields."""
-    import json
-
     for file in input_files(path, (".jsonl", ".json")):
         with open(file, "rb") as handle:
             for line_number, raw in enumerate(handle, start=1):
+                if line_number == 1 and raw.startswith(codecs.BOM_UTF8):
+                    raw = raw[len(codecs.BOM_UTF8):]  # a UTF-8 file saved by Notepad: the mark is no record
                 if not raw.strip():
                     continue
                 report.records_read += 1
                 where = f"{file}:{line_number}"
                 try:
-                    record = json.loads(raw.decode("utf-8"))
+                    text = raw.decode("utf-8")
                 except UnicodeDecodeError:
                     report.skip(where, "not UTF-8 text")
-                except json.JSONDecodeError as error:
-                    report.skip(where, f"bad JSON ({error.msg})")
-                else:
-                    yield where, raw, record
+                    continue
+                try:
+                    record, _ = decode_json(text)
+                except JsonError as error:
+                    report.skip(where, str(error))
+                    continue
+                problem = text_problem(text, 0, len(text), record)
+                if problem:
+                    report.skip(where, problem)
+                    continue
+                yield where, raw, record

@@ -62,7 +62,10 @@ def _ticket(record: object, staff: StaffRule, tickets_cfg) -> tuple[str, str, li
             raise ValueError(f'missing field "{key}"')
     if not isinstance(record["id"], (str, int)) or isinstance(record["id"], bool):
         raise ValueError('"id" is neither a string nor a number')
-    subject = record.get("subject") or ""
+    if not str(record["id"]).strip():
+        raise ValueError('"id" is empty')
+    subject = record.get("subject")
+    subject = "" if subject is None else subject
     if not isinstance(subject, str):
         raise ValueError('"subject" is not a string')
     if not isinstance(record["messages"], list):
@@ -80,7 +83,11 @@ def _ticket(record: object, staff: StaffRule, tickets_cfg) -> tuple[str, str, li
             body = ""
         if not isinstance(body, str):
             raise ValueError(f'message {i} has a "body" that is not text')
-        if message.get(tickets_cfg.internal_field) is True:
+        internal = message.get(tickets_cfg.internal_field)
+        # "yes" or 1 may mean internal: the ticket is better skipped than an internal note trained on
+        if internal is not None and not isinstance(internal, bool):
+            raise ValueError(f'message {i} has an "{tickets_cfg.internal_field}" that is neither true nor false')
+        if internal:
             num_internal += 1
             continue
         name = person_name(author)

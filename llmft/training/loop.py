@@ -217,7 +217,7 @@ class Trainer:
 
     def next_micro_batch(self) -> tuple[dict, int]:
         """This rank's share (every world_size-th sample) of the next micro-batch across ranks, on its device, and the
-        number of its supervised tokens (counted on the host before the copy: no device sync)."""
+        number of its supervised tokens (counted from the samples on the host: no device sync)."""
         num_train = len(self.train_samples)
         positions = range(self.state.samples_consumed, self.state.samples_consumed + self.micro_batch_across_ranks)
         stream = [epoch_order(num_train, self.tcfg.seed, k // num_train)[k % num_train] for k in positions]
@@ -225,7 +225,9 @@ class Trainer:
         self.state.samples_consumed += self.micro_batch_across_ranks
         batch = collate(mine, self.tokenizer.pad_token_id, flatten=self.flatten)
         batch.pop("num_tokens")
-        num_supervised = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        # the targets of the shifted loss (each row's labels but its first), counted from the Python lists
+        rows = [[t for s in mine for t in s.labels]] if self.flatten else [s.labels for s in mine]
+        num_supervised = sum(sum(1 for t in labels[1:] if t != IGNORE_INDEX) for labels in rows)
         self.progress.tokens += sum(len(s.input_ids) for s in mine)
         self.progress.supervised_tokens += num_supervised
         self.progress.sequences += sum(len(s.seq_lengths or [0]) for s in mine)  # real sequences, not packed rows

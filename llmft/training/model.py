@@ -322,6 +322,12 @@ def load_model(cfg, strategy, tokenizer, run_dir: Path, topology) -> tuple:
         init_lora_weights(model, cfg.train.seed)  # seeded by name: the same LoRA start for every strategy
     if cfg.train.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # PEFT and transformers' checkpointing make the embeddings' output require grad (what reentrant checkpointing
+    # needs): backward then runs through every frozen layer below the first adapter, down to the embeddings, for
+    # nothing. Non-reentrant checkpointing (ours) does not need it, and the adapter's gradients are the same.
+    if cfg.peft.method.value != "full":
+        hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        hf_model.disable_input_require_grads()
     if cfg.train.compile:
         for layer in decoder_layers(model):
             layer.compile()

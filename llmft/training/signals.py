@@ -36,6 +36,11 @@ class StopSignals:
         self.topology = topology
         self.received = 0
         self.previous: dict = {}
+        # The agreement runs on the host (gloo) even under NCCL: reading a GPU tensor would make the host wait for
+        # the whole step's GPU work at every step. On the host it costs one small message, no device sync.
+        self.group = None
+        if topology.is_distributed and topology.device_type == "cuda":
+            self.group = dist.new_group(backend="gloo")
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
@@ -56,9 +61,9 @@ class StopSignals:
         """The signal any rank received (0: none). Every rank calls it at the same step: one small all-reduce."""
         if not self.topology.is_distributed:
             return self.received
-        flag = torch.tensor([self.received], dtype=torch.int64, device=self.topology.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())  # host sync: once per step, on a one-element tensor
+        flag = torch.tensor([self.received], dtype=torch.int64)  # on the host
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return int(flag.item())
 
 
 def requeue_slurm_job(max_requeues: int, topology: Topology) -> bool:

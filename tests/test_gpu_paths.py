@@ -43,9 +43,17 @@ def test_four_bit_weights_count_their_real_size():
     assert full_numel(torch.nn.Parameter(torch.empty(3, 5))) == 15
 
 
+def isolate_rank_variables(monkeypatch) -> None:
+    """What export_env writes is put back after the test (set, then deleted: monkeypatch restores the absence)."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)
+
+
 def test_the_rank_variables_are_set_from_srun_alone(monkeypatch):
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)
+    isolate_rank_variables(monkeypatch)
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("RANK", "0")  # inherited from the submitting shell: srun's variables win inside a step
     monkeypatch.setenv("SLURM_PROCID", "5")
     monkeypatch.setenv("SLURM_NTASKS", "8")
     monkeypatch.setenv("SLURM_LOCALID", "1")
@@ -59,6 +67,7 @@ def test_the_rank_variables_are_set_from_srun_alone(monkeypatch):
 
 
 def test_the_gpu_is_bound_before_the_process_group_and_given_to_it(monkeypatch):
+    isolate_rank_variables(monkeypatch)
     calls = []
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
     import torch.distributed as dist
@@ -108,3 +117,24 @@ def test_the_evaluation_job_asks_for_the_gpus_the_model_needs():
                  "model.arch.num_hidden_layers=80", "model.arch.num_attention_heads=64"]
     assert inference_gpus(compose(seventy_b), 80, 8) == 3  # 141 GB of bf16 weights, x1.3, over 72 GB usable
     assert inference_gpus(compose(seventy_b), 80, 2) == 2  # never more than a node has
+
+
+def test_a_whole_model_is_written_shard_by_shard_and_reloads(tmp_path):
+    """peft=full export streams the gathered tensors into safetensors shards (rank 0 never holds the whole model);
+    the folder reloads with stock from_pretrained and gives the same logits."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from llmft.training.final import write_sharded
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    gathered = ((name, param.detach().cpu()) for name, param in model.named_parameters())
+    write_sharded(gathered, tmp_path, max_shard_bytes=64 * 1024)
+    model.config.save_pretrained(tmp_path)
+    shards = sorted(p.name for p in tmp_path.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 3 and (tmp_path / "model.safetensors.index.json").exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)

@@ -61,3 +61,4 @@ def test_fsdp_loads_a_300m_model_within_one_and_a_half_times_its_size(model_on_d
     assert ratio <= 1.5
     assert result["kinds"]["num_dtensor"] == result["kinds"]["num_params"]
 
+

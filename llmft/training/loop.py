@@ -318,9 +318,12 @@ class Trainer:
 
     def finish(self) -> TrainResult:
         final_dir = self.run_dir / "final"
-        trainable_state = self.strategy.trainable_state_for_export()  # a collective: every rank takes part
+        tensors = self.strategy.export_tensors()  # gathered one at a time: every rank iterates to the end
         if self.topology.is_main:
-            save_final(self.peft_model, trainable_state, self.tokenizer, final_dir, self.base_model_path)
+            save_final(self.peft_model, tensors, self.tokenizer, final_dir, self.base_model_path)
+        else:
+            for _ in tensors:
+                pass
         self.topology.barrier()
         summary = {
             "status": "completed",

@@ -285,6 +285,18 @@ def init_lora_weights(model, seed: int) -> None:
                 param.copy_(full.to(param.dtype))
 
 
+def allocate(model, device) -> None:
+    """Memory for a skeleton built on meta, on `device`, values left undefined; the computed buffers (rotary
+    tables), real since `build_on_meta`, are kept."""
+    import torch
+
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
+
+
 def decoder_layers(model) -> list:
     """The transformer blocks, by the class names the HF model lists as not splittable across devices: the unit of
     compilation and of FSDP2 sharding."""
@@ -312,12 +324,22 @@ def load_model(cfg, strategy, tokenizer, run_dir: Path, topology) -> tuple:
     elif strategy.builds_on_meta:  # no weights yet: each rank loads its shards once sharded
         model = build_on_meta(cfg.model, cfg.peft)
         base_model_path = Path(cfg.model.path)
+    elif strategy.broadcasts_from_rank0 and topology.is_distributed and cfg.peft.method.value != "qlora":
+        # DDP and ZeRO-2 give every replica rank 0's weights when they wrap (a broadcast): every rank builds the
+        # skeleton and allocates it on its device; rank 0 alone reads the weights, tensor by tensor with plain file
+        # I/O (from_pretrained's memory map would also count the file in its resident memory). No host copy per rank.
+        model = build_on_meta(cfg.model, cfg.peft)
+        base_model_path = Path(cfg.model.path)
     else:
         with strategy.loading_context():
             model = load_pretrained_model(cfg.model, cfg.peft, topology.local_rank)
         base_model_path = Path(cfg.model.path)
     model.config.use_cache = False
     model = apply_peft(model, cfg.peft, cfg.model)
+    if strategy.broadcasts_from_rank0 and any(p.is_meta for p in model.parameters()):
+        allocate(model, topology.device)
+        if topology.is_main:  # the other ranks get these values when the strategy wraps
+            load_shards(model, base_model_path, rank=0, world_size=1)
     if not any(p.is_meta for p in model.parameters()):
         init_lora_weights(model, cfg.train.seed)  # seeded by name: the same LoRA start for every strategy
     if cfg.train.activation_checkpointing:

@@ -34,17 +34,21 @@ class Topology:
 
     @staticmethod
     def from_env() -> "Topology":
+        """Who started this process decides: torchrun (TORCHELASTIC_RUN_ID; its RANK / WORLD_SIZE / LOCAL_RANK), else a
+        SLURM step (srun: SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, which win over a RANK inherited from the
+        submitting shell), else RANK / WORLD_SIZE set by hand, else one process."""
         import torch
 
         env = os.environ
-        if "RANK" in env:
-            world_size, rank = int(env["WORLD_SIZE"]), int(env["RANK"])
-            local_rank = int(env.get("LOCAL_RANK", 0))
-            num_nodes = int(env.get("LLMFT_NUM_NODES", env.get("SLURM_NNODES", 1)))
-        elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        slurm_task = "SLURM_PROCID" in env and "SLURM_NTASKS" in env and ("SLURM_STEP_ID" in env or "RANK" not in env)
+        if "TORCHELASTIC_RUN_ID" not in env and slurm_task:
             world_size, rank = int(env["SLURM_NTASKS"]), int(env["SLURM_PROCID"])
             local_rank = int(env.get("SLURM_LOCALID", 0))
             num_nodes = int(env.get("SLURM_NNODES", 1))
+        elif "RANK" in env:
+            world_size, rank = int(env.get("WORLD_SIZE", 1)), int(env["RANK"])
+            local_rank = int(env.get("LOCAL_RANK", 0))
+            num_nodes = int(env.get("LLMFT_NUM_NODES", env.get("SLURM_NNODES", 1)))
         else:
             world_size, rank, local_rank, num_nodes = 1, 0, 0, 1
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -69,9 +73,9 @@ class Topology:
         import torch
         import torch.distributed as dist
 
-        self.export_env()
         if not self.is_distributed or dist.is_initialized():
-            return
+            return  # one process (trained in the launcher's own process, or a test's): its environment stays as it was
+        self.export_env()
         extra = {}
         if self.device_type == "cuda":
             torch.cuda.set_device(self.local_rank)

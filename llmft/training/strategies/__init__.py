@@ -8,7 +8,7 @@ and nothing else: no `if strategy == ...` and no DeepSpeed or FSDP detail outsid
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, ContextManager, Optional, Protocol
+from typing import Callable, ContextManager, Iterator, Optional, Protocol
 
 import torch
 
@@ -20,6 +20,8 @@ from llmft.training.topology import Topology
 class Strategy(Protocol):
     name: str
     builds_on_meta: bool  # the model loader builds the skeleton on the meta device; wrap() loads this rank's shards
+    # wrap() broadcasts rank 0's weights to every replica (DDP, ZeRO-2): the other ranks need not read them from disk
+    broadcasts_from_rank0: bool
 
     def loading_context(self) -> ContextManager:
         """Around loading a model from disk: ZeRO-3 makes transformers partition it as it loads; else nothing."""
@@ -51,8 +53,9 @@ class Strategy(Protocol):
     def sharding_report(self) -> dict:
         """Parameter elements this rank holds against the model's total, and how many parameters are sharded."""
 
-    def trainable_state_for_export(self) -> Optional[dict]:
-        """Full trainable tensors on rank 0's CPU, None elsewhere (collective)."""
+    def export_tensors(self) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
+        """(name, full tensor on rank 0's CPU; None on other ranks) for each trained parameter, gathered one at a time
+        (or a module at a time): a collective under fsdp and zero3, so every rank iterates to the end."""
 
 
 def build(cfg, topology: Topology, bf16: bool) -> Strategy:

@@ -12,6 +12,7 @@ from llmft.training.strategies.single import SingleStrategy
 
 class DDPStrategy(SingleStrategy):
     name = "ddp"
+    broadcasts_from_rank0 = True  # DistributedDataParallel broadcasts rank 0's parameters and buffers when it wraps
 
     def wrap(self, model, trainable, lr_lambda):
         device_ids = [self.topology.local_rank] if self.topology.device_type == "cuda" else None

@@ -68,6 +68,8 @@ class DeepSpeedStrategy:
         self.bf16 = bf16
         self.name = cfg.parallelism.strategy.value
         self.stage3 = self.name in ("zero3", "zero3_offload")
+        # ZeRO-2 broadcasts rank 0's parameters when it wraps (DeepSpeedEngine._broadcast_model); ZeRO-3 partitions
+        self.broadcasts_from_rank0 = not self.stage3
         self.engine = None
         self.hf_deepspeed_config = None
 
@@ -140,13 +142,16 @@ class DeepSpeedStrategy:
             "sharded_params": sum(hasattr(p, "ds_tensor") for p in params),
         }
 
-    def trainable_state_for_export(self):
-        """Gather the (ZeRO-3 partitioned) trainable tensors to rank 0: a collective, every rank calls it."""
+    def export_tensors(self):
+        """Gathered module by module (ZeRO-3: a collective, every rank iterates to the end): the GPUs hold one module's
+        parameters whole at a time, never the whole model; rank 0 copies them to its CPU as they come."""
         import deepspeed
 
-        named = [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
-        state = {}
-        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
-            if self.topology.is_main:
-                state = {n: p.detach().cpu().clone() for n, p in named}
-        return state if self.topology.is_main else None
+        for module_name, module in self.engine.module.named_modules():
+            named = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+            if not named:
+                continue
+            with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None, enabled=self.stage3):
+                for name, param in named:
+                    full_name = f"{module_name}.{name}" if module_name else name
+                    yield full_name, param.detach().cpu().clone() if self.topology.is_main else None

@@ -11,18 +11,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    get_model_state_dict,
     get_state_dict,
     set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from llmft.training.model import decoder_layers, init_lora_weights, load_shards
+from llmft.training.model import allocate, decoder_layers, init_lora_weights, load_shards
 from llmft.training.strategies.single import SingleStrategy
 
 
@@ -40,6 +38,7 @@ def _no_gradient_sync(model):
 class FSDPStrategy(SingleStrategy):
     name = "fsdp"
     builds_on_meta = True
+    broadcasts_from_rank0 = False
 
     def place(self, model) -> None:
         if not any(p.is_meta for p in model.parameters()):  # a model built whole (tiny): to the device, then shard
@@ -59,11 +58,7 @@ class FSDPStrategy(SingleStrategy):
 
     def materialize(self, model) -> None:
         """Allocate this rank's shards of a model built on meta, and fill them from the safetensors files."""
-        buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}  # rotary tables: computed, real
-        model.to_empty(device=self.topology.device)
-        with torch.no_grad():
-            for name, buffer in model.named_buffers():
-                buffer.copy_(buffers[name])
+        allocate(model, self.topology.device)
         load_shards(model, Path(self.cfg.model.path), self.topology.rank, self.topology.world_size)
         init_lora_weights(model, self.cfg.train.seed)
 
@@ -105,8 +100,19 @@ class FSDPStrategy(SingleStrategy):
             "sharded_params": sum(isinstance(p, DTensor) for p in params),
         }
 
-    def trainable_state_for_export(self):
-        """Gather the full tensors to rank 0 (a collective: every rank calls it)."""
-        state = get_model_state_dict(self.model, options=self._options(full_state_dict=True, cpu_offload=True))
-        dist.barrier()
-        return state if self.topology.is_main else None
+    def export_tensors(self):
+        """Gathered parameter by parameter (`full_tensor()`, a collective: every rank iterates to the end): the GPUs
+        hold one whole tensor at a time, and rank 0 copies each to its CPU as it comes."""
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.tensor import DTensor
+
+        for module in self.model.modules():  # after a forward the root stays unsharded: back to DTensor shards first
+            if isinstance(module, FSDPModule):
+                module.reshard()
+        lora = self.cfg.peft.method.value != "full"
+        for name, param in self.model.named_parameters():
+            if lora and not param.requires_grad:
+                continue
+            full = param.full_tensor() if isinstance(param, DTensor) else param
+            yield name, full.detach().cpu() if self.topology.is_main else None
+            del full

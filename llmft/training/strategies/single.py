@@ -11,6 +11,7 @@ import torch
 class SingleStrategy:
     name = "single"
     builds_on_meta = False
+    broadcasts_from_rank0 = False
 
     def __init__(self, cfg, topology, bf16: bool):
         self.cfg = cfg
@@ -88,7 +89,8 @@ class SingleStrategy:
         numel = sum(p.numel() for p in self.model.parameters())
         return {"local_numel": numel, "global_numel": numel, "sharded_params": 0}
 
-    def trainable_state_for_export(self):
-        if not self.topology.is_main:
-            return None
-        return {n: p.detach().cpu() for n, p in self._trainable_named().items()}
+    def export_tensors(self):
+        """Replicas are identical: rank 0's own tensors, no collective."""
+        if self.topology.is_main:
+            for name, param in self._trainable_named().items():
+                yield name, param.detach().cpu()

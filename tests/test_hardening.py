@@ -54,7 +54,7 @@ def test_a_missing_extra_names_the_pip_command(monkeypatch):
                                         r"'llmft\[deepspeed\]'"):
         check_installed(compose(["parallelism=zero3", "launch.nproc=2"]), local=True)
     with pytest.raises(UserError, match=r"pip install 'llmft\[qlora\]'"):
-        check_installed(compose(["peft=qlora"]), local=True)
+        check_installed(compose(["peft=qlora"]), local=False)  # a cluster job: the GPU is there
     with pytest.raises(UserError, match=r"pip install 'llmft\[eval\]'"):
         check_installed(compose(["eval.after_train=true"]), local=False)
 
@@ -221,3 +221,11 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_adapter(t
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
     steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == 24  # no step written twice
+
+
+def test_a_secret_inside_a_list_override_is_redacted_in_the_provenance():
+    from llmft.config.redact import REDACTED, redact_argv
+
+    argv = ["eval.overrides=['eval.limit=2','eval.judge_api_key=sk-abc']", "eval.overrides=[eval.judge_api_key=sk-d]"]
+    assert redact_argv(argv) == [f"eval.overrides=['eval.limit=2','eval.judge_api_key={REDACTED}']",
+                                 f"eval.overrides=[eval.judge_api_key={REDACTED}]"]

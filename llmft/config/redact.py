@@ -38,10 +38,20 @@ def redact_config(value: Any, name: str = "") -> Any:
     return value
 
 
+# `name=value` inside a list override: eval.overrides=['eval.limit=2','eval.judge_api_key=sk-...']
+_INNER_ASSIGNMENT = re.compile(r"(?P<name>[\w.+~-]+)=(?P<value>[^,'\"\]\[]*)")
+
+
 def redact_argv(argv: list[str]) -> list[str]:
-    """Command-line overrides `some.api_key=VALUE` with the value replaced."""
+    """Command-line overrides `some.api_key=VALUE` with the value replaced, also inside list values."""
     redacted = []
     for argument in argv:
-        key, sep, _ = argument.partition("=")
-        redacted.append(f"{key}={REDACTED}" if sep and is_secret_name(key.rsplit(".", 1)[-1]) else argument)
+        key, sep, value = argument.partition("=")
+        if sep and is_secret_name(key.rsplit(".", 1)[-1]):
+            redacted.append(f"{key}={REDACTED}")
+            continue
+        if sep and "=" in value:
+            value = _INNER_ASSIGNMENT.sub(
+                lambda m: f"{m['name']}={REDACTED}" if is_secret_name(m["name"].rsplit(".", 1)[-1]) else m[0], value)
+        redacted.append(f"{key}{sep}{value}")
     return redacted

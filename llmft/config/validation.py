@@ -189,11 +189,11 @@ def check_installed(cfg: DictConfig, local: bool) -> None:
     if strategy.startswith("zero") and find_spec("deepspeed") is None:
         raise missing_extra("deepspeed", "deepspeed", f"parallelism={strategy}")
     if cfg.peft.method == PeftMethod.qlora:
-        if find_spec("bitsandbytes") is None:
-            raise missing_extra("bitsandbytes", "qlora", "peft=qlora")
         if local and not Path("/proc/driver/nvidia/version").exists():
             raise ConfigError("peft=qlora needs a CUDA GPU (bitsandbytes 4-bit) and this machine has none: use "
                               "peft=lora here, or submit to a GPU cluster with +cluster=NAME.")
+        if find_spec("bitsandbytes") is None:
+            raise missing_extra("bitsandbytes", "qlora", "peft=qlora")
     if cfg.eval.after_train:
         check_eval_runtime(check_eval(cfg.eval, check_paths=False), judge_env=False)
 

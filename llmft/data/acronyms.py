@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from llmft.data.records import (Conversation, JsonError, ReadReport, decode_json, input_files, line_of,
+from llmft.data.records import (Conversation, JsonError, ReadReport, decode_json, input_files, jsonl_records, line_of,
                                  text_problem)
 
 QUESTIONS = {
@@ -145,22 +145,8 @@ def _entries(file: Path, report: ReadReport) -> list[tuple[str, object]]:
     entry they are in: they are read as surrogates, which `text_problem` finds."""
     text = file.read_bytes().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")  # (Notepad's BOM)
     found = []
-    if file.suffix == ".jsonl":
-        for line_number, line in enumerate(text.split("\n"), start=1):
-            if line.strip():
-                report.records_read += 1
-                where = f"{file}:{line_number}"
-                try:
-                    entry, _ = decode_json(line)
-                except JsonError as error:
-                    report.skip(where, str(error))
-                    continue
-                problem = text_problem(line, 0, len(line), entry)
-                if problem:
-                    report.skip(where, problem)
-                else:
-                    found.append((where, entry))
-        return found
+    if file.suffix == ".jsonl":  # one entry a line: the JSONL reader every format shares
+        return [(where, entry) for where, _, entry in jsonl_records(file, report)]
     position = len(text) - len(text.lstrip())
     if not text.startswith("[", position):
         if text.strip():

@@ -113,12 +113,12 @@ def config_for_resume(run_dir: Path, composed: DictConfig) -> DictConfig:
 
 def resumable_run_dir(path: str) -> Path:
     run_dir = Path(os.path.expandvars(path)).expanduser().resolve()
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"resume={path}: no run there (no config.yaml): give a run directory created by "
-                          f"llmft.launch.")
     summary = run_dir / "summary.json"
     if summary.exists() and json.loads(summary.read_text()).get("status") == "completed":
         raise ConfigError(f"resume={path}: this run has completed already (see {summary}).")
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"resume={path} does not exist or is not a run directory (no config.yaml): give a run "
+                          f"directory created by llmft.launch.")
     return run_dir
 
 

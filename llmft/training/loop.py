@@ -239,7 +239,7 @@ class Trainer:
         return float(self.progress.loss_sum) / max(1.0, float(self.progress.num_supervised))
 
     def log_metrics(self, metrics: MetricsLog) -> None:
-        progress, topology = self.progress, self.topology
+        progress = self.progress
         progress.last_loss = self.step_loss()  # host syncs: at logging steps only
         elapsed = max(1e-9, time.time() - progress.interval_start)
         tokens_all_ranks = float(self.all_reduce(torch.tensor(progress.tokens, dtype=torch.float64)))

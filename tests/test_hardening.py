@@ -204,7 +204,7 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_adapter(t
             [sys.executable, "-m", "llmft.launch", f"resume={run_dir}"], cwd=REPO, start_new_session=True,
             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            process.wait(timeout=rng.uniform(2.0, 9.0))  # import, data, model, steps, checkpoints: anywhere
+            process.wait(timeout=rng.uniform(1.5, 6.0))  # import, data, model, steps, checkpoints: anywhere
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             kills += 1

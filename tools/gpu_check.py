@@ -131,7 +131,7 @@ def packing_check(cpu: bool) -> str:
     for kind in kinds:
         torch.manual_seed(0)
         config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, attn_implementation=kind)
+                             num_attention_heads=4, num_key_value_heads=2, attn_implementation=kind, use_cache=False)
         model = LlamaForCausalLM(config).to(device, dtype).eval()
         with torch.no_grad():
             alone = [model(input_ids=torch.tensor([s.input_ids], device=device)).logits[0] for s in samples]

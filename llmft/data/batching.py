@@ -12,7 +12,7 @@ the training loop passes every other key to the model. Padding is masked by posi
   find_packed_sequence_indices`) builds a block-diagonal causal mask for SDPA, eager and flex attention. The
   padding at the end of a row restarts its positions too, so it is a block of its own that nothing attends to.
   transformers only looks for restarting positions when the model runs without a KV cache: the model must have
-  `config.use_cache = False` (train.py sets it), or be called with `use_cache=False`.
+  `config.use_cache = False` (training/model.py sets it), or be called with `use_cache=False`.
 - `flatten=True`, for flash-attention: all rows laid end to end in one row of shape (1, tokens) without padding;
   flash-attention's varlen kernel reads the sample boundaries from the restarting position ids
   (`modeling_flash_attention_utils._is_packed_sequence` only looks when the batch has one row). Without it a

@@ -142,7 +142,7 @@ def check_data(data, complete: bool = True) -> None:
         raise ConfigError("data.csv.question_columns is empty: name the column(s) that hold the question.")
 
 
-def eval_settings(eval_cfg, overrides: list[str] = ()) -> EvalConfig:
+def with_eval_overrides(eval_cfg, overrides: list[str] = ()) -> EvalConfig:
     """The `eval` keys as a plain EvalConfig: the config's values, then its `eval.overrides`, then `overrides`;
     checked. An unknown key or a bad value raises ConfigError naming it."""
     base = eval_cfg if isinstance(eval_cfg, EvalConfig) else OmegaConf.to_object(
@@ -154,7 +154,7 @@ def eval_settings(eval_cfg, overrides: list[str] = ()) -> EvalConfig:
 
 def check_eval(eval_cfg, check_paths: bool = True) -> EvalConfig:
     """The `eval` keys, with `eval.overrides` applied, checked before a job waits in the queue; the settings."""
-    settings = eval_settings(eval_cfg) if not isinstance(eval_cfg, EvalConfig) else eval_cfg
+    settings = with_eval_overrides(eval_cfg) if not isinstance(eval_cfg, EvalConfig) else eval_cfg
     positive = {"eval.max_new_tokens": settings.max_new_tokens, "eval.batch_size": settings.batch_size,
                 "eval.judge_timeout_s": settings.judge_timeout_s, "eval.judge_max_tokens": settings.judge_max_tokens,
                 "eval.judge_concurrency": settings.judge_concurrency,

@@ -38,8 +38,7 @@ from omegaconf import OmegaConf
 from llmft.config.arguments import UsageError
 from llmft.config.redact import REDACTED
 from llmft.config.schema import EvalConfig
-from llmft.config.validation import check_eval, check_eval_runtime
-from llmft.config.validation import eval_settings as eval_settings_from
+from llmft.config.validation import check_eval, check_eval_runtime, with_eval_overrides
 from llmft.data.chat import read_chat_jsonl
 from llmft.data.pipeline import assign_splits, plain, read_conversations
 from llmft.data.prepared import conversations_fingerprint
@@ -101,7 +100,7 @@ def eval_settings(run_dir: Path, overrides: list[str]) -> EvalConfig:
     if saved.judge_api_key == REDACTED:
         saved.judge_api_key = None
     try:
-        settings = check_eval(eval_settings_from(saved, overrides))
+        settings = check_eval(with_eval_overrides(saved, overrides))
         settings.judge_url = settings.judge_url or os.environ.get("LLMFT_JUDGE_URL") or None
         settings.judge_model = settings.judge_model or os.environ.get("LLMFT_JUDGE_MODEL") or None
         settings.judge_api_key = (settings.judge_api_key or os.environ.get("LLMFT_JUDGE_API_KEY")

@@ -69,7 +69,7 @@ class Progress:
     val_loss: float | None = None
     val_loss_step: int | None = None  # the step `val_loss` was measured at
     # since the last log line: kept on the device or as Python ints, read at logging steps only
-    loss_sum: torch.Tensor | None = None  # the last step's summed token losses over all ranks
+    loss_sum: torch.Tensor | None = None  # the last step's summed token losses on this rank
     num_supervised: torch.Tensor | None = None  # and its supervised tokens over all ranks
     grad_norm: torch.Tensor | float | None = None
     tokens: int = 0
@@ -205,7 +205,7 @@ class Trainer:
             with nullcontext() if last else self.strategy.no_gradient_sync():
                 loss_sum += self.forward_backward(batch, num_supervised)
         self.progress.grad_norm = self.strategy.step()
-        self.progress.loss_sum, self.progress.num_supervised = self.all_reduce(loss_sum), num_supervised
+        self.progress.loss_sum, self.progress.num_supervised = loss_sum, num_supervised  # this rank's, on device
         self.state.step += 1
         if self.progress.first_loss is None:
             self.progress.first_loss = self.step_loss()  # host sync: the first step only
@@ -236,7 +236,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ log, validate
 
     def step_loss(self) -> float:
-        return float(self.progress.loss_sum) / max(1.0, float(self.progress.num_supervised))
+        """The last step's token-mean loss over all ranks (a collective and a host read: every rank calls it, at the
+        first step and at logging steps only)."""
+        return float(self.all_reduce(self.progress.loss_sum.clone())) / max(1.0, float(self.progress.num_supervised))
 
     def log_metrics(self, metrics: MetricsLog) -> None:
         progress = self.progress

@@ -35,6 +35,13 @@ class Strategy(str, Enum):
     zero3_offload = "zero3_offload"
 
 
+class LossHead(str, Enum):
+    auto = "auto"  # liger on CUDA when liger-kernel is installed, else chunked; full_logits when the model needs it
+    chunked = "chunked"  # LM head and cross-entropy on the supervised positions only, chunk by chunk (training/loss.py)
+    liger = "liger"  # Liger-Kernel's fused linear cross-entropy (CUDA; pip install 'llmft[liger]')
+    full_logits = "full_logits"  # the model's own forward: logits for every position (the plain path)
+
+
 class Precision(str, Enum):
     auto = "auto"  # bf16 autocast on a GPU that supports it, fp32 elsewhere (CPU)
     fp32 = "fp32"
@@ -54,6 +61,7 @@ class TinyArchConfig:
     # Standard deviation of the random weights. Larger than Llama's 0.02 on purpose: with the embeddings and the
     # output layer frozen (LoRA), 0.02 caps the logits near +-2.5 and the loss cannot fall far below uniform.
     initializer_range: float = 0.1
+    tie_word_embeddings: bool = False  # the output layer shares the embedding matrix (as Llama-3.2-1B and 3B)
 
 
 @dataclass
@@ -122,6 +130,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     precision: Precision = Precision.auto
     activation_checkpointing: bool = False
+    loss_head: LossHead = LossHead.auto  # how the loss is computed from the last hidden states (training/loss.py)
     compile: bool = False  # torch.compile each decoder layer (after activation checkpointing, before sharding)
     log_every: int = 10
     eval_every: int = 50

@@ -32,22 +32,22 @@ import numpy as np
 import peft  # noqa: F401  (imported here, not inside the load: the load's memory figure is the model's alone)
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from llmft.config.compose import load_run_config
 from llmft.data.batching import collate, epoch_order
 from llmft.data.pipeline import build_splits, read_conversations
-from llmft.data.templating import IGNORE_INDEX
 from llmft.data.tokenizer import load_tokenizer, tokenizer_for_run
 from llmft.errors import UserError, report
 from llmft.training import checkpoint, run_lock, strategies
 from llmft.training.final import save_final
 from llmft.training.flops import flops_per_token, peak_flops
 from llmft.training.lifetime import die_with_parent
+from llmft.training.loss import token_losses, with_loss_index
+from llmft.training import loss as supervised_loss
 from llmft.training.metrics import (MemoryMeter, MetricsLog, peak_resident_mb, quiet_progress_bars,
                                     reset_peak_resident, resident_mb)
 from llmft.training.model import count_parameters, load_model
-from llmft.training.precision import autocast, uses_bf16
+from llmft.training.precision import uses_bf16
 from llmft.training.signals import Interrupted, StopSignals, requeue_slurm_job
 from llmft.training.topology import Topology
 
@@ -146,7 +146,10 @@ class Trainer:
         reset_peak_resident()  # the peak of the load itself, not of the data preparation before it
         model, self.base_model_path = load_model(self.cfg, self.strategy, self.tokenizer, self.run_dir, topology)
         self.num_params, self.num_trainable = count_parameters(model)
-        self.log(f"model: {self.num_params:,} parameters, {self.num_trainable:,} trainable")
+        hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.loss_head = supervised_loss.install(hf_model, tcfg.loss_head.value, topology.device_type)
+        self.log(f"model: {self.num_params:,} parameters, {self.num_trainable:,} trainable; loss head: "
+                 f"{self.loss_head}")
         self.micro_batch_across_ranks = tcfg.micro_batch_size * topology.world_size
         samples_per_step = self.micro_batch_across_ranks * tcfg.grad_accum_steps
         self.total_steps = math.ceil(tcfg.epochs * len(self.train_samples) / samples_per_step)
@@ -223,11 +226,9 @@ class Trainer:
         stream = [epoch_order(num_train, self.tcfg.seed, k // num_train)[k % num_train] for k in positions]
         mine = [self.train_samples[i] for i in stream[self.topology.rank :: self.topology.world_size]]
         self.state.samples_consumed += self.micro_batch_across_ranks
-        batch = collate(mine, self.tokenizer.pad_token_id, flatten=self.flatten)
+        batch = with_loss_index(collate(mine, self.tokenizer.pad_token_id, flatten=self.flatten))
         batch.pop("num_tokens")
-        # the targets of the shifted loss (each row's labels but its first), counted from the Python lists
-        rows = [[t for s in mine for t in s.labels]] if self.flatten else [s.labels for s in mine]
-        num_supervised = sum(sum(1 for t in labels[1:] if t != IGNORE_INDEX) for labels in rows)
+        num_supervised = batch["loss_index"].numel()  # the shifted targets that count, known on the host: no sync
         self.progress.tokens += sum(len(s.input_ids) for s in mine)
         self.progress.supervised_tokens += num_supervised
         self.progress.sequences += sum(len(s.seq_lengths or [0]) for s in mine)  # real sequences, not packed rows
@@ -374,18 +375,6 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def token_losses(model, batch: dict, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of next-token cross-entropies over supervised positions, and their number (both on the device)."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    with autocast(bf16, batch["input_ids"].device.type):
-        logits = model(**inputs).logits
-    targets = batch["labels"][:, 1:]
-    loss_sum = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return loss_sum, (targets != IGNORE_INDEX).sum()
-
-
 @torch.no_grad()
 def validation_loss(model, samples, micro_batch_size: int, pad_token_id: int, bf16: bool, device,
                     flatten: bool = False) -> float:
@@ -395,7 +384,7 @@ def validation_loss(model, samples, micro_batch_size: int, pad_token_id: int, bf
     total_tokens = torch.zeros((), dtype=torch.int64, device=device)
     for start in range(0, len(samples), micro_batch_size):
         rows = samples[start : start + micro_batch_size]
-        batch = collate(rows, pad_token_id, flatten=flatten)
+        batch = with_loss_index(collate(rows, pad_token_id, flatten=flatten))
         batch.pop("num_tokens")
         loss_sum, num_tokens = token_losses(model, {k: v.to(device) for k, v in batch.items()}, bf16)
         total_loss += loss_sum.double()

@@ -30,7 +30,7 @@ def build_tiny_model(tiny_cfg, tokenizer, seed: int, max_seq_len: int):
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tiny_cfg.tie_word_embeddings,
         initializer_range=tiny_cfg.initializer_range,
     )
     torch.manual_seed(seed)

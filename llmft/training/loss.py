@@ -1,0 +1,187 @@
+"""The training loss: next-token cross-entropy summed over the supervised positions only, without full logits.
+
+    install(hf_model, choice, device_type) -> the head the run uses ("chunked", "liger" or "full_logits")
+    token_losses(model, batch, bf16) -> (sum of losses, number of supervised tokens), both on the device
+
+A `[tokens, vocab]` logits tensor is what dominates a fine-tuning step's memory on a real vocabulary (Llama 3:
+128,256 ids; 4,096 tokens -> 2 GB of fp32 logits, as much again for their gradient), and about half of a support
+conversation's tokens are context whose logits are thrown away. So the model's forward is replaced (on the instance,
+so parameter names, checkpoints and PEFT are untouched) by: the decoder's last hidden states, the rows of the
+supervised positions (indices computed on the host by `with_loss_index`, so selecting them costs no device sync),
+and the LM head plus cross-entropy on those rows, chunk by chunk:
+
+- `chunked` (ours): each chunk's logits, log-sum-exp, loss, and, in the same pass, the gradients of the hidden rows
+  and of the head's weight (softmax minus one-hot, times W or h). Backward only scales them. Peak memory is one
+  chunk's logits; the head costs as many matmuls as the plain path, on the supervised rows only. Hand-written
+  because it must run on the CPU and under DDP, FSDP2 and ZeRO-3 (torch has no fused linear cross-entropy;
+  Liger's needs Triton and a GPU).
+- `liger`: Liger-Kernel's fused linear cross-entropy (Triton, CUDA), the same computation.
+- `full_logits`: the model's own forward and cross-entropy on full logits; what models with logit soft-capping or
+  scaling (Gemma 2/3, Cohere) use, since the head is then more than a matmul, or an LM head PEFT wrapped itself.
+
+Under FSDP2 the head's weight is in the root's parameter group, unsharded for the root's forward (this code runs
+inside it); under ZeRO-3 DeepSpeed gathers a parameter read inside a forward and registers it as external to the
+running module (`parameter_offload.py`), so reading `lm_head.weight` here is safe under every strategy.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import types
+
+import torch
+import torch.nn.functional as F
+
+from llmft.data.templating import IGNORE_INDEX
+from llmft.training.precision import autocast
+
+# Elements of one chunk's fp32 logits: 2**26 is 256 MB (523 rows of a 128,256-id vocabulary; one chunk for a small one).
+CHUNK_ELEMENTS = 2**26
+
+
+def with_loss_index(batch: dict) -> dict:
+    """Add `loss_index`: the flat indices, in the (rows x (length - 1)) grid of shifted targets, of the supervised
+    positions. Computed on the host before the batch moves to the device, so the loss selects rows without a sync."""
+    targets = batch["labels"][:, 1:]
+    batch["loss_index"] = (targets.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+    return batch
+
+
+def token_losses(model, batch: dict, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of next-token cross-entropies over the supervised positions, and their number (both on the device)."""
+    with autocast(bf16, batch["input_ids"].device.type):
+        output = model(**batch)
+    if getattr(output, "loss_sum", None) is not None:  # an installed head
+        return output.loss_sum, output.num_supervised
+    targets = batch["labels"][:, 1:]  # the model's own forward: full logits
+    loss_sum = F.cross_entropy(output.logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss_sum, (targets != IGNORE_INDEX).sum()
+
+
+def full_logits_reason(hf_model) -> str | None:
+    """Why this model's head cannot run on hidden rows alone, or None."""
+    config = hf_model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        if getattr(text_config, key, None) not in (None, 1, 1.0):
+            return f"the model scales its logits ({key}={getattr(text_config, key)})"
+    head = hf_model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        return f"its LM head is a {type(head).__name__}, not a plain Linear (an adapter on lm_head?)"
+    if getattr(hf_model, hf_model.base_model_prefix, None) is None:
+        return f"{type(hf_model).__name__} has no decoder under `{hf_model.base_model_prefix}`"
+    return None
+
+
+def liger_available(device_type: str) -> bool:
+    return device_type == "cuda" and importlib.util.find_spec("liger_kernel") is not None
+
+
+def install(hf_model, choice: str, device_type: str) -> str:
+    """Replace the forward of `hf_model` (the transformers model, under PEFT if any) by the supervised-rows loss
+    when called with `labels`; returns the head used. `choice`: train.loss_head (auto, chunked, liger, full_logits)."""
+    if choice == "full_logits":
+        return "full_logits"
+    reason = full_logits_reason(hf_model)
+    if reason is not None:
+        if choice != "auto":
+            raise ValueError(f"train.loss_head={choice} is impossible for this model: {reason}; "
+                             f"use train.loss_head=auto or full_logits")
+        return "full_logits"
+    head = "liger" if choice == "liger" or (choice == "auto" and liger_available(device_type)) else "chunked"
+    original_forward = hf_model.forward
+
+    def forward(self, *args, labels=None, loss_index=None, **kwargs):
+        if labels is None:  # generation, or any caller that wants logits
+            return original_forward(*args, **kwargs)
+        return supervised_loss(self, labels, loss_index, head, *args, **kwargs)
+
+    hf_model.forward = types.MethodType(forward, hf_model)
+    return head
+
+
+def supervised_loss(hf_model, labels, loss_index, head: str, input_ids=None, **kwargs):
+    for key in ("logits_to_keep", "return_dict", "output_attentions", "output_hidden_states", "num_items_in_batch"):
+        kwargs.pop(key, None)
+    decoder = getattr(hf_model, hf_model.base_model_prefix)
+    hidden = decoder(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
+    if loss_index is None:
+        loss_index = (labels[:, 1:].reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+    rows = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, loss_index)
+    targets = labels[:, 1:].reshape(-1).index_select(0, loss_index)
+    lm_head = hf_model.get_output_embeddings()
+    if head == "liger":
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        loss_sum = liger_fused_linear_cross_entropy(rows, lm_head.weight, targets, bias=lm_head.bias,
+                                                    reduction="sum")
+        loss_sum = (loss_sum[0] if isinstance(loss_sum, tuple) else loss_sum).float()  # (loss, z_loss) in some versions
+    else:
+        loss_sum = linear_cross_entropy_sum(rows, lm_head.weight, lm_head.bias, targets)
+    num_supervised = torch.full((), loss_index.numel(), dtype=torch.int64, device=rows.device)
+    return types.SimpleNamespace(loss_sum=loss_sum, num_supervised=num_supervised, logits=None)
+
+
+def chunk_rows(vocab_size: int) -> int:
+    return max(1, CHUNK_ELEMENTS // vocab_size)
+
+
+def linear_cross_entropy_sum(rows, weight, bias, targets) -> torch.Tensor:
+    """sum_i CE(rows[i] @ weight.T + bias, targets[i]) in fp32, one chunk of rows at a time."""
+    if torch.is_grad_enabled() and (rows.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return _LinearCrossEntropy.apply(rows, weight, bias, targets)
+    total = torch.zeros((), dtype=torch.float32, device=rows.device)
+    step = chunk_rows(weight.shape[0])
+    for start in range(0, rows.shape[0], step):
+        logits = F.linear(rows[start : start + step], weight, bias).float()
+        total += F.cross_entropy(logits, targets[start : start + step], reduction="sum")
+    return total
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """The loss and its gradients in one pass over the chunks: nothing of size [rows, vocab] outlives a chunk."""
+
+    @staticmethod
+    def forward(ctx, rows, weight, bias, targets):
+        needs_rows, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        needs_bias = bias is not None and ctx.needs_input_grad[2]
+        accumulate = torch.float32 if weight.dtype != torch.float64 else torch.float64
+        grad_rows = torch.empty_like(rows) if needs_rows else None
+        grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if needs_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=accumulate, device=bias.device) if needs_bias else None
+        total = torch.zeros((), dtype=torch.float32, device=rows.device)
+        step = chunk_rows(weight.shape[0])
+        for start in range(0, rows.shape[0], step):
+            chunk, chunk_targets = rows[start : start + step], targets[start : start + step]
+            logits = F.linear(chunk, weight, bias).float()
+            log_norm = torch.logsumexp(logits, dim=-1)
+            total += (log_norm - logits.gather(1, chunk_targets[:, None]).squeeze(1)).sum()
+            # d loss / d logits = softmax - one_hot(target), computed in place over the chunk's logits
+            grad_logits = logits.sub_(log_norm[:, None]).exp_()
+            grad_logits[torch.arange(chunk.shape[0], device=chunk.device), chunk_targets] -= 1.0
+            grad_logits = grad_logits.to(chunk.dtype)
+            if needs_rows:
+                grad_rows[start : start + step] = grad_logits @ weight.to(chunk.dtype)
+            if needs_weight:
+                grad_weight += (grad_logits.t() @ chunk).to(accumulate)
+            if needs_bias:
+                grad_bias += grad_logits.sum(0).to(accumulate)
+        ctx.weight_dtype = weight.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (grad_rows, grad_weight, grad_bias)))
+        ctx.has = (needs_rows, needs_weight, needs_bias)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_rows, grad_weight, grad_bias = ctx.saved_tensors
+        needs_rows, needs_weight, needs_bias = ctx.has
+        scale = grad_output.float()
+        return (
+            (grad_rows * scale.to(grad_rows.dtype)) if needs_rows else None,
+            (grad_weight * scale).to(ctx.weight_dtype) if needs_weight else None,
+            (grad_bias * scale).to(ctx.bias_dtype) if needs_bias else None,
+            None,
+        )

@@ -1,0 +1,118 @@
+"""The loss on supervised positions only (training/loss.py) equals the plain full-logits loss, and so do its gradients:
+in one process here for LoRA and full fine-tuning, packed and padded batches, tied and untied embeddings, several
+chunks; under every strategy on 2 ranks in tests/test_loss_strategies.py."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from llmft.data.batching import collate
+from llmft.data.templating import IGNORE_INDEX, Sample
+from llmft.training import loss
+
+
+def tiny_llama(tied: bool, vocab: int = 300) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
+                         initializer_range=0.1, use_cache=False)
+    return LlamaForCausalLM(config)
+
+
+def samples(vocab: int, packed: bool) -> list[Sample]:
+    generator = torch.Generator().manual_seed(1)
+    out = []
+    for length in (37, 50, 23, 64):
+        ids = torch.randint(3, vocab, (length,), generator=generator).tolist()
+        prompt = length // 3  # context: not supervised
+        labels = [IGNORE_INDEX] * prompt + ids[prompt:]
+        out.append(Sample(input_ids=ids, labels=labels))
+    if packed:  # two rows of two samples each, positions restarting at each sample
+        out = [Sample(input_ids=a.input_ids + b.input_ids, labels=a.labels + b.labels, seq_lengths=[len(a.input_ids), len(b.input_ids)]) for a, b in (out[:2], out[2:])]
+    return out
+
+
+def loss_and_grads(model, batch: dict) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss_sum, count = loss.token_losses(model, batch, bf16=False)
+    (loss_sum / count).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    return float(loss_sum), grads
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_supervised_rows_loss_and_gradients_equal_the_full_logits_path(method, tied, packed, monkeypatch):
+    import peft
+
+    vocab = 300
+    plain = tiny_llama(tied, vocab)
+    if method == "lora":
+        plain = peft.get_peft_model(plain, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj",
+                                                                                             "down_proj"]))
+        for name, p in plain.named_parameters():  # LoRA B starts at zero: give the adapter an effect to differentiate
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)
+    chunked = copy.deepcopy(plain)
+    hf_model = chunked.get_base_model() if method == "lora" else chunked
+    assert loss.install(hf_model, "chunked", "cpu") == "chunked"
+    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 40 * vocab)  # several chunks (and a ragged last one)
+    batch = loss.with_loss_index(collate(samples(vocab, packed), pad_token_id=0))
+    batch.pop("num_tokens")
+
+    reference_loss, reference_grads = loss_and_grads(plain, batch)
+    chunked_loss, chunked_grads = loss_and_grads(chunked, batch)
+
+    assert chunked_loss == pytest.approx(reference_loss, rel=1e-6)
+    assert reference_grads.keys() == chunked_grads.keys() and reference_grads
+    for name, grad in reference_grads.items():
+        assert (chunked_grads[name] - grad).abs().max() <= 1e-5 * max(1.0, grad.abs().max()), name
+    if method == "full":  # the head's own gradient (the embedding's too, when tied) went through the fused pass
+        head = "model.embed_tokens.weight" if tied else "lm_head.weight"
+        assert chunked_grads[head].abs().sum() > 0
+
+
+def test_no_full_logits_tensor_exists_in_the_forward(monkeypatch):
+    """The largest float tensor the chunked forward allocates is one chunk of logits, never [tokens, vocab]."""
+    vocab = 5000
+    model = tiny_llama(tied=False, vocab=vocab)
+    loss.install(model, "chunked", "cpu")
+    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 16 * vocab)
+    batch = loss.with_loss_index(collate(samples(vocab, packed=False), pad_token_id=0))
+    batch.pop("num_tokens")
+    tokens = batch["input_ids"].numel()
+    largest = 0
+    real_linear = torch.nn.functional.linear
+
+    def linear(x, weight, bias=None):
+        nonlocal largest
+        out = real_linear(x, weight, bias)
+        if out.shape[-1] == vocab:
+            largest = max(largest, out.numel())
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "linear", linear)
+    loss_sum, _ = loss.token_losses(model, batch, bf16=False)
+    loss_sum.backward()
+    assert 0 < largest <= 16 * vocab < tokens * vocab
+
+
+def test_a_model_that_scales_its_logits_keeps_the_full_logits_path():
+    config = Gemma2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=30.0)
+    model = Gemma2ForCausalLM(config)
+    assert loss.install(model, "auto", "cpu") == "full_logits"
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        loss.install(model, "chunked", "cpu")
+
+
+def test_generation_still_gets_logits():
+    model = tiny_llama(tied=False)
+    loss.install(model, "chunked", "cpu")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert model(input_ids=ids).logits.shape == (1, 4, 300)

@@ -1,0 +1,43 @@
+"""Under every strategy on 2 ranks, the loss on supervised positions only (train.loss_head=chunked) gives the
+full-logits path's loss and gradients (1e-5, fp32): LoRA on padded batches, and full fine-tuning of a model with tied
+embeddings on packed rows (the head's weight is then the embedding's, sharded by FSDP2 and ZeRO-3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import REPO, compose
+from dist_runs import COMMON, torchrun
+from llmft.launch import run_dir as rundir
+
+pytestmark = pytest.mark.slow
+
+CASES = {
+    "lora_padded": ["data.packing=false"],
+    "full_packed_tied": ["peft=full", "data.packing=true", "model.tiny.tie_word_embeddings=true"],
+}
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2", "zero3"])
+def test_chunked_loss_equals_full_logits_under_every_strategy(strategy, tmp_path):
+    run_dirs = []
+    for case, overrides in CASES.items():
+        for head in ("full_logits", "chunked"):
+            run_dir = tmp_path / f"{case}-{head}"
+            cfg = compose(COMMON + overrides + [f"parallelism={strategy}", f"train.loss_head={head}",
+                                                f"run_dir={run_dir}", "launch.nproc=2"])
+            rundir.create(cfg)
+            run_dirs.append(run_dir)
+    out = tmp_path / "loss.pt"
+    torchrun(2, [str(REPO / "tests/loss_harness.py"), str(out), *map(str, run_dirs)])
+    results = torch.load(out, weights_only=False)
+    for case in CASES:
+        full, chunked = results[str(tmp_path / f"{case}-full_logits")], results[str(tmp_path / f"{case}-chunked")]
+        assert (full["loss_head"], chunked["loss_head"]) == ("full_logits", "chunked")
+        assert chunked["loss"] == pytest.approx(full["loss"], abs=1e-5), case
+        assert full["grads"].keys() == chunked["grads"].keys() and full["grads"], case
+        for name, grad in full["grads"].items():
+            assert grad.abs().sum() > 0 or "lora_B" not in name, (case, name)
+            assert (chunked["grads"][name] - grad).abs().max() <= 1e-5 * max(1.0, float(grad.abs().max())), \
+                (case, name)

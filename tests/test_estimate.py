@@ -54,3 +54,33 @@ def test_lora_counts_only_the_adapter_gradients_and_optimizer_states():
     assert states["weights"] == pytest.approx(2 * (total - trainable))
     full = sum(model_state_bytes(total, total, largest, "ddp", "full", 8).values())
     assert sum(states.values()) < full / 8
+
+
+def test_the_plan_counts_one_chunk_of_logits_not_full_logits():
+    from llmft.launch.estimate import LOSS_CHUNK_ELEMENTS, activation_bytes, arch_of
+    from llmft.training.loss import CHUNK_ELEMENTS
+
+    assert LOSS_CHUNK_ELEMENTS == CHUNK_ELEMENTS
+    arch = arch_of(compose(["model=llama3_8b"]).model)
+    chunked = activation_bytes(arch, 8, 4096, checkpointing=True)
+    full = activation_bytes(arch, 8, 4096, checkpointing=True, full_logits=True)
+    assert full - chunked > 8 * 4096 * arch.vocab_size * 9  # ~40 GB of logits no longer counted
+    # the chunked loss's logits do not grow with the micro-batch (one chunk); full logits do
+    assert activation_bytes(arch, 16, 4096, True, full_logits=True) - activation_bytes(arch, 16, 4096, True) \
+        > 1.9 * (full - chunked)
+
+
+def test_advice_names_a_micro_batch_that_fits_and_keeps_the_samples_per_step():
+    from llmft.launch.estimate import advice, estimate, largest_micro_batch
+
+    cfg = compose(["model=llama3_8b", "peft=lora", "parallelism=fsdp", "train.loss_head=full_logits",
+                   "train.micro_batch_size=32", "train.grad_accum_steps=1"])
+    too_big = estimate(cfg, 4, 80)
+    assert not too_big.fits
+    fitting = largest_micro_batch(cfg, 4, 80)
+    assert 1 <= fitting < 32
+    assert f"train.micro_batch_size={fitting} train.grad_accum_steps={-(-32 // fitting)}" in advice(cfg, too_big, 4)
+    cfg.train.micro_batch_size = fitting
+    assert estimate(cfg, 4, 80).fits
+    cfg.train.loss_head = "auto"  # the chunked loss: a larger micro-batch fits than with full logits
+    assert largest_micro_batch(cfg, 4, 80) > fitting

@@ -12,6 +12,7 @@ from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForC
 
 from llmft.data.batching import collate
 from llmft.data.templating import IGNORE_INDEX, Sample
+from llmft.errors import ConfigError
 from llmft.training import loss
 
 
@@ -107,7 +108,7 @@ def test_a_model_that_scales_its_logits_keeps_the_full_logits_path():
                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=30.0)
     model = Gemma2ForCausalLM(config)
     assert loss.install(model, "auto", "cpu") == "full_logits"
-    with pytest.raises(ValueError, match="final_logit_softcapping"):
+    with pytest.raises(ConfigError, match="final_logit_softcapping"):
         loss.install(model, "chunked", "cpu")
 
 
@@ -116,3 +117,13 @@ def test_generation_still_gets_logits():
     loss.install(model, "chunked", "cpu")
     ids = torch.tensor([[5, 6, 7, 8]])
     assert model(input_ids=ids).logits.shape == (1, 4, 300)
+
+
+def test_launch_refuses_a_forced_chunked_loss_on_a_soft_capped_model(tmp_path):
+    from conftest import compose
+    from llmft.config.validation import check_loss_head
+
+    (tmp_path / "config.json").write_text('{"model_type": "gemma2", "final_logit_softcapping": 30.0}')
+    check_loss_head(compose([f"model.path={tmp_path}"]))  # auto: the full-logits path, no error
+    with pytest.raises(ConfigError, match="train.loss_head=chunked cannot apply.*final_logit_softcapping=30.0"):
+        check_loss_head(compose([f"model.path={tmp_path}", "train.loss_head=chunked"]))

@@ -5,6 +5,7 @@ be refused. Raises ConfigError with one sentence naming the key and the fix. No 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from importlib.util import find_spec
@@ -47,6 +48,7 @@ def validate(cfg: DictConfig, check_paths: bool = True) -> None:
     problem = model_path_problem(cfg)
     if problem:
         raise ConfigError(problem + ".")
+    check_loss_head(cfg)
 
 
 def check_schema(cfg: DictConfig) -> None:
@@ -194,6 +196,12 @@ def check_installed(cfg: DictConfig, local: bool) -> None:
                               "peft=lora here, or submit to a GPU cluster with +cluster=NAME.")
         if find_spec("bitsandbytes") is None:
             raise missing_extra("bitsandbytes", "qlora", "peft=qlora")
+    if cfg.train.loss_head.value == "liger":
+        if local and not Path("/proc/driver/nvidia/version").exists():
+            raise ConfigError("train.loss_head=liger needs a CUDA GPU (Triton kernels) and this machine has none: use "
+                              "train.loss_head=auto (the chunked loss here, Liger on GPUs where it is installed).")
+        if find_spec("liger_kernel") is None:
+            raise missing_extra("liger-kernel", "liger", "train.loss_head=liger")
     if cfg.eval.after_train:
         check_eval_runtime(check_eval(cfg.eval, check_paths=False), judge_env=False)
 
@@ -236,6 +244,24 @@ def settle_strategy(cfg: DictConfig, world_size: int, where: str) -> None:
     """Write the strategy for a known number of ranks into `cfg` (a cluster job's: its run directory records it).
     A local run directory keeps `auto` and each rank settles it (see `settled_strategy`)."""
     cfg.parallelism.strategy = check_strategy_for_world_size(cfg, world_size, where)
+
+
+# config.json keys that make the LM head more than a matmul: the loss then needs the model's own full logits
+LOGIT_SCALING_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def check_loss_head(cfg: DictConfig) -> None:
+    """train.loss_head=chunked or liger on a model whose head scales its logits (Gemma 2/3, Cohere): refused here,
+    where `auto` would quietly use full logits."""
+    head = cfg.train.loss_head.value
+    if head not in ("chunked", "liger") or cfg.model.path is None:
+        return
+    config = json.loads((Path(os.path.expandvars(cfg.model.path)).expanduser() / "config.json").read_text())
+    config = {**config, **config.get("text_config", {})}
+    for key in LOGIT_SCALING_KEYS:
+        if config.get(key) not in (None, 1, 1.0):
+            raise ConfigError(f"train.loss_head={head} cannot apply to this model: its config.json sets {key}="
+                              f"{config[key]}, so the loss needs full logits; use train.loss_head=auto or full_logits.")
 
 
 def model_path_problem(cfg: DictConfig) -> Optional[str]:

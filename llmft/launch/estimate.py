@@ -111,15 +111,41 @@ def model_state_bytes(total: int, trainable: int, largest: int, strategy: str, m
     return {"weights": weights, "gradients_and_optimizer": adapter}
 
 
-def activation_bytes(arch: Arch, micro_batch: int, seq_len: int, checkpointing: bool) -> float:
+# One chunk of the loss's fp32 logits, in elements: the value of llmft/training/loss.py's CHUNK_ELEMENTS (that module
+# imports torch; tests/test_estimate.py checks the two agree).
+LOSS_CHUNK_ELEMENTS = 2**26
+
+
+def activation_bytes(arch: Arch, micro_batch: int, seq_len: int, checkpointing: bool, full_logits: bool = False
+                     ) -> float:
     """Activations of one micro-batch: 34 bytes per token per hidden unit per layer (bf16, fused attention,
-    Korthikanti et al.); with activation checkpointing, each layer's input plus one layer recomputed. Plus the
-    logits (bf16, their fp32 copy for the loss, its gradient)."""
+    Korthikanti et al.); with activation checkpointing, each layer's input plus one layer recomputed. Plus the loss:
+    by default (train.loss_head=auto, training/loss.py) one chunk of fp32 logits and its bf16 gradient, and the
+    supervised rows' hidden states and their gradient (counted as if every token were supervised); with full logits
+    (train.loss_head=full_logits, or a model that soft-caps them), the bf16 logits, their fp32 copy and its gradient
+    for every token."""
     tokens = micro_batch * seq_len
     per_layer = 34 * tokens * arch.hidden_size
     layers = (2 * tokens * arch.hidden_size * arch.num_hidden_layers + per_layer) if checkpointing \
         else per_layer * arch.num_hidden_layers
-    return layers + 10 * tokens * arch.vocab_size
+    if full_logits:
+        return layers + 10 * tokens * arch.vocab_size
+    return layers + 6 * min(LOSS_CHUNK_ELEMENTS, tokens * arch.vocab_size) + 4 * tokens * arch.hidden_size
+
+
+def uses_full_logits(cfg) -> bool:
+    """Whether the loss will need full logits: asked for, or the model's config.json scales them."""
+    if cfg.train.loss_head.value == "full_logits":
+        return True
+    if not cfg.model.path:
+        return False
+    config_file = Path(os.path.expandvars(cfg.model.path)).expanduser() / "config.json"
+    if not config_file.is_file():
+        return False
+    config = json.loads(config_file.read_text())
+    config = {**config, **config.get("text_config", {})}
+    return any(config.get(key) not in (None, 1, 1.0)
+               for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
 
 
 @dataclass
@@ -151,7 +177,9 @@ def estimate(cfg, world: int, gpu_memory_gb: float | None) -> Estimate | None:
     strategy = cfg.parallelism.strategy.value
     memory = model_state_bytes(total, trainable, largest, strategy, method, world)
     memory["activations"] = activation_bytes(arch, cfg.train.micro_batch_size, cfg.model.max_seq_len,
-                                             cfg.train.activation_checkpointing)
+                                             cfg.train.activation_checkpointing, uses_full_logits(cfg))
+    if method == "full" and not uses_full_logits(cfg):  # the head's gradient, made during the loss's forward (fp32)
+        memory["activations"] += 4 * arch.vocab_size * arch.hidden_size
     per_token = flops_per_token(total, trainable, arch.num_hidden_layers, arch.hidden_size, cfg.model.max_seq_len,
                                 lora=method != "full")
     tokens_per_step = cfg.train.micro_batch_size * cfg.model.max_seq_len * world * cfg.train.grad_accum_steps
@@ -174,14 +202,35 @@ def inference_gpus(cfg, gpu_memory_gb: float, max_gpus: int) -> int:
     return max(1, min(max_gpus, math.ceil(needed / (0.9 * gpu_memory_gb * GiB))))
 
 
-def advice(cfg, estimate_: Estimate) -> list[str]:
+def largest_micro_batch(cfg, world: int, gpu_memory_gb: float, limit: int = 256) -> int:
+    """The largest train.micro_batch_size that fits (0: not even 1), the rest of the config unchanged."""
+    from copy import deepcopy
+
+    def fits(micro_batch: int) -> bool:
+        trial = deepcopy(cfg)
+        trial.train.micro_batch_size = micro_batch
+        return bool(estimate(trial, world, gpu_memory_gb).fits)
+
+    if not fits(1):
+        return 0
+    low, high = 1, limit
+    while low < high:  # memory grows with the micro-batch: the largest that fits, by bisection
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return low
+
+
+def advice(cfg, estimate_: Estimate, world: int = 1) -> list[str]:
     """What to change when it does not fit, most effective first."""
     changes = []
     if not cfg.train.activation_checkpointing and estimate_.memory["activations"] > 0.25 * estimate_.memory_total:
         changes.append("train.activation_checkpointing=true")
-    if cfg.train.micro_batch_size > 1:
-        changes.append(f"train.micro_batch_size={max(1, cfg.train.micro_batch_size // 2)} "
-                       f"train.grad_accum_steps={cfg.train.grad_accum_steps * 2}")
+    if cfg.train.micro_batch_size > 1 and estimate_.gpu_memory_gb:
+        fitting = largest_micro_batch(cfg, world, estimate_.gpu_memory_gb, cfg.train.micro_batch_size - 1)
+        if fitting:  # the same samples per optimizer step where the numbers divide
+            steps = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
+            accumulation = steps // fitting if steps % fitting == 0 else math.ceil(steps / fitting)
+            changes.append(f"train.micro_batch_size={fitting} train.grad_accum_steps={accumulation}")
     strategy = cfg.parallelism.strategy.value
     if strategy in ("single", "ddp", "zero2"):
         changes.append("parallelism=fsdp (or zero3): shard the weights across GPUs")

@@ -16,7 +16,7 @@ from llmft.config.compose import compose
 from llmft.config.validation import model_path_problem, settled_strategy, validate
 from llmft.errors import run_command
 from llmft.launch import slurm
-from llmft.launch.estimate import GiB, advice, estimate, gpu_hours, requeues_needed
+from llmft.launch.estimate import GiB, advice, estimate, gpu_hours, largest_micro_batch, requeues_needed
 
 
 ASSUMED_MFU = 0.4  # what FSDP LoRA / full fine-tuning of 7B models reaches on A100 and H100 (40-55 %)
@@ -38,7 +38,12 @@ def estimate_lines(cfg: DictConfig, world: int, gpu_memory_gb: float | None, pea
         verdict = "fits" if result.fits else "does NOT fit"
         lines.append(f"verdict     {verdict} in {gpu_memory_gb:.0f} GB per GPU (90% usable)")
         if not result.fits:
-            lines.append("change      " + "; or ".join(advice(cfg, result)))
+            lines.append("change      " + "; or ".join(advice(cfg, result, world)))
+        else:
+            largest = largest_micro_batch(cfg, world, gpu_memory_gb)
+            if largest > cfg.train.micro_batch_size:
+                lines.append(f"room        train.micro_batch_size up to {largest} fits (lower train.grad_accum_steps "
+                             f"to keep the samples per step)")
     lines.append(f"compute     {result.flops_per_token / 1e9:.1f} GFLOP per token, {result.tokens_per_step:,} tokens "
                  f"per step")
     train_tokens = prepared_train_tokens(cfg)

@@ -32,7 +32,9 @@ import types
 import torch
 import torch.nn.functional as F
 
+from llmft.config.validation import LOGIT_SCALING_KEYS
 from llmft.data.templating import IGNORE_INDEX
+from llmft.errors import ConfigError
 from llmft.training.precision import autocast
 
 # Elements of one chunk's fp32 logits: 2**26 is 256 MB (523 rows of a 128,256-id vocabulary; one chunk for a small one).
@@ -63,7 +65,7 @@ def full_logits_reason(hf_model) -> str | None:
     """Why this model's head cannot run on hidden rows alone, or None."""
     config = hf_model.config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+    for key in LOGIT_SCALING_KEYS:
         if getattr(text_config, key, None) not in (None, 1, 1.0):
             return f"the model scales its logits ({key}={getattr(text_config, key)})"
     head = hf_model.get_output_embeddings()
@@ -86,7 +88,7 @@ def install(hf_model, choice: str, device_type: str) -> str:
     reason = full_logits_reason(hf_model)
     if reason is not None:
         if choice != "auto":
-            raise ValueError(f"train.loss_head={choice} is impossible for this model: {reason}; "
+            raise ConfigError(f"train.loss_head={choice} is impossible for this model: {reason}; "
                              f"use train.loss_head=auto or full_logits")
         return "full_logits"
     head = "liger" if choice == "liger" or (choice == "auto" and liger_available(device_type)) else "chunked"

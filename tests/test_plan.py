@@ -106,3 +106,18 @@ def test_plan_costs_epochs_from_a_prepared_dataset(tmp_path):
     assert "for 2 epoch(s) of 50,000,000 tokens" in result.stdout, result.stdout
     no_count = run_llmft("plan", *JEAN_ZAY, "model=mistral_7b")
     assert "set train.max_steps, or data.prepared=DIR" in no_count.stdout
+
+
+def test_plan_knows_hsdp_and_advises_it_for_full_fine_tuning_on_several_nodes():
+    two_nodes = [*JEAN_ZAY, "cluster.gpu=a100", "model=llama3_8b", "peft=full", "cluster.nodes=2"]
+    fsdp = run_llmft("plan", *two_nodes)
+    assert fsdp.returncode == 0, fsdp.stderr
+    assert "parallelism=fsdp" in fsdp.stdout and "advice      parallelism=hsdp" in fsdp.stdout
+    hsdp = run_llmft("plan", *two_nodes, "parallelism=hsdp")
+    one_node = run_llmft("plan", *JEAN_ZAY, "cluster.gpu=a100", "model=llama3_8b", "peft=full", "parallelism=fsdp")
+    memory = [line for line in hsdp.stdout.splitlines() if line.startswith("memory/GPU")]
+    # hsdp on 2 nodes x 8 shards its states over one node's 8 GPUs: fsdp's memory on one node
+    assert memory == [line for line in one_node.stdout.splitlines() if line.startswith("memory/GPU")]
+    assert "advice      parallelism=hsdp" not in hsdp.stdout
+    bad = run_llmft("plan", *two_nodes, "parallelism=hsdp", "parallelism.shard_size=3")
+    assert bad.returncode == 2 and "parallelism.shard_size=3 must divide the 16 ranks" in bad.stderr

@@ -30,6 +30,7 @@ class Strategy(str, Enum):
     single = "single"
     ddp = "ddp"
     fsdp = "fsdp"
+    hsdp = "hsdp"  # FSDP2 on a 2-D mesh: shards within a group of parallelism.shard_size ranks, replicas across groups
     zero2 = "zero2"
     zero3 = "zero3"
     zero3_offload = "zero3_offload"
@@ -113,6 +114,9 @@ class ParallelismConfig:
     zero3_param_persistence_threshold: int = 100_000
     zero3_model_persistence_threshold: int = 9_223_372_036_854_775_807
     deepspeed_config: Optional[str] = None  # a JSON file merged over the config llmft generates
+    # hsdp: ranks in each sharding group (the replicas are the other mesh dimension). 0: the ranks of one node, so
+    # parameters are gathered over the fast links inside a node and only gradients cross nodes (an all-reduce).
+    shard_size: int = 0
 
 
 @dataclass

@@ -101,7 +101,7 @@ def check_model_and_peft(cfg: DictConfig) -> None:
             raise ConfigError(f"peft.quant_type={peft.quant_type} must be one of {', '.join(QUANT_TYPES)}.")
         if peft.compute_dtype not in DTYPES:
             raise ConfigError(f"peft.compute_dtype={peft.compute_dtype} must be one of {', '.join(DTYPES)}.")
-        if cfg.parallelism.strategy not in (Strategy.auto, Strategy.single, Strategy.ddp):
+        if cfg.parallelism.strategy not in (Strategy.auto, Strategy.single, Strategy.ddp):  # no fsdp, hsdp, zero
             raise ConfigError(
                 f"peft=qlora runs with parallelism=single or ddp; parallelism={cfg.parallelism.strategy.value} "
                 "would need 4-bit weights sharded, which llmft does not do yet."
@@ -232,12 +232,24 @@ def settled_strategy(cfg: DictConfig, world_size: int) -> Strategy:
     return Strategy.fsdp if cfg.peft.method == PeftMethod.full else Strategy.ddp
 
 
-def check_strategy_for_world_size(cfg: DictConfig, world_size: int, where: str) -> Strategy:
+def check_strategy_for_world_size(cfg: DictConfig, world_size: int, where: str,
+                                  ranks_per_node: Optional[int] = None) -> Strategy:
     strategy = settled_strategy(cfg, world_size)
     if world_size > 1 and strategy == Strategy.single:
         raise ConfigError(f"{where} gives {world_size} ranks, which need a distributed strategy (parallelism=single "
                           f"would train unsynchronised copies): use parallelism=auto (or ddp, fsdp, zero2, zero3).")
+    if strategy == Strategy.hsdp:
+        hsdp_mesh_shape(cfg.parallelism.shard_size, world_size, ranks_per_node or world_size, where)
     return strategy
+
+
+def hsdp_mesh_shape(shard_size: int, world_size: int, ranks_per_node: int, where: str) -> tuple[int, int]:
+    """(replicas, ranks per shard group) of parallelism=hsdp; shard_size 0 means the ranks of one node."""
+    shard = shard_size or ranks_per_node
+    if shard < 1 or world_size % shard:
+        raise ConfigError(f"parallelism.shard_size={shard_size} must divide the {world_size} ranks of {where} "
+                          f"(0: the ranks of one node): choose a divisor of {world_size}.")
+    return world_size // shard, shard
 
 
 def settle_strategy(cfg: DictConfig, world_size: int, where: str) -> None:

@@ -166,7 +166,8 @@ class Estimate:
         return None if self.gpu_memory_gb is None else self.memory_total <= 0.9 * self.gpu_memory_gb * GiB
 
 
-def estimate(cfg, world: int, gpu_memory_gb: float | None) -> Estimate | None:
+def estimate(cfg, world: int, gpu_memory_gb: float | None, ranks_per_node: int | None = None) -> Estimate | None:
+    """Per-GPU memory and compute of `cfg` on `world` ranks (`ranks_per_node`: hsdp's default shard group)."""
 
     arch = arch_of(cfg.model)
     if arch is None:
@@ -175,6 +176,8 @@ def estimate(cfg, world: int, gpu_memory_gb: float | None) -> Estimate | None:
     targets = None if method == "full" else list(cfg.peft.target_modules or cfg.model.lora_target_modules)
     total, trainable, largest = arch_parameter_counts(arch, targets, cfg.peft.r)
     strategy = cfg.parallelism.strategy.value
+    if strategy == "hsdp":  # FSDP within a shard group, replicas across groups
+        strategy, world = "fsdp", min(world, cfg.parallelism.shard_size or ranks_per_node or world)
     memory = model_state_bytes(total, trainable, largest, strategy, method, world)
     memory["activations"] = activation_bytes(arch, cfg.train.micro_batch_size, cfg.model.max_seq_len,
                                              cfg.train.activation_checkpointing, uses_full_logits(cfg))
@@ -202,14 +205,15 @@ def inference_gpus(cfg, gpu_memory_gb: float, max_gpus: int) -> int:
     return max(1, min(max_gpus, math.ceil(needed / (0.9 * gpu_memory_gb * GiB))))
 
 
-def largest_micro_batch(cfg, world: int, gpu_memory_gb: float, limit: int = 256) -> int:
+def largest_micro_batch(cfg, world: int, gpu_memory_gb: float, limit: int = 256, ranks_per_node: int | None = None
+                        ) -> int:
     """The largest train.micro_batch_size that fits (0: not even 1), the rest of the config unchanged."""
     from copy import deepcopy
 
     def fits(micro_batch: int) -> bool:
         trial = deepcopy(cfg)
         trial.train.micro_batch_size = micro_batch
-        return bool(estimate(trial, world, gpu_memory_gb).fits)
+        return bool(estimate(trial, world, gpu_memory_gb, ranks_per_node).fits)
 
     if not fits(1):
         return 0
@@ -220,13 +224,14 @@ def largest_micro_batch(cfg, world: int, gpu_memory_gb: float, limit: int = 256)
     return low
 
 
-def advice(cfg, estimate_: Estimate, world: int = 1) -> list[str]:
+def advice(cfg, estimate_: Estimate, world: int = 1, ranks_per_node: int | None = None) -> list[str]:
     """What to change when it does not fit, most effective first."""
     changes = []
     if not cfg.train.activation_checkpointing and estimate_.memory["activations"] > 0.25 * estimate_.memory_total:
         changes.append("train.activation_checkpointing=true")
     if cfg.train.micro_batch_size > 1 and estimate_.gpu_memory_gb:
-        fitting = largest_micro_batch(cfg, world, estimate_.gpu_memory_gb, cfg.train.micro_batch_size - 1)
+        fitting = largest_micro_batch(cfg, world, estimate_.gpu_memory_gb, cfg.train.micro_batch_size - 1,
+                                      ranks_per_node)
         if fitting:  # the same samples per optimizer step where the numbers divide
             steps = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
             accumulation = steps // fitting if steps % fitting == 0 else math.ceil(steps / fitting)
@@ -234,6 +239,8 @@ def advice(cfg, estimate_: Estimate, world: int = 1) -> list[str]:
     strategy = cfg.parallelism.strategy.value
     if strategy in ("single", "ddp", "zero2"):
         changes.append("parallelism=fsdp (or zero3): shard the weights across GPUs")
+    if strategy == "hsdp":
+        changes.append("parallelism=fsdp: shard over every GPU of every node instead of one node's")
     if strategy == "zero3":
         changes.append("parallelism=zero3_offload")
     if cfg.peft.method.value == "full":
@@ -242,6 +249,23 @@ def advice(cfg, estimate_: Estimate, world: int = 1) -> list[str]:
         changes.append("peft=qlora")
     changes.append("more GPUs: cluster.nodes")
     return changes
+
+
+def hsdp_advice(cfg, world: int, gpu_memory_gb: float | None, ranks_per_node: int) -> str | None:
+    """For full fine-tuning sharded over several nodes: HSDP keeps the per-layer all-gathers inside a node (the
+    network between nodes is much slower than NVLink) if one node's GPUs hold the model's states."""
+    if cfg.peft.method.value != "full" or cfg.parallelism.strategy.value != "fsdp" or world <= ranks_per_node:
+        return None
+    from copy import deepcopy
+
+    trial = deepcopy(cfg)
+    trial.parallelism.strategy, trial.parallelism.shard_size = "hsdp", 0
+    result = estimate(trial, world, gpu_memory_gb, ranks_per_node)
+    if result is None or result.fits is False:
+        return None
+    return (f"parallelism=hsdp: full fine-tuning on {world // ranks_per_node} nodes, sharded within each node and "
+            f"replicated across nodes, so only gradients cross the slower inter-node network "
+            f"({result.memory_total / GiB:.1f} GiB per GPU)")
 
 
 def gpu_hours(estimate_: Estimate, total_tokens: float, world: int, peak_tflops: float, mfu: float) -> float:

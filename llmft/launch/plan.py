@@ -16,15 +16,17 @@ from llmft.config.compose import compose
 from llmft.config.validation import model_path_problem, settled_strategy, validate
 from llmft.errors import run_command
 from llmft.launch import slurm
-from llmft.launch.estimate import GiB, advice, estimate, gpu_hours, largest_micro_batch, requeues_needed
+from llmft.launch.estimate import (GiB, advice, estimate, gpu_hours, hsdp_advice, largest_micro_batch,
+                                   requeues_needed)
 
 
 ASSUMED_MFU = 0.4  # what FSDP LoRA / full fine-tuning of 7B models reaches on A100 and H100 (40-55 %)
 
 
 def estimate_lines(cfg: DictConfig, world: int, gpu_memory_gb: float | None, peak_tflops: float | None,
-                   qos_minutes: int | None) -> list[str]:
-    result = estimate(cfg, world, gpu_memory_gb)
+                   qos_minutes: int | None, ranks_per_node: int | None = None) -> list[str]:
+    ranks_per_node = ranks_per_node or world
+    result = estimate(cfg, world, gpu_memory_gb, ranks_per_node)
     if result is None:
         return ["estimate     unknown model shape: give model.path with a config.json"]
     memory = ", ".join(f"{name.replace('_', ' ')} {value / GiB:.1f}" for name, value in result.memory.items())
@@ -38,9 +40,12 @@ def estimate_lines(cfg: DictConfig, world: int, gpu_memory_gb: float | None, pea
         verdict = "fits" if result.fits else "does NOT fit"
         lines.append(f"verdict     {verdict} in {gpu_memory_gb:.0f} GB per GPU (90% usable)")
         if not result.fits:
-            lines.append("change      " + "; or ".join(advice(cfg, result, world)))
+            lines.append("change      " + "; or ".join(advice(cfg, result, world, ranks_per_node)))
         else:
-            largest = largest_micro_batch(cfg, world, gpu_memory_gb)
+            hsdp = hsdp_advice(cfg, world, gpu_memory_gb, ranks_per_node)
+            if hsdp:
+                lines.append(f"advice      {hsdp}")
+            largest = largest_micro_batch(cfg, world, gpu_memory_gb, ranks_per_node=ranks_per_node)
             if largest > cfg.train.micro_batch_size:
                 lines.append(f"room        train.micro_batch_size up to {largest} fits (lower train.grad_accum_steps "
                              f"to keep the samples per step)")
@@ -99,7 +104,8 @@ def describe(cfg: DictConfig) -> str:
     ]
     kind = cfg.cluster.kinds[resources.kind]
     qos_minutes = slurm.parse_time(resources.qos_max_time) if resources.qos_max_time else resources.minutes
-    lines += estimate_lines(cfg, resources.world_size, kind.memory_gb, kind.peak_tflops, qos_minutes)
+    lines += estimate_lines(cfg, resources.world_size, kind.memory_gb, kind.peak_tflops, qos_minutes,
+                            resources.gpus_per_node)
     with tempfile.TemporaryDirectory() as scratch:
         executor = slurm.make_executor(cfg, Path(scratch) / "RUN_DIR", render_only=True)
         script = slurm.sbatch_script(executor).replace(str(Path(scratch) / "RUN_DIR"), "RUN_DIR")

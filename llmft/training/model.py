@@ -252,9 +252,21 @@ def load_shards(model, model_path: Path, rank: int, world_size: int) -> None:
             if source not in index:
                 raise ConfigError(f"{model_path} lacks the tensor {source}: is it the model the config names?")
             local = param.to_local() if isinstance(param, DTensor) else param
-            start, end = rows_of_rank(param.shape[0], world_size, rank) if isinstance(param, DTensor) \
+            start, end = rows_of_rank(param.shape[0], *reversed(dim0_shard(param))) if isinstance(param, DTensor) \
                 else (0, param.shape[0])
             local.copy_(read_rows(index[source], source, start, end, headers).to(local.dtype))
+
+
+def dim0_shard(param) -> tuple[int, int]:
+    """(this rank's shard index, number of shards) of a DTensor sharded on its rows: its coordinate on the mesh
+    dimension that shards (fsdp: the only one; hsdp: the second, the first replicates)."""
+    from torch.distributed.tensor import Shard
+
+    coordinate = param.device_mesh.get_coordinate()
+    for mesh_dim, placement in enumerate(param.placements):
+        if isinstance(placement, Shard) and placement.dim == 0:
+            return coordinate[mesh_dim], param.device_mesh.size(mesh_dim)
+    return 0, 1
 
 
 def init_lora_weights(model, seed: int) -> None:
@@ -278,8 +290,8 @@ def init_lora_weights(model, seed: int) -> None:
             else:
                 full.zero_()
             if isinstance(param, DTensor):
-                rank = param.device_mesh.get_local_rank()
-                start, end = rows_of_rank(full.shape[0], param.device_mesh.size(), rank)
+                index, count = dim0_shard(param)
+                start, end = rows_of_rank(full.shape[0], count, index)
                 param.to_local().copy_(full[start:end])
             else:
                 param.copy_(full.to(param.dtype))

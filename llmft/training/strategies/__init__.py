@@ -60,7 +60,8 @@ class Strategy(Protocol):
 
 def build(cfg, topology: Topology, bf16: bool) -> Strategy:
     """The strategy for this run, `parallelism=auto` settled from the real number of ranks."""
-    name = check_strategy_for_world_size(cfg, topology.world_size, f"this job's {topology.world_size} ranks")
+    name = check_strategy_for_world_size(cfg, topology.world_size, f"this job's {topology.world_size} ranks",
+                                         topology.ranks_per_node)
     if name == StrategyName.single:
         from llmft.training.strategies.single import SingleStrategy
 
@@ -69,7 +70,7 @@ def build(cfg, topology: Topology, bf16: bool) -> Strategy:
         from llmft.training.strategies.ddp import DDPStrategy
 
         return DDPStrategy(cfg, topology, bf16)
-    if name == StrategyName.fsdp:
+    if name in (StrategyName.fsdp, StrategyName.hsdp):
         from llmft.training.strategies.fsdp import FSDPStrategy
 
         return FSDPStrategy(cfg, topology, bf16)

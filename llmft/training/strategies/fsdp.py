@@ -1,4 +1,6 @@
-"""FSDP2 (`torch.distributed.fsdp.fully_shard`): each decoder layer, then the root, sharded over all ranks.
+"""FSDP2 (`torch.distributed.fsdp.fully_shard`): each decoder layer, then the root, sharded over all ranks (fsdp), or
+over groups of `parallelism.shard_size` ranks and replicated across the groups (hsdp: a 2-D mesh, replicas x shards,
+so the per-layer all-gathers stay inside a node and gradients cross nodes once per step).
 
 Parameters become DTensors sharded on dim 0. Checkpoints are DCP (torch.distributed.checkpoint): each rank writes
 its shards, LoRA keys and their optimizer state only when LoRA (frozen base weights are not saved: they are on
@@ -20,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from llmft.config.validation import hsdp_mesh_shape
 from llmft.training.model import allocate, decoder_layers, init_lora_weights, load_shards
 from llmft.training.strategies.single import SingleStrategy
 
@@ -36,16 +39,29 @@ def _no_gradient_sync(model):
 
 
 class FSDPStrategy(SingleStrategy):
-    name = "fsdp"
     builds_on_meta = True
     broadcasts_from_rank0 = False
+
+    def __init__(self, cfg, topology, bf16: bool):
+        super().__init__(cfg, topology, bf16)
+        self.name = cfg.parallelism.strategy.value if cfg.parallelism.strategy.value == "hsdp" else "fsdp"
+
+    def mesh(self):
+        """fsdp: one dimension, every rank. hsdp: (replicas, shard group), shard groups made of consecutive ranks,
+        i.e. of the ranks of one node when the group is a node (SLURM and torchrun number ranks node by node)."""
+        topology = self.topology
+        if self.name != "hsdp":
+            return init_device_mesh(topology.device_type, (topology.world_size,))
+        shape = hsdp_mesh_shape(self.cfg.parallelism.shard_size, topology.world_size, topology.ranks_per_node,
+                                f"this job's {topology.world_size} ranks")
+        return init_device_mesh(topology.device_type, shape, mesh_dim_names=("replicate", "shard"))
 
     def place(self, model) -> None:
         if not any(p.is_meta for p in model.parameters()):  # a model built whole (tiny): to the device, then shard
             model.to(self.topology.device)
 
     def wrap(self, model, trainable, lr_lambda):
-        mesh = init_device_mesh(self.topology.device_type, (self.topology.world_size,))
+        mesh = self.mesh()
         mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if self.bf16 else MixedPrecisionPolicy()
         for layer in decoder_layers(model):

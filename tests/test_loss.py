@@ -127,3 +127,26 @@ def test_launch_refuses_a_forced_chunked_loss_on_a_soft_capped_model(tmp_path):
     check_loss_head(compose([f"model.path={tmp_path}"]))  # auto: the full-logits path, no error
     with pytest.raises(ConfigError, match="train.loss_head=chunked cannot apply.*final_logit_softcapping=30.0"):
         check_loss_head(compose([f"model.path={tmp_path}", "train.loss_head=chunked"]))
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_rows_forward_reads_nothing_back_from_the_device(attention, monkeypatch):
+    """transformers asks the host whether rows are packed on every forward (a GPU sync); the loss's forward builds the
+    block-diagonal mask on the device instead, and gives the same loss as the plain path."""
+    plain = tiny_llama(tied=False)
+    plain.config._attn_implementation = attention
+    chunked = copy.deepcopy(plain)
+    loss.install(chunked, "chunked", "cpu")
+    batch = loss.with_loss_index(collate(samples(300, packed=True), pad_token_id=0))
+    batch.pop("num_tokens")
+    reference, _ = loss.token_losses(plain, batch, bf16=False)
+    reads = []
+    for name in ("__bool__", "item", "__float__", "__int__", "tolist"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name: reads.append(_name)
+                            or _real(self, *a))
+    loss_sum, _ = loss.token_losses(chunked, batch, bf16=False)
+    loss_sum.backward()
+    monkeypatch.undo()
+    assert reads == []
+    assert float(loss_sum) == pytest.approx(float(reference), rel=1e-6)

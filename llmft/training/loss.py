@@ -107,6 +107,11 @@ def supervised_loss(hf_model, labels, loss_index, head: str, input_ids=None, **k
     for key in ("logits_to_keep", "return_dict", "output_attentions", "output_hidden_states", "num_items_in_batch"):
         kwargs.pop(key, None)
     decoder = getattr(hf_model, hf_model.base_model_prefix)
+    if kwargs.get("attention_mask") is None and kwargs.get("position_ids") is not None:
+        mask = packed_attention_mask(kwargs["position_ids"], hf_model.config._attn_implementation,
+                                     decoder.get_input_embeddings().weight.dtype)
+        if mask is not None:
+            kwargs["attention_mask"] = mask
     hidden = decoder(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
     if loss_index is None:
         loss_index = (labels[:, 1:].reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
@@ -123,6 +128,24 @@ def supervised_loss(hf_model, labels, loss_index, head: str, input_ids=None, **k
         loss_sum = linear_cross_entropy_sum(rows, lm_head.weight, lm_head.bias, targets)
     num_supervised = torch.full((), loss_index.numel(), dtype=torch.int64, device=rows.device)
     return types.SimpleNamespace(loss_sum=loss_sum, num_supervised=num_supervised, logits=None)
+
+
+def packed_attention_mask(position_ids, attn_implementation: str, dtype) -> torch.Tensor | None:
+    """The block-diagonal causal mask of packed rows (positions restart at each sample), [rows, 1, T, T], built on the
+    device without reading anything back: transformers builds the same mask from the positions, but first asks the
+    host whether the rows are packed at all (`find_packed_sequence_indices`: a device sync on every forward). A 4D
+    mask is used as given. SDPA and eager only (None otherwise: flash-attention takes the positions as they are)."""
+    if attn_implementation not in ("sdpa", "eager"):
+        return None
+    starts = torch.diff(position_ids, dim=-1, prepend=position_ids[:, :1] - 1) != 1
+    sequence = starts.cumsum(-1)  # the sample each token belongs to, within its row
+    length = position_ids.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
+    allowed = (sequence[:, :, None] == sequence[:, None, :]) & causal
+    if attn_implementation == "sdpa":
+        return allowed[:, None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+        ~allowed, torch.finfo(dtype).min)[:, None]
 
 
 def chunk_rows(vocab_size: int) -> int:

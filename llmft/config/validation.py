@@ -284,3 +284,73 @@ def model_path_problem(cfg: DictConfig) -> Optional[str]:
     return (f"model.path={path} is not a local Hugging Face model folder (no config.json there): "
             f"copy the model there or set model.path=/path/to/model")
 
+
+# A resume on another number of ranks (`llmft.launch resume=RUN_DIR launch.nproc=N`, or cluster.nodes /
+# cluster.gpus_per_node): the checks the launcher runs before anything starts.
+
+# Strategies whose checkpoints are the same files: a resumed run may move between single and ddp; any other strategy
+# reads only its own checkpoints (on any number of ranks), fsdp and hsdp included until a test shows DCP between them.
+CHECKPOINT_FORMATS = {Strategy.single: "replica", Strategy.ddp: "replica"}
+
+
+def requested_world_size(cfg: DictConfig) -> Optional[int]:
+    """The ranks a config asks for: launch.nproc locally; cluster.nodes x cluster.gpus_per_node on a cluster (all the
+    GPUs of a cluster.gpu node when gpus_per_node is unset). None when cluster.gpu is unknown (slurm.resolve says so)."""
+    if cfg.cluster is None:
+        return cfg.launch.nproc
+    gpus_per_node = cfg.cluster.gpus_per_node
+    if gpus_per_node is None:
+        if cfg.cluster.gpu not in cfg.cluster.kinds:
+            return None
+        gpus_per_node = cfg.cluster.kinds[cfg.cluster.gpu].gpus_per_node
+    return cfg.cluster.nodes * gpus_per_node
+
+
+def world_size_keys(cfg: DictConfig) -> str:
+    """The keys that set the number of ranks, with their values, for messages."""
+    if cfg.cluster is None:
+        return f"launch.nproc={cfg.launch.nproc}"
+    gpus_per_node = cfg.cluster.gpus_per_node if cfg.cluster.gpus_per_node is not None else \
+        f"{requested_world_size(cfg) // cfg.cluster.nodes} (a {cfg.cluster.gpu} node)"
+    return f"cluster.nodes={cfg.cluster.nodes} x cluster.gpus_per_node={gpus_per_node}"
+
+
+def grad_accum_keeping_global_batch(global_batch: int, cfg: DictConfig, world_size: int, run: str) -> int:
+    """train.grad_accum_steps that makes `world_size` ranks of train.micro_batch_size take `global_batch` samples per
+    optimizer step; ConfigError with the sizes that can when none does."""
+    micro_batch_size = cfg.train.micro_batch_size
+    if global_batch % (micro_batch_size * world_size) == 0:
+        return global_batch // (micro_batch_size * world_size)
+    world_sizes = [n for n in range(1, global_batch // micro_batch_size + 1) if global_batch % (micro_batch_size * n) == 0]
+    micro_batch_sizes = [m for m in range(1, global_batch // world_size + 1) if global_batch % (m * world_size) == 0]
+    ranks_key = "launch.nproc=" if cfg.cluster is None else "cluster.nodes x cluster.gpus_per_node = "
+    fixes = ([f"{ranks_key}{_some(world_sizes)}"] if world_sizes else []) \
+        + ([f"train.micro_batch_size={_some(micro_batch_sizes)} on these ranks"] if micro_batch_sizes else [])
+    raise ConfigError(
+        f"{run} keeps the run's global batch of {global_batch} samples per optimizer step, which {world_size} ranks "
+        f"({world_size_keys(cfg)}) of train.micro_batch_size={micro_batch_size} cannot take: use "
+        + (", or ".join(fixes) or f"a number of ranks that divides {global_batch} and a train.micro_batch_size that "
+                                  f"divides {global_batch} / ranks")
+        + " (train.grad_accum_steps then follows).")
+
+
+def _some(values: list[int]) -> str:
+    shown = [str(v) for v in values[:6]] + (["..."] if len(values) > 6 else [])
+    return shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + " or " + shown[-1]
+
+
+def check_resume_strategy(checkpoint_strategy: str, checkpoint_name: str, cfg: DictConfig, world_size: int,
+                          run: str) -> Strategy:
+    """The strategy this run settles to must read the checkpoint's files: single <-> ddp do (the same files, written
+    by rank 0); any other change (zero3 -> ddp, fsdp -> single with parallelism=auto and full fine-tuning...) is
+    refused, naming the strategy that reads it. Returns the settled strategy."""
+    saved, new = Strategy(checkpoint_strategy), settled_strategy(cfg, world_size)
+    if CHECKPOINT_FORMATS.get(saved, saved.value) == CHECKPOINT_FORMATS.get(new, new.value):
+        return new
+    fix = Strategy.ddp if saved == Strategy.single and world_size > 1 else saved
+    settles = f" (parallelism=auto on {world_size} rank{'s' if world_size > 1 else ''})" \
+        if cfg.parallelism.strategy == Strategy.auto else ""
+    raise ConfigError(
+        f"{run}: its checkpoint {checkpoint_name} was written by parallelism={saved.value}, which "
+        f"parallelism={new.value}{settles} cannot read: add parallelism={fix.value} (a resume may change the strategy "
+        f"only between single and ddp, whose checkpoints are the same files).")

@@ -8,9 +8,11 @@ torch: on a login node it composes and validates in about a second. Hydra's own 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -21,7 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from llmft.config.compose import CONF_DIR, error_chain, load_run_config, one_line_error, register_configs
 from llmft.config.schema import Strategy
-from llmft.config.validation import check_installed, settled_strategy, validate
+from llmft.config.redact import redact_argv
+from llmft.config.validation import (check_installed, check_resume_strategy, grad_accum_keeping_global_batch,
+                                     requested_world_size, settled_strategy, validate, world_size_keys)
 from llmft.errors import ConfigError, UserError, report
 from llmft.launch import run_dir as run_dirs
 from llmft.launch import slurm
@@ -58,7 +62,7 @@ def prepare_run(cfg: DictConfig) -> tuple[DictConfig, Path]:
     run_dir = None
     if cfg.resume:
         run_dir = resumable_run_dir(cfg.resume)
-        cfg = config_for_resume(run_dir, cfg)
+        cfg, changes = config_for_resume(run_dir, cfg)
     validate(cfg)
     check_installed(cfg, local=cfg.cluster is None)
     if cfg.cluster is not None:
@@ -70,6 +74,9 @@ def prepare_run(cfg: DictConfig) -> tuple[DictConfig, Path]:
     latest, _ = checkpoint.find_latest(run_dir / "checkpoints")
     print(f"resume: {run_dir} from step {checkpoint.read_manifest(latest)['step']} ({latest.name})" if latest else
           f"resume: {run_dir} has no complete checkpoint: training starts over from step 0")
+    if changes["line"]:
+        print(changes["line"])
+    record_resume(run_dir, latest, changes["changed"])
     return cfg, run_dir
 
 
@@ -86,29 +93,98 @@ def start_run(cfg: DictConfig, run_dir: Path) -> int:
     return run_local_ranks(run_dir, cfg.launch.nproc)
 
 
-# What a resumed run may change: how long and how it runs, never what it trains (that would be another run).
+# What a resumed run may change: how long, where and on how many ranks it runs, never what it trains (that would be
+# another run). The batch layout may change, the global batch may not: see `keep_global_batch`.
 RESUMABLE_KEYS = ("train.max_steps", "train.epochs", "train.log_every", "train.eval_every", "train.save_every",
-                  "train.keep_last", "train.wandb", "train.collective_timeout_min", "launch.", "cluster.", "eval.",
-                  "umask")
+                  "train.keep_last", "train.wandb", "train.collective_timeout_min", "train.micro_batch_size",
+                  "train.grad_accum_steps", "launch.", "cluster.", "eval.", "umask")
+STRATEGY_KEYS = ("parallelism", "parallelism.strategy")  # only where the checkpoint's files stay readable
 
 
-def config_for_resume(run_dir: Path, composed: DictConfig) -> DictConfig:
+def config_for_resume(run_dir: Path, composed: DictConfig) -> tuple[DictConfig, dict]:
     """The run's saved config, with the overrides given beside `resume=` applied where a resumed run may change
-    them; any other override is refused in one sentence (silently ignoring it would train something else)."""
+    them; any other override is refused in one sentence (silently ignoring it would train something else). On
+    another number of ranks, train.grad_accum_steps is adjusted to keep the global batch (`keep_global_batch`, whose
+    account of what changed comes back with the config)."""
     from hydra.core.hydra_config import HydraConfig
 
     saved = load_run_config(run_dir)
+    before = copy.deepcopy(saved)
     overrides = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith("resume=")]
     for override in overrides:
         key = override.lstrip("+~").split("=", 1)[0]
+        if override.startswith("+cluster=") and saved.cluster is not None and \
+                override.split("=", 1)[1] == saved.cluster.name:
+            continue  # the run's own profile (added by with_saved_cluster): the saved one stays, with cluster.* given
+        if "=" in override and key in STRATEGY_KEYS and not override.startswith(("+", "~")):
+            saved.parallelism.strategy = composed.parallelism.strategy  # checked against the checkpoint below
+            continue
         if "=" not in override or not key.startswith(RESUMABLE_KEYS) or (key.startswith("cluster.")
                                                                            and saved.cluster is None):
             allowed = ", ".join(k.rstrip(".") + ("*" if k.endswith(".") else "") for k in RESUMABLE_KEYS)
             raise ConfigError(f"resume={run_dir} continues the run with its saved config; {override} would change "
-                              f"what it trains: start a new run instead (a resumed run may change {allowed}).")
+                              f"what it trains: start a new run instead (a resumed run may change {allowed}, and "
+                              f"parallelism where its checkpoint stays readable).")
         OmegaConf.update(saved, key, OmegaConf.select(composed, key), merge=False)
+    explicit_accum = any(o.lstrip("+~").startswith("train.grad_accum_steps=") for o in overrides)
+    changes = keep_global_batch(run_dir, before, saved, explicit_accum)
     saved.resume = str(run_dir)
-    return saved
+    return saved, changes
+
+
+def keep_global_batch(run_dir: Path, before: DictConfig, cfg: DictConfig, explicit_accum: bool) -> dict:
+    """A resume on another number of ranks keeps the samples per optimizer step (micro_batch_size x grad_accum_steps x
+    ranks: the data position, the LR schedule and each step's gradient stay those of the run) by setting
+    train.grad_accum_steps in `cfg`, and refuses where it cannot, or where the strategy the new ranks settle to cannot
+    read the checkpoint. Returns what changed ({key: [before, after]}) and the line that says it."""
+    run = f"resume={run_dir}"
+    saved_world_size, world_size = requested_world_size(before), requested_world_size(cfg)
+    latest, _ = checkpoint.find_latest(run_dir / "checkpoints")
+    manifest = checkpoint.read_manifest(latest) if latest else None
+    global_batch = before.train.micro_batch_size * before.train.grad_accum_steps * (saved_world_size or 1)
+    if world_size is not None and saved_world_size is not None:
+        accum = grad_accum_keeping_global_batch(global_batch, cfg, world_size, run)
+        if explicit_accum and cfg.train.grad_accum_steps != accum:
+            raise ConfigError(
+                f"{run}: train.grad_accum_steps={cfg.train.grad_accum_steps} would change the run's global batch of "
+                f"{global_batch} samples per optimizer step; on {world_size} ranks ({world_size_keys(cfg)}) of "
+                f"train.micro_batch_size={cfg.train.micro_batch_size} it is {accum}: leave it out and resume sets it.")
+        cfg.train.grad_accum_steps = accum
+    if manifest is not None and world_size is not None:
+        check_resume_strategy(manifest["strategy"], latest.name, cfg, world_size, run)
+    changed = {}
+    for key in ("launch.nproc", "cluster.nodes", "cluster.gpus_per_node", "cluster.gpu", "train.micro_batch_size",
+                "train.grad_accum_steps", "parallelism.strategy"):
+        old, new = OmegaConf.select(before, key), OmegaConf.select(cfg, key)
+        if old != new:
+            changed[key] = [getattr(old, "value", old), getattr(new, "value", new)]
+    had = manifest["world_size"] if manifest is not None else saved_world_size
+    if world_size is None or had == world_size:
+        return {"changed": changed, "line": ""}
+    new_strategy = settled_strategy(cfg, world_size).value
+    old_strategy = manifest["strategy"] if manifest is not None else settled_strategy(before, had).value
+    changed["world_size"], changed["strategy"] = [had, world_size], [old_strategy, new_strategy]
+    line = (f"resume: {latest.name + ' was saved' if latest else 'the run was trained'} by {had} rank(s) "
+            f"({old_strategy}); this run has {world_size} ({world_size_keys(cfg)}, {new_strategy})"
+            + "".join(f", {key} {changed[key][0]} -> {changed[key][1]}"
+                      for key in ("train.grad_accum_steps", "train.micro_batch_size") if key in changed)
+            + f": the global batch stays {global_batch} samples per optimizer step"
+            + ("; the ZeRO checkpoint is converted to DeepSpeed's universal checkpoint when the ranks start"
+               if latest and old_strategy.startswith("zero") else "") + ".")
+    return {"changed": changed, "line": line}
+
+
+def record_resume(run_dir: Path, latest: Path | None, changed: dict) -> None:
+    """provenance.json keeps every resume of the run: when, the command, the host, the step, what changed."""
+    path = run_dir / "provenance.json"
+    provenance = json.loads(path.read_text()) if path.is_file() else {}
+    provenance.setdefault("resumes", []).append({
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": redact_argv(sys.argv), "host": socket.gethostname(),
+        "from_step": checkpoint.read_manifest(latest)["step"] if latest else 0, "changed": changed,
+    })
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(provenance, indent=2))
+    os.replace(tmp, path)
 
 
 def resumable_run_dir(path: str) -> Path:
@@ -182,11 +258,27 @@ def run_local_ranks(run_dir: Path, nproc: int) -> int:
     return code
 
 
+def with_saved_cluster(argv: list[str]) -> list[str]:
+    """`resume=RUN_DIR cluster.nodes=4`: overrides of cluster keys compose only with a cluster group, so add the run's
+    own `+cluster=NAME` (config_for_resume applies the given cluster.* keys only, over the saved profile)."""
+    resume = next((a.split("=", 1)[1] for a in argv if a.startswith("resume=")), None)
+    if not resume or not any(a.startswith("cluster.") for a in argv) or \
+            any(a.lstrip("+").startswith("cluster=") for a in argv):
+        return argv
+    try:
+        name = OmegaConf.select(OmegaConf.load(Path(os.path.expandvars(resume)).expanduser() / "config.yaml"),
+                                "cluster.name")
+    except Exception:  # unreadable: resume= itself says what is wrong with the run directory
+        return argv
+    return [*argv, f"+cluster={name}"] if name else argv
+
+
 def main() -> None:
     # Hydra prints composition errors as several lines plus a hint about HYDRA_FULL_ERROR. Hold stderr while it
     # composes; if it exits before our task starts, print the error as one line instead.
     # With HYDRA_FULL_ERROR=1 a bug in llmft shows its traceback; composition errors are caught here.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    sys.argv[1:] = with_saved_cluster(sys.argv[1:])
     with contextlib.redirect_stderr(_hydra_stderr):
         try:
             _launch()

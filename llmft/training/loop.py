@@ -298,18 +298,32 @@ class Trainer:
         self.log(f"checkpoint: {path}")
 
     def resume(self) -> None:
+        """Continue from the newest complete checkpoint on this job's ranks, whatever their number when it was written:
+        the data position is a sample count and every strategy reshards its state (replicas need nothing, FSDP2's DCP
+        reshards, ZeRO goes through DeepSpeed's universal checkpoint). The step must take as many samples as the
+        checkpoint's steps did (`llmft.launch resume=` adjusts train.grad_accum_steps to keep it), else the data
+        position and the LR schedule would mean something else: refused."""
         latest, incomplete = checkpoint.find_latest(self.run_dir / "checkpoints")
         for folder in incomplete:
             self.log(f"checkpoint: ignoring incomplete {folder}")
         if latest is None:
             return
-        self.strategy.load(latest)
-        own = latest / f"state_rank{self.topology.rank}.pt"
+        saved_world_size = checkpoint.read_manifest(latest)["world_size"]
+        own = latest / f"state_rank{self.topology.rank}.pt"  # a rank the checkpoint did not have starts from rank 0's
         saved = torch.load(own if own.exists() else latest / "state_rank0.pt", weights_only=False)
+        samples_per_step = self.micro_batch_across_ranks * self.tcfg.grad_accum_steps
+        if saved["samples_consumed"] != saved["step"] * samples_per_step:
+            raise UserError(
+                f"{latest} was trained with {saved['samples_consumed'] // max(1, saved['step'])} samples per optimizer "
+                f"step and this job takes {samples_per_step} (train.micro_batch_size={self.tcfg.micro_batch_size} x "
+                f"{self.topology.world_size} ranks x train.grad_accum_steps={self.tcfg.grad_accum_steps}): resume it "
+                f"with python -m llmft.launch resume={self.run_dir}, which keeps the global batch on any number of "
+                f"ranks by adjusting train.grad_accum_steps.")
+        self.strategy.load(latest)
         set_rng_state(saved["rng"], self.device)
         self.state = TrainState(step=saved["step"], samples_consumed=saved["samples_consumed"])
-        self.log(f"resume: from {latest} (step {self.state.step}, saved with world size "
-                 f"{checkpoint.read_manifest(latest)['world_size']})")
+        self.log(f"resume: from {latest} (step {self.state.step}, saved with world size {saved_world_size}"
+                 + (f", now {self.topology.world_size}" if saved_world_size != self.topology.world_size else "") + ")")
 
     def stop_at_signal(self, stop_signal: int, saved: bool) -> None:
         if not saved:

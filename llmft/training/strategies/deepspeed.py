@@ -3,17 +3,32 @@
 The DeepSpeed config is generated from ours (batch sizes, precision, stage, offload, clipping, optimizer) and a user
 JSON file (`parallelism.deepspeed_config`) is merged over it. Checkpoints are DeepSpeed's own (frozen weights
 excluded); the adapter is exported by gathering the partitioned LoRA tensors on rank 0.
+
+DeepSpeed's own checkpoint loads on the world size that wrote it only. On another one, rank 0 first converts it
+once into DeepSpeed's universal checkpoint (`deepspeed.checkpoint.ds_to_universal`: one file per parameter and
+optimizer moment, whole), written beside the original in the same checkpoint folder under a temporary name and
+renamed when complete, and every rank loads that (`load_universal`), taking its own partition.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
+import shutil
+import traceback
+from argparse import Namespace
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 
+from llmft.training import checkpoint
+from llmft.training.checkpoint import CheckpointError
+
 CHECKPOINT_TAG = "deepspeed"
+UNIVERSAL_TAG = "universal"  # step_<N>/universal/: the universal form of step_<N>/deepspeed/, made on demand
 
 
 def merge(base: dict, override: dict) -> dict:
@@ -127,11 +142,23 @@ class DeepSpeedStrategy:
                                     exclude_frozen_parameters=self.cfg.peft.method.value != "full")
 
     def load(self, folder: Path) -> None:
-        path, _ = self.engine.load_checkpoint(str(folder), tag=CHECKPOINT_TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True,
-                                              load_module_strict=self.cfg.peft.method.value == "full")
+        """Same world size: DeepSpeed's own checkpoint. Another one: its universal form (converted once by rank 0,
+        see `universal_checkpoint`), from which each rank takes its partition of the weights and optimizer moments;
+        the LR schedule and DeepSpeed's step counters come from the saved model-states file as usual."""
+        saved_world_size = checkpoint.read_manifest(folder)["world_size"]
+        universal = saved_world_size != self.topology.world_size
+        tag = universal_checkpoint(folder, saved_world_size, self.topology).name if universal else CHECKPOINT_TAG
+        # DeepSpeed reads `checkpoint.load_universal` from the engine's config at load time only: set it for this one
+        # load instead of in the config, so that a run started on its own world size never depends on it.
+        self.engine._config.load_universal_checkpoint = universal
+        try:
+            path, _ = self.engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True,
+                                                  load_module_strict=self.cfg.peft.method.value == "full")
+        finally:
+            self.engine._config.load_universal_checkpoint = False
         if path is None:
-            raise RuntimeError(f"DeepSpeed found no checkpoint in {folder}")
+            raise RuntimeError(f"DeepSpeed found no checkpoint in {folder / tag}")
 
     def sharding_report(self) -> dict:
         """ZeRO-3 parameters carry `ds_tensor` (this rank's partition) and `ds_numel` (the full size)."""
@@ -155,3 +182,50 @@ class DeepSpeedStrategy:
                 for name, param in named:
                     full_name = f"{module_name}.{name}" if module_name else name
                     yield full_name, param.detach().cpu().clone() if self.topology.is_main else None
+
+
+def universal_checkpoint(folder: Path, saved_world_size: int, topology) -> Path:
+    """`folder/universal`, DeepSpeed's universal form of `folder/deepspeed` (collective: every rank calls it).
+
+    Rank 0 converts if it is not there yet, into `folder/.tmp-universal`, renamed when whole: a conversion killed
+    half-way leaves only the temporary folder, which the next attempt starts again; the original files are never
+    touched, so the checkpoint stays loadable on its own world size. The other ranks wait (up to
+    `train.collective_timeout_min`); if rank 0 fails, every rank stops with its error."""
+    target = folder / UNIVERSAL_TAG
+    problem = None
+    if topology.is_main and not target.is_dir():
+        print(f"resume: {folder.name} was saved by {saved_world_size} rank(s) and this run has {topology.world_size}: "
+              f"converting it to DeepSpeed's universal checkpoint in {target} (once; the other ranks wait)", flush=True)
+        tmp = folder / f"{checkpoint.TMP_PREFIX}{UNIVERSAL_TAG}"
+        try:
+            _convert_to_universal(folder / CHECKPOINT_TAG, tmp)
+            os.replace(tmp, target)
+        except OSError as error:
+            problem = f"{type(error).__name__}: {error}"
+            shutil.rmtree(tmp, ignore_errors=True)
+        except Exception as error:  # a DeepSpeed conversion failure: every rank must stop, not wait at the gather
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not topology.is_distributed:
+                raise
+            traceback.print_exc()  # a bug here or in DeepSpeed: its traceback, then every rank stops together
+            problem = f"{type(error).__name__}: {error}"
+    problems = [p for p in topology.gather(problem) if p is not None]
+    if problems:
+        raise CheckpointError(f"converting {folder} to DeepSpeed's universal checkpoint (to resume on "
+                              f"{topology.world_size} ranks instead of {saved_world_size}) failed on rank 0: "
+                              f"{problems[0]}; resume with the original number of ranks, or free space and retry.")
+    return target
+
+
+def _convert_to_universal(source: Path, output: Path) -> None:
+    """deepspeed.checkpoint.ds_to_universal in this process (no worker processes), its progress output hidden."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    shutil.rmtree(output, ignore_errors=True)
+    args = Namespace(input_folder=str(source), output_folder=str(output), num_extract_workers=1,
+                     num_merge_workers=1, keep_temp_folder=False, strict=True,
+                     inject_missing_state=True)  # ZeRO-2 checkpoints lack the universal-info record: add it
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        ds_to_universal.main(args)
+    # ds_to_universal also points `latest_universal` in the parent folder at its output: we name the tag ourselves
+    (output.parent / "latest_universal").unlink(missing_ok=True)

@@ -10,6 +10,8 @@ Checks (each prints `check NAME: ok|FAILED ...` and its figures):
                  bf16), adapters complete
   packing        the SDPA path with packed rows (block-diagonal) and flash-attention's varlen path (if installed)
                  give the unpacked logits
+  loss           the chunked loss (and Liger's, if installed) against full logits under bf16 autocast on a
+                 128,256-id vocabulary: loss, gradients, and the peak memory of each
   throughput     a Llama-3.2-1B-shaped random model (LoRA, packed 2048-token rows): tokens/s, peak memory per
                  interval, MFU against the GPU's bf16 peak
 The last line: `gpu-check: N ok, M failed` (exit code 1 if any failed). Figures go into BENCHMARKS.md by hand.
@@ -145,6 +147,55 @@ def packing_check(cpu: bool) -> str:
     return ", ".join(figures)
 
 
+@check("loss")
+def loss_check(cpu: bool) -> str:
+    import copy
+    import importlib.util
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmft.data.batching import collate
+    from llmft.data.templating import IGNORE_INDEX, Sample
+    from llmft.training import loss
+
+    device = torch.device("cpu" if cpu else "cuda")
+    vocab = 8192 if cpu else 128256
+    config = LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, use_cache=False, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    plain = LlamaForCausalLM(config).to(device)
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(2):
+        ids = torch.randint(3, vocab, (2048,), generator=generator).tolist()
+        rows.append(Sample(input_ids=ids, labels=[IGNORE_INDEX] * 900 + ids[900:]))
+    batch = loss.with_loss_index(collate(rows, pad_token_id=0))
+    batch.pop("num_tokens")
+    batch = {k: v.to(device) for k, v in batch.items()}
+    heads = ["chunked"] + (["liger"] if not cpu and importlib.util.find_spec("liger_kernel") else [])
+    results = {}
+    for head in ["full_logits", *heads]:
+        model = copy.deepcopy(plain)
+        loss.install(model, head, device.type)
+        if not cpu:
+            torch.cuda.reset_peak_memory_stats()
+        loss_sum, count = loss.token_losses(model, batch, bf16=not cpu)
+        (loss_sum / count).backward()
+        peak = torch.cuda.max_memory_allocated() / 2**30 if not cpu else float("nan")
+        results[head] = (float(loss_sum / count), model.model.embed_tokens.weight.grad.double().flatten(), peak)
+        del model
+    reference_loss, reference_grad, reference_peak = results["full_logits"]
+    figures = [f"full_logits loss {reference_loss:.4f} peak {reference_peak:.2f} GB"]
+    for head in heads:
+        value, grad, peak = results[head]
+        cosine = float(torch.nn.functional.cosine_similarity(grad, reference_grad, dim=0))
+        assert abs(value - reference_loss) <= (1e-5 if cpu else 2e-2) * abs(reference_loss), (head, value)
+        assert cosine >= (0.99999 if cpu else 0.99), (head, cosine)
+        figures.append(f"{head} loss {value:.4f} grad cosine {cosine:.5f} peak {peak:.2f} GB")
+    return "; ".join(figures)
+
+
 @check("throughput")
 def throughput_check(cpu: bool, work: Path) -> str:
     if cpu:
@@ -193,6 +244,7 @@ def main() -> int:
     binding_check(args.cpu)
     strategies_check(args.cpu, work)
     packing_check(args.cpu)
+    loss_check(args.cpu)
     throughput_check(args.cpu, work)
     failed = [name for name, ok, _ in RESULTS if not ok]
     print(f"gpu-check: {len(RESULTS) - len(failed)} ok, {len(failed)} failed" + (f" ({', '.join(failed)})"

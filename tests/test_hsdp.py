@@ -1,5 +1,5 @@
 """parallelism=hsdp on 4 local ranks in groups of 2 (as 2 nodes x 2 GPUs): DDP's losses, half of each parameter per
-rank, the weights read from disk shard by shard on the 2-D mesh, and a DCP checkpoint that resumes on 2 ranks. The
+rank, the weights read from disk shard by shard on the 2-D mesh, and a DCP checkpoint that resumes on 2 ranks under fsdp. The
 same on two real SLURM nodes: tests/test_two_nodes.py."""
 
 from __future__ import annotations
@@ -37,9 +37,10 @@ def test_hsdp_gives_ddp_losses_shards_within_groups_and_resumes_on_fewer_ranks(t
     assert 0.45 * sharding["global_numel"] <= sharding["local_numel"] <= 0.55 * sharding["global_numel"]
     assert ddp["summary"]["sharding_rank0"]["local_numel"] == sharding["global_numel"]
 
-    resumed = tmp_path / "resumed"  # the step-3 checkpoint on 2 ranks (one group): 2 ranks x 2 x 2 accumulation
+    # the step-3 checkpoint on 2 ranks as fsdp (a job back on one node): 2 ranks x 2 x 2 accumulation steps
+    resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(tmp_path / "hsdp" / "checkpoints" / "step_3", resumed / "checkpoints" / "step_3")
-    result = train_ranks(resumed, 2, ["parallelism=hsdp", *FROM_DISK, *base, "train.grad_accum_steps=2"])
+    result = train_ranks(resumed, 2, ["parallelism=fsdp", *FROM_DISK, *base, "train.grad_accum_steps=2"])
     assert result["summary"]["steps"] == 6
     assert losses(resumed) == pytest.approx(losses(tmp_path / "hsdp")[3:], abs=1e-5)

@@ -288,9 +288,11 @@ def model_path_problem(cfg: DictConfig) -> Optional[str]:
 # A resume on another number of ranks (`llmft.launch resume=RUN_DIR launch.nproc=N`, or cluster.nodes /
 # cluster.gpus_per_node): the checks the launcher runs before anything starts.
 
-# Strategies whose checkpoints are the same files: a resumed run may move between single and ddp; any other strategy
-# reads only its own checkpoints (on any number of ranks), fsdp and hsdp included until a test shows DCP between them.
-CHECKPOINT_FORMATS = {Strategy.single: "replica", Strategy.ddp: "replica"}
+# Strategies whose checkpoints are the same files: a resumed run may move between single and ddp, and between fsdp and
+# hsdp (DCP reshards between any two meshes: tests/test_hsdp.py); any other strategy reads only its own checkpoints
+# (on any number of ranks).
+CHECKPOINT_FORMATS = {Strategy.single: "replica", Strategy.ddp: "replica", Strategy.fsdp: "dcp",
+                      Strategy.hsdp: "dcp"}
 
 
 def requested_world_size(cfg: DictConfig) -> Optional[int]:

@@ -1,33 +1,45 @@
 #!/usr/bin/env python3
-"""Tickets per second of llmft's data preparation, against a plain `datasets.map` with the same tokenizer.
+"""Tickets per second of llmft's data preparation on 1 and on data.num_workers processes, against a bare `datasets.map`.
 
-    python bench/bench_data_prepare.py [--tickets 10000] [--max-seq-len 2048]
+    python bench/bench_data_prepare.py [--tickets 10000] [--max-seq-len 2048] [--workers N]
+    python bench/bench_data_prepare.py --tickets 100000 --peak-rss     # streaming: the memory of a real prepare
 
 Writes a synthetic helpdesk export (tickets JSONL: greetings, pasted logs, quoted replies, signatures, planted
-personal data, internal notes), then, in this one process and with one tokenizer:
+personal data, internal notes), trains the tiny tokenizer once on it (shared by every side, not timed), then times:
 
-- llmft: read + clean + scrub + dedup the export, render the chat template with assistant-only labels, window
-  long tickets, pack, and save the dataset and the audit files (everything `prepare` does but training the
-  tiny tokenizer, which both sides share);
+- llmft, data.num_workers=1 and data.num_workers=default (the CPUs available, at most 16; --workers overrides):
+  read + clean + scrub + dedup the export, fingerprint, render the chat template with assistant-only labels,
+  window long tickets, pack, and save the dataset and the audit files: everything `prepare` does but training the
+  tokenizer and drawing the length histogram. The two runs must write the same bytes (checked);
 - baseline: `datasets.Dataset.from_list(conversations).map(apply_chat_template(tokenize=True))` on the
-  conversations llmft produced: tokenization only, no cleaning, no masks, no packing, nothing written.
+  conversations llmft produced: tokenization only, no cleaning, no masks, no packing, nothing written. The ratio
+  uses the bare call, `num_proc` unset (one process), as the usual script writes it; the line before shows the same
+  baseline with `num_proc` = llmft's workers, for reference.
 
-Both rates count the input tickets, so the ratio compares the time to go from the same export to tokens.
+Rates count the input tickets. The last line: `ratios: workers_vs_one=X vs_datasets_map=Y` (X: llmft on the default
+workers against one; Y: llmft on the default workers against the bare `datasets.map`).
+
+--peak-rss runs `python -m llmft.data prepare` as users do (tokenizer training included) in a child process, and
+reports its time and peak memory: the sum of the resident sets of the process and its workers, sampled every
+50 ms, and the largest single process (getrusage). Its last line: `peak RSS: ...`.
 """
 
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import os
 import random
+import resource
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
 WORDS = ("job node GPU partition quota memory scratch work module conda python torch slurm sbatch srun squeue "
          "checkpoint dataset inode account project allocation queue walltime error kernel driver CUDA NCCL MPI "
@@ -64,9 +76,8 @@ def body(rng: random.Random, author: str, staff: bool, previous: str | None, tic
     return "\n".join(lines)
 
 
-def synthetic_tickets(num_tickets: int, seed: int = 0) -> list[dict]:
+def synthetic_tickets(num_tickets: int, seed: int = 0):
     rng = random.Random(seed)
-    tickets = []
     for ticket in range(num_tickets):
         user = f"{rng.choice(FIRST)} {rng.choice(LAST)} <user{ticket}@lab.example.org>"
         staff = f"{rng.choice(FIRST)} {rng.choice(LAST)} <agent{rng.randint(1, 12)}@support.example-hpc.fr>"
@@ -80,71 +91,172 @@ def synthetic_tickets(num_tickets: int, seed: int = 0) -> list[dict]:
                 messages.append({"from": staff, "date": "Mon, 06 Jan 2025 09:20:00 +0100",
                                  "body": "internal: check the account", "internal": True})
             previous = text
-        tickets.append({"id": f"T-{ticket}", "subject": sentence(rng)[:60], "messages": messages})
-    return tickets
+        yield {"id": f"T-{ticket}", "subject": sentence(rng)[:60], "messages": messages}
+
+
+def write_export(path: Path, num_tickets: int) -> Path:
+    with open(path, "w", encoding="utf-8") as handle:
+        for ticket in synthetic_tickets(num_tickets):
+            handle.write(json.dumps(ticket, ensure_ascii=False) + "\n")
+    return path
+
+
+def prepare_without_tokenizer_training(cfg, tokenizer, out_dir: Path) -> tuple[dict, dict, float]:
+    """What `prepare` does once it has the tokenizer, but the histogram: the report, the counts, the seconds."""
+    from llmft.data.pipeline import end_of_turn_of, read_conversations, tokenize_rows
+    from llmft.data.prepare import write_conversations
+    from llmft.data.prepared import fingerprint_parts, save_samples, write_manifest
+
+    started = time.perf_counter()
+    conversations, read_report = read_conversations(cfg.data)
+    parts = fingerprint_parts(conversations, tokenizer, cfg.data, cfg.model.max_seq_len,
+                              end_of_turn_of(tokenizer, cfg.data)[0])
+    splits, counts, used_ids = tokenize_rows(conversations, tokenizer, cfg.data, cfg.model.max_seq_len)
+    save_samples(out_dir, splits)
+    write_conversations(out_dir, conversations, used_ids, cfg.data)
+    (out_dir / "report.json").write_text(json.dumps({**read_report, **counts}, indent=2, ensure_ascii=False))
+    write_manifest(out_dir, parts, counts)
+    return read_report, counts, time.perf_counter() - started
+
+
+def same_files(a: Path, b: Path) -> bool:
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    return files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file()) and \
+        all(filecmp.cmp(a / f, b / f, shallow=False) for f in files)
+
+
+def baseline(conversations, tokenizer, num_proc: int | None) -> tuple[float, int]:
+    from datasets import Dataset
+
+    def tokenize(example):
+        encoded = tokenizer.apply_chat_template(example["messages"], tokenize=True)
+        return {"input_ids": encoded["input_ids"] if hasattr(encoded, "keys") else encoded}
+
+    if num_proc:  # forked processes: the tokenizers library's thread pool does not survive a fork
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    started = time.perf_counter()
+    dataset = Dataset.from_list([{"messages": c.messages} for c in conversations])
+    dataset = dataset.map(tokenize, remove_columns=["messages"], num_proc=num_proc)
+    seconds = time.perf_counter() - started
+    os.environ.pop("TOKENIZERS_PARALLELISM", None)
+    return seconds, sum(len(ids) for ids in dataset["input_ids"])
+
+
+def ratios(args) -> int:
+    from datasets.utils.logging import disable_progress_bar
+
+    from llmft.config.compose import compose
+    from llmft.data.pipeline import read_conversations
+    from llmft.data.tokenizer import train_tiny_tokenizer
+    from llmft.data.workers import num_workers_of
+
+    disable_progress_bar()
+    load = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        export = write_export(Path(tmp) / "export.jsonl", args.tickets)
+        overrides = ["data.format=tickets_jsonl", f"data.path={export}", "data.tickets.staff_domains=[support.example-hpc.fr]",
+                     f"model.max_seq_len={args.max_seq_len}"]
+        default_cfg = compose(overrides + ([f"data.num_workers={args.workers}"] if args.workers else []))
+        workers = num_workers_of(default_cfg.data)
+        conversations, _ = read_conversations(default_cfg.data)  # once, to train the shared tokenizer on
+        tokenizer = train_tiny_tokenizer([m["content"] for c in conversations for m in c.messages], 2048)
+
+        seconds = {}
+        for name, cfg in [("one", compose(overrides + ["data.num_workers=1"])), ("default", default_cfg)]:
+            out_dir = Path(tmp) / name
+            out_dir.mkdir()
+            read_report, counts, seconds[name] = prepare_without_tokenizer_training(cfg, tokenizer, out_dir)
+        identical = same_files(Path(tmp) / "one", Path(tmp) / "default")
+        baseline_s, baseline_tokens = baseline(conversations, tokenizer, None)
+        baseline_workers_s, _ = baseline(conversations, tokenizer, workers)
+
+    rate = {name: args.tickets / s for name, s in seconds.items()}
+    print(f"{args.tickets} tickets -> {read_report['num_conversations']} conversations kept, "
+          f"{sum(counts['samples'].values())} samples, {counts['tokens']['train']} train tokens "
+          f"({read_report['num_skipped']} bad, dropped {read_report['dropped']})")
+    print(f"PII replaced: {read_report['pii_replacements']}")
+    print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs")
+    print(f"llmft, 1 worker:   {seconds['one']:6.2f} s  {rate['one']:6.0f} tickets/s")
+    print(f"llmft, {workers} workers:  {seconds['default']:6.2f} s  {rate['default']:6.0f} tickets/s  "
+          f"(same output files as 1 worker: {'yes' if identical else 'NO'})")
+    print(f"datasets.map, num_proc={workers}: {baseline_workers_s:6.2f} s  {args.tickets / baseline_workers_s:6.0f} "
+          f"tickets/s  (reference; the ratio below uses the bare call)")
+    print(f"datasets.map:      {baseline_s:6.2f} s  {args.tickets / baseline_s:6.0f} tickets/s  "
+          f"(apply_chat_template, tokenization only, {baseline_tokens} tokens)")
+    print(f"useful-token fraction at {args.max_seq_len}: packed {counts['useful_token_fraction']['packed']:.1%}, "
+          f"padded {counts['useful_token_fraction']['padded']:.1%}")
+    print(f"ratios: workers_vs_one={seconds['one'] / seconds['default']:.2f} "
+          f"vs_datasets_map={baseline_s / seconds['default']:.2f}")
+    return 0 if identical else 1
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """The resident memory of a process and all its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+        rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+    total, stack = 0, [pid]
+    while stack:
+        current = stack.pop()
+        total += rss.get(current, 0)
+        stack += children.get(current, [])
+    return total
+
+
+def peak_rss(args) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        export = write_export(Path(tmp) / "export.jsonl", args.tickets)
+        print(f"export: {args.tickets} tickets, {export.stat().st_size / 1e6:.0f} MB, written in "
+              f"{time.perf_counter() - started:.0f} s")
+        command = [sys.executable, "-m", "llmft.data", "prepare", "data=tickets", f"data.path={export}",
+                   "data.tickets.staff_domains=[support.example-hpc.fr]", f"data.output_dir={Path(tmp) / 'out'}",
+                   f"model.max_seq_len={args.max_seq_len}"] + ([f"data.num_workers={args.workers}"] if args.workers else [])
+        load = os.getloadavg()
+        started = time.perf_counter()
+        process = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        peak = [0]
+
+        def sample() -> None:
+            while process.poll() is None:
+                peak[0] = max(peak[0], tree_rss_bytes(process.pid))
+                time.sleep(0.05)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        stdout, stderr = process.communicate()
+        seconds = time.perf_counter() - started
+        sampler.join()
+        largest = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    print(stdout.strip())
+    if process.returncode:
+        print(stderr[-2000:])
+        return process.returncode
+    print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs")
+    print(f"prepare: {seconds:.0f} s, {args.tickets / seconds:.0f} tickets/s (tokenizer training included)")
+    print(f"peak RSS: {peak[0] / 2**30:.2f} GiB summed over the process and its workers (sampled every 50 ms); "
+          f"largest single process {largest / 2**30:.2f} GiB")
+    return 0
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tickets", type=int, default=10_000)
     parser.add_argument("--max-seq-len", type=int, default=2048)
+    parser.add_argument("--workers", type=int, default=None, help="data.num_workers of the default run (the CPUs)")
+    parser.add_argument("--peak-rss", action="store_true", help="time a real `prepare` and report its peak memory")
     args = parser.parse_args()
-
-    from datasets import Dataset
-    from datasets.utils.logging import disable_progress_bar
-
-    from llmft.data.pipeline import read_conversations, tokenize_splits
-    from llmft.data.prepare import write_conversations
-    from llmft.data.prepared import save_samples
-    from llmft.data.tokenizer import train_tiny_tokenizer
-    from tests.conftest import compose
-
-    disable_progress_bar()
-    with tempfile.TemporaryDirectory() as tmp:
-        export = Path(tmp) / "export.jsonl"
-        export.write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in synthetic_tickets(args.tickets)))
-        out_dir = Path(tmp) / "prepared"
-        out_dir.mkdir()
-        cfg = compose(["data.format=tickets_jsonl", f"data.path={export}", f"data.output_dir={out_dir}",
-                       "data.tickets.staff_domains=[support.example-hpc.fr]", f"model.max_seq_len={args.max_seq_len}"])
-
-        conversations, read_report = read_conversations(cfg.data)  # once to train the shared tokenizer on
-        tokenizer = train_tiny_tokenizer([m["content"] for c in conversations for m in c.messages], 2048)
-
-        llmft_started = time.perf_counter()
-        conversations, read_report = read_conversations(cfg.data)
-        after_read = time.perf_counter()
-        splits, counts, used_ids = tokenize_splits(conversations, tokenizer, cfg.data, args.max_seq_len)
-        after_tokenize = time.perf_counter()
-        save_samples(out_dir, splits)
-        write_conversations(out_dir, conversations, used_ids, cfg.data)
-        llmft_s = time.perf_counter() - llmft_started
-
-        started = time.perf_counter()
-        dataset = Dataset.from_list([{"messages": c.messages} for c in conversations])
-
-        def tokenize(example):
-            encoded = tokenizer.apply_chat_template(example["messages"], tokenize=True)
-            return {"input_ids": encoded["input_ids"] if hasattr(encoded, "keys") else encoded}
-
-        dataset = dataset.map(tokenize, remove_columns=["messages"])
-        baseline_s = time.perf_counter() - started
-        baseline_tokens = sum(len(ids) for ids in dataset["input_ids"])
-
-    llmft_rate, baseline_rate = args.tickets / llmft_s, args.tickets / baseline_s
-    print(f"{args.tickets} tickets -> {len(conversations)} conversations kept, "
-          f"{sum(counts['samples'].values())} samples, {counts['tokens']['train']} train tokens "
-          f"({read_report['num_skipped']} bad, dropped {read_report['dropped']})")
-    print(f"PII replaced: {read_report['pii_replacements']}")
-    print(f"llmft prepare:  {llmft_s:6.2f} s  {llmft_rate:8.0f} tickets/s  "
-          f"(read, clean, scrub, dedup {after_read - llmft_started:.2f} s; template, masks, windows, packing "
-          f"{after_tokenize - after_read:.2f} s; save {llmft_started + llmft_s - after_tokenize:.2f} s)")
-    print(f"datasets.map:   {baseline_s:6.2f} s  {baseline_rate:8.0f} tickets/s  "
-          f"(apply_chat_template, tokenization only, {baseline_tokens} tokens)")
-    print(f"ratio llmft / datasets.map: {llmft_rate / baseline_rate:.2f}")
-    print(f"useful-token fraction at {args.max_seq_len}: packed {counts['useful_token_fraction']['packed']:.1%}, "
-          f"padded {counts['useful_token_fraction']['padded']:.1%}")
-    return 0
+    return peak_rss(args) if args.peak_rss else ratios(args)
 
 
 if __name__ == "__main__":

@@ -141,3 +141,7 @@ class DataConfig:
     # A folder written by `prepare` that training reuses when its fingerprint (conversations, tokenizer, template,
     # config) matches; otherwise training tokenizes in memory and says why. None: `output_dir`, if set.
     prepared: Optional[str] = None
+    # Processes that read, clean, scrub and tokenize (chunks of tickets; the outputs are the same for any number).
+    # None: the CPUs this process may use (os.sched_getaffinity: SLURM's binding counts), at most 16. 1: all in
+    # this process, no worker.
+    num_workers: Optional[int] = None

@@ -142,6 +142,10 @@ def check_data(data, complete: bool = True) -> None:
         raise ConfigError(f"data.csv.delimiter={data.csv.delimiter!r} must be one character.")
     if not list(data.csv.question_columns):
         raise ConfigError("data.csv.question_columns is empty: name the column(s) that hold the question.")
+    num_workers = getattr(data, "num_workers", None)
+    if num_workers is not None and num_workers < 1:
+        raise ConfigError(f"data.num_workers={num_workers} must be at least 1 (1: all in this process), or null for "
+                          f"the CPUs available (at most 16).")
 
 
 def with_eval_overrides(eval_cfg, overrides: list[str] = ()) -> EvalConfig:

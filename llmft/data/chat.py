@@ -35,8 +35,13 @@ def check_messages(record: object) -> list[dict[str, str]]:
 
 
 def read_chat_jsonl(path: Path, data_cfg, report: ReadReport) -> list[Conversation]:
+    return chats_of(jsonl_records(path, report), report)
+
+
+def chats_of(records, report: ReadReport) -> list[Conversation]:
+    """The conversations of (file:line, raw, JSON) records: all of a file, or a chunk of it in a worker."""
     conversations: list[Conversation] = []
-    for where, raw, record in jsonl_records(path, report):
+    for where, raw, record in records:
         try:
             messages = check_messages(record)
             record_id = record.get("id")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -41,31 +42,58 @@ def minhash(text: str) -> np.ndarray:
     return (((_A[:, None] * shingles[None, :]) % _PRIME + _B[:, None]) % _PRIME).min(axis=1)
 
 
+@dataclass
+class DedupKeys:
+    """What `Deduplicator` compares, computed where the conversation is cleaned (in a worker)."""
+
+    exact: bytes  # the hash of the text, case and whitespace normalized
+    signature: np.ndarray | None = None  # MinHash; None when data.clean.near_duplicate_threshold >= 1 (exact only)
+    bands: list[bytes] | None = None  # the signature's bands, the keys of the locality-sensitive hash buckets
+
+
+def dedup_keys(messages: list[dict[str, str]], threshold: float) -> DedupKeys:
+    text = _text_of(messages)
+    exact = hashlib.sha1(_SPACES.sub(" ", text.lower()).strip().encode()).digest()
+    if threshold >= 1.0:
+        return DedupKeys(exact)
+    signature = minhash(text)
+    rows = NUM_PERMUTATIONS // BANDS
+    return DedupKeys(exact, signature, [bytes([band]) + signature[band * rows : (band + 1) * rows].tobytes()
+                                        for band in range(BANDS)])
+
+
+class Deduplicator:
+    """Sees the conversations in input order and says which repeat an earlier one: the first occurrence stays."""
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+        self.seen_exact: set[bytes] = set()
+        self.buckets: dict[bytes, list[int]] = {}
+        self.signatures: list[np.ndarray] = []
+        self.dropped = {"exact_duplicate": 0, "near_duplicate": 0}
+
+    def duplicate(self, keys: DedupKeys) -> bool:
+        if keys.exact in self.seen_exact:
+            self.dropped["exact_duplicate"] += 1
+            return True
+        self.seen_exact.add(keys.exact)
+        if keys.signature is None:
+            return False
+        candidates: set[int] = set()
+        for band in keys.bands:
+            candidates.update(self.buckets.get(band, ()))
+        if any(np.mean(self.signatures[index] == keys.signature) >= self.threshold for index in candidates):
+            self.dropped["near_duplicate"] += 1
+            return True
+        index = len(self.signatures)
+        for band in keys.bands:
+            self.buckets.setdefault(band, []).append(index)
+        self.signatures.append(keys.signature)
+        return False
+
+
 def drop_duplicates(conversations: list, threshold: float) -> tuple[list, dict[str, int]]:
     """The conversations without duplicates, and how many were dropped as exact and as near duplicates."""
-    kept, seen_exact = [], set()
-    buckets: dict[tuple[int, bytes], list[int]] = {}
-    signatures: list[np.ndarray] = []
-    dropped = {"exact_duplicate": 0, "near_duplicate": 0}
-    rows = NUM_PERMUTATIONS // BANDS
-    for conversation in conversations:
-        text = _text_of(conversation.messages)
-        exact_key = hashlib.sha1(_SPACES.sub(" ", text.lower()).strip().encode()).digest()
-        if exact_key in seen_exact:
-            dropped["exact_duplicate"] += 1
-            continue
-        seen_exact.add(exact_key)
-        if threshold >= 1.0:
-            kept.append(conversation)
-            continue
-        signature = minhash(text)
-        keys = [(band, signature[band * rows : (band + 1) * rows].tobytes()) for band in range(BANDS)]
-        candidates = {index for key in keys for index in buckets.get(key, ())}
-        if any(np.mean(signatures[index] == signature) >= threshold for index in candidates):
-            dropped["near_duplicate"] += 1
-            continue
-        for key in keys:
-            buckets.setdefault(key, []).append(len(signatures))
-        signatures.append(signature)
-        kept.append(conversation)
-    return kept, dropped
+    deduplicator = Deduplicator(threshold)
+    kept = [c for c in conversations if not deduplicator.duplicate(dedup_keys(c.messages, threshold))]
+    return kept, deduplicator.dropped

@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 from llmft.data.html_text import html_to_text
 from llmft.data.records import Conversation, DataError, ReadReport, input_files
@@ -74,8 +75,9 @@ def _body_text(message, drop_quotes: bool) -> str:
     return html_to_text(content, drop_quotes) if part.get_content_type() == "text/html" else content
 
 
-def _parse_mail(raw: bytes, order: int, where: str, ticket_pattern: re.Pattern, drop_quotes: bool) -> Mail | None:
-    """A Mail, None for an auto-reply, or ValueError with a reason for a mail that cannot be read."""
+def _parse_mail(raw: bytes, where: str, ticket_pattern: re.Pattern, drop_quotes: bool) -> Mail | None:
+    """A Mail (its order and a missing Message-ID are set by `number_mails`), None for an auto-reply, or an exception
+    for a mail that cannot be read."""
     message = email.message_from_bytes(raw, policy=email.policy.default)  # takes an mbox "From " line as such
     auto = str(message.get("Auto-Submitted", "no")).strip().lower()
     precedence = str(message.get("Precedence", "")).strip().lower()
@@ -93,44 +95,67 @@ def _parse_mail(raw: bytes, order: int, where: str, ticket_pattern: re.Pattern, 
         date = date.replace(tzinfo=timezone.utc) if date and date.tzinfo is None else date
     except (TypeError, ValueError, IndexError):
         date = None
-    message_id = str(message.get("Message-ID", "") or "").strip() or f"<no-id-{order}@llmft>"
+    message_id = str(message.get("Message-ID", "") or "").strip()
     links = _MESSAGE_ID.findall(str(message.get("In-Reply-To", "") or "") + " " + str(message.get("References", "") or ""))
     found = ticket_pattern.search(subject)
-    return Mail(order, where, message_id, links, found.group(1) if found else None, subject, author, date, body)
+    return Mail(-1, where, message_id, links, found.group(1) if found else None, subject, author, date, body)
 
 
-def _read_mails(path: Path, data_cfg, report: ReadReport) -> list[Mail]:
+def ticket_pattern_of(data_cfg) -> re.Pattern:
     try:
-        ticket_pattern = re.compile(data_cfg.email.ticket_id_pattern, re.I)
+        return re.compile(data_cfg.email.ticket_id_pattern, re.I)
     except re.error as error:
         raise DataError(f"data.email.ticket_id_pattern is not a valid regular expression ({error}).") from None
-    drop_quotes = data_cfg.clean.strip_quotes is not False
-    mails: list[Mail] = []
+
+
+def mail_pieces(path: Path, chunk_bytes: int) -> Iterator[tuple]:
+    """The mails of the files at `path`, in input order, as tasks for `parse_mails`: ("mails", [(file:line, raw
+    bytes), ...]) of about `chunk_bytes`, or ("skip", file, reason) for a file that holds no mail."""
     for file in input_files(path, (".eml", ".mbox", ".mbx")):
         data = file.read_bytes().removeprefix(codecs.BOM_UTF8)
         if not data.strip():
-            report.skip(str(file), "empty file")
+            yield "skip", str(file), "empty file"
             continue
         if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) or b"\x00" in data[:1000]:
-            report.skip(str(file), "not an e-mail file (binary data, or UTF-16 text: mail is ASCII or UTF-8)")
+            yield "skip", str(file), "not an e-mail file (binary data, or UTF-16 text: mail is ASCII or UTF-8)"
             continue
         is_mbox = data.startswith(b"From ") or file.suffix.lower() in (".mbox", ".mbx")
-        chunks = mbox_chunks(data) if is_mbox else [(1, data)]
-        for line_number, raw in chunks:
-            report.records_read += 1
-            where = f"{file}:{line_number}"
-            try:
-                mail = _parse_mail(raw, len(mails), where, ticket_pattern, drop_quotes)
-            except Exception as error:  # the email package raises many kinds on broken mail: all are bad data
-                message = " ".join(str(error).split())  # one line, and short: it may quote a 1 MB header
-                message = message if len(message) <= 200 else message[:197] + "..."
-                report.skip(where, f"unreadable mail ({type(error).__name__}: {message})")
-                continue
-            if mail is None:
-                report.count("auto_replies")
-            else:
-                mails.append(mail)
-    return mails
+        mails, size = [], 0
+        for line_number, raw in (mbox_chunks(data) if is_mbox else [(1, data)]):
+            mails.append((f"{file}:{line_number}", raw))
+            size += len(raw)
+            if size >= chunk_bytes:
+                yield "mails", mails
+                mails, size = [], 0
+        if mails:
+            yield "mails", mails
+
+
+def parse_mails(mails: list[tuple[str, bytes]], ticket_pattern: re.Pattern, drop_quotes: bool,
+                report: ReadReport) -> list[Mail]:
+    """The mails of one piece of `mail_pieces`, auto-replies counted and unreadable mails skipped in `report`."""
+    parsed = []
+    for where, raw in mails:
+        report.records_read += 1
+        try:
+            mail = _parse_mail(raw, where, ticket_pattern, drop_quotes)
+        except Exception as error:  # the email package raises many kinds on broken mail: all are bad data
+            message = " ".join(str(error).split())  # one line, and short: it may quote a 1 MB header
+            message = message if len(message) <= 200 else message[:197] + "..."
+            report.skip(where, f"unreadable mail ({type(error).__name__}: {message})")
+            continue
+        if mail is None:
+            report.count("auto_replies")
+        else:
+            parsed.append(mail)
+    return parsed
+
+
+def number_mails(mails: list[Mail], first: int) -> None:
+    """Their position in the input (from `first`), and an id of their own for mails without a Message-ID."""
+    for order, mail in enumerate(mails, start=first):
+        mail.order = order
+        mail.message_id = mail.message_id or f"<no-id-{order}@llmft>"
 
 
 def _threads(mails: list[Mail]) -> list[list[Mail]]:
@@ -161,9 +186,22 @@ def _threads(mails: list[Mail]) -> list[list[Mail]]:
 
 
 def read_email(path: Path, data_cfg, report: ReadReport) -> list[Conversation]:
-    staff = StaffRule(data_cfg.tickets)
+    ticket_pattern, drop_quotes = ticket_pattern_of(data_cfg), data_cfg.clean.strip_quotes is not False
+    mails: list[Mail] = []
+    for piece in mail_pieces(path, 1 << 30):
+        if piece[0] == "skip":
+            report.skip(piece[1], piece[2])
+            continue
+        parsed = parse_mails(piece[1], ticket_pattern, drop_quotes, report)
+        number_mails(parsed, len(mails))
+        mails += parsed
+    return conversations_of(mails, StaffRule(data_cfg.tickets), data_cfg)
+
+
+def conversations_of(mails: list[Mail], staff: StaffRule, data_cfg) -> list[Conversation]:
+    """The mails, numbered in input order, grouped into tickets: one conversation each, in input order."""
     conversations = []
-    for thread in _threads(_read_mails(path, data_cfg, report)):
+    for thread in _threads(mails):
         ticket_id = next((m.ticket_id for m in thread if m.ticket_id), None)
         conversation_id = f"ticket#{ticket_id}" if ticket_id else thread[0].message_id
         participants: list[str] = []

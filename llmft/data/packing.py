@@ -15,11 +15,24 @@ from llmft.data.templating import Sample
 
 
 def pack_best_fit(samples: list[Sample], capacity: int) -> list[Sample]:
-    order = sorted(range(len(samples)), key=lambda i: (-len(samples[i].input_ids), i))
+    packed = []
+    for row in pack_rows([len(s.input_ids) for s in samples], capacity):
+        members = [samples[i] for i in row]
+        packed.append(Sample(
+            input_ids=[t for s in members for t in s.input_ids],
+            labels=[t for s in members for t in s.labels],
+            seq_lengths=[len(s.input_ids) for s in members],
+        ))
+    return packed
+
+
+def pack_rows(lengths, capacity: int) -> list[list[int]]:
+    """The rows of a best-fit-decreasing packing of samples of these lengths: the indices of each row's samples."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     rows: list[list[int]] = []
     free: list[tuple[int, int]] = []  # (free tokens, row index), sorted
     for index in order:
-        length = len(samples[index].input_ids)
+        length = lengths[index]
         if length > capacity:
             raise ValueError(f"a sample of {length} tokens does not fit a row of {capacity}")
         slot = bisect.bisect_left(free, (length, -1))
@@ -32,12 +45,4 @@ def pack_best_fit(samples: list[Sample], capacity: int) -> list[Sample]:
         rows[row].append(index)
         if space > length:  # a full row leaves the search
             bisect.insort(free, (space - length, row))
-    packed = []
-    for row in rows:
-        members = [samples[i] for i in row]
-        packed.append(Sample(
-            input_ids=[t for s in members for t in s.input_ids],
-            labels=[t for s in members for t in s.labels],
-            seq_lengths=[len(s.input_ids) for s in members],
-        ))
-    return packed
+    return rows

@@ -6,30 +6,41 @@
 
 `python -m llmft.data prepare` and training run this same code. `build_splits` first looks for a prepared
 dataset whose fingerprint matches (`data.prepared`, else `data.output_dir`) and loads it instead of tokenizing.
+
+Reading, cleaning, scrubbing and tokenizing run chunk by chunk on `data.num_workers` processes (workers.py); dedup,
+the report, the splits and packing take the chunks in input order here, so the outputs are the same bytes for any
+number of workers. The raw texts never reach this process for JSONL input (the workers read their own pieces of
+the file), and the samples are held as int32 arrays (rows.py).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from llmft.data.acronyms import read_acronyms
-from llmft.data.chat import read_chat_jsonl
+from llmft.data.chat import chats_of, read_chat_jsonl
 from llmft.data.clean import MessageCleaner, normalize_whitespace, shape_turns
 from llmft.data.csv_pairs import read_csv_pairs
-from llmft.data.dedup import drop_duplicates
-from llmft.data.email_threads import read_email
-from llmft.data.packing import pack_best_fit
+from llmft.data.dedup import Deduplicator, DedupKeys, dedup_keys
+from llmft.data.email_threads import conversations_of, mail_pieces, number_mails, parse_mails, read_email, \
+    ticket_pattern_of
+from llmft.data.packing import pack_rows
 from llmft.data.prepared import fingerprint_parts, load_samples
-from llmft.data.records import Conversation, DataError, ReadReport
+from llmft.data.records import Conversation, DataError, ReadReport, input_files, jsonl_chunk_records, jsonl_chunks
+from llmft.data.rows import Rows
 from llmft.data.scrub import Scrubber
 from llmft.data.splits import bucket_of, split_of
 from llmft.data.templating import IGNORE_INDEX, Sample, TemplateError, tokenize_many, windows
-from llmft.data.tickets import read_tickets_jsonl
+from llmft.data.tickets import StaffRule, read_tickets_jsonl, tickets_of
+from llmft.data.workers import chunk_bytes, chunks, in_order, num_workers_of
 from llmft.config.validation import check_data
 
 READERS = {  # data.format -> reader(path, data_cfg, report) -> conversations
@@ -55,39 +66,135 @@ def plain(data_cfg):
     return OmegaConf.to_object(data_cfg) if isinstance(data_cfg, DictConfig) else data_cfg
 
 
+@dataclass
+class Cleaning:
+    """What reading and cleaning a chunk of records needs, made once in the parent (a bad setting fails there)."""
+
+    data_cfg: object
+    data_format: str
+    cleaner: MessageCleaner
+    scrubber: Scrubber | None
+    staff: StaffRule | None
+    ticket_pattern: re.Pattern | None
+
+    @classmethod
+    def of(cls, data_cfg, data_format: str) -> Cleaning:
+        with_staff = data_format in ("tickets_jsonl", "email")
+        return cls(data_cfg, data_format, MessageCleaner(data_cfg.clean, data_format),
+                   Scrubber(data_cfg.scrub) if data_cfg.scrub.enabled else None,
+                   StaffRule(data_cfg.tickets) if with_staff else None,
+                   ticket_pattern_of(data_cfg) if data_format == "email" else None)
+
+
+@dataclass
+class CleanedChunk:
+    """What one chunk of records gave: the parent adds these up in input order."""
+
+    report: ReadReport
+    conversations_read: int = 0
+    kept: list[tuple[Conversation, DedupKeys]] = field(default_factory=list)
+    dropped: dict[str, int] = field(default_factory=dict)  # by reason, in the order the reasons first occur
+    truncated: int = 0
+    pii: Counter = field(default_factory=Counter)
+    mails: list = field(default_factory=list)  # data.format=email: the parsed mails, before threading
+
+
+def clean_conversation(conversation: Conversation, cleaner: MessageCleaner, scrubber: Scrubber | None, data_cfg):
+    """The conversation's turns cleaned, scrubbed and shaped for a chat template (clean.Shaped)."""
+    names = conversation.participants if data_cfg.scrub.names_from_headers else []
+    messages = []
+    for message in conversation.messages:
+        text = cleaner.clean(message["content"], [message["author"]] if message.get("author") else [])
+        if scrubber is not None:
+            text = scrubber.scrub(text, names)
+        messages.append({"role": message["role"], "content": text})
+    first_user = next((m for m in messages if m["role"] == "user"), None)
+    if conversation.subject and data_cfg.tickets.include_subject and first_user is not None:
+        subject = normalize_whitespace(conversation.subject)
+        subject = scrubber.scrub(subject, names) if scrubber is not None else subject
+        first_user["content"] = f"{subject}\n\n{first_user['content']}" if first_user["content"] else subject
+    return shape_turns(messages, data_cfg.clean)
+
+
+def read_chunk(state: Cleaning, task: tuple) -> CleanedChunk:
+    """One task of `read_conversations`, in a worker: ("jsonl", file, offset, size, first line) reads and cleans a
+    piece of a JSONL file; ("conversations", [...]) cleans conversations read by the parent; ("mails", [...])
+    parses mails; ("skip", where, reason) reports a file the parent found unreadable."""
+    data_cfg = state.data_cfg
+    chunk = CleanedChunk(ReadReport(strict=data_cfg.strict))
+    kind = task[0]
+    if kind == "skip":
+        chunk.report.skip(task[1], task[2])
+        return chunk
+    if kind == "mails":
+        chunk.mails = parse_mails(task[1], state.ticket_pattern, data_cfg.clean.strip_quotes is not False, chunk.report)
+        return chunk
+    if kind == "jsonl":
+        records = jsonl_chunk_records(*task[1:], chunk.report)
+        raw = tickets_of(records, state.staff, data_cfg, chunk.report) if state.data_format == "tickets_jsonl" \
+            else chats_of(records, chunk.report)
+    else:
+        raw = task[1]
+    chunk.conversations_read = len(raw)
+    if state.scrubber is not None:
+        state.scrubber.counts = chunk.pii  # this chunk's replacements
+    threshold = data_cfg.clean.near_duplicate_threshold
+    for conversation in raw:
+        shaped = clean_conversation(conversation, state.cleaner, state.scrubber, data_cfg)
+        if shaped.drop_reason:
+            chunk.dropped[shaped.drop_reason] = chunk.dropped.get(shaped.drop_reason, 0) + 1
+            continue
+        chunk.truncated += shaped.truncated_user_messages
+        kept = Conversation(conversation.id, shaped.messages, conversation.source)
+        chunk.kept.append((kept, dedup_keys(kept.messages, threshold)))
+    return chunk
+
+
+def read_tasks(state: Cleaning, path: Path, report: ReadReport, num_workers: int) -> list[tuple]:
+    """The tasks of `read_chunk` for the input at `path`. The parent reads csv and acronyms files itself (cheap, and a
+    CSV row may span lines), and threads e-mail (a thread needs every mail) between parsing and cleaning."""
+    data_cfg, data_format = state.data_cfg, state.data_format
+    if data_format in ("tickets_jsonl", "chat_jsonl"):
+        total = sum(file.stat().st_size for file in input_files(path, (".jsonl", ".json")))
+        return [("jsonl", *piece) for piece in jsonl_chunks(path, chunk_bytes(total, num_workers))]
+    if data_format == "email":
+        total = sum(file.stat().st_size for file in input_files(path, (".eml", ".mbox", ".mbx")))
+        mails = []
+        for chunk in in_order(read_chunk, state, mail_pieces(path, chunk_bytes(total, num_workers)), num_workers):
+            report.merge(chunk.report)
+            number_mails(chunk.mails, len(mails))
+            mails += chunk.mails
+        raw = conversations_of(mails, state.staff, data_cfg)
+    else:
+        raw = READERS[data_format](path, data_cfg, report)
+    return [("conversations", part) for part in chunks(raw, num_workers)]
+
+
 def read_conversations(data_cfg) -> tuple[list[Conversation], dict]:
-    """Clean, scrubbed conversations ready for a chat template, and the report of what was read and dropped."""
+    """Clean, scrubbed conversations ready for a chat template, and the report of what was read and dropped.
+
+    Reading, cleaning and scrubbing run on data.num_workers processes, chunk by chunk; dedup and the report take
+    the chunks in input order, so the result does not depend on the number of workers."""
     check_data(data_cfg)  # checked at launch already; again for callers that did not validate
     data_cfg = plain(data_cfg)
     data_format, path = format_of(data_cfg), data_path(data_cfg)
+    num_workers = num_workers_of(data_cfg)
     report = ReadReport(strict=data_cfg.strict)
-    raw = READERS[data_format](path, data_cfg, report)
-    cleaner = MessageCleaner(data_cfg.clean, data_format)
-    scrubber = Scrubber(data_cfg.scrub) if data_cfg.scrub.enabled else None
+    state = Cleaning.of(data_cfg, data_format)
+    tasks = read_tasks(state, path, report, num_workers)
+    deduplicator = Deduplicator(data_cfg.clean.near_duplicate_threshold)
     dropped: Counter = Counter()
-    truncated = 0
+    truncated, num_read, pii = 0, 0, Counter()
     conversations = []
-    for conversation in raw:
-        names = conversation.participants if data_cfg.scrub.names_from_headers else []
-        messages = []
-        for message in conversation.messages:
-            text = cleaner.clean(message["content"], [message["author"]] if message.get("author") else [])
-            if scrubber is not None:
-                text = scrubber.scrub(text, names)
-            messages.append({"role": message["role"], "content": text})
-        first_user = next((m for m in messages if m["role"] == "user"), None)
-        if conversation.subject and data_cfg.tickets.include_subject and first_user is not None:
-            subject = normalize_whitespace(conversation.subject)
-            subject = scrubber.scrub(subject, names) if scrubber is not None else subject
-            first_user["content"] = f"{subject}\n\n{first_user['content']}" if first_user["content"] else subject
-        shaped = shape_turns(messages, data_cfg.clean)
-        if shaped.drop_reason:
-            dropped[shaped.drop_reason] += 1
-            continue
-        truncated += shaped.truncated_user_messages
-        conversations.append(Conversation(conversation.id, shaped.messages, conversation.source))
-    conversations, duplicates = drop_duplicates(conversations, data_cfg.clean.near_duplicate_threshold)
-    dropped.update({reason: n for reason, n in duplicates.items() if n})
+    for chunk in in_order(read_chunk, state, tasks, num_workers):
+        report.merge(chunk.report)
+        num_read += chunk.conversations_read
+        for reason, n in chunk.dropped.items():
+            dropped[reason] += n
+        truncated += chunk.truncated
+        pii.update(chunk.pii)
+        conversations += [kept for kept, keys in chunk.kept if not deduplicator.duplicate(keys)]
+    dropped.update({reason: n for reason, n in deduplicator.dropped.items() if n})
     if not conversations:
         reasons = ", ".join(f"{n} {reason}" for reason, n in (dropped + Counter(report.counts)).items()) or "none"
         raise DataError(
@@ -98,11 +205,11 @@ def read_conversations(data_cfg) -> tuple[list[Conversation], dict]:
         "format": data_format,
         "path": str(path),
         **report.as_dict(),
-        "conversations_read": len(raw),
+        "conversations_read": num_read,
         "dropped": dict(dropped),
         "user_messages_truncated": truncated,
         "num_conversations": len(conversations),
-        "pii_replacements": {kind: n for kind, n in sorted(scrubber.counts.items()) if n} if scrubber else {},
+        "pii_replacements": {kind: n for kind, n in sorted(pii.items()) if n} if state.scrubber else {},
     }
     return conversations, read_report
 
@@ -111,8 +218,9 @@ def assign_splits(conversation_ids: list[str], data_cfg) -> dict[str, str]:
     """Split of each id by hash. When that leaves validation empty (tiny data), the id with the lowest hash among
     the training ids is held out, so a run always has something to evaluate on, unless
     data.validation_fraction=0 asks to train on every ticket (and evaluate on eval.file)."""
-    splits = {i: split_of(i, data_cfg.validation_fraction, data_cfg.test_fraction) for i in conversation_ids}
-    if "validation" not in splits.values() and data_cfg.validation_fraction > 0:
+    validation_fraction, test_fraction = data_cfg.validation_fraction, data_cfg.test_fraction  # (once: OmegaConf)
+    splits = {i: split_of(i, validation_fraction, test_fraction) for i in conversation_ids}
+    if "validation" not in splits.values() and validation_fraction > 0:
         candidates = [i for i, split in splits.items() if split == "train"]
         if len(candidates) > 1:
             splits[min(candidates, key=bucket_of)] = "validation"
@@ -130,13 +238,15 @@ def end_of_turn_of(tokenizer, data_cfg) -> tuple[str, int]:
     return end_of_turn, ids[0]
 
 
-def preflight(splits: dict[str, list[Sample]], end_of_turn: str, end_of_turn_id: int) -> None:
-    """Fail loudly on the silent mask failures: nothing supervised, or the end of turn never supervised."""
-    samples = [s for split in splits.values() for s in split]
-    if not any(label != IGNORE_INDEX for s in samples for label in s.labels):
+def preflight(splits: dict, end_of_turn: str, end_of_turn_id: int) -> None:
+    """Fail loudly on the silent mask failures: nothing supervised, or the end of turn never supervised. The splits
+    are `Rows` or lists of `Sample`."""
+    labels = [split.labels if isinstance(split, Rows) else np.fromiter((x for s in split for x in s.labels), np.int64)
+              for split in splits.values()]
+    if not any(np.any(split != IGNORE_INDEX) for split in labels):
         raise TemplateError("no sample has a supervised token: the chat template never marks an assistant reply; "
                             "check the data has assistant turns and set model.fallback_chat_template")
-    if not any(label == end_of_turn_id for s in samples for label in s.labels):
+    if not any(np.any(split == end_of_turn_id) for split in labels):
         raise TemplateError(
             f"the end-of-turn token {end_of_turn!r} is never supervised, so the model would never learn to stop; "
             f"set data.end_of_turn_token to the token the chat template closes assistant turns with"
@@ -147,63 +257,127 @@ def useful_fraction(samples: list[Sample], max_seq_len: int) -> float:
     return sum(len(s.input_ids) for s in samples) / max(1, len(samples) * max_seq_len)
 
 
-def tokenize_splits(conversations, tokenizer, data_cfg, max_seq_len: int
-                    ) -> tuple[dict[str, list[Sample]], dict, set[str]]:
-    """Samples per split, counts, and the ids of the conversations that gave at least one sample."""
+@dataclass
+class Tokenizing:
+    """What tokenizing a chunk of conversations needs; a worker gets it once (inherited through fork)."""
+
+    tokenizer: object
+    system_prompt: str | None
+    end_of_turn: str
+    max_seq_len: int
+    long_policy: str
+
+
+@dataclass
+class TokenizedChunk:
+    pieces: Rows  # the samples of the chunk's conversations, in order (a long conversation gives several windows)
+    owners: np.ndarray  # for each sample, the index in the chunk of the conversation it comes from
+    dropped: dict[str, int]  # by reason, in the order the reasons first occur
+    num_windowed: int
+
+
+def tokenize_chunk(state: Tokenizing, conversations: list[list[dict[str, str]]]) -> TokenizedChunk:
+    """Template, masks and windows of a chunk of conversations (their messages), in a worker."""
+    tokenizer, max_seq_len = state.tokenizer, state.max_seq_len
+    input_ids: list[int] = []
+    labels: list[int] = []
+    lengths, owners = [], []
+    dropped: dict[str, int] = {}
+    num_windowed = 0
+    samples = tokenize_many(tokenizer, conversations, state.system_prompt, state.end_of_turn)
+    for index, (messages, sample) in enumerate(zip(conversations, samples)):
+        pieces = [sample]
+        if len(sample.input_ids) > max_seq_len:
+            if state.long_policy == "drop":
+                dropped["longer_than_max_seq_len"] = dropped.get("longer_than_max_seq_len", 0) + 1
+                continue
+            pieces, exchanges_dropped = windows(tokenizer, messages, max_seq_len, state.system_prompt,
+                                                state.end_of_turn)
+            num_windowed += 1
+            dropped["exchange_longer_than_max_seq_len"] = \
+                dropped.get("exchange_longer_than_max_seq_len", 0) + exchanges_dropped
+            if not pieces:
+                dropped["no_window_fits_max_seq_len"] = dropped.get("no_window_fits_max_seq_len", 0) + 1
+                continue
+        for piece in pieces:
+            if piece.num_supervised == 0:
+                dropped["no_supervised_token"] = dropped.get("no_supervised_token", 0) + 1
+                continue
+            input_ids += piece.input_ids
+            labels += piece.labels
+            lengths.append(len(piece.input_ids))
+            owners.append(index)
+    pieces = Rows(np.array(input_ids, np.int32), np.array(labels, np.int32), np.array(lengths, np.int64))
+    return TokenizedChunk(pieces, np.array(owners, np.int64), dropped, num_windowed)
+
+
+def tokenize_rows(conversations, tokenizer, data_cfg, max_seq_len: int) -> tuple[dict[str, Rows], dict, set[str]]:
+    """The samples of each split as `Rows` (packed when data.packing), counts, and the ids of the conversations
+    that gave at least one sample. Tokenizing runs on data.num_workers processes, chunk by chunk; the split of
+    each sample and the packing are decided here, in input order."""
+    data_cfg = plain(data_cfg)
     end_of_turn, end_of_turn_id = end_of_turn_of(tokenizer, data_cfg)
     split_by_id = assign_splits([c.id for c in conversations], data_cfg)
     names = ["train", "validation"] + (["test"] if data_cfg.test_fraction > 0 else [])
-    splits: dict[str, list[Sample]] = {name: [] for name in names}
+    parts: dict[str, list[Rows]] = {name: [] for name in names}
     dropped: Counter = Counter()
     num_windowed = 0
     used_ids: set[str] = set()
     long_policy = str(getattr(data_cfg.long_conversations, "value", data_cfg.long_conversations))
-    samples = tokenize_many(tokenizer, [c.messages for c in conversations], data_cfg.system_prompt, end_of_turn)
-    for conversation, sample in zip(conversations, samples):
-        pieces = [sample]
-        if len(sample.input_ids) > max_seq_len:
-            if long_policy == "drop":
-                dropped["longer_than_max_seq_len"] += 1
-                continue
-            pieces, exchanges_dropped = windows(tokenizer, conversation.messages, max_seq_len, data_cfg.system_prompt,
-                                                end_of_turn)
-            num_windowed += 1
-            dropped["exchange_longer_than_max_seq_len"] += exchanges_dropped
-            if not pieces:
-                dropped["no_window_fits_max_seq_len"] += 1
-                continue
-        for piece in pieces:
-            if piece.num_supervised == 0:
-                dropped["no_supervised_token"] += 1
-                continue
-            splits[split_by_id[conversation.id]].append(piece)
-            used_ids.add(conversation.id)
+    state = Tokenizing(tokenizer, data_cfg.system_prompt, end_of_turn, max_seq_len, long_policy)
+    num_workers = num_workers_of(data_cfg)
+    batches = chunks(conversations, num_workers)
+    results = in_order(tokenize_chunk, state, [[c.messages for c in batch] for batch in batches], num_workers)
+    for batch, chunk in zip(batches, results):
+        for reason, n in chunk.dropped.items():
+            dropped[reason] += n  # (+= 0 too: the reasons keep the order they first occurred in)
+        num_windowed += chunk.num_windowed
+        owner_ids = [batch[owner].id for owner in chunk.owners.tolist()]
+        used_ids.update(owner_ids)
+        split_of_piece = np.array([names.index(split_by_id[i]) for i in owner_ids], dtype=np.int64)
+        split_of_token = np.repeat(split_of_piece, chunk.pieces.sample_lengths)
+        for number, name in enumerate(names):
+            tokens = split_of_token == number
+            parts[name].append(Rows(chunk.pieces.input_ids[tokens], chunk.pieces.labels[tokens],
+                                    chunk.pieces.sample_lengths[split_of_piece == number]))
+    splits = {name: Rows.concatenate(rows) for name, rows in parts.items()}
+    del parts
     preflight(splits, end_of_turn, end_of_turn_id)
-    if not splits["train"]:
+    if not splits["train"].num_samples:
         raise DataError(f"no training sample left from {data_cfg.path} (dropped: {dict(dropped)}); "
                         f"raise model.max_seq_len or add data.")
     counts = {
         "max_seq_len": max_seq_len,
         "packing": bool(data_cfg.packing),
         "end_of_turn_token": end_of_turn,
-        "samples": {split: len(s) for split, s in splits.items()},
-        "tokens": {split: sum(len(x.input_ids) for x in s) for split, s in splits.items()},
-        "supervised_tokens": {split: sum(x.num_supervised for x in s) for split, s in splits.items()},
+        "samples": {split: rows.num_samples for split, rows in splits.items()},
+        "tokens": {split: rows.num_tokens for split, rows in splits.items()},
+        "supervised_tokens": {split: rows.num_supervised for split, rows in splits.items()},
         "conversations_windowed": num_windowed,
         "samples_dropped": {reason: n for reason, n in dropped.items() if n},
     }
     if data_cfg.packing:
-        splits = {split: pack_best_fit(s, max_seq_len) for split, s in splits.items()}
-        counts["packed_rows"] = {split: len(s) for split, s in splits.items()}
+        splits = {split: rows.packed(max_seq_len) for split, rows in splits.items()}
+        counts["packed_rows"] = {split: len(rows) for split, rows in splits.items()}
+        train_rows = len(splits["train"])
+    else:
+        train_rows = len(pack_rows(splits["train"].sample_lengths.tolist(), max_seq_len))
     train_tokens = counts["tokens"]["train"]
     counts["useful_token_fraction"] = {
         # each sample alone in a row of max_seq_len tokens (static shapes) vs rows packed best fit
         "padded": train_tokens / (counts["samples"]["train"] * max_seq_len),
-        "packed": train_tokens / (len(pack_best_fit(splits["train"], max_seq_len) if not data_cfg.packing
-                                      else splits["train"]) * max_seq_len),
+        "packed": train_tokens / (train_rows * max_seq_len),
     }
     counts["supervised_token_fraction"] = counts["supervised_tokens"]["train"] / max(1, train_tokens)
     return splits, counts, used_ids
+
+
+def tokenize_splits(conversations, tokenizer, data_cfg, max_seq_len: int
+                    ) -> tuple[dict[str, list[Sample]], dict, set[str]]:
+    """Samples per split (packed rows when data.packing), counts, and the ids of the conversations that gave at
+    least one sample: `tokenize_rows` as the `Sample` lists training takes."""
+    splits, counts, used_ids = tokenize_rows(conversations, tokenizer, data_cfg, max_seq_len)
+    return {split: rows.samples() for split, rows in splits.items()}, counts, used_ids
 
 
 def build_splits(conversations, tokenizer, data_cfg, max_seq_len: int) -> tuple[dict[str, list[Sample]], dict]:

@@ -21,11 +21,11 @@ from llmft.data.pipeline import (
     assign_splits,
     end_of_turn_of,
     read_conversations,
-    tokenize_splits,
+    tokenize_rows,
 )
 from llmft.data.prepared import fingerprint_parts, load_samples, save_samples, write_manifest
 from llmft.data.records import DataError
-from llmft.data.templating import Sample, with_system_prompt
+from llmft.data.templating import with_system_prompt
 
 
 def output_dir_of(data_cfg) -> Path:
@@ -34,13 +34,10 @@ def output_dir_of(data_cfg) -> Path:
     return Path(os.path.expandvars(str(data_cfg.output_dir))).expanduser()
 
 
-def sample_lengths(samples: list[Sample]) -> list[int]:
-    return [n for s in samples for n in (s.seq_lengths or [len(s.input_ids)])]
-
-
 def write_conversations(out_dir: Path, conversations, used_ids: set[str], data_cfg) -> dict[str, str]:
     """The conversations that made samples, per split, with the system prompt the model will see."""
     split_by_id = assign_splits([c.id for c in conversations], data_cfg)
+    system_prompt = data_cfg.system_prompt  # (once: OmegaConf's attribute access costs more than the JSON)
     paths = {}
     handles = {}
     try:
@@ -52,7 +49,7 @@ def write_conversations(out_dir: Path, conversations, used_ids: set[str], data_c
                 paths[split] = str(out_dir / f"{split}.conversations.jsonl")
                 handles[split] = open(paths[split], "w", encoding="utf-8")
             record = {"id": conversation.id, "source": conversation.source,
-                      "messages": with_system_prompt(conversation.messages, data_cfg.system_prompt)}
+                      "messages": with_system_prompt(conversation.messages, system_prompt)}
             handles[split].write(json.dumps(record, ensure_ascii=False) + "\n")
     finally:
         for handle in handles.values():
@@ -95,13 +92,14 @@ def prepare(cfg) -> dict:
     if not isinstance(load_samples(out_dir, parts), str) and (out_dir / "report.json").is_file():
         return {**json.loads((out_dir / "report.json").read_text()), "reused_prepared": True}
 
-    splits, counts, used_ids = tokenize_splits(conversations, tokenizer, data_cfg, max_seq_len)
+    splits, counts, used_ids = tokenize_rows(conversations, tokenizer, data_cfg, max_seq_len)
     save_samples(out_dir, splits)
     tokenizer.save_pretrained(out_dir / "tokenizer")
     conversation_files = write_conversations(out_dir, conversations, used_ids, data_cfg)
     fractions = counts["useful_token_fraction"]
     has_histogram = write_length_histogram(
-        out_dir / "lengths.png", {split: sample_lengths(s) for split, s in splits.items() if s}, max_seq_len,
+        out_dir / "lengths.png", {split: rows.sample_lengths.tolist() for split, rows in splits.items() if len(rows)},
+        max_seq_len,
         f"{sum(counts['samples'].values())} samples; useful tokens {fractions['packed']:.0%} packed, "
         f"{fractions['padded']:.0%} padded to {max_seq_len}",
     )

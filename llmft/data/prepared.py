@@ -19,6 +19,7 @@ import json
 import shutil
 from pathlib import Path
 
+from llmft.data.rows import Rows
 from llmft.data.templating import Sample
 
 # Bump when the way samples are built changes, so old prepared folders are not reused.
@@ -64,20 +65,18 @@ def fingerprint_parts(conversations, tokenizer, data_cfg, max_seq_len: int, end_
     }
 
 
-def save_samples(out_dir: Path, splits: dict[str, list[Sample]]) -> None:
+def save_samples(out_dir: Path, splits: dict[str, Rows]) -> None:
     """The samples as a `datasets.DatasetDict` in `out_dir/dataset`; call `write_manifest` once all is written."""
-    from datasets import Dataset, DatasetDict, Features, Sequence, Value
+    from datasets import Dataset, DatasetDict, DatasetInfo, Features, Sequence, Value
+    from datasets.table import InMemoryTable
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()  # a login-node log, not a terminal show
     features = Features({name: Sequence(Value("int32")) for name in ("input_ids", "labels", "seq_lengths")})
-    dataset = DatasetDict({
-        split: Dataset.from_dict({
-            "input_ids": [s.input_ids for s in samples],
-            "labels": [s.labels for s in samples],
-            "seq_lengths": [s.seq_lengths or [len(s.input_ids)] for s in samples],
-        }, features=features)
-        for split, samples in splits.items()
+    dataset = DatasetDict({  # built from the int32 arrays, without a Python list of the tokens
+        split: Dataset(InMemoryTable(rows.arrow_table(features.arrow_schema)), info=DatasetInfo(features=features),
+                       fingerprint=rows.fingerprint())  # (else datasets hashes a pickled copy of the whole table)
+        for split, rows in splits.items()
     })
     (out_dir / "manifest.json").unlink(missing_ok=True)  # the folder is incomplete until a new manifest is written
     staging = out_dir / "dataset.tmp"

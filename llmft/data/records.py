@@ -7,6 +7,7 @@ sentence naming it). Never a traceback for bad data, never a silent drop.
 from __future__ import annotations
 
 import codecs
+import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -49,6 +50,14 @@ class ReadReport:
         if self.strict:
             raise DataError(f"{where}: {reason} (data.strict=true stops at the first bad record; fix or remove it).")
         self.skipped.append(f"{where}: {reason}")
+
+    def merge(self, part: "ReadReport") -> None:
+        """Add the report of the next chunk of the input (read in a worker): lists and first-seen orders as if one
+        reader had read both."""
+        self.records_read += part.records_read
+        self.skipped += part.skipped
+        for reason, n in part.counts.items():
+            self.count(reason, n)
 
     def as_dict(self) -> dict:
         return {"records_read": self.records_read, "num_skipped": len(self.skipped), "skipped": self.skipped,
@@ -137,25 +146,50 @@ def jsonl_records(path: Path, report: ReadReport):
     read; a line that is not UTF-8 or not JSON is skipped here with its reason, so readers check only their fields."""
     for file in input_files(path, (".jsonl", ".json")):
         with open(file, "rb") as handle:
-            for line_number, raw in enumerate(handle, start=1):
-                if line_number == 1 and raw.startswith(codecs.BOM_UTF8):
-                    raw = raw[len(codecs.BOM_UTF8):]  # a UTF-8 file saved by Notepad: the mark is no record
-                if not raw.strip():
-                    continue
-                report.records_read += 1
-                where = f"{file}:{line_number}"
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    report.skip(where, "not UTF-8 text")
-                    continue
-                try:
-                    record, _ = decode_json(text)
-                except JsonError as error:
-                    report.skip(where, str(error))
-                    continue
-                problem = text_problem(text, 0, len(text), record)
-                if problem:
-                    report.skip(where, problem)
-                    continue
-                yield where, raw, record
+            yield from jsonl_lines(file, handle, 1, report)
+
+
+def jsonl_chunks(path: Path, chunk_bytes: int) -> list[tuple[Path, int, int, int]]:
+    """The .jsonl/.json files at `path` cut at line ends into pieces of about `chunk_bytes`: (file, offset, size,
+    number of the first line), for `jsonl_chunk_records` in worker processes."""
+    pieces = []
+    for file in input_files(path, (".jsonl", ".json")):
+        with open(file, "rb") as handle:
+            offset, line = 0, 1
+            while block := handle.read(chunk_bytes):
+                block += handle.readline()  # to the end of the line the block stops in
+                pieces.append((file, offset, len(block), line))
+                offset, line = offset + len(block), line + block.count(b"\n")
+    return pieces
+
+
+def jsonl_chunk_records(file: Path, offset: int, size: int, first_line: int, report: ReadReport):
+    """`jsonl_records` of one piece of `jsonl_chunks`: the same records, line numbers and reasons."""
+    with open(file, "rb") as handle:
+        handle.seek(offset)
+        yield from jsonl_lines(file, io.BytesIO(handle.read(size)), first_line, report)
+
+
+def jsonl_lines(file: Path, lines, first_line: int, report: ReadReport):
+    for line_number, raw in enumerate(lines, start=first_line):
+        if line_number == 1 and raw.startswith(codecs.BOM_UTF8):
+            raw = raw[len(codecs.BOM_UTF8):]  # a UTF-8 file saved by Notepad: the mark is no record
+        if not raw.strip():
+            continue
+        report.records_read += 1
+        where = f"{file}:{line_number}"
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            report.skip(where, "not UTF-8 text")
+            continue
+        try:
+            record, _ = decode_json(text)
+        except JsonError as error:
+            report.skip(where, str(error))
+            continue
+        problem = text_problem(text, 0, len(text), record)
+        if problem:
+            report.skip(where, problem)
+            continue
+        yield where, raw, record

@@ -98,9 +98,13 @@ def _ticket(record: object, staff: StaffRule, tickets_cfg) -> tuple[str, str, li
 
 
 def read_tickets_jsonl(path: Path, data_cfg, report: ReadReport) -> list[Conversation]:
-    staff = StaffRule(data_cfg.tickets)
+    return tickets_of(jsonl_records(path, report), StaffRule(data_cfg.tickets), data_cfg, report)
+
+
+def tickets_of(records, staff: StaffRule, data_cfg, report: ReadReport) -> list[Conversation]:
+    """The tickets of (file:line, raw, JSON) records: all of a file, or a chunk of it in a worker."""
     conversations: list[Conversation] = []
-    for where, _, record in jsonl_records(path, report):
+    for where, _, record in records:
         try:
             ticket_id, subject, messages, participants, num_internal = _ticket(record, staff, data_cfg.tickets)
         except ValueError as error:

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# A real one-node SLURM cluster on this machine, for llmft's tests and CI (Debian/Ubuntu, run as root, no systemd).
+# A real SLURM cluster on this machine, one node or several, for llmft's tests and CI (Debian/Ubuntu, run as root,
+# no systemd).
 #
-#   tools/local-slurm.sh start  [STATE_DIR]   install the packages if missing, start munged, MariaDB, slurmdbd,
-#                                             slurmctld and slurmd; print the environment to export (also written
-#                                             to STATE_DIR/env.sh). A no-op that prints the env when already up.
+#   tools/local-slurm.sh start  [--nodes N] [STATE_DIR]   install the packages if missing, start munged, MariaDB,
+#                       slurmdbd, slurmctld and N slurmd (default 1); print the environment to export (also written
+#                       to STATE_DIR/env.sh). A no-op that prints the env when up with this configuration; running
+#                       with another one (1 node <-> 2 nodes): stopped and started again with the new one.
 #   tools/local-slurm.sh stop   [STATE_DIR]   cancel the jobs, stop every daemon started here, leave no process behind
 #   tools/local-slurm.sh status [STATE_DIR]   daemons, sinfo, squeue, sacct; exit status 0 only when healthy
 #   tools/local-slurm.sh env    [STATE_DIR]   print the environment to export (the cluster must be running)
@@ -12,19 +14,31 @@
 # data (mysql/), SLURM state (state/), logs (log/), pid files (run/) and the fake GPU devices (dev/).
 # Progress goes to stderr and only the `export` lines to stdout, so `eval "$(tools/local-slurm.sh start)"` works.
 #
-# The node claims what Jean Zay jobs ask for, whatever this machine has (SlurmdParameters=config_overrides): 8 fake
+# One node (`start`): named after `hostname -s`, address 127.0.0.1, slurmd on port 6818.
+# Several nodes (`start --nodes 2`): Debian's slurmd is built with multiple-slurmd support, so one slurmd per node
+# (`slurmd -N n1`, `slurmd -N n2`), each with its own port (6831, 6832...), address (127.0.0.2, 127.0.0.3...) and
+# per-node spool dir, pid file and log (`%n` in slurm.conf: state/d-n1, run/slurmd-n1.pid, log/slurmd-n1.log). Each
+# slurmd runs in private mount and UTS namespaces (unshare): `hostname` is n1 or n2 there, and STATE_DIR/etc/hosts
+# (this machine's /etc/hosts plus the node names) is bind-mounted on /etc/hosts, so n1 and n2 resolve inside jobs
+# (MASTER_ADDR=n1) without touching the machine's own /etc/hosts or hostname. Every job step and task inherits the
+# namespaces of its node's slurmd; the network is the machine's, so ranks on "different nodes" meet over loopback.
+#
+# Each node claims what Jean Zay jobs ask for, whatever this machine has (SlurmdParameters=config_overrides): 8 fake
 # GPUs (gres.conf points at character devices under STATE_DIR/dev), features a100,h100,v100-32g and 192 CPUs
 # (2 sockets x 48 cores x 2 threads: A100 jobs ask 8 tasks x 8 CPUs, H100 jobs 4 x 24 with --hint=nomultithread),
 # in every partition: debug (default) and Jean Zay's gpu_p5 (A100), gpu_p6 (H100), gpu_p13 (V100). A node line
 # with the real CPU count (nproc) would refuse those requests, even with --test-only; jobs share the real CPUs.
 # Accounts abc@a100/abc@h100/abc@v100 and Jean Zay's QoS (with their MaxWall) exist and are enforced, for root
 # (and $SUDO_USER, and the comma-separated users of $LLMFT_SLURM_USERS).
-# Ports (loopback): slurmctld 6817, slurmd 6818, slurmdbd 6819, MariaDB 6829 (not 3306: CI may run its own MySQL).
+# Ports (loopback): slurmctld 6817, slurmd 6818 (one node) or 6831, 6832... (n1, n2...), slurmdbd 6819, MariaDB 6829
+# (not 3306: CI may run its own MySQL).
 set -euo pipefail
 
 CLUSTER=local
 CTLD_PORT=6817
-SLURMD_PORT=6818
+SLURMD_PORT=6818        # one node
+NODE_PORT_BASE=6830     # several nodes: node i listens on 6830 + i
+MAX_NODES=9
 DBD_PORT=6819
 DB_PORT=6829
 DB_USER=slurm
@@ -53,13 +67,25 @@ elapsed() { local ms=$((($(date +%s%N) - T0) / 1000000)); printf '%d.%d' $((ms /
 die() { printf '[local-slurm] ERROR: %s\n' "$*" >&2; exit 1; }
 
 usage() {
-    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '5,11p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
 CMD=${1:-}
 [[ $CMD =~ ^(start|stop|status|env)$ ]] || usage
-ROOT=$(realpath -m "${2:-/tmp/llmft-slurm}")
+shift
+NUM_NODES=1
+STATE_ARG=""
+while (($#)); do
+    case $1 in
+        --nodes) [[ $CMD == start && $# -ge 2 ]] || usage; NUM_NODES=$2; shift 2 ;;
+        --nodes=*) [[ $CMD == start ]] || usage; NUM_NODES=${1#*=}; shift ;;
+        -*) usage ;;
+        *) [[ -z $STATE_ARG ]] || usage; STATE_ARG=$1; shift ;;
+    esac
+done
+[[ $NUM_NODES =~ ^[1-9]$ && $NUM_NODES -le $MAX_NODES ]] || die "--nodes takes a number from 1 to $MAX_NODES"
+ROOT=$(realpath -m "${STATE_ARG:-/tmp/llmft-slurm}")
 ETC=$ROOT/etc
 RUN=$ROOT/run
 LOG=$ROOT/log
@@ -68,25 +94,56 @@ MUNGE_SOCKET=$MUNGE_DIR/munge.socket.2
 DB_DIR=$ROOT/mysql
 DB_SOCKET=$DB_DIR/mysqld.sock
 export SLURM_CONF=$ETC/slurm.conf
-NODE=$(hostname -s 2>/dev/null || hostname)
-NODE=${NODE:-localhost}
+HOST=$(hostname -s 2>/dev/null || hostname)   # this machine: slurmctld's host, and the node of a one-node cluster
+HOST=${HOST:-localhost}
+
+# the nodes: for `start` those asked for; for the other commands those of the running configuration
+NODES=()
+if [[ $CMD == start ]]; then
+    if ((NUM_NODES == 1)); then NODES=("$HOST"); else for ((i = 1; i <= NUM_NODES; i++)); do NODES+=("n$i"); done; fi
+elif [[ -f $SLURM_CONF ]]; then
+    mapfile -t NODES < <(sed -n 's/^NodeName=\([^ ]*\) .*/\1/p' "$SLURM_CONF")
+fi
+MULTI=0   # several nodes: n1, n2... with per-node paths (%n)
+if [[ $CMD == start ]]; then
+    ((NUM_NODES > 1)) && MULTI=1
+elif [[ -f $SLURM_CONF ]] && grep -q '^SlurmdPidFile=.*%n' "$SLURM_CONF"; then
+    MULTI=1
+fi
+
+# node_index NODE: i of node n<i> (0 for the one node); node_port, node_addr, slurmd_pidfile, slurmd_log NODE
+node_index() { if ((MULTI)); then echo "${1#n}"; else echo 0; fi; }
+node_port() { if ((MULTI)); then echo $((NODE_PORT_BASE + $(node_index "$1"))); else echo "$SLURMD_PORT"; fi; }
+node_addr() { if ((MULTI)); then echo "127.0.0.$(($(node_index "$1") + 1))"; else echo 127.0.0.1; fi; }
+slurmd_pidfile() { if ((MULTI)); then echo "$RUN/slurmd-$1.pid"; else echo "$RUN/slurmd.pid"; fi; }
+slurmd_log() { if ((MULTI)); then echo "$LOG/slurmd-$1.log"; else echo "$LOG/slurmd.log"; fi; }
 
 # --- processes ----------------------------------------------------------------------------------------------------
 
-# pid_of NAME PIDFILE: the pid in PIDFILE if that process is alive and is NAME (guards against recycled pids)
+# pid_of NAME PIDFILE: the pid in PIDFILE if that process is alive and is NAME (guards against recycled pids; a
+# killed daemon stays a zombie until the machine's init reaps it, and counts as dead)
 pid_of() {
     local name=$1 file=$2 pid
     [[ -s $file ]] || return 1
     pid=$(tr -dc '0-9' <"$file")
     [[ -n $pid ]] && [[ -r /proc/$pid/comm ]] || return 1
     [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$name" ]] || return 1
+    [[ $(sed -n 's/.*) \(.\).*/\1/p' "/proc/$pid/stat" 2>/dev/null) =~ ^[ZX]?$ ]] && return 1
     echo "$pid"
 }
 
-# name:pidfile of each daemon, in start order
+# name:pidfile of each daemon, in start order: one slurmd per node, plus any live slurmd of another configuration
+# (a one-node cluster being switched to two nodes, or back)
 daemons() {
+    local node file
     printf '%s\n' "munged:$MUNGE_DIR/munged.pid" "mariadbd:$DB_DIR/mysqld.pid" "slurmdbd:$RUN/slurmdbd.pid" \
-        "slurmctld:$RUN/slurmctld.pid" "slurmd:$RUN/slurmd.pid"
+        "slurmctld:$RUN/slurmctld.pid"
+    for node in "${NODES[@]}"; do echo "slurmd:$(slurmd_pidfile "$node")"; done
+    for file in "$RUN"/slurmd.pid "$RUN"/slurmd-*.pid; do
+        [[ -f $file ]] && pid_of slurmd "$file" >/dev/null || continue
+        for node in "${NODES[@]}"; do [[ $file == "$(slurmd_pidfile "$node")" ]] && continue 2; done
+        echo "slurmd:$file"
+    done
 }
 
 all_daemons_alive() {
@@ -198,6 +255,8 @@ make_layout() {
     mkdir -p "$ROOT"
     chmod 755 "$ROOT"
     mkdir -p "$ETC" "$RUN" "$LOG" "$ROOT/state/ctld" "$ROOT/state/d" "$ROOT/dev" "$MUNGE_DIR" "$DB_DIR/data"
+    local node
+    for node in "${NODES[@]}"; do ((MULTI)) && mkdir -p "$ROOT/state/d-$node"; done
     chmod 755 "$ETC" "$RUN" "$LOG" "$ROOT/dev"
     chown munge:munge "$MUNGE_DIR"
     chmod 755 "$MUNGE_DIR"
@@ -219,36 +278,63 @@ make_layout() {
     chmod 600 "$MUNGE_DIR/munge.key"
 
     # fake GPUs: gres.conf File= must name character devices (NVIDIA's major 195); slurmd then sets
-    # CUDA_VISIBLE_DEVICES for jobs asking --gres=gpu:N
-    local i gres_files=1
+    # CUDA_VISIBLE_DEVICES for jobs asking --gres=gpu:N. Every node shares the same fake devices.
+    local i
     for ((i = 0; i < NUM_GPUS; i++)); do
         if [[ ! -c $ROOT/dev/nvidia$i ]]; then
             rm -f "$ROOT/dev/nvidia$i"
-            mknod -m 666 "$ROOT/dev/nvidia$i" c 195 "$i" 2>/dev/null || gres_files=0
+            mknod -m 666 "$ROOT/dev/nvidia$i" c 195 "$i" 2>/dev/null \
+                || log "mknod is not permitted here: fake GPUs without device files (no CUDA_VISIBLE_DEVICES in jobs)"
         fi
     done
-    if ((gres_files)); then
-        echo "NodeName=$NODE Name=gpu File=$ROOT/dev/nvidia[0-$((NUM_GPUS - 1))]"
-    else
-        log "mknod is not permitted here: fake GPUs without device files (no CUDA_VISIBLE_DEVICES in jobs)"
-        echo "NodeName=$NODE Name=gpu Count=$NUM_GPUS"
-    fi | put_file "$ETC/gres.conf" 644 root:root
 }
 
-write_configs() {
-    local ncpu mem_total real_mem partitions="" p
-    ncpu=$(nproc)
+# --- the configuration files: written by write_configs; `start` restarts a cluster whose files differ ----------
+
+gres_conf() {
+    local node i gres_files=1
+    for ((i = 0; i < NUM_GPUS; i++)); do [[ -c $ROOT/dev/nvidia$i ]] || gres_files=0; done
+    for node in "${NODES[@]}"; do
+        if ((gres_files)); then
+            echo "NodeName=$node Name=gpu File=$ROOT/dev/nvidia[0-$((NUM_GPUS - 1))]"
+        else
+            echo "NodeName=$node Name=gpu Count=$NUM_GPUS"
+        fi
+    done
+}
+
+# the machine's /etc/hosts (without our lines) plus the node names: bind-mounted on /etc/hosts for each slurmd
+hosts_file() {
+    local node
+    grep -v '# llmft local-slurm node$' /etc/hosts || true
+    for node in "${NODES[@]}"; do echo "$(node_addr "$node") $node   # llmft local-slurm node"; done
+}
+
+slurm_conf() {
+    local ncpu mem_total real_mem partitions="" p node node_list node_lines="" what="a one-node cluster"
+    ncpu=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)   # nproc obeys these: same file from any caller
     mem_total=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)
     real_mem=$((mem_total - (mem_total / 20 < 1024 ? mem_total / 20 : 1024)))   # 5 % (at most 1 GiB) under
     local node_cpus=$((SOCKETS * CORES_PER_SOCKET * THREADS_PER_CORE))
+    node_list=$(join , "${NODES[@]}")
     for p in "${JZ_PARTITIONS[@]}"; do
-        partitions+="PartitionName=$p Nodes=$NODE MaxTime=INFINITE State=UP"$'\n'
+        partitions+="PartitionName=$p Nodes=$node_list MaxTime=INFINITE State=UP"$'\n'
     done
+    for node in "${NODES[@]}"; do
+        if ((MULTI)); then node_lines+="NodeName=$node NodeHostname=$node Port=$(node_port "$node") "
+        else node_lines+="NodeName=$node "; fi
+        node_lines+="NodeAddr=$(node_addr "$node") CPUs=$node_cpus Boards=1 SocketsPerBoard=$SOCKETS"
+        node_lines+=" CoresPerSocket=$CORES_PER_SOCKET ThreadsPerCore=$THREADS_PER_CORE RealMemory=$real_mem"
+        node_lines+=" Gres=gpu:$NUM_GPUS Features=$FEATURES State=UNKNOWN"$'\n'
+    done
+    # several nodes: per-node paths (%n: the node's name); each node has its own Port= on its NodeName line
+    local per_node=""
+    if ((MULTI)); then per_node=-%n what="a ${#NODES[@]}-node cluster ($node_list: one slurmd each)"; fi
 
-    put_file "$ETC/slurm.conf" 644 root:root <<EOF
-# Written by llmft tools/local-slurm.sh (rewritten at every start): a one-node cluster on this machine.
+    cat <<EOF
+# Written by llmft tools/local-slurm.sh (rewritten at every start): $what on this machine.
 ClusterName=$CLUSTER
-SlurmctldHost=$NODE(127.0.0.1)
+SlurmctldHost=$HOST(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -258,11 +344,11 @@ AuthInfo=socket=$MUNGE_SOCKET,cred_expire=10
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT
 StateSaveLocation=$ROOT/state/ctld
-SlurmdSpoolDir=$ROOT/state/d
+SlurmdSpoolDir=$ROOT/state/d$per_node
 SlurmctldPidFile=$RUN/slurmctld.pid
-SlurmdPidFile=$RUN/slurmd.pid
+SlurmdPidFile=$RUN/slurmd$per_node.pid
 SlurmctldLogFile=$LOG/slurmctld.log
-SlurmdLogFile=$LOG/slurmd.log
+SlurmdLogFile=$LOG/slurmd$per_node.log
 SlurmctldDebug=info
 SlurmdDebug=info
 PlugStackConfig=$ETC/plugstack.conf
@@ -298,11 +384,22 @@ KillWait=5
 MinJobAge=600
 # the node may claim more than the machine has (Jean Zay-sized requests: 8 tasks x 8 CPUs, 8 GPUs)
 SlurmdParameters=config_overrides
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$node_cpus Boards=1 SocketsPerBoard=$SOCKETS CoresPerSocket=$CORES_PER_SOCKET ThreadsPerCore=$THREADS_PER_CORE RealMemory=$real_mem Gres=gpu:$NUM_GPUS Features=$FEATURES State=UNKNOWN
-# the machine has $ncpu CPUs: jobs of several tasks share them (no cgroups, no binding)
-PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+$node_lines# the machine has $ncpu CPUs: jobs of several tasks share them (no cgroups, no binding)
+PartitionName=debug Nodes=$node_list Default=YES MaxTime=INFINITE State=UP
 $partitions
 EOF
+}
+
+# the files as they are match what this start would write (a running cluster with other files is restarted)
+config_current() {
+    [[ -f $SLURM_CONF && -f $ETC/gres.conf ]] && cmp -s <(slurm_conf) "$SLURM_CONF" \
+        && cmp -s <(gres_conf) "$ETC/gres.conf" && { ((!MULTI)) || cmp -s <(hosts_file) "$ETC/hosts"; }
+}
+
+write_configs() {
+    slurm_conf | put_file "$ETC/slurm.conf" 644 root:root
+    gres_conf | put_file "$ETC/gres.conf" 644 root:root
+    if ((MULTI)); then hosts_file | put_file "$ETC/hosts" 644 root:root; fi
     put_file "$ETC/plugstack.conf" 644 root:root </dev/null
 
     put_file "$ETC/slurmdbd.conf" 600 root:root <<EOF
@@ -399,6 +496,30 @@ start_slurm_daemon() {
     wait_for "$name's pid file" "$LOG/$name.log" pid_of "$name" "$RUN/$name.pid"
 }
 
+# start_slurmd NODE: one node's slurmd; with several nodes inside its own mount and UTS namespaces (hostname NODE,
+# STATE_DIR/etc/hosts on /etc/hosts), which every job step and task on that node inherits
+start_slurmd() {
+    local node=$1 pidfile logfile
+    pidfile=$(slurmd_pidfile "$node") logfile=$(slurmd_log "$node")
+    if pid_of slurmd "$pidfile" >/dev/null; then return 0; fi
+    check_port "$(node_port "$node")" "slurmd $node"
+    log "starting slurmd $node"
+    rm -f "$pidfile"
+    if ((MULTI)); then
+        command -v unshare >/dev/null || die "unshare (util-linux) is needed for several nodes"
+        # shellcheck disable=SC2016
+        env "$MARK=$ROOT" unshare --mount --uts --propagation private -- sh -c \
+            'mount --bind "$1" /etc/hosts && hostname "$2" && exec slurmd -N "$2"' sh "$ETC/hosts" "$node" \
+            </dev/null >>"$LOG/slurmd-$node.out" 2>&1 \
+            || { tail -n 20 "$LOG/slurmd-$node.out" "$logfile" >&2 2>/dev/null || true
+                 die "slurmd $node did not start (private mount and UTS namespaces need root and CAP_SYS_ADMIN)"; }
+    else
+        env "$MARK=$ROOT" slurmd -N "$node" </dev/null >>"$LOG/slurmd.out" 2>&1 \
+            || { tail -n 20 "$LOG/slurmd.out" "$logfile" >&2 2>/dev/null || true; die "slurmd did not start"; }
+    fi
+    wait_for "slurmd $node's pid file" "$logfile" pid_of slurmd "$pidfile"
+}
+
 # --- accounting ---------------------------------------------------------------------------------------------------
 
 sam() { sacctmgr -i "$@" >/dev/null; }
@@ -462,35 +583,68 @@ env_lines() {
     printf 'export LLMFT_SLURM_STATE_DIR=%q\n' "$ROOT"
 }
 
-node_ready() {
-    local state
-    state=$(sinfo -h -N -n "$NODE" -o %T 2>/dev/null | head -1)
-    [[ $state =~ ^(idle|mixed|allocated|completing)$ ]]   # not idle* (not responding), drained...
+# node_state NODE: its state from sinfo (idle, idle* when not responding, down*, drained...)
+node_state() { sinfo -h -N -n "$1" -o %T 2>/dev/null | head -1; }
+
+nodes_ready() {
+    local node
+    ((${#NODES[@]})) || return 1
+    for node in "${NODES[@]}"; do
+        [[ $(node_state "$node") =~ ^(idle|mixed|allocated|completing)$ ]] || return 1  # not idle*, down, drained
+    done
+}
+
+# nodes_ready, after returning to service the nodes a killed slurmd or job left down or drained (their slurmd runs
+# again: a test that kills a node's daemons leaves the cluster usable for the next one)
+nodes_ready_or_resume() {
+    local node
+    for node in "${NODES[@]}"; do
+        if [[ $(node_state "$node") =~ ^(down|drain|drained|draining|fail|failing) ]]; then
+            scontrol update nodename="$node" state=resume >/dev/null 2>&1 || true
+        fi
+    done
+    nodes_ready
 }
 
 sacct_ok() { sacct -n -X -S now-1minutes -o JobID >/dev/null 2>&1; }
 
 # a daemon marked with this ROOT that is not the one its pid file names
 orphans_exist() {
-    local pid name file entry
+    local pid name entry entries known
     while read -r pid; do
         name=$(cat "/proc/$pid/comm" 2>/dev/null) || continue
-        entry=$(daemons | grep "^$name:") || continue
-        file=${entry#*:}
-        [[ $(pid_of "$name" "$file" 2>/dev/null) == "$pid" ]] || return 0
+        entries=$(daemons | grep "^$name:") || continue
+        known=0
+        while read -r entry; do
+            [[ $(pid_of "$name" "${entry#*:}" 2>/dev/null) == "$pid" ]] && known=1
+        done <<<"$entries"
+        ((known)) || return 0
     done < <(marked_pids)
     return 1
 }
 
-healthy() { all_daemons_alive && node_ready && sacct_ok; }
+# slurmctld or a slurmd of this STATE_DIR runs
+slurm_running() {
+    local entry
+    while read -r entry; do
+        [[ ${entry%%:*} =~ ^slurm(ctld|d)$ ]] && pid_of "${entry%%:*}" "${entry#*:}" >/dev/null && return 0
+    done < <(daemons)
+    return 1
+}
+
+healthy() { all_daemons_alive && nodes_ready && sacct_ok; }
 
 cmd_start() {
-    local file
+    local file node
     [[ $(id -u) == 0 ]] || die "must run as root (starts munged/MariaDB as their users, creates device files)"
-    if [[ -f $SLURM_CONF ]] && healthy; then
+    if config_current && healthy; then
         log "already running ($ROOT)"
         env_lines | tee "$ROOT/env.sh"
         return 0
+    fi
+    if [[ -f $SLURM_CONF ]] && ! config_current && slurm_running; then
+        log "$ROOT runs another configuration (${#NODES[@]} node(s) asked: ${NODES[*]}): restarting it"
+        cmd_stop
     fi
     if orphans_exist; then
         log "daemons of $ROOT run without their pid files (state dir deleted?): stopping them first"
@@ -498,10 +652,13 @@ cmd_start() {
     fi
     # fail before starting anything when another cluster or a service holds a port
     local entry port
-    for entry in mariadbd:$DB_PORT slurmdbd:$DBD_PORT slurmctld:$CTLD_PORT slurmd:$SLURMD_PORT; do
+    for entry in mariadbd:$DB_PORT slurmdbd:$DBD_PORT slurmctld:$CTLD_PORT; do
         port=${entry#*:}
         case ${entry%%:*} in mariadbd) file=$DB_DIR/mysqld.pid ;; *) file=$RUN/${entry%%:*}.pid ;; esac
         pid_of "${entry%%:*}" "$file" >/dev/null || check_port "$port" "${entry%%:*}"
+    done
+    for node in "${NODES[@]}"; do
+        pid_of slurmd "$(slurmd_pidfile "$node")" >/dev/null || check_port "$(node_port "$node")" "slurmd $node"
     done
     # on a failure, stop what runs (the logs stay)
     trap 'rc=$?; if ((rc)); then log "start failed; stopping the daemons (logs in $LOG)"; cmd_stop; fi' EXIT
@@ -514,12 +671,12 @@ cmd_start() {
     wait_for "slurmdbd" "$LOG/slurmdbd.log" sam_list show cluster format=cluster
     register_accounting
     start_slurm_daemon slurmctld "$CTLD_PORT"
-    start_slurm_daemon slurmd "$SLURMD_PORT" -N "$NODE"
-    wait_for "the node to be idle (sinfo)" "$LOG/slurmctld.log" node_ready
+    for node in "${NODES[@]}"; do start_slurmd "$node"; done
+    wait_for "the nodes to be idle (sinfo)" "$LOG/slurmctld.log" nodes_ready_or_resume
     wait_for "sacct" "$LOG/slurmdbd.log" sacct_ok
     env_lines | put_file "$ROOT/env.sh" 644 root:root
     trap - EXIT
-    log "up in $(elapsed) s: node $NODE, partitions debug (default) ${JZ_PARTITIONS[*]};" \
+    log "up in $(elapsed) s: node(s) ${NODES[*]}, partitions debug (default) ${JZ_PARTITIONS[*]};" \
         "logs in $LOG. Export:"
     cat "$ROOT/env.sh"
 }
@@ -565,11 +722,13 @@ cmd_stop() {
 }
 
 cmd_status() {
-    local entry name pid ok=0
+    local entry name pid ok=0 node
     echo "state dir: $ROOT"
     while read -r entry; do
         name=${entry%%:*}
-        if pid=$(pid_of "$name" "${entry#*:}"); then echo "  $name: running ($pid)"; else echo "  $name: DOWN"; ok=1; fi
+        [[ $name == slurmd && $entry == *-*.pid ]] && name="slurmd $(basename "${entry%.pid}" | cut -d- -f2-)"
+        if pid=$(pid_of "${name%% *}" "${entry#*:}"); then echo "  $name: running ($pid)"
+        else echo "  $name: DOWN"; ok=1; fi
     done < <(daemons)
     [[ -f $SLURM_CONF ]] || { echo "no $SLURM_CONF: not started"; return 1; }
     echo "--- sinfo"
@@ -578,7 +737,9 @@ cmd_status() {
     squeue 2>&1 || ok=1
     echo "--- sacct (last hour)"
     sacct -X -S now-1hours -o JobID,JobName,Partition,Account,QOS,State,ExitCode 2>&1 | tail -n 15 || ok=1
-    node_ready || { echo "node $NODE is not ready"; ok=1; }
+    for node in "${NODES[@]}"; do
+        [[ $(node_state "$node") =~ ^(idle|mixed|allocated|completing)$ ]] || { echo "node $node is not ready"; ok=1; }
+    done
     sacct_ok || { echo "sacct does not answer"; ok=1; }
     ((ok == 0)) && echo "healthy" || echo "UNHEALTHY"
     return $ok

@@ -19,25 +19,31 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2", "zero3"])
-def test_chunked_loss_equals_full_logits_under_every_strategy(strategy, tmp_path):
-    run_dirs = []
-    for case, overrides in CASES.items():
-        for head in ("full_logits", "chunked"):
-            run_dir = tmp_path / f"{case}-{head}"
-            cfg = compose(COMMON + overrides + [f"parallelism={strategy}", f"train.loss_head={head}",
-                                                f"run_dir={run_dir}", "launch.nproc=2"])
-            rundir.create(cfg)
-            run_dirs.append(run_dir)
+STRATEGIES = ["ddp", "fsdp", "zero2", "zero3"]
+
+
+def test_chunked_loss_equals_full_logits_under_every_strategy(tmp_path):
+    run_dirs = []  # every strategy and case in one torchrun: one start-up, each run set up in turn
+    for strategy in STRATEGIES:
+        for case, overrides in CASES.items():
+            for head in ("full_logits", "chunked"):
+                run_dir = tmp_path / f"{strategy}-{case}-{head}"
+                cfg = compose(COMMON + overrides + [f"parallelism={strategy}", f"train.loss_head={head}",
+                                                    f"run_dir={run_dir}", "launch.nproc=2"])
+                rundir.create(cfg)
+                run_dirs.append(run_dir)
     out = tmp_path / "loss.pt"
-    torchrun(2, [str(REPO / "tests/loss_harness.py"), str(out), *map(str, run_dirs)])
+    torchrun(2, [str(REPO / "tests/loss_harness.py"), str(out), *map(str, run_dirs)], timeout=900)
     results = torch.load(out, weights_only=False)
-    for case in CASES:
-        full, chunked = results[str(tmp_path / f"{case}-full_logits")], results[str(tmp_path / f"{case}-chunked")]
-        assert (full["loss_head"], chunked["loss_head"]) == ("full_logits", "chunked")
-        assert chunked["loss"] == pytest.approx(full["loss"], abs=1e-5), case
-        assert full["grads"].keys() == chunked["grads"].keys() and full["grads"], case
-        for name, grad in full["grads"].items():
-            assert grad.abs().sum() > 0 or "lora_B" not in name, (case, name)
-            assert (chunked["grads"][name] - grad).abs().max() <= 1e-5 * max(1.0, float(grad.abs().max())), \
-                (case, name)
+    for strategy in STRATEGIES:
+        for case in CASES:
+            full = results[str(tmp_path / f"{strategy}-{case}-full_logits")]
+            chunked = results[str(tmp_path / f"{strategy}-{case}-chunked")]
+            where = (strategy, case)
+            assert (full["loss_head"], chunked["loss_head"]) == ("full_logits", "chunked")
+            assert chunked["loss"] == pytest.approx(full["loss"], abs=1e-5), where
+            assert full["grads"].keys() == chunked["grads"].keys() and full["grads"], where
+            for name, grad in full["grads"].items():
+                assert grad.abs().sum() > 0 or "lora_B" not in name, (where, name)
+                assert (chunked["grads"][name] - grad).abs().max() <= 1e-5 * max(1.0, float(grad.abs().max())), \
+                    (where, name)

@@ -2,8 +2,8 @@
 
 `llmft.launch +cluster=NAME` calls `submit()` itself (Hydra's submitit launcher only engages with --multirun, so a
 single run would otherwise train on the login node). One task per GPU; submitit's TorchDistributedEnvironment turns
-the SLURM variables into RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR (the first host of the allocation) and a
-MASTER_PORT derived from the job id. `llmft.plan` prints the very script `submit()` would hand to sbatch.
+the SLURM variables into RANK / WORLD_SIZE / LOCAL_RANK; MASTER_ADDR and MASTER_PORT are those rank 0 publishes in the
+run directory (its node, a port free there: `agree_on_rendezvous`). `llmft.plan` prints the very script `submit()` would hand to sbatch.
 
 No torch here: this runs on the login node.
 """
@@ -184,7 +184,8 @@ class TrainJob:
         import submitit
 
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        os.environ["MASTER_PORT"] = str(agree_on_free_port(Path(self.run_dir)))
+        os.environ["MASTER_ADDR"], port = agree_on_rendezvous(Path(self.run_dir))
+        os.environ["MASTER_PORT"] = str(port)
         from llmft.training.loop import Interrupted, run
 
         try:
@@ -195,13 +196,16 @@ class TrainJob:
             raise
 
 
-def agree_on_free_port(run_dir: Path, timeout_s: float = 300) -> int:
-    """A rendezvous port free on the first node, the same for every task of this attempt.
+def agree_on_rendezvous(run_dir: Path, timeout_s: float = 300) -> tuple[str, int]:
+    """The rendezvous (MASTER_ADDR, MASTER_PORT): rank 0's node and a port free there, the same for every task of
+    this attempt, on every node.
 
     submitit derives MASTER_PORT from the job id: two jobs sharing a node can collide, and a requeued attempt (same
     job id) can find the port still held by the previous one (EADDRINUSE, then the other ranks wait). Rank 0 asks
-    the kernel for a free port and writes it into the run directory (shared storage, as every rank reads it); the
-    others read it. One file per attempt (job id, restart count), so an earlier attempt's port is never reused.
+    the kernel for a free port on its own node and writes it with that node's SLURM name into the run directory
+    (shared storage, as every rank reads it); the others read both, so the address is always the node where the
+    port was found free (submitit's MASTER_ADDR, the allocation's first node, is rank 0's node only under the
+    default block distribution). One file per attempt (job id, restart count): an earlier attempt's is never used.
     """
     import json
     import socket
@@ -213,18 +217,20 @@ def agree_on_free_port(run_dir: Path, timeout_s: float = 300) -> int:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
             probe.bind(("", 0))
             port = probe.getsockname()[1]
+        host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()  # the name the other nodes resolve
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"port": port, "host": socket.gethostname()}))
+        tmp.write_text(json.dumps({"port": port, "host": host}))
         os.replace(tmp, path)
-        return port
+        return host, port
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         try:
-            return int(json.loads(path.read_text())["port"])
+            published = json.loads(path.read_text())
+            return str(published["host"]), int(published["port"])
         except (OSError, ValueError, KeyError):
             time.sleep(0.2)
-    raise RuntimeError(f"rank 0 did not publish the rendezvous port in {path} within {timeout_s:.0f} s")
+    raise RuntimeError(f"rank 0 did not publish the rendezvous in {path} within {timeout_s:.0f} s")
 
 
 class EvalJob:

@@ -1,5 +1,6 @@
 """On the two nodes n1 and n2 of tools/local-slurm.sh: a run submitted with llmft's launcher across both nodes trains
-like the same number of local ranks, and a run whose second node dies mid-run fails, says why, and resumes.
+like the same number of local DDP ranks (under ddp and hsdp), and a run whose second node dies mid-run fails, says
+why, and resumes.
 
 The nodes are two slurmd on this machine, each in its own UTS and mount namespaces (hostname n1 / n2, the names
 resolvable inside jobs): the rendezvous (MASTER_ADDR=n1, the port rank 0 publishes), the SLURM variables of the
@@ -117,21 +118,37 @@ def local_runs(tmp_path_factory):
     runs.stop()
 
 
-def test_two_nodes_by_two_tasks_give_the_local_four_rank_losses(slurm_env, local_runs, tmp_path):
-    """Ranks 0 and 1 on n1, 2 and 3 on n2 (each node its own SLURM_NODEID and local ranks 0, 1), and the losses of
-    four local ranks."""
-    run_dir = tmp_path / "run"
-    result = llmft([*TWO_NODES, "cluster.gpus_per_node=2", "launch.wait=true", *STEPS, f"run_dir={run_dir}"],
-                   slurm_env)
-    assert result.returncode == 0, result.stdout + result.stderr
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["world_size"] == 4 and summary["strategy"] == "ddp"
-    assert "#SBATCH --nodes=2" in (run_dir / "submit.sbatch").read_text()
-    [job_id] = job_ids(run_dir)
-    assert sacct(job_id, "NodeList,NNodes", slurm_env) == ["n[1-2]", "2"]
-    assert rank_placements(run_dir, job_id) == {("n1", 0, 0, 0), ("n1", 0, 1, 1), ("n2", 1, 0, 2), ("n2", 1, 1, 3)}
-    assert json.loads((run_dir / f"slurm/rendezvous-{job_id}-0.json").read_text())["host"] == "n1"  # MASTER_ADDR
-    assert losses(run_dir) == pytest.approx(local_runs.losses(4), abs=1e-5)
+def test_two_nodes_by_two_tasks_give_the_local_four_rank_ddp_losses_under_ddp_and_hsdp(slurm_env, local_runs,
+                                                                                       tmp_path):
+    """Two jobs at once, ddp and hsdp. Ranks 0 and 1 on n1, 2 and 3 on n2 (each node its own SLURM_NODEID and local
+    ranks 0, 1), the rendezvous on n1, and the losses of four local DDP ranks. hsdp shards within a node's two ranks
+    (shard_size 0: one node's, from SLURM's node count) and replicates across the nodes: each rank holds half of
+    every parameter."""
+    jobs = {}
+    for strategy in ("ddp", "hsdp"):
+        run_dir, log = tmp_path / strategy, tmp_path / f"{strategy}.log"
+        command = llmft_command([*TWO_NODES, "cluster.gpus_per_node=2", "launch.wait=true", f"parallelism={strategy}",
+                                 *STEPS, f"run_dir={run_dir}"])
+        with open(log, "w") as out:
+            jobs[strategy] = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                              env={**os.environ, "OMP_NUM_THREADS": "1", **slurm_env})
+    expected = local_runs.losses(4)
+    for strategy, launcher in jobs.items():
+        run_dir, log = tmp_path / strategy, tmp_path / f"{strategy}.log"
+        assert launcher.wait(timeout=600) == 0, log.read_text()[-3000:]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["world_size"] == 4, summary
+        assert summary["strategy"] == strategy, summary
+        assert "#SBATCH --nodes=2" in (run_dir / "submit.sbatch").read_text()
+        [job_id] = job_ids(run_dir)
+        assert sacct(job_id, "NodeList,NNodes", slurm_env) == ["n[1-2]", "2"]
+        assert rank_placements(run_dir, job_id) == {("n1", 0, 0, 0), ("n1", 0, 1, 1), ("n2", 1, 0, 2),
+                                                    ("n2", 1, 1, 3)}
+        assert json.loads((run_dir / f"slurm/rendezvous-{job_id}-0.json").read_text())["host"] == "n1"  # MASTER_ADDR
+        assert losses(run_dir) == pytest.approx(expected, abs=1e-5), strategy
+    sharding = json.loads((tmp_path / "hsdp/summary.json").read_text())["sharding_rank0"]
+    assert sharding["sharded_params"] > 0 and sharding["local_numel"] * 2 == pytest.approx(sharding["global_numel"],
+                                                                                            rel=0.05), sharding
 
 
 def test_a_run_whose_second_node_dies_fails_says_why_and_resumes_to_the_local_two_rank_losses(

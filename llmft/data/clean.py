@@ -46,7 +46,9 @@ def normalize_whitespace(text: str) -> str:
         text = _ZERO_WIDTH.sub("", text)
     if " \n" in text or "\t\n" in text or text.endswith((" ", "\t")):
         text = _TRAILING_SPACES.sub("", text)
-    return _BLANK_LINES.sub("\n\n", text).strip("\n").strip()
+    if "\n\n\n" in text:
+        text = _BLANK_LINES.sub("\n\n", text)
+    return text.strip("\n").strip()
 
 
 def strip_quoted_replies(text: str) -> str:

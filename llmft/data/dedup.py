@@ -32,14 +32,15 @@ def _text_of(messages: list[dict[str, str]]) -> str:
 
 def minhash(text: str) -> np.ndarray:
     words = _WORD.findall(text.lower()) or [""]
-    word_hashes = np.fromiter((zlib.crc32(w.encode()) for w in words), dtype=np.uint64, count=len(words))
+    word_hashes = np.fromiter(map(zlib.crc32, map(str.encode, words)), dtype=np.uint64, count=len(words))
     # the hash of a 5-gram combines the hashes of its words (polynomial, mod 2**32): no string per shingle
     count = max(1, len(words) - SHINGLE_WORDS + 1)
     shingles = np.zeros(count, dtype=np.uint64)
     for offset in range(min(SHINGLE_WORDS, len(words))):
         shingles = (shingles * np.uint64(1_000_003) + word_hashes[offset : offset + count]) & np.uint64(0xFFFFFFFF)
     shingles = np.unique(shingles)
-    return (((_A[:, None] * shingles[None, :]) % _PRIME + _B[:, None]) % _PRIME).min(axis=1)
+    # a * x + b < 2**64 (a, x < 2**32, b < 2**32): one modulo gives ((a * x) % p + b) % p
+    return ((_A[:, None] * shingles[None, :] + _B[:, None]) % _PRIME).min(axis=1)
 
 
 @dataclass

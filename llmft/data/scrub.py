@@ -17,11 +17,12 @@ from typing import Callable
 from llmft.data.records import DataError
 
 _URL_CHARS = r"[^\s<>\"'`]"
-# (type, pattern, replacement, clues): the replacement keeps the key of `password: value` and `TOKEN=value`.
-# A pattern only runs on text holding one of its clues (lowercase text for the lowercase clues): most messages
-# hold none, and a substring test is a hundred times cheaper than a regular expression search.
+# (type, pattern, replacement, clues[, needs]): the replacement keeps the key of `password: value` and `TOKEN=value`.
+# A pattern only runs on text holding one of its clues (lowercase text for the lowercase clues) and, when it has
+# `needs`, one of these characters that every match holds: most messages hold none, and a substring test is a
+# hundred times cheaper than a regular expression search. (A skipped pattern would have matched nothing.)
 _KEYWORDS = ("pass", "pwd", "mdp", "secret", "token", "key")
-_FIXED_PATTERNS: list[tuple[str, str, str | None, tuple[str, ...]]] = [
+_FIXED_PATTERNS: list[tuple] = [
     ("SECRET", r"-----BEGIN[A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----.*?(?:-----END[A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----|\n[ \t]*\n|\Z)", None,
      ("PRIVATE KEY",)),
     # URLs carrying credentials (user:password@) or tokens in the query string.
@@ -36,9 +37,9 @@ _FIXED_PATTERNS: list[tuple[str, str, str | None, tuple[str, ...]]] = [
     # `password: x`, `mot de passe : x`, `HF_TOKEN=x`, `aws_secret_access_key = x`: keep the key, hide the value.
     ("SECRET", r"(?i)((?:\b|(?<=_))(?:password|passwd|passphrase|pwd|mot de passe|mdp|secret|token|api[_ -]?key|"
                r"access[_ -]?key|secret[_ -]?key|client[_ -]?secret)\b[\w-]*[ \t]*[:=][ \t]*[\"']?)(?!<[A-Z_]+>)"
-               r"([^\s\"'<>]{3,})", r"\1<SECRET>", _KEYWORDS),
+               r"([^\s\"'<>]{3,})", r"\1<SECRET>", _KEYWORDS, (":", "=")),
     ("SECRET", r"(\b[A-Z0-9_]*(?:TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|APIKEY|ACCESS_KEY)[A-Z0-9_]*[ \t]*=[ \t]*[\"']?)"
-               r"(?!<[A-Z_]+>)([^\s\"'<>]{3,})", r"\1<SECRET>", ("TOKEN", "SECRET", "PASS", "KEY")),
+               r"(?!<[A-Z_]+>)([^\s\"'<>]{3,})", r"\1<SECRET>", ("TOKEN", "SECRET", "PASS", "KEY"), ("=",)),
     # "my password is hunter2": only a value with a digit or a symbol, so "the password is expired" stays.
     ("SECRET", r"(?i)((?:\b|(?<=_))(?:password|passwd|mot de passe|mdp)\s+(?:is|est|=)\s+[\"']?)(?!<[A-Z_]+>)"
                r"(?=[^\s\"']*[\d!@#$%^&*_+=])([^\s\"'<>]{4,})", r"\1<SECRET>", ("pass", "mdp")),
@@ -48,23 +49,26 @@ _IPV6_CANDIDATE = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-
 _IPV4 = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w]|\.\d)")
 _CAPITALIZED_WORD = re.compile(r"\b[A-ZÀ-ÖØ-Þ][\w'’-]{2,}")
 _REPEATED_NAME = re.compile(r"<NAME>(?:[ -]<NAME>)+")
-_PHONES = [
+_PHONES = [  # (pattern, a substring every match holds)
     # French: 06 12 34 56 78, 01.44.27.00.00, 0612345678; +33 (0)1 44 27 00 00
-    re.compile(r"(?<![\w+.])0[1-9](?:[ .-]?\d{2}){4}(?![\w])"),
-    re.compile(r"\+\d{1,3}[ .-]?\(0\)[ .-]?\d(?:[ .-]?\d{2}){4}(?!\d)"),
+    (re.compile(r"(?<![\w+.])0[1-9](?:[ .-]?\d{2}){4}(?![\w])"), "0"),
+    (re.compile(r"\+\d{1,3}[ .-]?\(0\)[ .-]?\d(?:[ .-]?\d{2}){4}(?!\d)"), "(0)"),
     # International: +49 30 1234567, +1 415 555 0100, +55 11 5555-0100 (8 to 15 digits)
-    re.compile(r"(?<![\w+])\+\d{1,3}(?:[ .-]?\(?\d{1,8}\)?){1,6}(?!\d)"),
+    (re.compile(r"(?<![\w+])\+\d{1,3}(?:[ .-]?\(?\d{1,8}\)?){1,6}(?!\d)"), "+"),
     # North American: (415) 555-0100, 415-555-0100
-    re.compile(r"(?<![\w-])(?:\(\d{3}\)\s?|\d{3}[ .-])\d{3}[ .-]\d{4}(?![\w-])"),
+    (re.compile(r"(?<![\w-])(?:\(\d{3}\)\s?|\d{3}[ .-])\d{3}[ .-]\d{4}(?![\w-])"), ""),
 ]
+_DIGIT_DOT_DIGIT = re.compile(r"\d\.\d")  # in every IPv4 address
+_NON_DIGITS = re.compile(r"\D+")
 _NAME_STOPWORDS = {"the", "and", "for", "von", "van", "der", "den", "des", "les", "del", "dos", "bin", "ben"}
 
 
 class Scrubber:
     def __init__(self, scrub_cfg):
         self.patterns = [
-            (kind, re.compile(pattern, re.S) if "BEGIN" in pattern else re.compile(pattern), repl, clues)
-            for kind, pattern, repl, clues in _FIXED_PATTERNS
+            (kind, re.compile(pattern, re.S) if "BEGIN" in pattern else re.compile(pattern), repl,
+             tuple(c for c in clues if c.islower()), tuple(c for c in clues if not c.islower()), (needs or [()])[0])
+            for kind, pattern, repl, clues, *needs in _FIXED_PATTERNS
         ]
         self.site_patterns: list[tuple[str, re.Pattern]] = []
         for name, pattern in dict(scrub_cfg.patterns).items():
@@ -102,8 +106,9 @@ class Scrubber:
 
     def scrub(self, text: str, names: list[str] | None = None) -> str:
         lowered = text.lower()
-        for kind, pattern, repl, clues in self.patterns:
-            if any(clue in (lowered if clue.islower() else text) for clue in clues):
+        for kind, pattern, repl, lower_clues, clues, needs in self.patterns:
+            if (any(clue in lowered for clue in lower_clues) or any(clue in text for clue in clues)) and \
+                    (not needs or any(character in text for character in needs)):
                 text = self._replace(text, kind, pattern, repl)
         for kind, pattern in self.site_patterns:  # before e-mail: `abc12de@jean-zay.idris.fr` is a login on a host
             text = self._replace(text, kind, pattern, None)
@@ -111,16 +116,26 @@ class Scrubber:
             text = self._replace(text, "EMAIL", _EMAIL, None)
         if "::" in text or text.count(":") >= 7:
             text = _IPV6_CANDIDATE.sub(lambda m: self._ip(m, 6), text)
-        text = _IPV4.sub(lambda m: self._ip(m, 4), text)
-        for pattern in _PHONES:
-            text = pattern.sub(self._phone, text)
+        if _DIGIT_DOT_DIGIT.search(text):
+            text = _IPV4.sub(lambda m: self._ip(m, 4), text)
+        if _num_digits(text) >= 8:  # a phone number has 8 digits or more (`_phone`)
+            for pattern, clue in _PHONES:
+                if clue in text:
+                    text = pattern.sub(self._phone, text)
         if names:
             variants = name_variants(tuple(names))
             before = text.count("<NAME>")
-            text = _CAPITALIZED_WORD.sub(lambda m: _hide_names(m.group(0), variants), text)
-            text = _REPEATED_NAME.sub("<NAME>", text)  # "Marie Curie": one name
+            if any(variant in text for variant in variants):  # `_hide_names` only hides a variant
+                text = _CAPITALIZED_WORD.sub(lambda m: _hide_names(m.group(0), variants), text)
+            if "<NAME>" in text:
+                text = _REPEATED_NAME.sub("<NAME>", text)  # "Marie Curie": one name
             self.counts["NAME"] += text.count("<NAME>") - before
         return text
+
+
+def _num_digits(text: str) -> int:
+    """How many characters `\\d` matches (Unicode decimal digits)."""
+    return sum(map(text.count, "0123456789")) if text.isascii() else len(_NON_DIGITS.sub("", text))
 
 
 def _url_placeholder(match: re.Match) -> str:

@@ -232,7 +232,7 @@ def test_strict_error_from_a_worker_is_one_line_and_forking_does_not_warn(tmp_pa
     assert "forked" not in result.stderr
 
 
-def test_num_workers_is_checked_with_one_sentence_naming_the_key():
+def test_num_workers_is_checked_with_one_sentence_naming_the_key(monkeypatch):
     for bad in (0, -2):
         with pytest.raises(ConfigError) as error:
             check_data(compose(["data=tickets_sample_jsonl", f"data.num_workers={bad}"]).data)
@@ -242,6 +242,8 @@ def test_num_workers_is_checked_with_one_sentence_naming_the_key():
     check_data(cfg.data)
     assert cfg.data.num_workers is None
     assert workers.num_workers_of(cfg.data) == min(len(os.sched_getaffinity(0)), 16)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks of a training job share the node's CPUs
+    assert workers.num_workers_of(cfg.data) == max(1, min(len(os.sched_getaffinity(0)) // 2, 16))
     result = run_llmft("data", "prepare", "data=tickets_sample_jsonl", "data.num_workers=0", timeout=120)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         "llmft: data.num_workers=0 must be at least 1 (1: all in this process), or null for the CPUs available "

@@ -142,6 +142,6 @@ class DataConfig:
     # config) matches; otherwise training tokenizes in memory and says why. None: `output_dir`, if set.
     prepared: Optional[str] = None
     # Processes that read, clean, scrub and tokenize (chunks of tickets; the outputs are the same for any number).
-    # None: the CPUs this process may use (os.sched_getaffinity: SLURM's binding counts), at most 16. 1: all in
-    # this process, no worker.
+    # None: the CPUs this process may use (os.sched_getaffinity: SLURM's binding counts), at most 16, shared by the
+    # ranks of a training job on one node. 1: all in this process, no worker.
     num_workers: Optional[int] = None

@@ -64,13 +64,17 @@ def dedup_keys(messages: list[dict[str, str]], threshold: float) -> DedupKeys:
 
 
 class Deduplicator:
-    """Sees the conversations in input order and says which repeat an earlier one: the first occurrence stays."""
+    """Sees the conversations in input order and says which repeat an earlier one: the first occurrence stays.
+
+    Kept compact for 100k conversations: the signatures in one growing array, a bucket holding one conversation
+    as a bare index (most do), a list only from the second."""
 
     def __init__(self, threshold: float):
         self.threshold = threshold
         self.seen_exact: set[bytes] = set()
-        self.buckets: dict[bytes, list[int]] = {}
-        self.signatures: list[np.ndarray] = []
+        self.buckets: dict[bytes, int | list[int]] = {}
+        self.signatures = np.zeros((256, NUM_PERMUTATIONS), dtype=np.uint64)
+        self.num_signatures = 0
         self.dropped = {"exact_duplicate": 0, "near_duplicate": 0}
 
     def duplicate(self, keys: DedupKeys) -> bool:
@@ -82,14 +86,27 @@ class Deduplicator:
             return False
         candidates: set[int] = set()
         for band in keys.bands:
-            candidates.update(self.buckets.get(band, ()))
-        if any(np.mean(self.signatures[index] == keys.signature) >= self.threshold for index in candidates):
-            self.dropped["near_duplicate"] += 1
-            return True
-        index = len(self.signatures)
+            members = self.buckets.get(band)
+            if members is not None:
+                candidates.update((members,) if isinstance(members, int) else members)
+        if candidates:
+            similarities = np.mean(self.signatures[sorted(candidates)] == keys.signature, axis=1)
+            if (similarities >= self.threshold).any():
+                self.dropped["near_duplicate"] += 1
+                return True
+        index = self.num_signatures
+        if index == len(self.signatures):
+            self.signatures = np.concatenate([self.signatures, np.zeros_like(self.signatures)])
+        self.signatures[index] = keys.signature
+        self.num_signatures += 1
         for band in keys.bands:
-            self.buckets.setdefault(band, []).append(index)
-        self.signatures.append(keys.signature)
+            members = self.buckets.get(band)
+            if members is None:
+                self.buckets[band] = index
+            elif isinstance(members, int):
+                self.buckets[band] = [members, index]
+            else:
+                members.append(index)
         return False
 
 

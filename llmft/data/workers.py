@@ -55,9 +55,14 @@ def available_cpus() -> int:
 
 
 def num_workers_of(data_cfg) -> int:
-    """data.num_workers, or when unset the CPUs available to this process, at most MAX_DEFAULT_WORKERS."""
+    """data.num_workers, or when unset the CPUs available to this process, at most MAX_DEFAULT_WORKERS. The ranks of
+    a training job on one node (LOCAL_WORLD_SIZE) each read the data: they share the CPUs rather than start 16 workers
+    each."""
     value = getattr(data_cfg, "num_workers", None)
-    return min(available_cpus(), MAX_DEFAULT_WORKERS) if value is None else int(value)
+    if value is not None:
+        return int(value)
+    ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, min(available_cpus() // ranks_here, MAX_DEFAULT_WORKERS))
 
 
 def chunk_size(total: int, num_workers: int, minimum: int, maximum: int) -> int:

@@ -21,9 +21,12 @@ def test_runs_lists_completed_and_failed_runs_and_show_draws_the_loss(tmp_path):
 
     listing = run_llmft("runs", str(tmp_path))
     assert listing.returncode == 0, listing.stderr
-    lines = {line.split()[0]: line for line in listing.stdout.splitlines()[1:]}
+    listed = listing.stdout.splitlines()
+    lines = {line.split()[0]: line for line in listed[1:]}
     assert "completed" in lines[good.name] and "12/12" in lines[good.name]
     assert "failed" in lines["zz-failed"]
+    why = listed[listed.index(lines["zz-failed"]) + 1]  # the reason, on the line below the failed run
+    assert why.startswith("  why: DataError: no usable conversation"), listing.stdout
 
     shown = run_llmft("runs", "show", str(good))
     assert shown.returncode == 0 and "loss curve" in shown.stdout

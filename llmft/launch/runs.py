@@ -83,6 +83,8 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"{row['name'][:40]:40} {row['status'][:11]:11} {row['jobs'][:12]:12} {row['requeues']:>8} "
                      f"{str(row['step']) + '/' + str(row['total_steps']):>11} {number(row['loss']):>8} "
                      f"{number(row['val_loss']):>8} {number(row['tokens_per_s'], 3):>8}")
+        if row["status"] == "failed" and row["error"]:  # why, on the line below: the reason is what one acts on
+            lines.append(f"  why: {' '.join(str(row['error']).split())[:160]}")
     return "\n".join(lines)
 
 

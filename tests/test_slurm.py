@@ -1,5 +1,5 @@
-"""On the real SLURM of tools/local-slurm.sh (two nodes; these jobs use one): submission through submitit, sbatch --test-only of every
-template and rendered script, a USR2 mid-run (checkpoint, requeue, resume), and a failing job."""
+"""On the real SLURM of tools/local-slurm.sh (two nodes; these jobs use one): submission through submitit,
+sbatch --test-only of every template and rendered script, a USR2 mid-run (checkpoint, requeue, resume), and a failing job."""
 
 from __future__ import annotations
 

@@ -159,16 +159,18 @@ def keep_global_batch(run_dir: Path, before: DictConfig, cfg: DictConfig, explic
         if old != new:
             changed[key] = [getattr(old, "value", old), getattr(new, "value", new)]
     had = manifest["world_size"] if manifest is not None else saved_world_size
+    layout = "".join(f", {key} {changed[key][0]} -> {changed[key][1]}"
+                     for key in ("train.grad_accum_steps", "train.micro_batch_size") if key in changed)
     if world_size is None or had == world_size:
-        return {"changed": changed, "line": ""}
+        line = f"resume: {layout[2:]}: the global batch stays {global_batch} samples per optimizer step." if layout \
+            else ""
+        return {"changed": changed, "line": line}
     new_strategy = settled_strategy(cfg, world_size).value
     old_strategy = manifest["strategy"] if manifest is not None else settled_strategy(before, had).value
     changed["world_size"], changed["strategy"] = [had, world_size], [old_strategy, new_strategy]
     line = (f"resume: {latest.name + ' was saved' if latest else 'the run was trained'} by {had} rank(s) "
-            f"({old_strategy}); this run has {world_size} ({world_size_keys(cfg)}, {new_strategy})"
-            + "".join(f", {key} {changed[key][0]} -> {changed[key][1]}"
-                      for key in ("train.grad_accum_steps", "train.micro_batch_size") if key in changed)
-            + f": the global batch stays {global_batch} samples per optimizer step"
+            f"({old_strategy}); this run has {world_size} ({world_size_keys(cfg)}, {new_strategy}){layout}"
+            f": the global batch stays {global_batch} samples per optimizer step"
             + ("; the ZeRO checkpoint is converted to DeepSpeed's universal checkpoint when the ranks start"
                if latest and old_strategy.startswith("zero") else "") + ".")
     return {"changed": changed, "line": line}

@@ -3,6 +3,10 @@
 Layout: `checkpoints/step_<N>/` holding the strategy's files and `manifest.json`, written last (step, world size,
 strategy, every file with its size). A folder without a manifest, or whose files do not match it, is incomplete:
 resume ignores it and says so. The rename is atomic on POSIX file systems (Lustre and GPFS included).
+
+A ZeRO checkpoint resumed on another number of ranks also gets `step_<N>/universal/`, DeepSpeed's universal form of
+its files, made once by rank 0 the same way (under `.tmp-universal`, renamed when whole) and never listed in the
+manifest: the checkpoint's own files are untouched and it stays complete and loadable on its own world size.
 """
 
 from __future__ import annotations

@@ -195,7 +195,8 @@ def universal_checkpoint(folder: Path, saved_world_size: int, topology) -> Path:
     problem = None
     if topology.is_main and not target.is_dir():
         print(f"resume: {folder.name} was saved by {saved_world_size} rank(s) and this run has {topology.world_size}: "
-              f"converting it to DeepSpeed's universal checkpoint in {target} (once; the other ranks wait)", flush=True)
+              f"converting it to DeepSpeed's universal checkpoint in {target} (once; the other ranks wait, up to "
+              f"train.collective_timeout_min)", flush=True)
         tmp = folder / f"{checkpoint.TMP_PREFIX}{UNIVERSAL_TAG}"
         try:
             _convert_to_universal(folder / CHECKPOINT_TAG, tmp)

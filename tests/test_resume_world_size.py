@@ -17,7 +17,10 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from conftest import REPO, read_metrics, run_llmft
+from conftest import REPO, compose, read_metrics, run_llmft
+from llmft.errors import UserError
+from llmft.launch import run_dir as rundir
+from llmft.training.loop import train
 
 # fp32 on CPU, no dropout (its masks follow each rank's RNG), every ZeRO-3 parameter really partitioned; a checkpoint
 # only where the signal stops the run.
@@ -224,3 +227,17 @@ def test_resume_on_a_cluster_with_other_nodes_keeps_the_global_batch(tmp_path):
     assert json.loads((run_dir / "provenance.json").read_text())["resumes"][-1]["changed"]["world_size"] == [4, 2]
     error = refused(run_dir, "cluster.nodes=3")
     assert "6 ranks (cluster.nodes=3 x cluster.gpus_per_node=2)" in error
+
+
+def test_the_ranks_refuse_a_checkpoint_of_another_global_batch(tmp_path):
+    """A run resumed without the launcher (an sbatch template's srun of llmft.train on other nodes) cannot adjust
+    train.grad_accum_steps: the ranks refuse, naming the command that does, before loading anything."""
+    cfg = compose(["train.max_steps=2", "train.save_every=1", "train.log_every=1", "train.eval_every=100",
+                   "train.micro_batch_size=4", f"run_dir={tmp_path / 'run'}"])
+    run_dir = rundir.create(cfg)
+    train(cfg, run_dir)  # a checkpoint at step 1, 4 samples a step
+    cfg.train.grad_accum_steps = 2  # 8 samples a step, as 2 ranks of this config would take
+    with pytest.raises(UserError, match=r"step_1 was trained with 4 samples per optimizer step and this job takes 8 "
+                                        r"\(train.micro_batch_size=4 x 1 ranks x train.grad_accum_steps=2\): resume "
+                                        r"it with python -m llmft.launch resume="):
+        train(cfg, run_dir)

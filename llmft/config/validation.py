@@ -347,8 +347,8 @@ def _some(values: list[int]) -> str:
 
 def check_resume_strategy(checkpoint_strategy: str, checkpoint_name: str, cfg: DictConfig, world_size: int,
                           run: str) -> Strategy:
-    """The strategy this run settles to must read the checkpoint's files: single <-> ddp do (the same files, written
-    by rank 0); any other change (zero3 -> ddp, fsdp -> single with parallelism=auto and full fine-tuning...) is
+    """The strategy this run settles to must read the checkpoint's files (CHECKPOINT_FORMATS: single <-> ddp,
+    fsdp <-> hsdp); any other change (zero3 -> ddp, fsdp -> single with parallelism=auto and full fine-tuning...) is
     refused, naming the strategy that reads it. Returns the settled strategy."""
     saved, new = Strategy(checkpoint_strategy), settled_strategy(cfg, world_size)
     if CHECKPOINT_FORMATS.get(saved, saved.value) == CHECKPOINT_FORMATS.get(new, new.value):
@@ -359,4 +359,4 @@ def check_resume_strategy(checkpoint_strategy: str, checkpoint_name: str, cfg: D
     raise ConfigError(
         f"{run}: its checkpoint {checkpoint_name} was written by parallelism={saved.value}, which "
         f"parallelism={new.value}{settles} cannot read: add parallelism={fix.value} (a resume may change the strategy "
-        f"only between single and ddp, whose checkpoints are the same files).")
+        f"only between single and ddp, or fsdp and hsdp, which read each other's checkpoints).")

@@ -138,9 +138,17 @@ def test_no_secret_and_nothing_world_readable_in_a_run_directory(tmp_path):
     result = run_llmft("launch", "train.max_steps=4", "train.eval_every=2", "train.save_every=2",
                        f"run_dir={run_dir}", "data.system_prompt=You help.", env=secrets)
     assert result.returncode == 0, result.stderr[-3000:]
-    for output in (result.stdout, result.stderr):
+    # a run prepared, then resumed from a shell whose umask lets everyone read: written under the run's umask too
+    prepared = tmp_path / "prepared"
+    assert run_llmft("launch", "train.max_steps=4", "train.save_every=2", "launch.prepare_only=true",
+                     f"run_dir={prepared}").returncode == 0
+    resumed = subprocess.run([sys.executable, "-m", "llmft.launch", f"resume={prepared}"], cwd=REPO,
+                             capture_output=True, text=True, timeout=600, umask=0o022,
+                             env={**os.environ, "OMP_NUM_THREADS": "1", **secrets})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for output in (result.stdout, result.stderr, resumed.stdout, resumed.stderr):
         assert not any(value in output for value in secrets.values())
-    paths = [run_dir, *run_dir.rglob("*")]
+    paths = [run_dir, *run_dir.rglob("*"), prepared, *prepared.rglob("*")]
     assert len(paths) > 10
     for path in paths:
         if not path.is_symlink():

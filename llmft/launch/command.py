@@ -69,6 +69,7 @@ def prepare_run(cfg: DictConfig) -> tuple[DictConfig, Path]:
         slurm.resolve(cfg)  # every resource check before anything is created or submitted
     if run_dir is None:
         return cfg, run_dirs.create(cfg)  # takes the lock before writing anything into an existing folder
+    run_dirs.apply_umask(cfg)  # the run's umask for everything the resumed run writes, as when it was created
     run_lock.acquire(run_dir)
     run_dirs.write_config(cfg, run_dir)
     latest, _ = checkpoint.find_latest(run_dir / "checkpoints")

@@ -24,7 +24,7 @@ from llmft.training.loop import train
 
 # fp32 on CPU, no dropout (its masks follow each rank's RNG), every ZeRO-3 parameter really partitioned; a checkpoint
 # only where the signal stops the run.
-SMALL = ["peft.dropout=0", "train.max_steps=16", "train.log_every=1", "train.eval_every=100", "train.save_every=0",
+SMALL = ["peft.dropout=0", "train.max_steps=10", "train.log_every=1", "train.eval_every=100", "train.save_every=0",
          "train.micro_batch_size=4", "parallelism.zero3_param_persistence_threshold=0",
          "parallelism.zero3_model_persistence_threshold=0"]
 # 8 samples per optimizer step either way: 2 ranks x 4 x 1, or 1 rank x 4 x 2
@@ -67,7 +67,7 @@ def stop_by_signal(*runs: tuple[Path, subprocess.Popen]) -> list[int]:
         out, err = process.communicate(timeout=300)
         assert process.returncode == 3, out[-2000:] + err[-4000:]
         summary = json.loads((run_dir / "summary.json").read_text())
-        assert summary["status"] == "interrupted" and 3 <= summary["step"] < 16, summary
+        assert summary["status"] == "interrupted" and 3 <= summary["step"] < 10, summary
         steps.append(summary["step"])
     return steps
 

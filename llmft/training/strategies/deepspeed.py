@@ -39,10 +39,14 @@ def merge(base: dict, override: dict) -> dict:
     return merged
 
 
-def deepspeed_config(cfg, world_size: int, bf16: bool) -> dict:
+def deepspeed_config(cfg, world_size: int, bf16: bool, num_trainable: int | None = None) -> dict:
     strategy = cfg.parallelism.strategy.value
     tcfg = cfg.train
     zero = {"stage": 2 if strategy == "zero2" else 3}
+    if zero["stage"] == 2 and num_trainable:
+        # ZeRO-2's gradient buckets default to 5e8 elements (2 GB in fp32) whatever the model: no more than the
+        # trainable elements (a LoRA's few million). Same losses; the tiny model's step on CPU 15x faster (3 s -> 0.2 s).
+        zero["reduce_bucket_size"] = zero["allgather_bucket_size"] = min(500_000_000, num_trainable)
     if zero["stage"] == 3:
         zero["stage3_param_persistence_threshold"] = cfg.parallelism.zero3_param_persistence_threshold
         zero["stage3_model_persistence_threshold"] = cfg.parallelism.zero3_model_persistence_threshold
@@ -114,7 +118,7 @@ class DeepSpeedStrategy:
     def wrap(self, model, trainable, lr_lambda):
         import deepspeed
 
-        config = deepspeed_config(self.cfg, self.topology.world_size, self.bf16)
+        config = deepspeed_config(self.cfg, self.topology.world_size, self.bf16, sum(p.numel() for p in trainable))
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
             model_parameters=trainable,

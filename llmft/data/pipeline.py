@@ -357,7 +357,8 @@ def tokenize_rows(conversations, tokenizer, data_cfg, max_seq_len: int) -> tuple
         "samples_dropped": {reason: n for reason, n in dropped.items() if n},
     }
     if data_cfg.packing:
-        splits = {split: rows.packed(max_seq_len) for split, rows in splits.items()}
+        for split in list(splits):  # one split at a time: the unpacked rows go as the packed ones come
+            splits[split] = splits[split].packed(max_seq_len)
         counts["packed_rows"] = {split: len(rows) for split, rows in splits.items()}
         train_rows = len(splits["train"])
     else:

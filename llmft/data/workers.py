@@ -39,8 +39,8 @@ from llmft.data.records import DataError
 MAX_DEFAULT_WORKERS = 16  # beyond this the parent's in-order merging and packing are the limit
 CHUNKS_PER_WORKER = 8  # enough chunks that a slow one (a few very long tickets) does not idle the other workers
 # Chunk sizes: large enough that a task's round trip is a small part of its work, small enough to balance.
-MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 1 << 18, 1 << 22
-MIN_CHUNK_ITEMS, MAX_CHUNK_ITEMS = 64, 512
+MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 1 << 18, 1 << 21
+MIN_CHUNK_ITEMS, MAX_CHUNK_ITEMS = 64, 256
 
 Task = TypeVar("Task")
 Result = TypeVar("Result")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import multiprocessing
 import os
 import random
 import shutil
@@ -181,7 +182,8 @@ def test_prepare_writes_the_same_bytes_with_any_number_of_workers(name, tmp_path
         assert worker_lines(log) and {line.split()[1] for line in worker_lines(log)} == {"false"}
 
 
-def test_training_gets_the_same_samples_with_any_number_of_workers(tmp_path, small_chunks):
+def test_training_gets_the_same_samples_with_any_number_of_workers(tmp_path, small_chunks, monkeypatch):
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
     overrides = INPUTS["tickets_jsonl"](tmp_path)
     cfg = compose(overrides + ["data.num_workers=1"])
     tokenizer = tokenizer_for_run(cfg, read_conversations(cfg.data)[0])
@@ -191,6 +193,8 @@ def test_training_gets_the_same_samples_with_any_number_of_workers(tmp_path, sma
             cfg = compose(overrides + [f"data.num_workers={num_workers}", f"data.packing={packing}"])
             conversations, report = read_conversations(cfg.data)
             made.append((conversations, report, *build_splits(conversations, tokenizer, cfg.data, 256)))
+            # the workers are gone once the samples are back, and the environment is the caller's again
+            assert not multiprocessing.active_children() and "TOKENIZERS_PARALLELISM" not in os.environ
         assert made[0] == made[1]
         splits = made[0][2]
         assert all(isinstance(s, Sample) for split in splits.values() for s in split)

@@ -328,7 +328,7 @@ def tokenize_rows(conversations, tokenizer, data_cfg, max_seq_len: int) -> tuple
     num_workers = num_workers_of(data_cfg)
     batches = chunks(conversations, num_workers)
     results = in_order(tokenize_chunk, state, [[c.messages for c in batch] for batch in batches], num_workers)
-    for batch, chunk in zip(batches, results):
+    for chunk, batch in zip(results, batches):  # (results first: zip then runs the pool to its end, which closes it)
         for reason, n in chunk.dropped.items():
             dropped[reason] += n  # (+= 0 too: the reasons keep the order they first occurred in)
         num_windowed += chunk.num_windowed

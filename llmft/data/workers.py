@@ -15,10 +15,11 @@ Why `concurrent.futures.ProcessPoolExecutor`, fed a few chunks ahead of the one 
   dill and map ticket by ticket, while dedup and the report are not per-ticket steps.
 
 Why fork (on Linux): the workers inherit the imported modules (transformers, never torch) and the tokenizer instead
-of importing and unpickling them, which costs seconds per worker with spawn. It is safe here: workers run Python,
-regular expressions, numpy and the tokenizers library, never torch, CUDA or the parent's threads. The tokenizers
-library's own thread pool does not survive a fork, so the workers are forked with TOKENIZERS_PARALLELISM=false:
-one thread each, the cores are the workers'. `gc.freeze()` before the fork keeps the parent's objects out of the
+of importing and unpickling them (spawn: `import transformers` alone takes 1.5 s per worker on a 2-core login
+node). It is safe here: workers run Python, regular expressions, numpy and the tokenizers library, never torch,
+CUDA or the parent's threads. A process forked after the tokenizers library used its thread pool must not use that
+pool (releases before 0.23 warn and turn it off), so the workers are forked with TOKENIZERS_PARALLELISM=false: one
+thread each, the cores are the workers'. `gc.freeze()` before the fork keeps the parent's objects out of the
 workers' garbage collections, so their memory pages stay shared. Elsewhere than Linux: spawn.
 """
 
@@ -36,7 +37,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 from llmft.data.records import DataError
 
-MAX_DEFAULT_WORKERS = 16  # beyond this the parent's in-order merging and packing are the limit
+MAX_DEFAULT_WORKERS = 16  # the default's cap: a login node is shared
 CHUNKS_PER_WORKER = 8  # enough chunks that a slow one (a few very long tickets) does not idle the other workers
 # Chunk sizes: large enough that a task's round trip is a small part of its work, small enough to balance.
 MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 1 << 18, 1 << 21

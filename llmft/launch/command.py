@@ -169,7 +169,7 @@ def keep_global_batch(run_dir: Path, before: DictConfig, cfg: DictConfig, explic
     new_strategy = settled_strategy(cfg, world_size).value
     old_strategy = manifest["strategy"] if manifest is not None else settled_strategy(before, had).value
     changed["world_size"], changed["strategy"] = [had, world_size], [old_strategy, new_strategy]
-    line = (f"resume: {latest.name + ' was saved' if latest else 'the run was trained'} by {had} rank(s) "
+    line = (f"resume: {latest.name + ' was saved by' if latest else 'the run had'} {had} rank(s) "
             f"({old_strategy}); this run has {world_size} ({world_size_keys(cfg)}, {new_strategy}){layout}"
             f": the global batch stays {global_batch} samples per optimizer step"
             + ("; the ZeRO checkpoint is converted to DeepSpeed's universal checkpoint when the ranks start"

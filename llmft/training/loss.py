@@ -124,6 +124,8 @@ def supervised_loss(hf_model, labels, loss_index, head: str, input_ids=None, **k
         loss_sum = liger_fused_linear_cross_entropy(rows, lm_head.weight, targets, bias=lm_head.bias,
                                                     reduction="sum")
         loss_sum = (loss_sum[0] if isinstance(loss_sum, tuple) else loss_sum).float()  # (loss, z_loss) in some versions
+    elif lm_head.weight.requires_grad and hasattr(lm_head.weight, "ds_id"):
+        loss_sum = module_cross_entropy_sum(lm_head, rows, targets)
     else:
         loss_sum = linear_cross_entropy_sum(rows, lm_head.weight, lm_head.bias, targets)
     num_supervised = torch.full((), loss_index.numel(), dtype=torch.int64, device=rows.device)
@@ -150,6 +152,23 @@ def packed_attention_mask(position_ids, attn_implementation: str, dtype) -> torc
 
 def chunk_rows(vocab_size: int) -> int:
     return max(1, CHUNK_ELEMENTS // vocab_size)
+
+
+def module_cross_entropy_sum(lm_head, rows, targets) -> torch.Tensor:
+    """The same sum through the head module itself, each chunk recomputed in backward (activation checkpointing):
+    for a trainable head under ZeRO-3, whose weight is gathered only around its module's own forward and backward
+    (a gradient returned for it outside them would find it partitioned). One more head matmul per chunk."""
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk_loss(chunk, chunk_targets):
+        return F.cross_entropy(lm_head(chunk).float(), chunk_targets, reduction="sum")
+
+    total = torch.zeros((), dtype=torch.float32, device=rows.device)
+    step = chunk_rows(lm_head.weight.ds_shape[0] if hasattr(lm_head.weight, "ds_shape") else lm_head.out_features)
+    for start in range(0, rows.shape[0], step):
+        total = total + checkpoint(chunk_loss, rows[start : start + step], targets[start : start + step],
+                                   use_reentrant=False)
+    return total
 
 
 def linear_cross_entropy_sum(rows, weight, bias, targets) -> torch.Tensor:

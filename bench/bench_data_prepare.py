@@ -17,8 +17,9 @@ personal data, internal notes), trains the tiny tokenizer once on it (shared by 
   baseline with `num_proc` = llmft's workers, for reference.
 
 Each side runs --repeat times (llmft's two alternately) and the best time counts: on a shared machine another
-job slows one run, not the method. Rates count the input tickets. The last line: `ratios: workers_vs_one=X vs_datasets_map=Y` (X: llmft on the default
-workers against one; Y: llmft on the default workers against the bare `datasets.map`).
+job slows one run, not the method. Rates count the input tickets. The last line:
+`ratios: workers_vs_one=X vs_datasets_map=Y` (X: llmft on the default workers against one; Y: llmft on the default
+workers against the bare `datasets.map`).
 
 --peak-rss runs `python -m llmft.data prepare` as users do (tokenizer training included) in a child process, and
 reports its time and peak memory: the proportional set size (PSS) summed over the process and its workers, sampled
@@ -107,19 +108,17 @@ def write_export(path: Path, num_tickets: int) -> Path:
 def prepare_without_tokenizer_training(cfg, tokenizer, out_dir: Path) -> tuple[dict, dict, float]:
     """What `prepare` does once it has the tokenizer, but the histogram: the report, the counts, the seconds."""
     from llmft.data.pipeline import end_of_turn_of, read_conversations, tokenize_rows
-    from llmft.data.prepare import write_conversations
     from llmft.data.prepared import fingerprint_parts, save_samples, write_manifest
 
     started = time.perf_counter()
     conversations, read_report = read_conversations(cfg.data)
     parts = fingerprint_parts(conversations, tokenizer, cfg.data, cfg.model.max_seq_len,
                               end_of_turn_of(tokenizer, cfg.data)[0])
-    splits, counts, used_ids = tokenize_rows(conversations, tokenizer, cfg.data, cfg.model.max_seq_len)
-    save_samples(out_dir, splits)
-    write_conversations(out_dir, conversations, used_ids, cfg.data)
-    (out_dir / "report.json").write_text(json.dumps({**read_report, **counts}, indent=2, ensure_ascii=False))
-    write_manifest(out_dir, parts, counts)
-    return read_report, counts, time.perf_counter() - started
+    tokenized = tokenize_rows(conversations, tokenizer, cfg.data, cfg.model.max_seq_len, audit_dir=out_dir)
+    save_samples(out_dir, tokenized.splits)
+    (out_dir / "report.json").write_text(json.dumps({**read_report, **tokenized.counts}, indent=2, ensure_ascii=False))
+    write_manifest(out_dir, parts, tokenized.counts)
+    return read_report, tokenized.counts, time.perf_counter() - started
 
 
 def same_files(a: Path, b: Path) -> bool:
@@ -157,8 +156,8 @@ def ratios(args) -> int:
     load = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         export = write_export(Path(tmp) / "export.jsonl", args.tickets)
-        overrides = ["data.format=tickets_jsonl", f"data.path={export}", "data.tickets.staff_domains=[support.example-hpc.fr]",
-                     f"model.max_seq_len={args.max_seq_len}"]
+        overrides = ["data.format=tickets_jsonl", f"data.path={export}", f"model.max_seq_len={args.max_seq_len}",
+                     "data.tickets.staff_domains=[support.example-hpc.fr]"]
         default_cfg = compose(overrides + ([f"data.num_workers={args.workers}"] if args.workers else []))
         workers = num_workers_of(default_cfg.data)
         conversations, _ = read_conversations(default_cfg.data)  # once, to train the shared tokenizer on
@@ -229,7 +228,8 @@ def peak_rss(args) -> int:
               f"{time.perf_counter() - started:.0f} s")
         command = [sys.executable, "-m", "llmft.data", "prepare", "data=tickets", f"data.path={export}",
                    "data.tickets.staff_domains=[support.example-hpc.fr]", f"data.output_dir={Path(tmp) / 'out'}",
-                   f"model.max_seq_len={args.max_seq_len}"] + ([f"data.num_workers={args.workers}"] if args.workers else [])
+                   f"model.max_seq_len={args.max_seq_len}"]
+        command += [f"data.num_workers={args.workers}"] if args.workers else []
         load = os.getloadavg()
         started = time.perf_counter()
         process = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,

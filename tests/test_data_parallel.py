@@ -121,14 +121,19 @@ def write_chat_jsonl(path: Path, tickets: list[dict]) -> Path:
 
 INPUTS = {  # name -> overrides, given a folder to write the input to
     "bundled_sample": lambda tmp: ["data=tickets_sample_jsonl"],
-    "tickets_jsonl": lambda tmp: ["data=tickets", f"data.path={write_tickets_jsonl(tmp / 't.jsonl', synthetic_tickets())}",
-                                  STAFF, "model.max_seq_len=256", "data.test_fraction=0.1"],
-    "email": lambda tmp: ["data=tickets", "data.format=email", f"data.path={write_mbox(tmp / 't.mbox', synthetic_tickets())}",
-                          STAFF, "model.max_seq_len=256"],
-    "csv": lambda tmp: ["data=csv", f"data.path={write_csv(tmp / 't.csv', synthetic_tickets())}",
-                        "data.csv.question_columns=[subject,question]", "data.csv.id_column=id", "model.max_seq_len=256"],
-    "chat_jsonl": lambda tmp: ["data=chat_jsonl", f"data.path={write_chat_jsonl(tmp / 'c.jsonl', synthetic_tickets())}",
-                               "model.max_seq_len=256", "data.packing=false"],
+    "bundled_acronyms": lambda tmp: ["data=acronyms_sample"],  # several conversations share an id
+    "tickets_jsonl": lambda tmp: [
+        "data=tickets", f"data.path={write_tickets_jsonl(tmp / 't.jsonl', synthetic_tickets())}", STAFF,
+        "model.max_seq_len=256", "data.test_fraction=0.1"],
+    "email": lambda tmp: [
+        "data=tickets", "data.format=email", f"data.path={write_mbox(tmp / 't.mbox', synthetic_tickets())}", STAFF,
+        "model.max_seq_len=256"],
+    "csv": lambda tmp: [
+        "data=csv", f"data.path={write_csv(tmp / 't.csv', synthetic_tickets())}", "model.max_seq_len=256",
+        "data.csv.question_columns=[subject,question]", "data.csv.id_column=id"],
+    "chat_jsonl": lambda tmp: [
+        "data=chat_jsonl", f"data.path={write_chat_jsonl(tmp / 'c.jsonl', synthetic_tickets())}",
+        "model.max_seq_len=256", "data.packing=false"],
 }
 
 
@@ -165,8 +170,12 @@ def test_prepare_writes_the_same_bytes_with_any_number_of_workers(name, tmp_path
     overrides = INPUTS[name](tmp_path)
     one = prepared_files(overrides + ["data.num_workers=1"], tmp_path / "out")
     report = json.loads(one["report.json"])
-    assert report["pii_replacements"] and report["dropped"].get("exact_duplicate")  # the input exercises them
-    if name != "bundled_sample":
+    if name == "bundled_acronyms":  # every conversation gives a sample: every one is audited, ids shared or not
+        assert not report["samples_dropped"] and report["num_conversations"] == sum(
+            one[f].count(b"\n") for f in one if f.endswith(".conversations.jsonl"))
+    else:  # the input exercises them
+        assert report["pii_replacements"] and report["dropped"].get("exact_duplicate")
+    if name not in ("bundled_sample", "bundled_acronyms"):
         assert report["conversations_windowed"] and report["dropped"].get("near_duplicate")
     if name in ("tickets_jsonl", "csv", "chat_jsonl"):
         assert report["num_skipped"]

@@ -15,6 +15,7 @@ the file), and the samples are held as int32 arrays (rows.py).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -38,7 +39,8 @@ from llmft.data.records import Conversation, DataError, ReadReport, input_files,
 from llmft.data.rows import Rows
 from llmft.data.scrub import Scrubber
 from llmft.data.splits import bucket_of, split_of
-from llmft.data.templating import IGNORE_INDEX, Sample, TemplateError, tokenize_many, windows
+from llmft.data.templating import (IGNORE_INDEX, Sample, TemplateError, tokenize_many, windows,
+                                   with_system_prompt)
 from llmft.data.tickets import StaffRule, read_tickets_jsonl, tickets_of
 from llmft.data.workers import chunk_bytes, chunks, in_order, num_workers_of
 from llmft.config.validation import check_data
@@ -257,6 +259,14 @@ def useful_fraction(samples: list[Sample], max_seq_len: int) -> float:
     return sum(len(s.input_ids) for s in samples) / max(1, len(samples) * max_seq_len)
 
 
+def audit_line(conversation: Conversation, system_prompt: str | None) -> str:
+    """The conversation as `prepare` writes it to `<split>.conversations.jsonl`: chat format, with the system prompt
+    the model sees."""
+    record = {"id": conversation.id, "source": conversation.source,
+              "messages": with_system_prompt(conversation.messages, system_prompt)}
+    return json.dumps(record, ensure_ascii=False) + "\n"
+
+
 @dataclass
 class Tokenizing:
     """What tokenizing a chunk of conversations needs; a worker gets it once (inherited through fork)."""
@@ -266,6 +276,7 @@ class Tokenizing:
     end_of_turn: str
     max_seq_len: int
     long_policy: str
+    audit: bool = False  # also render the audit line of each conversation that gives a sample
 
 
 @dataclass
@@ -274,11 +285,13 @@ class TokenizedChunk:
     owners: np.ndarray  # for each sample, the index in the chunk of the conversation it comes from
     dropped: dict[str, int]  # by reason, in the order the reasons first occur
     num_windowed: int
+    audit_lines: list[str] | None = None  # one per conversation that gave a sample, in order (Tokenizing.audit)
 
 
-def tokenize_chunk(state: Tokenizing, conversations: list[list[dict[str, str]]]) -> TokenizedChunk:
-    """Template, masks and windows of a chunk of conversations (their messages), in a worker."""
+def tokenize_chunk(state: Tokenizing, chunk: list[Conversation]) -> TokenizedChunk:
+    """Template, masks and windows of a chunk of conversations, in a worker."""
     tokenizer, max_seq_len = state.tokenizer, state.max_seq_len
+    conversations = [c.messages for c in chunk]
     input_ids: list[int] = []
     labels: list[int] = []
     lengths, owners = [], []
@@ -308,13 +321,24 @@ def tokenize_chunk(state: Tokenizing, conversations: list[list[dict[str, str]]])
             lengths.append(len(piece.input_ids))
             owners.append(index)
     pieces = Rows(np.array(input_ids, np.int32), np.array(labels, np.int32), np.array(lengths, np.int64))
-    return TokenizedChunk(pieces, np.array(owners, np.int64), dropped, num_windowed)
+    audit_lines = [audit_line(chunk[i], state.system_prompt) for i in dict.fromkeys(owners)] if state.audit else None
+    return TokenizedChunk(pieces, np.array(owners, np.int64), dropped, num_windowed, audit_lines)
 
 
-def tokenize_rows(conversations, tokenizer, data_cfg, max_seq_len: int) -> tuple[dict[str, Rows], dict, set[str]]:
-    """The samples of each split as `Rows` (packed when data.packing), counts, and the ids of the conversations
-    that gave at least one sample. Tokenizing runs on data.num_workers processes, chunk by chunk; the split of
-    each sample and the packing are decided here, in input order."""
+@dataclass
+class Tokenized:
+    splits: dict[str, Rows]  # packed when data.packing
+    counts: dict
+    used_ids: set[str]  # the conversations that gave at least one sample
+    # audit_dir's `<split>.conversations.jsonl`, in the order first written: the conversations that gave a sample
+    # (acronyms: one id for several conversations, so a conversation, not an id)
+    conversation_files: dict[str, str]
+
+
+def tokenize_rows(conversations, tokenizer, data_cfg, max_seq_len: int, audit_dir: Path | None = None) -> Tokenized:
+    """The samples of each split as `Rows`, counts, and with `audit_dir` the conversations that gave a sample
+    written there per split (`audit_line`). Tokenizing runs on data.num_workers processes, chunk by chunk; the split
+    of each sample, the audit files and the packing are done here, in input order."""
     data_cfg = plain(data_cfg)
     end_of_turn, end_of_turn_id = end_of_turn_of(tokenizer, data_cfg)
     split_by_id = assign_splits([c.id for c in conversations], data_cfg)
@@ -324,22 +348,32 @@ def tokenize_rows(conversations, tokenizer, data_cfg, max_seq_len: int) -> tuple
     num_windowed = 0
     used_ids: set[str] = set()
     long_policy = str(getattr(data_cfg.long_conversations, "value", data_cfg.long_conversations))
-    state = Tokenizing(tokenizer, data_cfg.system_prompt, end_of_turn, max_seq_len, long_policy)
+    state = Tokenizing(tokenizer, data_cfg.system_prompt, end_of_turn, max_seq_len, long_policy, audit_dir is not None)
     num_workers = num_workers_of(data_cfg)
     batches = chunks(conversations, num_workers)
-    results = in_order(tokenize_chunk, state, [[c.messages for c in batch] for batch in batches], num_workers)
-    for chunk, batch in zip(results, batches):  # (results first: zip then runs the pool to its end, which closes it)
-        for reason, n in chunk.dropped.items():
-            dropped[reason] += n  # (+= 0 too: the reasons keep the order they first occurred in)
-        num_windowed += chunk.num_windowed
-        owner_ids = [batch[owner].id for owner in chunk.owners.tolist()]
-        used_ids.update(owner_ids)
-        split_of_piece = np.array([names.index(split_by_id[i]) for i in owner_ids], dtype=np.int64)
-        split_of_token = np.repeat(split_of_piece, chunk.pieces.sample_lengths)
-        for number, name in enumerate(names):
-            tokens = split_of_token == number
-            parts[name].append(Rows(chunk.pieces.input_ids[tokens], chunk.pieces.labels[tokens],
-                                    chunk.pieces.sample_lengths[split_of_piece == number]))
+    audit_files: dict[str, object] = {}
+    try:
+        # (results first: zip then runs the pool to its end, which closes it)
+        for chunk, batch in zip(in_order(tokenize_chunk, state, batches, num_workers), batches):
+            for reason, n in chunk.dropped.items():
+                dropped[reason] += n  # (+= 0 too: the reasons keep the order they first occurred in)
+            num_windowed += chunk.num_windowed
+            owner_ids = [batch[owner].id for owner in chunk.owners.tolist()]
+            used_ids.update(owner_ids)
+            split_of_piece = np.array([names.index(split_by_id[i]) for i in owner_ids], dtype=np.int64)
+            split_of_token = np.repeat(split_of_piece, chunk.pieces.sample_lengths)
+            for number, name in enumerate(names):
+                tokens = split_of_token == number
+                parts[name].append(Rows(chunk.pieces.input_ids[tokens], chunk.pieces.labels[tokens],
+                                        chunk.pieces.sample_lengths[split_of_piece == number]))
+            for owner, line in zip(dict.fromkeys(chunk.owners.tolist()), chunk.audit_lines or ()):
+                split = split_by_id[batch[owner].id]
+                if split not in audit_files:
+                    audit_files[split] = open(audit_dir / f"{split}.conversations.jsonl", "w", encoding="utf-8")
+                audit_files[split].write(line)
+    finally:
+        for handle in audit_files.values():
+            handle.close()
     splits = {name: Rows.concatenate(rows) for name, rows in parts.items()}
     del parts
     preflight(splits, end_of_turn, end_of_turn_id)
@@ -370,15 +404,15 @@ def tokenize_rows(conversations, tokenizer, data_cfg, max_seq_len: int) -> tuple
         "packed": train_tokens / (train_rows * max_seq_len),
     }
     counts["supervised_token_fraction"] = counts["supervised_tokens"]["train"] / max(1, train_tokens)
-    return splits, counts, used_ids
+    return Tokenized(splits, counts, used_ids, {split: handle.name for split, handle in audit_files.items()})
 
 
 def tokenize_splits(conversations, tokenizer, data_cfg, max_seq_len: int
                     ) -> tuple[dict[str, list[Sample]], dict, set[str]]:
     """Samples per split (packed rows when data.packing), counts, and the ids of the conversations that gave at
     least one sample: `tokenize_rows` as the `Sample` lists training takes."""
-    splits, counts, used_ids = tokenize_rows(conversations, tokenizer, data_cfg, max_seq_len)
-    return {split: rows.samples() for split, rows in splits.items()}, counts, used_ids
+    tokenized = tokenize_rows(conversations, tokenizer, data_cfg, max_seq_len)
+    return {split: rows.samples() for split, rows in tokenized.splits.items()}, tokenized.counts, tokenized.used_ids
 
 
 def build_splits(conversations, tokenizer, data_cfg, max_seq_len: int) -> tuple[dict[str, list[Sample]], dict]:

@@ -17,44 +17,15 @@ import os
 from pathlib import Path
 
 from llmft.data.tokenizer import tokenizer_for_run
-from llmft.data.pipeline import (
-    assign_splits,
-    end_of_turn_of,
-    read_conversations,
-    tokenize_rows,
-)
+from llmft.data.pipeline import end_of_turn_of, read_conversations, tokenize_rows
 from llmft.data.prepared import fingerprint_parts, load_samples, save_samples, write_manifest
 from llmft.data.records import DataError
-from llmft.data.templating import with_system_prompt
 
 
 def output_dir_of(data_cfg) -> Path:
     if not data_cfg.output_dir:
         raise DataError("data.output_dir is not set: add data.output_dir=DIR, the folder prepare writes to.")
     return Path(os.path.expandvars(str(data_cfg.output_dir))).expanduser()
-
-
-def write_conversations(out_dir: Path, conversations, used_ids: set[str], data_cfg) -> dict[str, str]:
-    """The conversations that made samples, per split, with the system prompt the model will see."""
-    split_by_id = assign_splits([c.id for c in conversations], data_cfg)
-    system_prompt = data_cfg.system_prompt  # (once: OmegaConf's attribute access costs more than the JSON)
-    paths = {}
-    handles = {}
-    try:
-        for conversation in conversations:
-            if conversation.id not in used_ids:
-                continue
-            split = split_by_id[conversation.id]
-            if split not in handles:
-                paths[split] = str(out_dir / f"{split}.conversations.jsonl")
-                handles[split] = open(paths[split], "w", encoding="utf-8")
-            record = {"id": conversation.id, "source": conversation.source,
-                      "messages": with_system_prompt(conversation.messages, system_prompt)}
-            handles[split].write(json.dumps(record, ensure_ascii=False) + "\n")
-    finally:
-        for handle in handles.values():
-            handle.close()
-    return paths
 
 
 def write_length_histogram(path: Path, lengths_by_split: dict[str, list[int]], max_seq_len: int, title: str) -> bool:
@@ -92,10 +63,10 @@ def prepare(cfg) -> dict:
     if not isinstance(load_samples(out_dir, parts), str) and (out_dir / "report.json").is_file():
         return {**json.loads((out_dir / "report.json").read_text()), "reused_prepared": True}
 
-    splits, counts, used_ids = tokenize_rows(conversations, tokenizer, data_cfg, max_seq_len)
+    tokenized = tokenize_rows(conversations, tokenizer, data_cfg, max_seq_len, audit_dir=out_dir)
+    splits, counts = tokenized.splits, tokenized.counts
     save_samples(out_dir, splits)
     tokenizer.save_pretrained(out_dir / "tokenizer")
-    conversation_files = write_conversations(out_dir, conversations, used_ids, data_cfg)
     fractions = counts["useful_token_fraction"]
     has_histogram = write_length_histogram(
         out_dir / "lengths.png", {split: rows.sample_lengths.tolist() for split, rows in splits.items() if len(rows)},
@@ -112,7 +83,7 @@ def prepare(cfg) -> dict:
         "files": {
             "dataset": str(out_dir / "dataset"),
             "tokenizer": str(out_dir / "tokenizer"),
-            "conversations": conversation_files,
+            "conversations": tokenized.conversation_files,
             "length_histogram": str(out_dir / "lengths.png") if has_histogram else None,
         },
     }

@@ -21,9 +21,10 @@ script takes the first N = steps * B conversations, with B the largest batch for
 makes exactly `steps` rows of max_seq_len (2,048) tokens. Those N conversations go to every contender as one chat
 JSONL file; each trains one epoch over them in exactly `steps` optimizer steps, so all three see the same samples and
 train on the same supervised tokens (the table's "sup. all steps" column checks it; a mismatch is flagged).
-LoRA r=16, alpha=32, dropout 0.05 on q,k,v,o,gate,up,down (llmft/conf/peft/lora.yaml), AdamW lr 2e-4, 20
-warmup steps of a cosine schedule, clip 1.0, seed 0, no gradient accumulation, no activation checkpointing (all
-three; `--activation-checkpointing` turns it on for all three), fp32 (no autocast).
+LoRA and optimizer are llmft's own settings for model=llama3_2_1b, read from its config and given to HF and TRL:
+peft=lora (today r=16, alpha=32, dropout 0.05 on q,k,v,o,gate,up,down) and train=default (AdamW lr 2e-4, 20
+warmup steps, clip 1.0, seed 0); no gradient accumulation, no activation checkpointing (`--activation-checkpointing`
+turns it on for all three), fp32 (no autocast).
 
 The contenders, each in its own fresh process (so each one's peak is its own):
 - llmft: `llmft.training.loop.train` in-process, model=llama3_2_1b with model.path=the random model,
@@ -102,9 +103,7 @@ LLAMA_3_2_1B = dict(
 QUICK_SHAPE = {**LLAMA_3_2_1B, "hidden_size": 256, "intermediate_size": 1024, "num_attention_heads": 4,
                "num_key_value_heads": 2}
 
-LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05,
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-LR, WARMUP_STEPS, MAX_GRAD_NORM, SEED = 2e-4, 20, 1.0, 0
+SEED = 0
 
 
 def peak_rss_mb() -> float:
@@ -217,7 +216,14 @@ def child_prepare(setup: dict) -> dict:
     from llmft.data.tokenizer import train_tiny_tokenizer
 
     work, steps, max_seq_len = Path(setup["work"]), setup["steps"], setup["max_seq_len"]
-    conversations, _ = read_conversations(compose([]).data)  # data=tickets_sample, cleaned and scrubbed by llmft
+    # llmft's own settings for this model, which HF and TRL then copy: LoRA (peft=lora) and optimizer (train=default)
+    cfg = compose(["model=llama3_2_1b"])
+    lora = {"r": cfg.peft.r, "lora_alpha": cfg.peft.alpha, "lora_dropout": cfg.peft.dropout,
+            "target_modules": list(cfg.peft.target_modules or cfg.model.lora_target_modules)}
+    optimizer = {"learning_rate": cfg.train.lr, "warmup_steps": cfg.train.warmup_steps,
+                 "weight_decay": cfg.train.weight_decay, "adam_beta1": cfg.train.adam_beta1,
+                 "adam_beta2": cfg.train.adam_beta2, "max_grad_norm": cfg.train.max_grad_norm, "seed": cfg.train.seed}
+    conversations, _ = read_conversations(cfg.data)  # data=tickets_sample, cleaned and scrubbed by llmft
     tokenizer = train_tiny_tokenizer([m["content"] for c in conversations for m in c.messages], 32_000)
     model_dir = work / "model"
     tokenizer.save_pretrained(model_dir)
@@ -253,6 +259,8 @@ def child_prepare(setup: dict) -> dict:
     model = LlamaForCausalLM(config)
     model.save_pretrained(model_dir)
     return {
+        "lora": lora,
+        "optimizer": optimizer,
         "model_dir": str(model_dir),
         "subset_path": str(subset_path),
         "num_conversations_bundled": len(conversations),
@@ -303,8 +311,7 @@ def child_llmft(setup: dict) -> dict:
         f"model.max_seq_len={setup['max_seq_len']}", f"data.path={setup['subset_path']}",
         "data.validation_fraction=0", "train.micro_batch_size=1", "train.grad_accum_steps=1",
         f"train.activation_checkpointing={str(setup['activation_checkpointing']).lower()}",
-        f"train.lr={LR}", f"train.warmup_steps={WARMUP_STEPS}", f"train.max_grad_norm={MAX_GRAD_NORM}",
-        f"train.seed={SEED}", f"train.max_steps={setup['steps']}",
+        f"train.max_steps={setup['steps']}",
         f"run_dir={Path(setup['work']) / ('llmft_run' + setup['tag'])}",
     ])
     run_dir = rundir.create(cfg)
@@ -352,8 +359,7 @@ def common_arguments(setup: dict, name: str) -> dict:
     return dict(
         output_dir=str(Path(setup["work"]) / (name + setup["tag"])), max_steps=setup["steps"],
         gradient_accumulation_steps=1,
-        learning_rate=LR, warmup_steps=WARMUP_STEPS, lr_scheduler_type="cosine", weight_decay=0.0,
-        max_grad_norm=MAX_GRAD_NORM, save_strategy="no", report_to=[], use_cpu=True, seed=SEED,
+        **setup["optimizer"], lr_scheduler_type="cosine", save_strategy="no", report_to=[], use_cpu=True,
         dataloader_num_workers=0, disable_tqdm=True, bf16=False, gradient_checkpointing=ac,
         gradient_checkpointing_kwargs={"use_reentrant": False} if ac else None,
     )
@@ -371,7 +377,7 @@ def child_hf(setup: dict) -> dict:
         ids = list(encoded["input_ids"])
         labels = [t if m else IGNORE_INDEX for t, m in zip(ids, encoded["assistant_masks"])]
         dataset.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
-    model = get_peft_model(load_base_model(setup), LoraConfig(**LORA, task_type="CAUSAL_LM"))
+    model = get_peft_model(load_base_model(setup), LoraConfig(**setup["lora"], task_type="CAUSAL_LM"))
     recorder = StepRecorder()
     trainer = Trainer(
         model=model,
@@ -401,7 +407,7 @@ def child_trl(setup: dict) -> dict:
                        max_length=setup["max_seq_len"], packing=True, assistant_only_loss=True),
         train_dataset=dataset,
         processing_class=tokenizer,
-        peft_config=LoraConfig(**LORA, task_type="CAUSAL_LM"),
+        peft_config=LoraConfig(**setup["lora"], task_type="CAUSAL_LM"),
         callbacks=[hf_callback(recorder)],
     )
     count_training_steps(trainer, recorder)
@@ -553,7 +559,7 @@ def print_contenders(setup: dict, results: dict) -> None:
     shape = setup["shape"]
     print(f"\nLlama-3.2-1B shape, {shape['num_hidden_layers']} layer(s) (hidden {shape['hidden_size']}, vocabulary "
           f"{shape['vocab_size']:,}, tied), {setup['num_parameters'] / 1e6:.0f}M parameters, fp32 on CPU "
-          f"({os.cpu_count()} cores), LoRA r={LORA['r']}; {setup['num_conversations']} of the "
+          f"({os.cpu_count()} cores), LoRA r={setup['lora']['r']}; {setup['num_conversations']} of the "
           f"{setup['num_conversations_bundled']} bundled tickets, {setup['steps']} optimizer steps (step 1 untimed), "
           f"max_seq_len {setup['max_seq_len']}, activation checkpointing "
           f"{'on' if setup['activation_checkpointing'] else 'off'}; llmft: {setup['llmft_revision']}")

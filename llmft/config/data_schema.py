@@ -19,6 +19,9 @@ class DataFormat(str, Enum):
     email = "email"  # an mbox file, or a folder of .eml files (and mbox files)
     csv = "csv"  # one question/answer pair a row
     acronyms = "acronyms"  # a JSON list of {"acronym", "definition"}, turned into synthetic conversations
+    # DPO pairs (TRL's conversational preference format), one a line: {"id"?, "prompt", "chosen", "rejected"}
+    preference_jsonl = "preference_jsonl"
+    kto_jsonl = "kto_jsonl"  # KTO examples, one a line: {"id"?, "prompt", "completion", "label": true|false}
 
 
 class LongConversations(str, Enum):

@@ -1,7 +1,8 @@
-"""python -m llmft.data prepare|inspect [options] [overrides]
+"""python -m llmft.data prepare|inspect [options] [overrides] | from-eval RUN_DIR [out=FILE] [kto_out=FILE]
 
     prepare    read, clean, scrub, tokenize and pack `data=` for `model=`, into data.output_dir
     inspect    print a few samples with the supervised tokens highlighted
+    from-eval  DPO pairs (out) and KTO examples (kto_out) from the judged answers of a run's evaluation
 
 Options: --cfg (print the resolved data config and stop); inspect: --num N (3), --split NAME (train), --no-color.
 Overrides are Hydra's, as for `python -m llmft.launch`: data=tickets_sample data.output_dir=$WORK/tickets-v1 ...
@@ -18,15 +19,17 @@ from omegaconf.errors import MissingMandatoryValue
 
 from llmft.config.compose import compose
 from llmft.config.validation import validate
+from llmft.data.preferences import summary_line
 from llmft.errors import ConfigError, run_command
 
 USAGE = __doc__.split("\n\n")[0].strip()
 
 
 def summary_lines(report: dict) -> list[str]:
+    noun = {"preference_jsonl": "pairs", "kto_jsonl": "examples"}.get(report["format"], "conversations")
     lines = [
         f"read {report['records_read']} records from {report['path']} ({report['format']}): "
-        f"{report['conversations_read']} conversations, {report['num_conversations']} kept",
+        f"{report['conversations_read']} {noun}, {report['num_conversations']} kept",
     ]
     if report.get("num_skipped"):
         lines.append(f"skipped {report['num_skipped']} bad records, e.g. {report['skipped'][0]}")
@@ -35,6 +38,8 @@ def summary_lines(report: dict) -> list[str]:
         lines.append("dropped: " + ", ".join(f"{n} {reason}" for reason, n in dropped.items()))
     if report.get("pii_replacements"):
         lines.append("replaced: " + ", ".join(f"{n} {kind}" for kind, n in report["pii_replacements"].items()))
+    if "sample_kind" in report:  # preference_jsonl, kto_jsonl
+        return lines + [summary_line(report)]
     fractions = report["useful_token_fraction"]
     lines.append(
         "samples: " + ", ".join(f"{n} {split}" for split, n in report["samples"].items())
@@ -47,7 +52,7 @@ def summary_lines(report: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m llmft.data", usage=USAGE, add_help=True)
-    parser.add_argument("command", choices=["prepare", "inspect"])
+    parser.add_argument("command", choices=["prepare", "inspect", "from-eval"])
     parser.add_argument("--cfg", action="store_true", help="print the resolved data config and stop")
     parser.add_argument("--num", type=int, default=3, help="inspect: how many samples")
     parser.add_argument("--split", default="train", help="inspect: which split")
@@ -57,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args, overrides: list[str]) -> int:
+    if args.command == "from-eval":  # reads a run's evaluation report, composes no config
+        from llmft.data.from_eval import from_eval
+
+        from_eval(overrides)
+        return 0
     cfg = compose(overrides)
     if args.cfg:
         print(OmegaConf.to_yaml(cfg.data, resolve=True))

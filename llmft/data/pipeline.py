@@ -34,6 +34,8 @@ from llmft.data.dedup import Deduplicator, DedupKeys, dedup_keys
 from llmft.data.email_threads import conversations_of, mail_pieces, number_mails, parse_mails, read_email, \
     ticket_pattern_of
 from llmft.data.packing import pack_rows
+from llmft.data.preferences import PREFERENCE_FORMATS, PreferenceTokenizing, clean_preferences, preference_counts, \
+    preference_records_of, samples_of, tokenize_preference_chunk
 from llmft.data.prepared import fingerprint_parts, load_samples
 from llmft.data.records import Conversation, DataError, ReadReport, input_files, jsonl_chunk_records, jsonl_chunks
 from llmft.data.rows import Rows
@@ -133,13 +135,20 @@ def read_chunk(state: Cleaning, task: tuple) -> CleanedChunk:
         return chunk
     if kind == "jsonl":
         records = jsonl_chunk_records(*task[1:], chunk.report)
-        raw = tickets_of(records, state.staff, data_cfg, chunk.report) if state.data_format == "tickets_jsonl" \
-            else chats_of(records, chunk.report)
+        if state.data_format in PREFERENCE_FORMATS:
+            raw = preference_records_of(records, state.data_format, chunk.report)
+        else:
+            raw = tickets_of(records, state.staff, data_cfg, chunk.report) if state.data_format == "tickets_jsonl" \
+                else chats_of(records, chunk.report)
     else:
         raw = task[1]
     chunk.conversations_read = len(raw)
     if state.scrubber is not None:
         state.scrubber.counts = chunk.pii  # this chunk's replacements
+    if state.data_format in PREFERENCE_FORMATS:  # a prompt and completions: their own rules (preferences.py)
+        cleaned = clean_preferences(raw, state.cleaner, state.scrubber, data_cfg)
+        chunk.kept, chunk.dropped, chunk.truncated = cleaned.kept, cleaned.dropped, cleaned.truncated
+        return chunk
     threshold = data_cfg.clean.near_duplicate_threshold
     for conversation in raw:
         shaped = clean_conversation(conversation, state.cleaner, state.scrubber, data_cfg)
@@ -156,7 +165,7 @@ def read_tasks(state: Cleaning, path: Path, report: ReadReport, num_workers: int
     """The tasks of `read_chunk` for the input at `path`. The parent reads csv and acronyms files itself (cheap, and a
     CSV row may span lines), and threads e-mail (a thread needs every mail) between parsing and cleaning."""
     data_cfg, data_format = state.data_cfg, state.data_format
-    if data_format in ("tickets_jsonl", "chat_jsonl"):
+    if data_format in ("tickets_jsonl", "chat_jsonl", *PREFERENCE_FORMATS):
         total = sum(file.stat().st_size for file in input_files(path, (".jsonl", ".json")))
         return [("jsonl", *piece) for piece in jsonl_chunks(path, chunk_bytes(total, num_workers))]
     if data_format == "email":
@@ -327,7 +336,7 @@ def tokenize_chunk(state: Tokenizing, chunk: list[Conversation]) -> TokenizedChu
 
 @dataclass
 class Tokenized:
-    splits: dict[str, Rows]  # packed when data.packing
+    splits: dict[str, Rows]  # packed when data.packing; preference formats: lists of PreferencePair / KtoExample
     counts: dict
     used_ids: set[str]  # the conversations that gave at least one sample
     # audit_dir's `<split>.conversations.jsonl`, in the order first written: the conversations that gave a sample
@@ -407,16 +416,64 @@ def tokenize_rows(conversations, tokenizer, data_cfg, max_seq_len: int, audit_di
     return Tokenized(splits, counts, used_ids, {split: handle.name for split, handle in audit_files.items()})
 
 
+def tokenize_preferences(records, tokenizer, data_cfg, max_seq_len: int, audit_dir: Path | None = None) -> Tokenized:
+    """data.format=preference_jsonl / kto_jsonl: `PreferencePair` / `KtoExample` lists per split (never packed), the
+    counts, and with `audit_dir` the records that gave one, cleaned, as `<split>.pairs.jsonl` / `.examples.jsonl`
+    (the same format: they read back as they are). Tokenizing runs on data.num_workers processes, as `tokenize_rows`."""
+    data_cfg = plain(data_cfg)
+    data_format = format_of(data_cfg)
+    end_of_turn, end_of_turn_id = end_of_turn_of(tokenizer, data_cfg)
+    split_by_id = assign_splits([r.id for r in records], data_cfg)
+    names = ["train", "validation"] + (["test"] if data_cfg.test_fraction > 0 else [])
+    splits: dict[str, list] = {name: [] for name in names}
+    dropped: Counter = Counter()
+    num_cut = 0
+    used_ids: set[str] = set()
+    long_policy = str(getattr(data_cfg.long_conversations, "value", data_cfg.long_conversations))
+    state = PreferenceTokenizing(tokenizer, data_cfg.system_prompt, end_of_turn, max_seq_len, long_policy)
+    num_workers = num_workers_of(data_cfg)
+    batches = chunks(records, num_workers)
+    audit_name = "pairs" if data_format == "preference_jsonl" else "examples"
+    audit_lines: dict[str, list[str]] = {}
+    for chunk, batch in zip(in_order(tokenize_preference_chunk, state, batches, num_workers), batches):
+        for reason, n in chunk.dropped.items():
+            dropped[reason] += n
+        num_cut += chunk.num_cut
+        for item, owner in zip(chunk.items, chunk.owners):
+            record = batch[owner]
+            used_ids.add(record.id)
+            splits[split_by_id[record.id]].append(item)
+            if audit_dir is not None:
+                audit_lines.setdefault(split_by_id[record.id], []).append(
+                    json.dumps(record.audit_record(data_cfg.system_prompt), ensure_ascii=False) + "\n")
+    preflight({split: samples_of(items) for split, items in splits.items()}, end_of_turn, end_of_turn_id)
+    if not splits["train"]:
+        raise DataError(f"no training {audit_name[:-1]} left from {data_cfg.path} (dropped: {dict(dropped)}); "
+                        f"raise model.max_seq_len or add data.")
+    files = {}
+    for split, lines in audit_lines.items():
+        files[split] = str(audit_dir / f"{split}.{audit_name}.jsonl")
+        Path(files[split]).write_text("".join(lines), encoding="utf-8")
+    counts = preference_counts(splits, data_format, max_seq_len, end_of_turn, dict(dropped), num_cut)
+    return Tokenized(splits, counts, used_ids, files)
+
+
 def tokenize_splits(conversations, tokenizer, data_cfg, max_seq_len: int
                     ) -> tuple[dict[str, list[Sample]], dict, set[str]]:
     """Samples per split (packed rows when data.packing), counts, and the ids of the conversations that gave at
-    least one sample: `tokenize_rows` as the `Sample` lists training takes."""
+    least one sample: `tokenize_rows` as the `Sample` lists training takes. For data.format=preference_jsonl and
+    kto_jsonl: `PreferencePair` / `KtoExample` lists (`tokenize_preferences`)."""
+    if format_of(data_cfg) in PREFERENCE_FORMATS:
+        tokenized = tokenize_preferences(conversations, tokenizer, data_cfg, max_seq_len)
+        return tokenized.splits, tokenized.counts, tokenized.used_ids
     tokenized = tokenize_rows(conversations, tokenizer, data_cfg, max_seq_len)
     return {split: rows.samples() for split, rows in tokenized.splits.items()}, tokenized.counts, tokenized.used_ids
 
 
 def build_splits(conversations, tokenizer, data_cfg, max_seq_len: int) -> tuple[dict[str, list[Sample]], dict]:
     """Samples per split (packed rows when data.packing), and counts of what was built, truncated and dropped.
+    For data.format=preference_jsonl / kto_jsonl: lists of `PreferencePair` / `KtoExample` (preferences.py), and
+    counts["samples"] counts pairs / examples.
 
     Reuses the prepared dataset when its fingerprint matches; otherwise tokenizes here and says why.
     """

@@ -3,6 +3,8 @@
     DIR/dataset/                      the tokenized samples (datasets.DatasetDict: train, validation[, test])
     DIR/tokenizer/                    the tokenizer they were made with (model=tiny trains one on the data)
     DIR/<split>.conversations.jsonl   the cleaned, scrubbed conversations, in chat format: what the model sees
+    DIR/<split>.pairs.jsonl           (preference_jsonl; kto_jsonl: <split>.examples.jsonl) the same for preference
+                                      records, in their own format, with the system prompt the model sees
     DIR/report.json                   what was read, dropped (and why), replaced, built
     DIR/lengths.png                   the histogram of sample lengths against model.max_seq_len
     DIR/manifest.json                 the fingerprint; written last, so a folder without it is incomplete
@@ -17,7 +19,8 @@ import os
 from pathlib import Path
 
 from llmft.data.tokenizer import tokenizer_for_run
-from llmft.data.pipeline import end_of_turn_of, read_conversations, tokenize_rows
+from llmft.data.pipeline import end_of_turn_of, format_of, read_conversations, tokenize_preferences, tokenize_rows
+from llmft.data.preferences import PREFERENCE_FORMATS, samples_of
 from llmft.data.prepared import fingerprint_parts, load_samples, save_samples, write_manifest
 from llmft.data.records import DataError
 
@@ -63,17 +66,25 @@ def prepare(cfg) -> dict:
     if not isinstance(load_samples(out_dir, parts), str) and (out_dir / "report.json").is_file():
         return {**json.loads((out_dir / "report.json").read_text()), "reused_prepared": True}
 
-    tokenized = tokenize_rows(conversations, tokenizer, data_cfg, max_seq_len, audit_dir=out_dir)
-    splits, counts = tokenized.splits, tokenized.counts
-    save_samples(out_dir, splits)
+    if format_of(data_cfg) in PREFERENCE_FORMATS:  # pairs or KTO examples, one a row: no packing
+        tokenized = tokenize_preferences(conversations, tokenizer, data_cfg, max_seq_len, audit_dir=out_dir)
+        counts = tokenized.counts
+        save_samples(out_dir, tokenized.splits, counts["sample_kind"])
+        lengths = {split: [len(s.input_ids) for s in samples_of(items)] for split, items in tokenized.splits.items()}
+        title = (f"{sum(counts['samples'].values())} {counts['sample_kind'].split('_')[1]} "
+                 f"({sum(map(len, lengths.values()))} sequences); useful tokens "
+                 f"{counts['useful_token_fraction']['padded']:.0%} padded to {max_seq_len}")
+    else:
+        tokenized = tokenize_rows(conversations, tokenizer, data_cfg, max_seq_len, audit_dir=out_dir)
+        counts = tokenized.counts
+        save_samples(out_dir, tokenized.splits)
+        lengths = {split: rows.sample_lengths.tolist() for split, rows in tokenized.splits.items()}
+        fractions = counts["useful_token_fraction"]
+        title = (f"{sum(counts['samples'].values())} samples; useful tokens {fractions['packed']:.0%} packed, "
+                 f"{fractions['padded']:.0%} padded to {max_seq_len}")
     tokenizer.save_pretrained(out_dir / "tokenizer")
-    fractions = counts["useful_token_fraction"]
     has_histogram = write_length_histogram(
-        out_dir / "lengths.png", {split: rows.sample_lengths.tolist() for split, rows in splits.items() if len(rows)},
-        max_seq_len,
-        f"{sum(counts['samples'].values())} samples; useful tokens {fractions['packed']:.0%} packed, "
-        f"{fractions['padded']:.0%} padded to {max_seq_len}",
-    )
+        out_dir / "lengths.png", {split: values for split, values in lengths.items() if values}, max_seq_len, title)
     report = {
         **read_report,
         **counts,

@@ -19,6 +19,7 @@ import json
 import shutil
 from pathlib import Path
 
+from llmft.data.preferences import COLUMNS, PROMPT_RECORDS, columns_of, items_of
 from llmft.data.rows import Rows
 from llmft.data.templating import Sample
 
@@ -33,7 +34,9 @@ def _sha(payload) -> str:
 def conversations_fingerprint(conversations) -> str:
     digest = hashlib.sha256()
     for conversation in conversations:
-        digest.update(json.dumps([conversation.id, conversation.messages], ensure_ascii=False).encode())
+        identity = conversation.identity() if isinstance(conversation, PROMPT_RECORDS) else \
+            [conversation.id, conversation.messages]  # (preference records: the prompt and every completion)
+        digest.update(json.dumps(identity, ensure_ascii=False).encode())
         digest.update(b"\n")
     return digest.hexdigest()[:16]
 
@@ -65,19 +68,26 @@ def fingerprint_parts(conversations, tokenizer, data_cfg, max_seq_len: int, end_
     }
 
 
-def save_samples(out_dir: Path, splits: dict[str, Rows]) -> None:
-    """The samples as a `datasets.DatasetDict` in `out_dir/dataset`; call `write_manifest` once all is written."""
+def save_samples(out_dir: Path, splits: dict[str, Rows] | dict[str, list], sample_kind: str | None = None) -> None:
+    """The samples as a `datasets.DatasetDict` in `out_dir/dataset`; call `write_manifest` once all is written.
+    `sample_kind` (preferences.SAMPLE_KINDS): the splits are lists of pairs or KTO examples, one row each."""
     from datasets import Dataset, DatasetDict, DatasetInfo, Features, Sequence, Value
     from datasets.table import InMemoryTable
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()  # a login-node log, not a terminal show
-    features = Features({name: Sequence(Value("int32")) for name in ("input_ids", "labels", "seq_lengths")})
-    dataset = DatasetDict({  # built from the int32 arrays, without a Python list of the tokens
-        split: Dataset(InMemoryTable(rows.arrow_table(features.arrow_schema)), info=DatasetInfo(features=features),
-                       fingerprint=rows.fingerprint())  # (else datasets hashes a pickled copy of the whole table)
-        for split, rows in splits.items()
-    })
+    if sample_kind is not None:
+        scalar = {"prompt_length": Value("int32"), "desirable": Value("bool")}
+        features = Features({name: scalar.get(name, Sequence(Value("int32"))) for name in COLUMNS[sample_kind]})
+        dataset = DatasetDict({split: Dataset.from_dict(columns_of(items, sample_kind), features=features)
+                               for split, items in splits.items()})
+    else:
+        features = Features({name: Sequence(Value("int32")) for name in ("input_ids", "labels", "seq_lengths")})
+        dataset = DatasetDict({  # built from the int32 arrays, without a Python list of the tokens
+            split: Dataset(InMemoryTable(rows.arrow_table(features.arrow_schema)), info=DatasetInfo(features=features),
+                           fingerprint=rows.fingerprint())  # (else datasets hashes a pickled copy of the whole table)
+            for split, rows in splits.items()
+        })
     (out_dir / "manifest.json").unlink(missing_ok=True)  # the folder is incomplete until a new manifest is written
     staging = out_dir / "dataset.tmp"
     shutil.rmtree(staging, ignore_errors=True)
@@ -93,7 +103,8 @@ def write_manifest(out_dir: Path, parts: dict[str, str], counts: dict) -> None:
 
 
 def load_samples(prepared_dir: Path, parts: dict[str, str]) -> tuple[dict[str, list[Sample]], dict] | str:
-    """The saved samples and counts when the fingerprint matches; otherwise why not, as a sentence."""
+    """The saved samples and counts when the fingerprint matches; otherwise why not, as a sentence. Preference
+    data (counts["sample_kind"]) comes back as lists of `PreferencePair` / `KtoExample`."""
     manifest_path = prepared_dir / "manifest.json"
     if not manifest_path.is_file():
         return f"{prepared_dir} holds no prepared dataset (no manifest.json)"
@@ -105,6 +116,13 @@ def load_samples(prepared_dir: Path, parts: dict[str, str]) -> tuple[dict[str, l
 
     dataset = load_from_disk(str(prepared_dir / "dataset"))
     splits = {}
+    sample_kind = manifest["counts"].get("sample_kind")
+    if sample_kind is not None:
+        for split in dataset:
+            table = dataset[split].data
+            splits[split] = items_of({name: table.column(name).to_pylist() for name in COLUMNS[sample_kind]},
+                                     sample_kind)
+        return splits, manifest["counts"]
     packed = bool(manifest["counts"].get("packing"))
     for split in dataset:
         table = dataset[split].data

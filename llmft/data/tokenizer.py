@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from llmft.data.preferences import training_texts
+
 # ChatML, the fallback for the tiny model and for base models whose tokenizer has no template. The
 # `{% generation %}` markers let transformers return assistant masks; llmft computes masks itself (data/templating.py)
 # but keeps them so stock tools (TRL's assistant_only_loss) read the template the same way.
@@ -79,7 +81,8 @@ def load_tokenizer(model_path: str, fallback_chat_template: str | None):
 
 
 def tokenizer_for_run(cfg, conversations):
-    """The run's tokenizer: the model's, or for model=tiny a BPE trained on these conversations' texts."""
+    """The run's tokenizer: the model's, or for model=tiny a BPE trained on these conversations' texts (preference
+    records: their prompts and every completion, rejected ones included)."""
     if cfg.model.path is None:
-        return train_tiny_tokenizer([m["content"] for c in conversations for m in c.messages], cfg.model.tiny.vocab_size)
+        return train_tiny_tokenizer(training_texts(conversations), cfg.model.tiny.vocab_size)
     return load_tokenizer(cfg.model.path, cfg.model.fallback_chat_template)

@@ -22,6 +22,8 @@ class DataFormat(str, Enum):
     # DPO pairs (TRL's conversational preference format), one a line: {"id"?, "prompt", "chosen", "rejected"}
     preference_jsonl = "preference_jsonl"
     kto_jsonl = "kto_jsonl"  # KTO examples, one a line: {"id"?, "prompt", "completion", "label": true|false}
+    transcript = "transcript"  # text or Markdown: `## Ticket #12` headings, then `Speaker : text` turns
+    mixture = "mixture"  # `data.sources`: several data configs, each drawn at its `weight` share of training
 
 
 class LongConversations(str, Enum):
@@ -68,6 +70,25 @@ class AcronymsConfig:
     llm_model: Optional[str] = None
     llm_api_key_env: str = "OPENAI_API_KEY"  # name of the environment variable holding the key (never the key)
     llm_timeout_s: float = 60.0
+
+
+@dataclass
+class TranscriptConfig:
+    """`data.format=transcript`: how tickets and turns are recognised in the text or Markdown files."""
+
+    # A line that starts a ticket, searched case-insensitively at the start of each line; its one capturing group
+    # is the ticket id (the split is a hash of it), the rest of the line the subject. The default matches
+    # `## Ticket #12`, `Ticket 12`, `# Ticket n°12 - subject`, `**Ticket #12**`, `Demande T-12 : subject`.
+    ticket_pattern: str = (r"^[ \t]*(?:#{1,6}[ \t]*)?(?:\*\*)?[ \t]*(?:Ticket|Demande|Case|Request)[ \t]*"
+                           r"(?:n[°o]\.?|#|no\.|num[ée]ro)?[ \t]*((?:[A-Za-z]+-)?\d+)\b")
+    # Speaker (case-insensitive) -> role: user, assistant, or drop (turns that never reach the model, such as
+    # internal notes). A ticket with a speaker not listed here is skipped and reported as file:line.
+    roles: dict[str, str] = field(
+        default_factory=lambda: {
+            "Utilisateur": "user", "User": "user", "Client": "user",
+            "IDRIS": "assistant", "Support": "assistant", "Assistance": "assistant",
+        }
+    )
 
 
 @dataclass
@@ -130,6 +151,7 @@ class DataConfig:
     email: EmailConfig = field(default_factory=EmailConfig)
     csv: CsvConfig = field(default_factory=CsvConfig)
     acronyms: AcronymsConfig = field(default_factory=AcronymsConfig)
+    transcript: TranscriptConfig = field(default_factory=TranscriptConfig)
     clean: CleanConfig = field(default_factory=CleanConfig)
     scrub: ScrubConfig = field(default_factory=ScrubConfig)
     # Pack samples into rows of model.max_seq_len tokens (best fit), attention never crossing samples.
@@ -148,3 +170,21 @@ class DataConfig:
     # None: the CPUs this process may use (os.sched_getaffinity: SLURM's binding counts), at most 16, shared by the
     # ranks of a training job on one node. 1: all in this process, no worker.
     num_workers: Optional[int] = None
+    # data.format=mixture: the data configs mixed (any conversation format, each a full data config plus its
+    # `weight`), the training samples of an epoch drawn from each at its weight's share (weights are normalised).
+    # Each source keeps its own reading, cleaning, scrubbing, system prompt and validation split; the mixture's
+    # own keys used are packing (after the draw), num_workers and end_of_turn_token (a source's default when it
+    # leaves them unset), output_dir and prepared.
+    sources: list[MixtureSourceConfig] = field(default_factory=list)
+    # Training samples drawn per epoch; None: the sum of the sources' training samples (the size of their plain
+    # concatenation), so the weights re-balance the data without changing the epoch's length.
+    mixture_samples: Optional[int] = None
+    mixture_seed: int = 0  # which samples of a source are repeated or left out: the same seed, the same draw
+
+
+@dataclass
+class MixtureSourceConfig(DataConfig):
+    """One source of `data.format=mixture`: a data config, its weight and a name for the report."""
+
+    name: str = ""  # "": the file name of `path` without its extension
+    weight: float = MISSING  # > 0; the share of the training samples is weight / the sum of the weights

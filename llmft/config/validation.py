@@ -42,9 +42,9 @@ def validate(cfg: DictConfig, check_paths: bool = True) -> None:
         check_strategy_for_world_size(cfg, world_size, "launch.nproc")
     if not check_paths:
         return
-    data_path = Path(os.path.expandvars(cfg.data.path)).expanduser()
-    if not data_path.exists():
-        raise ConfigError(f"data.path={cfg.data.path} does not exist: point data.path at your data file or folder.")
+    for key, data in data_configs(cfg.data):  # a mixture: each of its sources
+        if not Path(os.path.expandvars(data.path)).expanduser().exists():
+            raise ConfigError(f"{key}.path={data.path} does not exist: point {key}.path at your data file or folder.")
     problem = model_path_problem(cfg)
     if problem:
         raise ConfigError(problem + ".")
@@ -129,7 +129,13 @@ def check_data(data, complete: bool = True) -> None:
         raise ConfigError("data.clean.min_assistant_chars must be >= 0 and data.clean.max_message_chars positive.")
     if data.acronyms.conversations_per_acronym < 1:
         raise ConfigError("data.acronyms.conversations_per_acronym must be at least 1.")
+    if data_format == "mixture":
+        check_mixture(data, complete)
+    elif list(getattr(data, "sources", None) or []):
+        raise ConfigError(f"data.sources is set but data.format={data_format}: set data.format=mixture (or start "
+                          f"from data=mixture) to mix them.")
     for key, pattern in [("data.email.ticket_id_pattern", data.email.ticket_id_pattern),
+                         ("data.transcript.ticket_pattern", data.transcript.ticket_pattern),
                          *((f"data.scrub.patterns.{name}", p) for name, p in data.scrub.patterns.items())]:
         try:
             re.compile(pattern)
@@ -138,6 +144,16 @@ def check_data(data, complete: bool = True) -> None:
     if re.compile(data.email.ticket_id_pattern).groups != 1:
         raise ConfigError(f"data.email.ticket_id_pattern={data.email.ticket_id_pattern!r} needs exactly one capturing "
                           f"group (the ticket id).")
+    if re.compile(data.transcript.ticket_pattern).groups != 1:
+        raise ConfigError(f"data.transcript.ticket_pattern={data.transcript.ticket_pattern!r} needs exactly one "
+                          f"capturing group (the ticket id).")
+    roles = {str(speaker): str(role) for speaker, role in data.transcript.roles.items()}
+    wrong = next((speaker for speaker, role in roles.items() if role not in ("user", "assistant", "drop")), None)
+    if wrong is not None:
+        raise ConfigError(f"data.transcript.roles.{wrong}={roles[wrong]} must be user, assistant or drop.")
+    if data_format == "transcript" and "assistant" not in roles.values():
+        raise ConfigError("data.transcript.roles maps no speaker to assistant: name the speaker who answers, "
+                          "for example data.transcript.roles.IDRIS=assistant.")
     if len(data.csv.delimiter) != 1:
         raise ConfigError(f"data.csv.delimiter={data.csv.delimiter!r} must be one character.")
     if not list(data.csv.question_columns):
@@ -146,6 +162,62 @@ def check_data(data, complete: bool = True) -> None:
     if num_workers is not None and num_workers < 1:
         raise ConfigError(f"data.num_workers={num_workers} must be at least 1 (1: all in this process), or null for "
                           f"the CPUs available (at most 16).")
+
+
+# What a mixture can mix: the formats that hold conversations (preference pairs train another objective).
+MIXTURE_FORMATS = ("chat_jsonl", "tickets_jsonl", "email", "csv", "acronyms", "transcript")
+
+
+def data_configs(data) -> list[tuple[str, object]]:
+    """(key, data config) of what is read: `data` itself, or each source of a mixture."""
+    if str(getattr(data.format, "value", data.format)) != "mixture":
+        return [("data", data)]
+    return [(f"data.sources[{i}]", source) for i, source in enumerate(data.sources)]
+
+
+def check_mixture(data, complete: bool) -> None:
+    """data.format=mixture: sources that are conversations, positive weights, distinct names; each source's own
+    settings checked as a data config, its errors naming data.sources[i]."""
+    if not list(data.sources):
+        raise ConfigError("data.format=mixture needs data.sources: a list of data configs, each with a weight "
+                          "(see data=mixture_sample).")
+    if data.mixture_samples is not None and data.mixture_samples < 1:
+        raise ConfigError(f"data.mixture_samples={data.mixture_samples} must be at least 1, or null for the sum of "
+                          f"the sources' training samples.")
+    names = []
+    for index, (key, source) in enumerate(data_configs(data)):
+        source_format = str(getattr(source.format, "value", source.format))
+        if source_format not in MIXTURE_FORMATS:
+            raise ConfigError(f"{key}.format={source_format} cannot be mixed: a mixture's sources hold conversations "
+                              f"({', '.join(MIXTURE_FORMATS)}).")
+        if isinstance(source, DictConfig) and OmegaConf.is_missing(source, "weight"):
+            raise ConfigError(f"{key}.weight is not set: give each source its share, for example {key}.weight=0.5.")
+        weight = source.weight
+        if not (isinstance(weight, (int, float)) and 0 < weight < float("inf")):
+            raise ConfigError(f"{key}.weight={weight} must be a positive number (the weights are normalised to "
+                              f"shares of the training samples).")
+        name = mixture_source_name(source, index)
+        if not re.fullmatch(r"[\w.-]+", name):
+            raise ConfigError(f"{key}.name={name!r} must be letters, digits, '_', '.' or '-' (it prefixes the ids of "
+                              f"the source's conversations).")
+        if name in names:
+            raise ConfigError(f"{key}.name={name} is the name of another source too: give each source its own "
+                              f"{key}.name.")
+        names.append(name)
+        try:
+            check_data(source, complete)
+        except ConfigError as error:  # the same checks, naming this source's keys
+            raise ConfigError(re.sub(r"\bdata\.", f"{key}.", str(error))) from None
+
+
+def mixture_source_name(source, index: int) -> str:
+    """A source's name: `name`, or the file name of its `path` without extensions (tickets_sample.chat.jsonl:
+    tickets_sample), or `source<index>` while the path is unset."""
+    if source.name:
+        return str(source.name)
+    if isinstance(source, DictConfig) and OmegaConf.is_missing(source, "path"):
+        return f"source{index}"
+    return Path(str(source.path)).name.split(".")[0] or f"source{index}"
 
 
 def with_eval_overrides(eval_cfg, overrides: list[str] = ()) -> EvalConfig:

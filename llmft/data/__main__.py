@@ -38,6 +38,10 @@ def summary_lines(report: dict) -> list[str]:
         lines.append("dropped: " + ", ".join(f"{n} {reason}" for reason, n in dropped.items()))
     if report.get("pii_replacements"):
         lines.append("replaced: " + ", ".join(f"{n} {kind}" for kind, n in report["pii_replacements"].items()))
+    for source in report.get("sources", []):  # a mixture
+        lines.append(f"source {source['name']}: weight {source['weight']:.3g}, {source['samples']} of the training "
+                     f"samples ({source['share']:.1%}; {source['available_samples']} available, each drawn "
+                     f"{source['times_each']:.2f} times on average), {source.get('validation_samples', 0)} validation")
     if "sample_kind" in report:  # preference_jsonl, kto_jsonl
         return lines + [summary_line(report)]
     fractions = report["useful_token_fraction"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from llmft.data.csv_pairs import read_csv_pairs
 from llmft.data.dedup import Deduplicator, DedupKeys, dedup_keys
 from llmft.data.email_threads import conversations_of, mail_pieces, number_mails, parse_mails, read_email, \
     ticket_pattern_of
+from llmft.data.mixture import (Source, by_source, draw, merged_read_report, mixture_splits, sample_targets,
+                                source_entries, sources_of, with_mixture_settings, with_source)
 from llmft.data.packing import pack_rows
 from llmft.data.preferences import PREFERENCE_FORMATS, PreferenceTokenizing, clean_preferences, preference_counts, \
     preference_records_of, samples_of, tokenize_preference_chunk
@@ -44,6 +47,7 @@ from llmft.data.splits import bucket_of, split_of
 from llmft.data.templating import (IGNORE_INDEX, Sample, TemplateError, tokenize_many, windows,
                                    with_system_prompt)
 from llmft.data.tickets import StaffRule, read_tickets_jsonl, tickets_of
+from llmft.data.transcripts import read_transcripts
 from llmft.data.workers import chunk_bytes, chunks, in_order, num_workers_of
 from llmft.config.validation import check_data
 
@@ -53,6 +57,7 @@ READERS = {  # data.format -> reader(path, data_cfg, report) -> conversations
     "email": read_email,
     "csv": read_csv_pairs,
     "acronyms": read_acronyms,
+    "transcript": read_transcripts,
 }
 
 
@@ -189,6 +194,8 @@ def read_conversations(data_cfg) -> tuple[list[Conversation], dict]:
     check_data(data_cfg)  # checked at launch already; again for callers that did not validate
     data_cfg = plain(data_cfg)
     data_format, path = format_of(data_cfg), data_path(data_cfg)
+    if data_format == "mixture":
+        return read_mixture(data_cfg)
     num_workers = num_workers_of(data_cfg)
     report = ReadReport(strict=data_cfg.strict)
     state = Cleaning.of(data_cfg, data_format)
@@ -225,10 +232,24 @@ def read_conversations(data_cfg) -> tuple[list[Conversation], dict]:
     return conversations, read_report
 
 
+def read_mixture(data_cfg) -> tuple[list[Conversation], dict]:
+    """data.format=mixture: each source read as alone (`read_conversations`), its ids prefixed with its name."""
+    conversations, reports = [], []
+    sources = sources_of(data_cfg)
+    for source in sources:
+        found, report = read_conversations(source.cfg)
+        conversations += with_source(found, source.name)
+        reports.append(report)
+    return conversations, merged_read_report(sources, reports)
+
+
 def assign_splits(conversation_ids: list[str], data_cfg) -> dict[str, str]:
     """Split of each id by hash. When that leaves validation empty (tiny data), the id with the lowest hash among
     the training ids is held out, so a run always has something to evaluate on, unless
-    data.validation_fraction=0 asks to train on every ticket (and evaluate on eval.file)."""
+    data.validation_fraction=0 asks to train on every ticket (and evaluate on eval.file). A mixture splits each
+    source's conversations by their own ids and that source's fractions, as alone."""
+    if format_of(data_cfg) == "mixture":
+        return mixture_splits(conversation_ids, plain(data_cfg), assign_splits)
     validation_fraction, test_fraction = data_cfg.validation_fraction, data_cfg.test_fraction  # (once: OmegaConf)
     splits = {i: split_of(i, validation_fraction, test_fraction) for i in conversation_ids}
     if "validation" not in splits.values() and validation_fraction > 0:
@@ -349,6 +370,8 @@ def tokenize_rows(conversations, tokenizer, data_cfg, max_seq_len: int, audit_di
     written there per split (`audit_line`). Tokenizing runs on data.num_workers processes, chunk by chunk; the split
     of each sample, the audit files and the packing are done here, in input order."""
     data_cfg = plain(data_cfg)
+    if format_of(data_cfg) == "mixture":
+        return tokenize_mixture(conversations, tokenizer, data_cfg, max_seq_len, audit_dir)
     end_of_turn, end_of_turn_id = end_of_turn_of(tokenizer, data_cfg)
     split_by_id = assign_splits([c.id for c in conversations], data_cfg)
     names = ["train", "validation"] + (["test"] if data_cfg.test_fraction > 0 else [])
@@ -385,6 +408,13 @@ def tokenize_rows(conversations, tokenizer, data_cfg, max_seq_len: int, audit_di
             handle.close()
     splits = {name: Rows.concatenate(rows) for name, rows in parts.items()}
     del parts
+    counts = finish_rows(splits, data_cfg, max_seq_len, end_of_turn, end_of_turn_id, dict(dropped), num_windowed)
+    return Tokenized(splits, counts, used_ids, {split: handle.name for split, handle in audit_files.items()})
+
+
+def finish_rows(splits: dict[str, Rows], data_cfg, max_seq_len: int, end_of_turn: str, end_of_turn_id: int,
+                dropped: dict[str, int], num_windowed: int) -> dict:
+    """Check the unpacked `splits`, pack them in place when data.packing, and count what was built."""
     preflight(splits, end_of_turn, end_of_turn_id)
     if not splits["train"].num_samples:
         raise DataError(f"no training sample left from {data_cfg.path} (dropped: {dict(dropped)}); "
@@ -413,7 +443,50 @@ def tokenize_rows(conversations, tokenizer, data_cfg, max_seq_len: int, audit_di
         "packed": train_tokens / (train_rows * max_seq_len),
     }
     counts["supervised_token_fraction"] = counts["supervised_tokens"]["train"] / max(1, train_tokens)
-    return Tokenized(splits, counts, used_ids, {split: handle.name for split, handle in audit_files.items()})
+    return counts
+
+
+def tokenize_mixture(conversations, tokenizer, data_cfg, max_seq_len: int, audit_dir: Path | None = None
+                     ) -> Tokenized:
+    """data.format=mixture (mixture.py): each source tokenized and split as alone, unpacked; the training samples
+    drawn from the sources at their weights, validation and test concatenated; then packed and counted as one data
+    set. With `audit_dir`, the audit files hold every source's conversations (ids `name/id`), source after source."""
+    sources: list[Source] = sources_of(data_cfg)
+    end_of_turn, end_of_turn_id = end_of_turn_of(tokenizer, data_cfg)
+    parts, used_ids, dropped, num_windowed = [], set(), Counter(), 0
+    audit_lines: dict[str, list[str]] = {}
+    for source, own in zip(sources, by_source(conversations, sources)):
+        source_dir = audit_dir / f".mixture-{source.name}" if audit_dir is not None else None
+        if source_dir is not None:
+            source_dir.mkdir(exist_ok=True)
+        tokenized = tokenize_rows(own, tokenizer, source.cfg, max_seq_len, source_dir)
+        parts.append(tokenized)
+        used_ids.update(f"{source.name}/{i}" for i in tokenized.used_ids)
+        dropped.update(tokenized.counts["samples_dropped"])
+        num_windowed += tokenized.counts["conversations_windowed"]
+        for split, file in tokenized.conversation_files.items():
+            for line in Path(file).read_text(encoding="utf-8").splitlines():
+                record = json.loads(line)
+                record["id"] = f"{source.name}/{record['id']}"
+                audit_lines.setdefault(split, []).append(json.dumps(record, ensure_ascii=False) + "\n")
+        if source_dir is not None:
+            shutil.rmtree(source_dir)
+    available = [part.splits["train"].num_samples for part in parts]
+    total = data_cfg.mixture_samples or sum(available)
+    targets = sample_targets([source.weight for source in sources], total)
+    names = list(dict.fromkeys(split for part in parts for split in part.splits))  # train, validation[, test]
+    splits = {"train": draw([part.splits["train"] for part in parts], targets, data_cfg.mixture_seed)}
+    for name in names[1:]:
+        splits[name] = Rows.concatenate([part.splits[name] for part in parts if name in part.splits])
+    held_out = [{name: part.splits[name].num_samples for name in names[1:] if name in part.splits} for part in parts]
+    del parts
+    counts = finish_rows(splits, data_cfg, max_seq_len, end_of_turn, end_of_turn_id, dict(dropped), num_windowed)
+    counts["sources"] = source_entries(sources, available, targets, held_out)
+    files = {}
+    for split, lines in audit_lines.items():
+        files[split] = str(audit_dir / f"{split}.conversations.jsonl")
+        Path(files[split]).write_text("".join(lines), encoding="utf-8")
+    return Tokenized(splits, counts, used_ids, files)
 
 
 def tokenize_preferences(records, tokenizer, data_cfg, max_seq_len: int, audit_dir: Path | None = None) -> Tokenized:
@@ -478,7 +551,8 @@ def build_splits(conversations, tokenizer, data_cfg, max_seq_len: int) -> tuple[
     Reuses the prepared dataset when its fingerprint matches; otherwise tokenizes here and says why.
     """
     end_of_turn, _ = end_of_turn_of(tokenizer, data_cfg)
-    parts = fingerprint_parts(conversations, tokenizer, data_cfg, max_seq_len, end_of_turn)
+    parts = with_mixture_settings(fingerprint_parts(conversations, tokenizer, data_cfg, max_seq_len, end_of_turn),
+                                  data_cfg)
     prepared_dir = data_cfg.prepared or data_cfg.output_dir
     if prepared_dir:
         loaded = load_samples(Path(os.path.expandvars(str(prepared_dir))).expanduser(), parts)

@@ -21,6 +21,7 @@ from pathlib import Path
 from llmft.data.tokenizer import tokenizer_for_run
 from llmft.data.pipeline import end_of_turn_of, format_of, read_conversations, tokenize_preferences, tokenize_rows
 from llmft.data.preferences import PREFERENCE_FORMATS, samples_of
+from llmft.data.mixture import with_mixture_settings
 from llmft.data.prepared import fingerprint_parts, load_samples, save_samples, write_manifest
 from llmft.data.records import DataError
 
@@ -62,7 +63,8 @@ def prepare(cfg) -> dict:
     conversations, read_report = read_conversations(data_cfg)
     tokenizer = tokenizer_for_run(cfg, conversations)
     end_of_turn, _ = end_of_turn_of(tokenizer, data_cfg)
-    parts = fingerprint_parts(conversations, tokenizer, data_cfg, max_seq_len, end_of_turn)
+    parts = with_mixture_settings(fingerprint_parts(conversations, tokenizer, data_cfg, max_seq_len, end_of_turn),
+                                  data_cfg)
     if not isinstance(load_samples(out_dir, parts), str) and (out_dir / "report.json").is_file():
         return {**json.loads((out_dir / "report.json").read_text()), "reused_prepared": True}
 
@@ -98,6 +100,8 @@ def prepare(cfg) -> dict:
             "length_histogram": str(out_dir / "lengths.png") if has_histogram else None,
         },
     }
+    if "sources" in read_report:  # a mixture: per source what was read, then what was drawn from it
+        report["sources"] = [{**read, **drawn} for read, drawn in zip(read_report["sources"], counts["sources"])]
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     write_manifest(out_dir, parts, counts)
     return report

@@ -288,9 +288,9 @@ def instrument_llmft(loop, recorder: StepRecorder) -> None:
         return result
 
     def counted_next_micro_batch(self, *args, **kwargs):
-        batch, num_supervised = next_micro_batch(self, *args, **kwargs)
-        recorder.batch(batch["labels"])
-        return batch, num_supervised
+        batch = next_micro_batch(self, *args, **kwargs)
+        recorder.batch(batch.inputs["labels"])
+        return batch
 
     trainer_class.train_step = timed_train_step
     trainer_class.next_micro_batch = counted_next_micro_batch

@@ -36,11 +36,11 @@ def main(out: str, run_dirs: list[str]) -> None:
     results = {}
     for run_dir in run_dirs:
         trainer = Trainer(load_run_config(run_dir), Path(run_dir))
-        batch, num_supervised = trainer.next_micro_batch()
-        total_supervised = trainer.all_reduce(torch.tensor(num_supervised, dtype=torch.float64))
+        batch = trainer.next_micro_batch()
+        total_supervised = trainer.all_reduce(torch.tensor(batch.count, dtype=torch.float64))
         if getattr(trainer.strategy, "engine", None) is not None:  # DeepSpeed steps inside backward: not this time,
             trainer.strategy.engine.step = lambda *args, **kwargs: None  # the gradients are read before any step
-        loss_sum = trainer.forward_backward(batch, total_supervised)
+        loss_sum, _ = trainer.forward_backward(batch, total_supervised)
         loss = float(trainer.all_reduce(loss_sum.clone())) / float(total_supervised)
         results[run_dir] = {"loss": loss, "grads": full_gradients(trainer), "loss_head": trainer.loss_head}
     if dist.get_rank() == 0:

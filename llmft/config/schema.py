@@ -43,6 +43,17 @@ class LossHead(str, Enum):
     full_logits = "full_logits"  # the model's own forward: logits for every position (the plain path)
 
 
+class ObjectiveKind(str, Enum):
+    sft = "sft"  # supervised fine-tuning: cross-entropy on the assistant tokens
+    dpo = "dpo"  # Direct Preference Optimization on (prompt, chosen, rejected) pairs (data.format=preference_jsonl)
+    kto = "kto"  # Kahneman-Tversky Optimization on answers labelled good or bad (data.format=kto_jsonl)
+
+
+class DpoLoss(str, Enum):
+    sigmoid = "sigmoid"  # the DPO paper's loss; with objective.label_smoothing, conservative DPO (cDPO)
+    ipo = "ipo"  # IPO: squared loss on the per-token mean log-ratios (TRL's normalisation)
+
+
 class Precision(str, Enum):
     auto = "auto"  # bf16 autocast on a GPU that supports it, fp32 elsewhere (CPU)
     fp32 = "fp32"
@@ -148,6 +159,21 @@ class TrainConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """What the loss optimises (conf/objective/*.yaml): the training loop, strategies and checkpoints are the same."""
+
+    kind: ObjectiveKind = ObjectiveKind.sft
+    beta: float = 0.1  # DPO / KTO: how far the policy may move from the reference (higher: closer to it)
+    loss: DpoLoss = DpoLoss.sigmoid  # DPO only
+    label_smoothing: float = 0.0  # DPO sigmoid: the assumed share of pairs whose preference is wrong, in [0, 0.5)
+    desirable_weight: float = 1.0  # KTO: weight of the losses of good answers
+    undesirable_weight: float = 1.0  # KTO: weight of the losses of bad answers
+    # The reference model's log-probabilities: None (auto) computes them once before training for full fine-tuning
+    # (no second copy of the model in memory) and with the adapter disabled at every step for LoRA / QLoRA.
+    precompute_reference: Optional[bool] = None
+
+
+@dataclass
 class LaunchConfig:
     nproc: int = 1  # local processes (ranks) for a run without a cluster
     wait: bool = False  # with a cluster: wait for the job to end and report its result (default: return at once)
@@ -241,6 +267,7 @@ class LlmftConfig:
     peft: PeftConfig = MISSING
     parallelism: ParallelismConfig = MISSING
     train: TrainConfig = MISSING
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # run directories older than it: sft
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cluster: Optional[ClusterConfig] = None  # absent: a local run; `+cluster=NAME` selects a profile

@@ -35,6 +35,7 @@ def validate(cfg: DictConfig, check_paths: bool = True) -> None:
                               + (f" (also unset: {', '.join(missing[1:])})" if missing[1:] else "") + ".")
     check_train(cfg)
     check_model_and_peft(cfg)
+    check_objective(cfg)
     check_data(cfg.data, complete=check_paths)
     check_eval(cfg.eval, check_paths)
     world_size = cfg.launch.nproc if cfg.cluster is None else None  # a cluster's: checked with its resources
@@ -106,6 +107,48 @@ def check_model_and_peft(cfg: DictConfig) -> None:
                 f"peft=qlora runs with parallelism=single or ddp; parallelism={cfg.parallelism.strategy.value} "
                 "would need 4-bit weights sharded, which llmft does not do yet."
             )
+
+
+# The data format each objective trains on (the other formats hold conversations: supervised fine-tuning).
+OBJECTIVE_FORMATS = {"dpo": "preference_jsonl", "kto": "kto_jsonl"}
+
+
+def check_objective(cfg: DictConfig) -> None:
+    objective = cfg.get("objective")
+    if objective is None:  # a run directory older than the objective group: sft
+        return
+    kind = str(getattr(objective.kind, "value", objective.kind))
+    data_format = str(getattr(cfg.data.format, "value", cfg.data.format))
+    wanted = OBJECTIVE_FORMATS.get(kind)
+    if wanted is not None and data_format != wanted:
+        raise ConfigError(f"objective={kind} trains on data.format={wanted} (data.format={data_format} holds "
+                          f"{'conversations' if data_format not in OBJECTIVE_FORMATS.values() else 'other examples'}); "
+                          f"point data= at {wanted} data (data={'preferences_sample' if kind == 'dpo' else 'kto_sample'}"
+                          f" to try it).")
+    other = {v: k for k, v in OBJECTIVE_FORMATS.items()}.get(data_format)
+    if wanted is None and other is not None:
+        raise ConfigError(f"data.format={data_format} holds examples for objective={other}: add objective={other} "
+                          f"to the command.")
+    if kind == "sft":
+        return
+    if objective.beta <= 0:
+        raise ConfigError(f"objective.beta={objective.beta} must be positive (0.1 is the usual value).")
+    if not 0.0 <= objective.label_smoothing < 0.5:
+        raise ConfigError(f"objective.label_smoothing={objective.label_smoothing} must be in [0, 0.5).")
+    loss = str(getattr(objective.loss, "value", objective.loss))
+    if kind == "dpo" and loss == "ipo" and objective.label_smoothing:
+        raise ConfigError("objective.label_smoothing applies to objective.loss=sigmoid only: set it to 0 for ipo.")
+    if objective.desirable_weight <= 0 or objective.undesirable_weight <= 0:
+        raise ConfigError("objective.desirable_weight and objective.undesirable_weight must be positive.")
+    if cfg.peft.method == PeftMethod.full and objective.precompute_reference is False:
+        raise ConfigError(f"objective={kind} with peft=full needs the reference model's log-probabilities computed "
+                          f"once before training: set objective.precompute_reference=true (or null), llmft keeps no "
+                          f"second copy of the model.")
+    world_size = requested_world_size(cfg)
+    if kind == "kto" and world_size is not None and cfg.train.micro_batch_size * world_size < 2:
+        raise ConfigError(f"objective=kto estimates its KL term from the other answers of a micro-batch: "
+                          f"train.micro_batch_size={cfg.train.micro_batch_size} x {world_size} rank(s) must be at "
+                          f"least 2 (set train.micro_batch_size=2).")
 
 
 def check_data(data, complete: bool = True) -> None:

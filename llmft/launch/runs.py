@@ -70,6 +70,10 @@ def run_status(run_dir: Path) -> dict:
         "val_loss": val_records[-1]["val_loss"] if val_records else None,
         "tokens_per_s": train_records[-1].get("tokens_per_s") if train_records else None,
         "error": summary.get("error"),
+        # DPO / KTO: the last step's reward figures and the last validation's, on a line of their own
+        "rewards": {k: r[k] for r in train_records[-1:] + val_records[-1:]
+                    for k in ("reward_accuracy", "reward_margin", "kl", "val_reward_accuracy", "val_reward_margin")
+                    if k in r},
     }
 
 
@@ -83,6 +87,8 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"{row['name'][:40]:40} {row['status'][:11]:11} {row['jobs'][:12]:12} {row['requeues']:>8} "
                      f"{str(row['step']) + '/' + str(row['total_steps']):>11} {number(row['loss']):>8} "
                      f"{number(row['val_loss']):>8} {number(row['tokens_per_s'], 3):>8}")
+        if row.get("rewards"):
+            lines.append("  rewards: " + " ".join(f"{k}={v:.4g}" for k, v in row["rewards"].items()))
         if row["status"] == "failed" and row["error"]:  # why, on the line below: the reason is what one acts on
             lines.append(f"  why: {' '.join(str(row['error']).split())[:160]}")
     return "\n".join(lines)
@@ -110,7 +116,7 @@ def write_loss_curve(run_dir: Path) -> Path:
     if val_records:
         axes.plot([r["step"] for r in val_records], [r["val_loss"] for r in val_records], "o-", label="validation")
     axes.set_xlabel("step")
-    axes.set_ylabel("loss (token mean)")
+    axes.set_ylabel("loss")
     axes.set_title(run_dir.name, fontsize=10)
     axes.legend()
     figure.tight_layout()

@@ -7,7 +7,7 @@
     Trainer(cfg, run_dir)   setup: process group -> strategy -> data and tokenizer -> model -> wrap (optimizer)
     Trainer.train()         resume, then per step: train_step -> log -> validate -> checkpoint -> stop signals
       train_step()            the micro-batches of one optimizer step, one gradient reduction, the optimizer
-        forward_backward()    one micro-batch: loss on the supervised tokens, backward
+        forward_backward()    one micro-batch: the objective's loss (sft, dpo, kto: training/objectives.py), backward
 
 State that must survive a restart is `TrainState` (step, samples consumed) plus the RNG states, written with every
 checkpoint. The data is one stream of samples, epoch after epoch, each epoch in an order fixed by (seed, epoch); a
@@ -34,15 +34,14 @@ import torch
 import torch.distributed as dist
 
 from llmft.config.compose import load_run_config
-from llmft.data.batching import collate, epoch_order
+from llmft.data.batching import epoch_order
 from llmft.data.pipeline import build_splits, read_conversations
 from llmft.data.tokenizer import load_tokenizer, tokenizer_for_run
 from llmft.errors import UserError, report
-from llmft.training import checkpoint, run_lock, strategies
+from llmft.training import checkpoint, objectives, run_lock, strategies
 from llmft.training.final import save_final
 from llmft.training.flops import flops_per_token, peak_flops
 from llmft.training.lifetime import die_with_parent
-from llmft.training.loss import token_losses, with_loss_index
 from llmft.training import loss as supervised_loss
 from llmft.training.metrics import (MemoryMeter, MetricsLog, peak_resident_mb, quiet_progress_bars,
                                     reset_peak_resident, resident_mb)
@@ -69,8 +68,9 @@ class Progress:
     val_loss: float | None = None
     val_loss_step: int | None = None  # the step `val_loss` was measured at
     # since the last log line: kept on the device or as Python ints, read at logging steps only
-    loss_sum: torch.Tensor | None = None  # the last step's summed token losses on this rank
-    num_supervised: torch.Tensor | None = None  # and its supervised tokens over all ranks
+    loss_sum: torch.Tensor | None = None  # the last step's summed losses on this rank
+    count: torch.Tensor | None = None  # and what they average over (supervised tokens, pairs...) on all ranks
+    sums: dict = field(default_factory=dict)  # the last step's metric sums of the objective on this rank
     grad_norm: torch.Tensor | float | None = None
     tokens: int = 0
     supervised_tokens: int = 0
@@ -170,11 +170,18 @@ class Trainer:
             else None
         self.num_layers, self.hidden_size = hf_config.num_hidden_layers, hf_config.hidden_size
         self.memory = MemoryMeter(self.device)
+        self.objective = objectives.build(self.cfg, self.peft_model, self.tokenizer.pad_token_id, self.bf16,
+                                          self.flatten, self.all_reduce, self.loss_head, self.device)
 
     # ------------------------------------------------------------------------------------------------ the loop
 
     def train(self) -> TrainResult:
         self.resume()
+        if objectives.precomputes_reference(self.cfg):
+            self.objective.fill_reference_table(
+                {"train": self.train_samples, "validation": self.val_samples}, self.tcfg.micro_batch_size,
+                self.topology.rank, self.topology.world_size, self.run_dir, started=self.state.step > 0,
+                is_main=self.topology.is_main, barrier=self.topology.barrier, log=self.log)
         if self.topology.is_main:
             forget_metrics_after(self.run_dir / "metrics.jsonl", self.state.step)
         metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.total_steps, self.state.step,
@@ -196,50 +203,52 @@ class Trainer:
         return self.finish()
 
     def train_step(self) -> None:
-        """One optimizer step over `grad_accum_steps` micro-batches, normalised by the supervised tokens of the whole
-        step on all ranks: every rank divides by the global count, and the factor world_size undoes the gradient
-        averaging of DDP, FSDP and ZeRO. The result is the exact token-mean gradient of the global batch, whatever the
-        strategy, the number of ranks and of micro-batches. Gradients are reduced once, at the last micro-batch."""
+        """One optimizer step over `grad_accum_steps` micro-batches, normalised by the objective's count (supervised
+        tokens, pairs, examples) of the whole step on all ranks: every rank divides by the global count, and the
+        factor world_size undoes the gradient averaging of DDP, FSDP and ZeRO. The result is the exact mean gradient
+        of the global batch, whatever the strategy, the number of ranks and of micro-batches. Gradients are reduced
+        once, at the last micro-batch."""
         micro_batches = [self.next_micro_batch() for _ in range(self.tcfg.grad_accum_steps)]
-        num_supervised = self.all_reduce(torch.tensor(sum(n for _, n in micro_batches), dtype=torch.float64))
+        count = self.all_reduce(torch.tensor(sum(b.count for b in micro_batches), dtype=torch.float64))
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        for index, (batch, _) in enumerate(micro_batches):
+        sums: dict[str, torch.Tensor] = {}
+        for index, batch in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
             with nullcontext() if last else self.strategy.no_gradient_sync():
-                loss_sum += self.forward_backward(batch, num_supervised)
+                loss, batch_sums = self.forward_backward(batch, count)
+            loss_sum += loss
+            for key, value in batch_sums.items():
+                sums[key] = sums.get(key, 0.0) + value.double()
         self.progress.grad_norm = self.strategy.step()
-        self.progress.loss_sum, self.progress.num_supervised = loss_sum, num_supervised  # this rank's, on device
+        self.progress.loss_sum, self.progress.count, self.progress.sums = loss_sum, count, sums  # on device
         self.state.step += 1
         if self.progress.first_loss is None:
             self.progress.first_loss = self.step_loss()  # host sync: the first step only
 
-    def forward_backward(self, batch: dict, num_supervised: torch.Tensor) -> torch.Tensor:
-        loss_sum, _ = token_losses(self.model, batch, self.bf16)
-        self.strategy.backward(loss_sum * self.topology.world_size / num_supervised.clamp(min=1).to(loss_sum.dtype))
-        return loss_sum.detach().double()
+    def forward_backward(self, batch: objectives.MicroBatch, count: torch.Tensor):
+        loss_sum, sums = self.objective.loss(self.model, batch)
+        self.strategy.backward(loss_sum * self.topology.world_size / count.clamp(min=1).to(loss_sum.dtype))
+        return loss_sum.detach().double(), sums
 
-    def next_micro_batch(self) -> tuple[dict, int]:
-        """This rank's share (every world_size-th sample) of the next micro-batch across ranks, on its device, and the
-        number of its supervised tokens (counted from the samples on the host: no device sync)."""
+    def next_micro_batch(self) -> objectives.MicroBatch:
+        """This rank's share (every world_size-th sample) of the next micro-batch across ranks, on its device, with
+        its count (from the samples on the host: no device sync)."""
         num_train = len(self.train_samples)
         positions = range(self.state.samples_consumed, self.state.samples_consumed + self.micro_batch_across_ranks)
         stream = [epoch_order(num_train, self.tcfg.seed, k // num_train)[k % num_train] for k in positions]
-        mine = [self.train_samples[i] for i in stream[self.topology.rank :: self.topology.world_size]]
         self.state.samples_consumed += self.micro_batch_across_ranks
-        batch = with_loss_index(collate(mine, self.tokenizer.pad_token_id, flatten=self.flatten))
-        batch.pop("num_tokens")
-        num_supervised = batch["loss_index"].numel()  # the shifted targets that count, known on the host: no sync
-        self.progress.tokens += sum(len(s.input_ids) for s in mine)
-        self.progress.supervised_tokens += num_supervised
-        self.progress.sequences += sum(len(s.seq_lengths or [0]) for s in mine)  # real sequences, not packed rows
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}, num_supervised
+        batch = self.objective.micro_batch(self.train_samples, stream, self.topology.rank, self.topology.world_size)
+        self.progress.tokens += batch.tokens
+        self.progress.supervised_tokens += batch.supervised_tokens
+        self.progress.sequences += batch.sequences  # real sequences, not packed rows
+        return batch.to(self.device)
 
     # ------------------------------------------------------------------------------------------------ log, validate
 
     def step_loss(self) -> float:
         """The last step's token-mean loss over all ranks (a collective and a host read: every rank calls it, at the
         first step and at logging steps only)."""
-        return float(self.all_reduce(self.progress.loss_sum.clone())) / max(1.0, float(self.progress.num_supervised))
+        return float(self.all_reduce(self.progress.loss_sum.clone())) / max(1.0, float(self.progress.count))
 
     def log_metrics(self, metrics: MetricsLog) -> None:
         progress = self.progress
@@ -264,6 +273,10 @@ class Trainer:
                                         progress.tokens / max(1, progress.sequences),
                                         lora=self.cfg.peft.method.value != "full")
             record["mfu"] = per_token * record["tokens_per_s_per_rank"] / self.gpu_peak_flops
+        if progress.sums:  # DPO / KTO: rewards, margins, accuracy of the last step over all ranks
+            names = sorted(progress.sums)
+            reduced = self.all_reduce(torch.stack([progress.sums[k].reshape(()) for k in names]))
+            record.update(self.objective.metrics(dict(zip(names, reduced.tolist())), float(progress.count)))
         metrics.write(record)
         metrics.show(self.state.step, record)
         if self.topology.is_main:
@@ -274,11 +287,12 @@ class Trainer:
     def validate(self, metrics: MetricsLog) -> None:
         if not self.val_samples:  # data.validation_fraction=0: every ticket trains
             return
-        val_loss = validation_loss(self.model, self.val_samples, self.tcfg.micro_batch_size,
-                                   self.tokenizer.pad_token_id, self.bf16, self.device, self.flatten)
+        val_loss, val_metrics = validation_loss(self.model, self.objective, self.val_samples,
+                                                self.tcfg.micro_batch_size, self.device)
         self.progress.val_loss, self.progress.val_loss_step = val_loss, self.state.step
-        metrics.write({"step": self.state.step, "val_loss": val_loss})
-        metrics.show(self.state.step, {"val_loss": val_loss})
+        record = {"val_loss": val_loss, **{f"val_{k}": v for k, v in val_metrics.items()}}
+        metrics.write({"step": self.state.step, **record})
+        metrics.show(self.state.step, record)
 
     # ------------------------------------------------------------------------------------------------ checkpoints
 
@@ -390,21 +404,24 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
 
 
 @torch.no_grad()
-def validation_loss(model, samples, micro_batch_size: int, pad_token_id: int, bf16: bool, device,
-                    flatten: bool = False) -> float:
-    """The token-mean loss of the model on `samples` (every rank computes it on all of them)."""
+def validation_loss(model, objective, samples, micro_batch_size: int, device) -> tuple[float, dict[str, float]]:
+    """The objective's mean loss (token-mean for sft) on `samples`, and its metrics (every rank computes them on all
+    of the samples)."""
     model.eval()
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
-    total_tokens = torch.zeros((), dtype=torch.int64, device=device)
+    total_count = 0
+    sums: dict[str, torch.Tensor] = {}
     for start in range(0, len(samples), micro_batch_size):
-        rows = samples[start : start + micro_batch_size]
-        batch = with_loss_index(collate(rows, pad_token_id, flatten=flatten))
-        batch.pop("num_tokens")
-        loss_sum, num_tokens = token_losses(model, {k: v.to(device) for k, v in batch.items()}, bf16)
+        indices = list(range(start, min(start + micro_batch_size, len(samples))))
+        batch = objective.micro_batch(samples, indices, 0, 1, split="validation").to(device)
+        loss_sum, batch_sums = objective.loss(model, batch)
         total_loss += loss_sum.double()
-        total_tokens += num_tokens
+        total_count += batch.count
+        for key, value in batch_sums.items():
+            sums[key] = sums.get(key, 0.0) + value.double()
     model.train()
-    return float(total_loss) / max(1, int(total_tokens))
+    metrics = objective.metrics({k: float(v) for k, v in sums.items()}, float(total_count)) if sums else {}
+    return float(total_loss) / max(1, total_count), metrics
 
 
 def rng_state(device: torch.device) -> dict:

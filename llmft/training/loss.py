@@ -2,6 +2,7 @@
 
     install(hf_model, choice, device_type) -> the head the run uses ("chunked", "liger" or "full_logits")
     token_losses(model, batch, bf16) -> (sum of losses, number of supervised tokens), both on the device
+    supervised_token_losses(model, batch, bf16, installed) -> each supervised position's loss (DPO, KTO)
 
 A `[tokens, vocab]` logits tensor is what dominates a fine-tuning step's memory on a real vocabulary (Llama 3:
 128,256 ids; 4,096 tokens -> 2 GB of fp32 logits, as much again for their gradient), and about half of a support
@@ -61,6 +62,18 @@ def token_losses(model, batch: dict, bf16: bool) -> tuple[torch.Tensor, torch.Te
     return loss_sum, (targets != IGNORE_INDEX).sum()
 
 
+def supervised_token_losses(model, batch: dict, bf16: bool, installed: bool) -> torch.Tensor:
+    """The cross-entropy of each supervised position, in `loss_index` order, [supervised] fp32 on the device.
+    `installed`: the model's forward was replaced by `install` (else: full logits from its own forward)."""
+    with autocast(bf16, batch["input_ids"].device.type):
+        if installed:
+            return model(**batch, token_loss=True).token_losses
+        logits = model(**{k: v for k, v in batch.items() if k not in ("labels", "loss_index")}).logits
+    targets = batch["labels"][:, 1:].reshape(-1).index_select(0, batch["loss_index"])
+    rows = logits[:, :-1].reshape(-1, logits.shape[-1]).index_select(0, batch["loss_index"])
+    return F.cross_entropy(rows.float(), targets, reduction="none")
+
+
 def full_logits_reason(hf_model) -> str | None:
     """Why this model's head cannot run on hidden rows alone, or None."""
     config = hf_model.config
@@ -94,10 +107,10 @@ def install(hf_model, choice: str, device_type: str) -> str:
     head = "liger" if choice == "liger" or (choice == "auto" and liger_available(device_type)) else "chunked"
     original_forward = hf_model.forward
 
-    def forward(self, *args, labels=None, loss_index=None, **kwargs):
+    def forward(self, *args, labels=None, loss_index=None, token_loss=False, **kwargs):
         if labels is None:  # generation, or any caller that wants logits
             return original_forward(*args, **kwargs)
-        return supervised_loss(self, labels, loss_index, head, *args, **kwargs)
+        return supervised_loss(self, labels, loss_index, "per_token" if token_loss else head, *args, **kwargs)
 
     hf_model.forward = types.MethodType(forward, hf_model)
     return head
@@ -118,6 +131,9 @@ def supervised_loss(hf_model, labels, loss_index, head: str, input_ids=None, **k
     rows = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, loss_index)
     targets = labels[:, 1:].reshape(-1).index_select(0, loss_index)
     lm_head = hf_model.get_output_embeddings()
+    if head == "per_token":  # preference objectives weigh each sequence's tokens differently: no fused gradient
+        return types.SimpleNamespace(token_losses=module_token_losses(lm_head, rows, targets), loss_sum=None,
+                                     logits=None)
     if head == "liger":
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
@@ -169,6 +185,24 @@ def module_cross_entropy_sum(lm_head, rows, targets) -> torch.Tensor:
         total = total + checkpoint(chunk_loss, rows[start : start + step], targets[start : start + step],
                                    use_reentrant=False)
     return total
+
+
+def module_token_losses(lm_head, rows, targets) -> torch.Tensor:
+    """Each row's cross-entropy, [rows] fp32, through the head module chunk by chunk. With gradients each chunk is
+    recomputed in backward (activation checkpointing), so no [rows, vocab] tensor outlives its chunk: the losses are
+    weighted per sequence afterwards (DPO, KTO), which the fused `_LinearCrossEntropy` cannot do since it makes the
+    gradients in the forward for a plain sum. Through the module: its weight is gathered under ZeRO-3."""
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk_losses(chunk, chunk_targets):
+        return F.cross_entropy(lm_head(chunk).float(), chunk_targets, reduction="none")
+
+    step = chunk_rows(lm_head.weight.ds_shape[0] if hasattr(lm_head.weight, "ds_shape") else lm_head.out_features)
+    grad = torch.is_grad_enabled() and (rows.requires_grad or any(p.requires_grad for p in lm_head.parameters()))
+    pieces = [checkpoint(chunk_losses, rows[start : start + step], targets[start : start + step], use_reentrant=False)
+              if grad else chunk_losses(rows[start : start + step], targets[start : start + step])
+              for start in range(0, rows.shape[0], step)]
+    return torch.cat(pieces) if pieces else rows.new_zeros(0, dtype=torch.float32)
 
 
 def linear_cross_entropy_sum(rows, weight, bias, targets) -> torch.Tensor:

@@ -57,7 +57,8 @@ class MetricsLog:
         """Advance the bar to `step` with the latest figures, or print one status line without a terminal."""
         if not self.enabled:
             return
-        figures = {k: record[k] for k in ("loss", "val_loss", "tokens_per_s") if k in record}
+        figures = {k: record[k] for k in ("loss", "val_loss", "reward_accuracy", "val_reward_accuracy", "reward_margin",
+                                          "tokens_per_s") if k in record}
         text = " ".join(f"{k}={v:.4g}" for k, v in figures.items())
         if self.bar is not None:
             self.bar.update(step - self.bar.n)

@@ -87,6 +87,7 @@ class TranscriptConfig:
         default_factory=lambda: {
             "Utilisateur": "user", "User": "user", "Client": "user",
             "IDRIS": "assistant", "Support": "assistant", "Assistance": "assistant",
+            "Note interne": "drop", "Internal note": "drop",
         }
     )
 

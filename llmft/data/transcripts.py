@@ -45,20 +45,26 @@ _MARKDOWN_HEADING = re.compile(r"^\s*#{1,6}\s")
 _PARENTHESIS = re.compile(r"\s*\(([^()]*)\)\s*")
 _SUBJECT_LEAD = re.compile(r"^[\s*_#:|.)\]–—-]+")
 _SUBJECT_TAIL = re.compile(r"[\s*_#]+$")
-# Words that start a line such as "Note : ..." or "Le problème : ..." inside a turn: a label or a phrase, not a
-# speaker. An unknown name that is not one of these, capitalised, of at most three words without digits, is taken
-# for a speaker and reported, rather than silently read as part of the previous turn.
+# Words of a line such as "Note : ...", "Le problème : ...", "CUDA error: ..." or "Job ID: 123" (pasted seff
+# output) inside a turn: a label, a phrase or program output, not a speaker. An unknown name without any of these
+# words, capitalised, of at most three words without digits, followed by text, and not in a block of such
+# `Label: value` lines, is taken for a speaker and reported, rather than silently read as part of the turn.
 _NOT_SPEAKERS = frozenset("""
     note nota nb ps pps remarque remarques exemple exemples example examples attention important info information
-    erreur error errors warning avertissement résultat resultat result results sortie output commande commandes
+    erreur error errors warning warn avertissement résultat resultat result results sortie output commande commandes
     command commands solution solutions cause question réponse reponse answer objet subject sujet date de from to à
     cc cci bcc re tr fwd edit update mise lien link url source voir see astuce tip hint étape etape step rappel
     message log logs code script fichier file chemin path version versions statut status état etat problème
     probleme problem issue contexte context détails details détail detail merci thanks bonjour hello hi salut
+    usage traceback password mot passe login job jobs jobid jobname state cluster node nodes cores cpu cpus gpu gpus
+    memory mémoire memoire partition account compte qos reason raison exit exitcode elapsed submit start end time
+    temps name nom id host hostname group groupe project projet quota used free size taille total killed line ligne
+    efficiency wall clock utilized fatal debug trace stack caused
     le la les l un une des du ce cet cette ces mon ma mes ton ta tes son sa ses notre nos votre vos leur leurs
     the a an this that these those my your our their its his her il elle on nous vous ils elles je tu we you they
-    it i pour for avec with sans without et and ou or mais but si if quand when
+    it i pour for avec with sans without et and ou or mais but si if quand when sur on in at by par
 """.split())
+_PROGRAM_NAME = re.compile(r"(?:error|exception|warning|fault|interrupt)$", re.IGNORECASE)  # RuntimeError, ...
 
 
 @dataclass
@@ -96,6 +102,9 @@ class TranscriptReader:
             where = f"{file}:{number}"
             heading = self.heading.match(line)
             if heading:  # (even inside a code fence: a fence left open must not swallow the following tickets)
+                if ticket is None and preamble:
+                    self.report.skip(f"{file}:{preamble[0]}", f"{len(preamble)} line(s) of text before the first "
+                                                              f"ticket heading, in no ticket")
                 self._finish(ticket, conversations)
                 subject = _SUBJECT_TAIL.sub("", _SUBJECT_LEAD.sub("", line[heading.end():]))
                 ticket, in_fence = _Ticket(heading.group(1).strip(), subject, where), False
@@ -108,7 +117,8 @@ class TranscriptReader:
             if ticket.problem is None and _UNDECODABLE.search(line):
                 ticket.problem = (where, "not UTF-8 text")
             if not in_fence:
-                turn = self._turn_start(line, where, ticket)
+                neighbours = lines[number - 2] if number > 1 else "", lines[number] if number < len(lines) else ""
+                turn = self._turn_start(line, where, ticket, neighbours)
                 if turn is not None:
                     ticket.turns.append(turn)
                     in_fence = bool(_FENCE.match(turn["lines"][0]))
@@ -120,18 +130,15 @@ class TranscriptReader:
             elif is_text(line) and ticket.problem is None:
                 ticket.problem = (where, f"text before the first 'Speaker : text' turn of ticket {ticket.ticket_id}")
         self._finish(ticket, conversations)
-        if preamble:
-            reason = (f"{len(preamble)} line(s) of text before the first ticket heading, in no ticket"
-                      if ticket is not None else
-                      "no ticket heading in the file (no line matches data.transcript.ticket_pattern)")
-            self.report.skip(f"{file}:{preamble[0]}", reason)
-        elif ticket is None:
-            self.report.skip(str(file), "empty file")
+        if ticket is None:
+            self.report.skip(f"{file}:{preamble[0]}" if preamble else str(file),
+                             "no ticket heading in the file (no line matches data.transcript.ticket_pattern)"
+                             if preamble else "empty file")
         return conversations
 
-    def _turn_start(self, line: str, where: str, ticket: _Ticket) -> dict | None:
+    def _turn_start(self, line: str, where: str, ticket: _Ticket, neighbours: tuple[str, str]) -> dict | None:
         """The turn `line` starts (`Speaker : text`), or None for a continuation line; an unknown speaker marks the
-        ticket to be skipped."""
+        ticket to be skipped. `neighbours`: the lines before and after it."""
         match = _TURN.match(line)
         if match is None:
             return None
@@ -143,12 +150,25 @@ class TranscriptReader:
             if role is not None and inner.group(1).strip() not in ticket.participants:
                 ticket.participants.append(inner.group(1).strip())
         if role is None:
-            if not (match.group("marked") or looks_like_speaker(name)):
-                return None  # "Note : ...", "Le problème : ...": text of the current turn
+            marked_speaker = match.group("marked") and looks_like_speaker(name)  # "**Jean** :", not "**Note** :"
+            if not (marked_speaker or self._unknown_speaker(match, name, neighbours)):
+                return None  # "Note : ...", "Le problème : ...", "State: FAILED": text of the current turn
             if ticket.problem is None:
                 ticket.problem = (where, f"unknown speaker {name!r}")
             role = "drop"
         return {"role": role, "lines": [match.group("text")], "line": where}
+
+    def _unknown_speaker(self, match: re.Match, name: str, neighbours: tuple[str, str]) -> bool:
+        """Whether an unmapped, plain `Name : text` names a speaker: it looks like one, has text after the colon,
+        and is not one of a block of `Label: value` lines (pasted program output such as seff's)."""
+        if not match.group("text").strip() or not looks_like_speaker(name):
+            return False
+        for other in neighbours:
+            found = _TURN.match(other)
+            other_name = found and (found.group("marked") or found.group("plain")).strip()
+            if other_name and speaker_key(other_name) not in self.roles and looks_like_speaker(other_name):
+                return False
+        return True
 
     def _finish(self, ticket: _Ticket | None, conversations: list[Conversation]) -> None:
         if ticket is None:
@@ -186,12 +206,13 @@ def speaker_key(name: str) -> str:
 
 
 def looks_like_speaker(name: str) -> bool:
-    """Whether an unmapped `Name :` at the start of a line names a speaker (then reported as unknown) rather than
-    being text of the turn: capitalised, one to three words, no digits, not a label word ("Note", "Erreur") or a
-    phrase ("Le problème")."""
+    """Whether an unmapped `Name :` at the start of a line may name a speaker rather than be text of the turn:
+    capitalised, one to three words, no digits, no label word ("Note", "Job ID"), no phrase ("Le problème"), no
+    program output ("CUDA error", "RuntimeError")."""
     words = _PARENTHESIS.sub(" ", name).split()
     return (0 < len(words) <= 3 and name[:1].isupper() and not any(c.isdigit() for c in name)
-            and words[0].casefold().strip(".'’") not in _NOT_SPEAKERS)
+            and not any(word.casefold().strip(".'’") in _NOT_SPEAKERS or _PROGRAM_NAME.search(word)
+                        for word in words))
 
 
 def read_transcripts(path: Path, data_cfg, report: ReadReport) -> list[Conversation]:

@@ -89,7 +89,9 @@ def run(args, overrides: list[str]) -> int:
             print(f"llmft: {report['output_dir']} is up to date (same conversations, tokenizer and settings).")
         else:
             print("\n".join(summary_lines(report)))
-            print(f"wrote {report['output_dir']} (report.json, dataset/, *.conversations.jsonl, lengths.png)")
+            audit = {"preference_pairs": "pairs", "kto_examples": "examples"}.get(report.get("sample_kind"),
+                                                                                  "conversations")
+            print(f"wrote {report['output_dir']} (report.json, dataset/, *.{audit}.jsonl, lengths.png)")
     else:
         from llmft.data.inspect_samples import inspect
 

@@ -12,7 +12,8 @@ correct, partially correct or incorrect. This turns it into training data for th
 A `partially correct` answer goes to neither file: half right is neither an answer to imitate nor one to push
 away, and a KTO label is a plain yes or no. An answer without a verdict (the judge failed on it) is skipped, and
 so is a correct answer cut at eval.max_new_tokens (as a desirable completion it would teach stopping mid-sentence).
-Every record keeps the example's id, so the pairs of one ticket stay in one split. Naming neither file writes both,
+Every record keeps the example's id (the ticket) behind the prefix `eval:`, so the records of one ticket stay in
+one split (see ID_PREFIX). Naming neither file writes both,
 as RUN_DIR/eval/preferences.jsonl and RUN_DIR/eval/kto.jsonl; naming one writes that one.
 
 This module reads the report's JSON and imports nothing from llmft.serve (data sits below serve).
@@ -34,6 +35,10 @@ from llmft.data.records import DataError
 
 USAGE = "python -m llmft.data from-eval RUN_DIR [out=FILE] [kto_out=FILE]"
 VERDICTS = ("correct", "partially correct", "incorrect")
+# The evaluated examples are the run's held-out split: their ids all hash below data.validation_fraction, so kept
+# as they are, a preference run with the same fraction would find every pair in its validation split and none to
+# train on. The prefix draws the split of the new data afresh; the pairs of one ticket still share one id.
+ID_PREFIX = "eval:"
 JUDGE_HINT = "eval.judge_url=URL eval.judge_model=NAME"
 
 
@@ -97,7 +102,7 @@ def convert(samples: list[dict]) -> Converted:
         result.verdicts[verdict or "no verdict"] += 1
         if verdict not in ("correct", "incorrect"):
             continue
-        common = {"id": sample["id"], "source": sample.get("source"), "prompt": sample["prompt"]}
+        common = {"id": f"{ID_PREFIX}{sample['id']}", "source": sample.get("source"), "prompt": sample["prompt"]}
         judge_reason = answer["judge"].get("reason")
         if verdict == "incorrect":
             result.pairs.append({**common, "chosen": sample["reference"], "rejected": answer["output"],

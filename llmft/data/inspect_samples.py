@@ -10,6 +10,7 @@ from __future__ import annotations
 from llmft.data.records import DataError
 from llmft.data.tokenizer import tokenizer_for_run
 from llmft.data.pipeline import build_splits, read_conversations
+from llmft.data.preferences import samples_of
 from llmft.data.templating import IGNORE_INDEX, Sample
 
 GREEN, RESET = "\x1b[1;32m", "\x1b[0m"
@@ -49,7 +50,8 @@ def inspect(cfg, num_samples: int, split: str, color: bool) -> str:
     splits, counts = build_splits(conversations, tokenizer, cfg.data, cfg.model.max_seq_len)
     if split not in splits:
         raise DataError(f"--split {split}: there is no such split; the splits are {', '.join(splits)}.")
-    samples = unpack(splits[split])
+    # preference data: each pair as its chosen then its rejected sequence, the prompt unsupervised in both
+    samples = samples_of(splits[split]) if "sample_kind" in counts else unpack(splits[split])
     legend = "supervised tokens in green" if color else "supervised tokens between [[ and ]]"
     lines = [f"{len(samples)} {split} samples ({legend}); showing {min(num_samples, len(samples))}:"]
     for index, sample in enumerate(samples[:num_samples]):

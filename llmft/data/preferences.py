@@ -21,7 +21,7 @@ hashes.
 Cleaning and scrubbing apply to every text. A record is dropped, with its reason counted, when its prompt has no
 user turn left, when a good completion (chosen, desirable) is empty or shorter than data.clean.min_assistant_chars,
 when a completion is longer than data.clean.max_message_chars (a cut answer teaches stopping mid-sentence), or when
-chosen and rejected are the same text. An empty rejected (or undesirable) answer is kept: a model that answers
+chosen and rejected are the same words (whitespace aside). An empty rejected (or undesirable) answer is kept: a model that answers
 nothing should learn not to. Exact duplicates of a whole record are dropped; there is no near-duplicate detection,
 since pairs that share a prompt and a chosen answer and differ in the rejected one are distinct examples whose text
 is mostly the same.
@@ -303,7 +303,7 @@ def clean_preferences(records: list[Conversation], cleaner, scrubber, data_cfg) 
                 reason = f"{name}_message_too_long"
             if reason:
                 break
-        if reason is None and len(completions) == 2 and completions[0] == completions[1]:
+        if reason is None and len(completions) == 2 and completions[0].split() == completions[1].split():
             reason = "chosen_same_as_rejected"
         if reason:
             drop(reason)

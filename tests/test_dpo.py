@@ -262,3 +262,17 @@ def test_dpo_losses_are_the_same_under_ddp_fsdp_and_zero3(tmp_path):
         for mine, theirs in zip(got, expected):
             assert mine["loss"] == pytest.approx(theirs["loss"], abs=1e-4), (strategy, mine["step"])
             assert mine["reward_accuracy"] == pytest.approx(theirs["reward_accuracy"], abs=1e-6), strategy
+
+
+def test_plan_counts_two_sequences_per_example_and_the_reference_forward():
+    from llmft.launch.estimate import estimate
+
+    def memory(*overrides):
+        return estimate(compose(["model=llama3_8b", *overrides]), 1, 80).memory
+
+    sft = memory()
+    dpo = memory("objective=dpo", "data=preferences_sample")
+    assert dpo["activations"] > 1.5 * sft["activations"] and "reference_forward" not in sft
+    assert dpo["reference_forward"] > 0  # LoRA: the adapter disabled, one forward without gradients
+    full = memory("objective=dpo", "data=preferences_sample", "peft=full", "parallelism=fsdp")
+    assert "reference_forward" not in full  # full fine-tuning: log-probabilities computed before training

@@ -148,6 +148,17 @@ def uses_full_logits(cfg) -> bool:
                for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
 
 
+def preference_objective(cfg) -> bool:
+    objective = cfg.get("objective")
+    return objective is not None and objective.kind.value in ("dpo", "kto")
+
+
+def reference_precomputed(cfg) -> bool:
+    """As training/objectives.precomputes_reference (which imports torch): full fine-tuning unless set."""
+    setting = cfg.objective.precompute_reference
+    return cfg.peft.method.value == "full" if setting is None else bool(setting)
+
+
 @dataclass
 class Estimate:
     total_params: int
@@ -179,13 +190,22 @@ def estimate(cfg, world: int, gpu_memory_gb: float | None, ranks_per_node: int |
     if strategy == "hsdp":  # FSDP within a shard group, replicas across groups
         strategy, world = "fsdp", min(world, cfg.parallelism.shard_size or ranks_per_node or world)
     memory = model_state_bytes(total, trainable, largest, strategy, method, world)
-    memory["activations"] = activation_bytes(arch, cfg.train.micro_batch_size, cfg.model.max_seq_len,
+    # DPO and KTO: two sequences per example (chosen and rejected; the answer and its mismatched KL row)
+    sequences = cfg.train.micro_batch_size * (2 if preference_objective(cfg) else 1)
+    memory["activations"] = activation_bytes(arch, sequences, cfg.model.max_seq_len,
                                              cfg.train.activation_checkpointing, uses_full_logits(cfg))
+    if preference_objective(cfg) and not reference_precomputed(cfg):
+        # the reference's forward without gradients (the adapter disabled) before the policy's: at most one layer's
+        # activations and one chunk of logits alive at a time, no second copy of the weights
+        memory["reference_forward"] = 34 * sequences * cfg.model.max_seq_len * arch.hidden_size + \
+            6 * min(LOSS_CHUNK_ELEMENTS, sequences * cfg.model.max_seq_len * arch.vocab_size)
     if method == "full" and not uses_full_logits(cfg):  # the head's gradient, made during the loss's forward (fp32)
         memory["activations"] += 4 * arch.vocab_size * arch.hidden_size
     per_token = flops_per_token(total, trainable, arch.num_hidden_layers, arch.hidden_size, cfg.model.max_seq_len,
                                 lora=method != "full")
-    tokens_per_step = cfg.train.micro_batch_size * cfg.model.max_seq_len * world * cfg.train.grad_accum_steps
+    if preference_objective(cfg) and not reference_precomputed(cfg):
+        per_token *= 4 / 3  # one more forward per step: a third of a forward and backward
+    tokens_per_step = sequences * cfg.model.max_seq_len * world * cfg.train.grad_accum_steps
     return Estimate(total, trainable, memory, gpu_memory_gb, per_token, tokens_per_step)
 
 

@@ -250,7 +250,8 @@ def test_the_bundled_samples_prepare_and_the_prepared_dataset_is_reused(tmp_path
     assert (tmp_path / f"train.{audit}.jsonl").is_file() and (tmp_path / "lengths.png").is_file()
     conversations, _ = read_conversations(cfg.data)
     tokenizer = tokenizer_for_run(cfg, conversations)
-    fresh, _ = build_splits(conversations, tokenizer, compose([f"data={name}", "data.num_workers=1"]).data,
+    # tokenized again on two worker processes: the same pairs as those prepared in one process and saved
+    fresh, _ = build_splits(conversations, tokenizer, compose([f"data={name}", "data.num_workers=2"]).data,
                             cfg.model.max_seq_len)
     reused, counts = build_splits(conversations, tokenizer, cfg.data, cfg.model.max_seq_len)
     assert counts["reused_prepared"] is True and counts["samples"] == report["samples"]

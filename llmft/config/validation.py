@@ -24,9 +24,10 @@ QUANT_TYPES = ("nf4", "fp4")
 EVAL_SPLITS = ("auto", "validation", "test")
 
 
-def validate(cfg: DictConfig, check_paths: bool = True) -> None:
+def validate(cfg: DictConfig, check_paths: bool = True, training: bool = True) -> None:
     """Every check of a composed config. `check_paths=False` skips the checks that files exist (for composing a config
-    meant for another machine, as `plan` does)."""
+    meant for another machine, as `plan` does); `training=False` (data prepare) leaves out what only training needs
+    (the objective that suits the data)."""
     check_schema(cfg)
     if check_paths:  # `???` in a group file: a value the user must give (plan shows a job without it)
         missing = sorted(OmegaConf.missing_keys(cfg))
@@ -35,7 +36,8 @@ def validate(cfg: DictConfig, check_paths: bool = True) -> None:
                               + (f" (also unset: {', '.join(missing[1:])})" if missing[1:] else "") + ".")
     check_train(cfg)
     check_model_and_peft(cfg)
-    check_objective(cfg)
+    if training:
+        check_objective(cfg)
     check_data(cfg.data, complete=check_paths)
     check_eval(cfg.eval, check_paths)
     world_size = cfg.launch.nproc if cfg.cluster is None else None  # a cluster's: checked with its resources

@@ -76,7 +76,7 @@ def run(args, overrides: list[str]) -> int:
         print(OmegaConf.to_yaml(cfg.data, resolve=True))
         return 0
     try:
-        validate(cfg)
+        validate(cfg, training=False)  # preparing data needs no objective=
     except MissingMandatoryValue as error:
         key = getattr(error, "full_key", None) or "a key"
         raise ConfigError(f"bad config: {key} is not set: add {key}=... to the command.") from None

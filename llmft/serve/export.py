@@ -1,22 +1,26 @@
-"""python -m llmft.export run=RUN_DIR out=DIR [merge=true]: a run's adapter for stock PEFT and vLLM, or one merged
-model for any tool that reads Hugging Face folders; checked before anything is written."""
+"""python -m llmft.export run=RUN_DIR out=DIR [merge=true | format=gguf] [push=ORG/NAME]: a run's adapter for stock
+PEFT and vLLM, one merged model for any tool that reads Hugging Face folders, or one GGUF file for llama.cpp and
+Ollama; checked before anything is written. push=ORG/NAME adds a model card and uploads the export to the Hub."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Optional
 
 from llmft.config.arguments import UsageError, parse_arguments
-from llmft.errors import run_command
+from llmft.errors import missing_extra, run_command
 from llmft.serve.inference import base_model_dir, is_adapter_run, run_config, run_directory, stop_token_ids, torch_dtype
 from llmft.training.final import ExportError, check_adapter
 
 
-USAGE = "python -m llmft.export run=RUN_DIR out=DIR [merge=true] [base=DIR] [dtype=float32|bfloat16|float16]"
+USAGE = ("python -m llmft.export run=RUN_DIR out=DIR [merge=true | format=gguf [gguf.dtype=f16|bf16|q8_0|f32]] "
+         "[push=ORG/NAME [private=true] [license=ID]] [base=DIR] [dtype=float32|bfloat16|float16]")
 
 # What the merged model is checked on: conversations rendered with the run's chat template.
 PROBE_CONVERSATIONS = [
@@ -28,12 +32,25 @@ PROBE_CONVERSATIONS = [
 
 
 @dataclass
+class GGUFArgs:
+    dtype: str = "f16"  # the 2-D weights in the file: f16 | bf16 | q8_0 | f32 (norms stay f32, as llama.cpp's own)
+
+
+@dataclass
 class ExportArgs:
     run: Optional[str] = None
-    out: Optional[str] = None  # the folder to create (new or empty)
+    out: Optional[str] = None  # the folder to create (new or empty); with push=, default RUN_DIR/export/<kind>
     merge: bool = False  # true: one merged model instead of the adapter alone
+    format: str = "hf"  # hf: Hugging Face folders (adapter or merge=true); gguf: one GGUF file, merged
+    gguf: GGUFArgs = field(default_factory=GGUFArgs)
     base: Optional[str] = None  # the base model's folder, if it moved since training
-    dtype: Optional[str] = None  # merge=true: the merged weights' dtype (default: the run's model.dtype)
+    # merge=true: the merged weights' dtype (default: the run's model.dtype); format=gguf: the dtype the merge is
+    # computed in before the file's own rounding (default float32; bfloat16 halves the memory of a large model)
+    dtype: Optional[str] = None
+    push: Optional[str] = None  # ORG/NAME: write a model card and upload the export to the Hugging Face Hub
+    private: bool = True  # push=: create the repository private (a model trained on tickets is not public by default)
+    license: Optional[str] = None  # push=: the card's license (default: the base model card's, else "other")
+    base_model_id: Optional[str] = None  # push=: the base's Hub id (default: the last two parts of model.path)
 
 
 def vllm_adapter_problems(adapter_dir: Path) -> list[str]:
@@ -43,7 +60,6 @@ def vllm_adapter_problems(adapter_dir: Path) -> list[str]:
     only with --enable-lora-bias) and tensors named `base_model.model.<module>.lora_A|lora_B.weight` for target
     modules. The rank must also be at most the server's --max-lora-rank.
     """
-    import json
     import re
 
     from safetensors import safe_open
@@ -89,7 +105,6 @@ def _fresh_output(out: Path) -> Path:
 
 
 def _finish(tmp: Path, out: Path, record: dict) -> dict:
-    import json
     import time
 
     record["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -103,8 +118,6 @@ def _finish(tmp: Path, out: Path, record: dict) -> dict:
 def export_adapter(run_dir: Path, cfg, out: Path, base_override: str | None = None) -> dict:
     """The run's adapter as a PEFT folder (adapter_model.safetensors, adapter_config.json, tokenizer with its chat
     template), checked: LoRA tensors present and trained, readable by stock PEFT, acceptable to vLLM."""
-    import json
-
     from peft import PeftConfig
     from safetensors.torch import load_file
 
@@ -184,29 +197,141 @@ def export_merged(run_dir: Path, cfg, out: Path, base_override: str | None = Non
     })
 
 
+def merged_in_memory(run_dir: Path, cfg, base_override: str | None, dtype: str):
+    """The run's model with the adapter merged into the base (peft=full: final/ itself), in `dtype`, and its
+    tokenizer; nothing written."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "final", local_files_only=True)
+    if not is_adapter_run(run_dir):
+        return AutoModelForCausalLM.from_pretrained(run_dir / "final", dtype=torch_dtype(dtype),
+                                                    local_files_only=True).eval(), tokenizer
+    base = AutoModelForCausalLM.from_pretrained(base_model_dir(run_dir, cfg, base_override), dtype=torch_dtype(dtype),
+                                                local_files_only=True)
+    return PeftModel.from_pretrained(base, run_dir / "final").merge_and_unload().eval(), tokenizer
+
+
+def model_config_of(run_dir: Path, cfg, base_override: str | None):
+    from transformers import AutoConfig
+
+    folder = base_model_dir(run_dir, cfg, base_override) if is_adapter_run(run_dir) else run_dir / "final"
+    return AutoConfig.from_pretrained(folder, local_files_only=True)
+
+
+def export_gguf(run_dir: Path, cfg, out: Path, gguf_dtype: str, base_override: str | None = None,
+                dtype: str | None = None) -> dict:
+    """The merged model as out/model.gguf (tensors, hyper-parameters, tokenizer and chat template) with an Ollama
+    Modelfile beside it; accepted only if gguf.GGUFReader reads back every tensor of the merged model within the
+    dtype's rounding and every key llama.cpp needs."""
+    import gc
+
+    from llmft.serve import gguf_export
+
+    gguf_export.check_architecture(model_config_of(run_dir, cfg, base_override))  # before minutes of loading
+    dtype = dtype or "float32"  # one rounding only, the file's own
+    tmp = _fresh_output(out)
+    tmp.mkdir(parents=True)
+    try:
+        model, tokenizer = merged_in_memory(run_dir, cfg, base_override, dtype)
+        stop_ids = stop_token_ids(tokenizer, cfg.data)
+        path = tmp / gguf_export.GGUF_FILE_NAME
+        types = gguf_export.write_gguf(model, tokenizer, path, gguf_dtype, stop_ids,
+                                       gguf_export.safe_model_name(f"{cfg.model.name}-{run_dir.name}"))
+        check = gguf_export.check_gguf(path, model, tokenizer, gguf_dtype, stop_ids, out / path.name)
+        modelfile = gguf_export.ollama_modelfile(tokenizer, gguf_export.token_texts(tokenizer, stop_ids),
+                                                 cfg.data.system_prompt, PROBE_CONVERSATIONS)
+        (tmp / "Modelfile").write_text(modelfile)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    del model
+    gc.collect()
+    size_bytes = path.stat().st_size
+    counts: dict[str, int] = {}
+    for tensor_type in types.values():
+        counts[tensor_type] = counts.get(tensor_type, 0) + 1
+    return _finish(tmp, out, {
+        "run_dir": str(run_dir), "kind": "gguf", "gguf_dtype": gguf_dtype, "merge_dtype": dtype,
+        "file": gguf_export.GGUF_FILE_NAME, "size_bytes": size_bytes, "tensor_types": counts,
+        "ollama_template": "TEMPLATE" in modelfile, "check": check,
+    })
+
+
+def push_export(run_dir: Path, cfg, out: Path, args: ExportArgs) -> None:
+    """Write the model card into the export `out` and upload it, or, offline, say so and how to upload it later."""
+    from llmft.serve import model_card
+
+    record = json.loads((out / "llmft_export.json").read_text())
+    base_dir = base_model_dir(run_dir, cfg, args.base) if cfg.model.path or is_adapter_run(run_dir) else None
+    license_ = args.license or model_card.base_license(base_dir) or "other"
+    card = model_card.model_card(run_dir, cfg, record, license_, model_card.base_model_id(cfg, args.base_model_id))
+    model_card.write_model_card(out, card)
+    print(f"push: model card (license {license_}) -> {out / 'README.md'}")
+    offline = model_card.offline_reason()
+    if offline:
+        raise model_card.PushError(
+            f"nothing was uploaded: this machine is offline ({offline}); the export and its card are ready in {out}, "
+            f"upload them from a login node with: {model_card.login_node_command(args.push, out, args.private)}")
+    url = model_card.upload(out, args.push, args.private)
+    print(f"push: uploaded {out} to {url} ({'private' if args.private else 'public'})")
+
+
+def default_out(run_dir: Path, args: ExportArgs) -> Path:
+    kind = "gguf" if args.format == "gguf" else "merged" if args.merge else "adapter"
+    return run_dir / "export" / kind
+
+
+def is_export_of(out: Path, run_dir: Path) -> bool:
+    """`out` is a finished export of this run (push= again after an offline refusal uploads it as it is)."""
+    record = out / "llmft_export.json"
+    return record.is_file() and json.loads(record.read_text()).get("run_dir") == str(run_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_command(export, argv, f"usage: {USAGE}\n\nmerge=false (default): the adapter alone, for stock PEFT or "
                                      "vLLM --enable-lora.\nmerge=true: base + adapter merged into one model, checked "
-                                     "against base + adapter.")
+                                     "against base + adapter.\nformat=gguf: the merged model as one GGUF file for "
+                                     "llama.cpp and Ollama (with a Modelfile), read back and checked.\npush=ORG/NAME: "
+                                     "a model card beside the export, uploaded to the Hugging Face Hub (offline: the "
+                                     "command to upload it from a login node).")
 
 
 def export(argv: list[str]) -> int:
     args = parse_arguments(argv, ExportArgs, USAGE)
     run_dir = run_directory(args.run, USAGE)
-    if not args.out:
+    if not args.out and not args.push:
         raise UsageError(f"say where to write: {USAGE}")
     if args.dtype not in (None, "float32", "bfloat16", "float16"):
         raise UsageError(f"dtype={args.dtype} must be float32, bfloat16 or float16.")
+    if args.format not in ("hf", "gguf"):
+        raise UsageError(f"format={args.format} must be hf (Hugging Face folders) or gguf (one file for llama.cpp).")
+    if args.gguf.dtype not in ("f16", "bf16", "q8_0", "f32"):
+        raise UsageError(f"gguf.dtype={args.gguf.dtype} must be f16, bf16, q8_0 or f32.")
+    if args.push is not None and (args.push.count("/") != 1 or not all(args.push.split("/"))):
+        raise UsageError(f"push={args.push} must name a Hub repository as ORG/NAME (or USER/NAME).")
     cfg = run_config(run_dir)
     os.umask(int(str(cfg.umask), 8))  # a model trained on private tickets is no more readable than its run
-    out = Path(os.path.expandvars(args.out)).expanduser().resolve()
-    if not is_adapter_run(run_dir):  # peft=full: final/ is already a whole model
+    out = Path(os.path.expandvars(args.out)).expanduser().resolve() if args.out else default_out(run_dir, args)
+    if args.push and is_export_of(out, run_dir):
+        print(f"export: {out} already holds an export of this run; sharing it as it is")
+    elif args.format == "gguf":
+        if find_spec("gguf") is None:
+            raise missing_extra("gguf", "gguf", "format=gguf")
+        record = export_gguf(run_dir, cfg, out, args.gguf.dtype, args.base, args.dtype)
+        worst = record["check"]["worst_tensor"]
+        print(f"export: GGUF ({record['gguf_dtype']}, {record['size_bytes'] / 2**20:.1f} MiB, tokenizer and chat "
+              f"template in its metadata) -> {out / record['file']}")
+        print(f"  checked: read back with gguf.GGUFReader, {record['check']['tensors']} tensors within their "
+              f"format's rounding (largest difference {worst['max_abs_diff']:.2g}, in {worst['tensor']}), every "
+              f"llama.* and tokenizer key present")
+        print(f"  Ollama: cd {out} && ollama create NAME -f Modelfile; llama.cpp: llama-cli -m {out / record['file']}")
+    elif not is_adapter_run(run_dir):  # peft=full: final/ is already a whole model
         tmp = _fresh_output(out)
         shutil.copytree(run_dir / "final", tmp)
         _finish(tmp, out, {"run_dir": str(run_dir), "kind": "full"})
         print(f"export: this run trained the whole model; {run_dir / 'final'} copied to {out}")
-        return 0
-    if args.merge:
+    elif args.merge:
         record = export_merged(run_dir, cfg, out, args.base, args.dtype)
         check = record["check"]
         print(f"export: merged model ({record['dtype']}, safetensors, tokenizer with its chat template) -> {out}")
@@ -222,6 +347,8 @@ def export(argv: list[str]) -> int:
         else:
             rank = f" --max-lora-rank {record['r']}" if record["r"] > 16 else ""  # vLLM's default: 16
             print(f"  vLLM: vllm serve {record['base']} --enable-lora --lora-modules NAME={out}{rank}")
+    if args.push:
+        push_export(run_dir, cfg, out, args)
     return 0
 
 

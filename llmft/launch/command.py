@@ -28,7 +28,7 @@ from llmft.config.validation import (check_installed, check_resume_strategy, gra
                                      requested_world_size, settled_strategy, validate, world_size_keys)
 from llmft.errors import ConfigError, UserError, report
 from llmft.launch import run_dir as run_dirs
-from llmft.launch import slurm
+from llmft.launch import slurm, sweep
 from llmft.training import checkpoint, run_lock  # both torch-free
 from llmft.training.lifetime import die_with_parent
 
@@ -40,10 +40,12 @@ _task_started = False
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def _launch(cfg: DictConfig) -> None:
+def _launch(cfg: DictConfig) -> float | None:
     global _task_started
     _task_started = True
     sys.stderr = sys.__stderr__  # composition is over: stop holding stderr (see main)
+    if sweep.in_optuna_trial():  # a trial of `-m hydra/sweeper=optuna`: its objective goes back to the sweeper
+        return sweep.run_trial(cfg)
     try:
         cfg, run_dir = prepare_run(cfg)
     except UserError as error:
@@ -281,7 +283,10 @@ def main() -> None:
     # composes; if it exits before our task starts, print the error as one line instead.
     # With HYDRA_FULL_ERROR=1 a bug in llmft shows its traceback; composition errors are caught here.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
-    sys.argv[1:] = with_saved_cluster(sys.argv[1:])
+    try:
+        sys.argv[1:] = sweep.sweep_argv(with_saved_cluster(sys.argv[1:]))  # plugins installed, a trial fails alone
+    except UserError as error:
+        sys.exit(report(error))
     with contextlib.redirect_stderr(_hydra_stderr):
         try:
             _launch()
@@ -290,6 +295,10 @@ def main() -> None:
                 print(f"llmft: {one_line_error(_hydra_stderr.getvalue())}", file=sys.__stderr__)
             raise
         except Exception as error:
+            explained = sweep.explain_error(error)  # a sweep's bad search-space key, or no trial completed
+            if explained:
+                print(f"llmft: {explained[0]}", file=sys.__stderr__)
+                sys.exit(explained[1])
             if _task_started:
                 raise
             print(f"llmft: {one_line_error(error_chain(error) + chr(10) + _hydra_stderr.getvalue())}", file=sys.__stderr__)

@@ -1,5 +1,6 @@
 """python -m llmft.runs [ROOT]: the runs under the runs root, one line each.
 python -m llmft.runs show RUN: one run's summary, and its loss curve as RUN/loss.png.
+python -m llmft.runs sweep DIR: one Optuna sweep (RUNS_ROOT/multirun/<date-time>): every trial, its value and run.
 
 Status comes from SLURM (sacct) while a cluster job is pending or running, else from the run directory
 (summary.json; a run with metrics but no summary is running or was killed). No torch here.
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from llmft.config.compose import compose
 from llmft.errors import run_command
+from llmft.launch import sweep
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -97,9 +99,13 @@ def format_table(rows: list[dict]) -> str:
 def list_runs(root: Path) -> str:
     run_dirs = sorted((p for p in root.iterdir() if (p / "config.yaml").exists()), key=lambda p: p.name) \
         if root.is_dir() else []
-    if not run_dirs:
+    sweeps = sweep.find_sweeps(root)  # Optuna sweeps: RUNS_ROOT/multirun/<date-time>
+    if not run_dirs and not sweeps:
         return f"no run under {root}"
-    return format_table([run_status(d) for d in run_dirs])
+    table = format_table([run_status(d) for d in run_dirs]) if run_dirs else f"no run under {root}"
+    if sweeps:
+        table += "\n\nsweeps (python -m llmft.runs sweep DIR):\n" + sweep.format_sweeps([sweep.read_sweep(s) for s in sweeps])
+    return table
 
 
 def write_loss_curve(run_dir: Path) -> Path:
@@ -149,6 +155,13 @@ def runs(argv: list[str]) -> int:
             print("usage: python -m llmft.runs show RUN_DIR   (a run directory, with its config.yaml)", file=sys.stderr)
             return 2
         print(show(Path(argv[1])))
+        return 0
+    if argv[:1] == ["sweep"]:
+        if len(argv) != 2 or not sweep.is_sweep_dir(Path(argv[1])):
+            print("usage: python -m llmft.runs sweep DIR   (a sweep's folder, RUNS_ROOT/multirun/<date-time>)",
+                  file=sys.stderr)
+            return 2
+        print(sweep.format_sweep(sweep.read_sweep(Path(argv[1]))))
         return 0
     if argv and not ("=" in argv[0]):
         root = Path(argv[0])

@@ -155,11 +155,11 @@ def test_speaker_styles(tmp_path, line, speaker, text):
 
 def test_heading_styles_and_a_custom_pattern_and_roles(tmp_path):
     tickets = ["## Ticket #12", "Ticket 13", "# Ticket n°14 - sujet", "**Ticket #15**", "### Demande T-16 : sujet",
-               "ticket no. 17"]
+               "ticket no. 17", "## Ticket #2024-0018 - sujet"]
     text = "".join(f"{h}\nUser: question {i}?\nIDRIS: an answer long enough to be kept, {i}.\n\n"
                    for i, h in enumerate(tickets))
     conversations, report = read(write(tmp_path, text))
-    assert [c.id for c in conversations] == ["12", "13", "14", "15", "T-16", "17"] and not report["skipped"]
+    assert [c.id for c in conversations] == ["12", "13", "14", "15", "T-16", "17", "2024-0018"] and not report["skipped"]
     text = "=== 7 ===\nAlice: hi?\nBob: hello, an answer long enough.\n=== 8 ===\nAlice: again?\nBob: yes, again, at length.\n"
     conversations, report = read(write(tmp_path, text, "custom.txt"), r"data.transcript.ticket_pattern='^=== (\d+) ==='",
                                  "+data.transcript.roles.Alice=user", "+data.transcript.roles.Bob=assistant")

@@ -78,9 +78,10 @@ class TranscriptConfig:
 
     # A line that starts a ticket, searched case-insensitively at the start of each line; its one capturing group
     # is the ticket id (the split is a hash of it), the rest of the line the subject. The default matches
-    # `## Ticket #12`, `Ticket 12`, `# Ticket n°12 - subject`, `**Ticket #12**`, `Demande T-12 : subject`.
+    # `## Ticket #12`, `Ticket 12`, `# Ticket n°12 - subject`, `**Ticket #12**`, `Demande T-12 : subject`,
+    # `Ticket #2024-0012` (an id starts with a digit, or letters and a digit; a line such as "Ticket closed" is text).
     ticket_pattern: str = (r"^[ \t]*(?:#{1,6}[ \t]*)?(?:\*\*)?[ \t]*(?:Ticket|Demande|Case|Request)[ \t]*"
-                           r"(?:n[°o]\.?|#|no\.|num[ée]ro)?[ \t]*((?:[A-Za-z]+-)?\d+)\b")
+                           r"(?:n[°o]\.?|#|no\.|num[ée]ro|number)?[ \t]*([A-Za-z]*-?\d[\w-]*)")
     # Speaker (case-insensitive) -> role: user, assistant, or drop (turns that never reach the model, such as
     # internal notes). A ticket with a speaker not listed here is skipped and reported as file:line.
     roles: dict[str, str] = field(

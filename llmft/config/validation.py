@@ -224,6 +224,8 @@ def check_mixture(data, complete: bool) -> None:
     """data.format=mixture: sources that are conversations, positive weights, distinct names; each source's own
     settings checked as a data config, its errors naming data.sources[i]."""
     if not list(data.sources):
+        if not complete:
+            return  # data=mixture composed for another machine (plan): the sources come at launch
         raise ConfigError("data.format=mixture needs data.sources: a list of data configs, each with a weight "
                           "(see data=mixture_sample).")
     if data.mixture_samples is not None and data.mixture_samples < 1:

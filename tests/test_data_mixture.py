@@ -8,10 +8,11 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from conftest import compose, run_llmft
 from llmft.config.validation import validate
-from llmft.data.mixture import draw, drawn_indices, sample_targets
+from llmft.data.mixture import draw, drawn_indices, sample_targets, sources_of
 from llmft.data.pipeline import assign_splits, build_splits, read_conversations, tokenize_rows
 from llmft.data.prepare import prepare
 from llmft.data.rows import Rows
@@ -52,6 +53,16 @@ def test_a_small_source_is_repeated_a_large_one_subsampled_deterministically_by_
     other = draw([small, large], [8, 12], seed=1)
     assert other.fingerprint() != drawn.fingerprint()
     assert not np.array_equal(drawn_indices(40, 12, 0, 1), drawn_indices(40, 12, 1, 1))
+
+
+def test_sources_take_the_mixtures_keys_they_leave_unset():
+    data = OmegaConf.to_object(compose(["data=mixture_sample", "data.strict=true", "data.system_prompt=Be brief.",
+                                        "data.num_workers=3", "data.sources.1.weight=0.6"]).data)
+    tickets, acronyms = sources_of(data)
+    assert (tickets.name, tickets.weight, acronyms.weight) == ("tickets", 0.8 / 1.4, 0.6 / 1.4)  # normalised
+    assert tickets.cfg.system_prompt == "Be brief." and acronyms.cfg.system_prompt.startswith("You are the user-")
+    assert tickets.cfg.strict and acronyms.cfg.strict and tickets.cfg.num_workers == 3
+    assert not tickets.cfg.packing and data.packing  # packed after the draw
 
 
 @pytest.fixture(scope="module")

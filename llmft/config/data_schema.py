@@ -175,8 +175,8 @@ class DataConfig:
     # data.format=mixture: the data configs mixed (any conversation format, each a full data config plus its
     # `weight`), the training samples of an epoch drawn from each at its weight's share (weights are normalised).
     # Each source keeps its own reading, cleaning, scrubbing, system prompt and validation split; the mixture's
-    # own keys used are packing (after the draw), num_workers and end_of_turn_token (a source's default when it
-    # leaves them unset), output_dir and prepared.
+    # own keys used are packing (after the draw), output_dir, prepared, and as defaults of the sources that leave
+    # them unset num_workers, end_of_turn_token and system_prompt (strict=true applies to every source).
     sources: list[MixtureSourceConfig] = field(default_factory=list)
     # Training samples drawn per epoch; None: the sum of the sources' training samples (the size of their plain
     # concatenation), so the weights re-balance the data without changing the epoch's length.

@@ -44,15 +44,17 @@ class Source:
 
 
 def sources_of(data_cfg) -> list[Source]:
-    """The sources of a mixture (a plain data config), with what they inherit from the mixture's keys: num_workers
-    and end_of_turn_token when unset; packing waits for the draw."""
+    """The sources of a mixture (a plain data config), with what they inherit from the mixture's keys: num_workers,
+    end_of_turn_token and system_prompt when unset, strict when true; packing waits for the draw."""
     total = sum(float(source.weight) for source in data_cfg.sources)
     sources = []
     for index, source in enumerate(data_cfg.sources):
         cfg = dataclasses.replace(
             source, packing=False,
             num_workers=source.num_workers if source.num_workers is not None else data_cfg.num_workers,
-            end_of_turn_token=source.end_of_turn_token or data_cfg.end_of_turn_token)
+            end_of_turn_token=source.end_of_turn_token or data_cfg.end_of_turn_token,
+            system_prompt=source.system_prompt if source.system_prompt is not None else data_cfg.system_prompt,
+            strict=source.strict or data_cfg.strict)
         sources.append(Source(mixture_source_name(source, index), float(source.weight) / total, cfg))
     return sources
 

@@ -265,8 +265,14 @@ def push_export(run_dir: Path, cfg, out: Path, args: ExportArgs) -> None:
     record = json.loads((out / "llmft_export.json").read_text())
     base_dir = base_model_dir(run_dir, cfg, args.base) if cfg.model.path or is_adapter_run(run_dir) else None
     license_ = args.license or model_card.base_license(base_dir) or "other"
-    card = model_card.model_card(run_dir, cfg, record, license_, model_card.base_model_id(cfg, args.base_model_id))
+    base_id = model_card.base_model_id(cfg, args.base_model_id)
+    card = model_card.model_card(run_dir, cfg, record, license_, base_id, args.push)
     model_card.write_model_card(out, card)
+    adapter_config = out / "adapter_config.json"
+    if base_id and adapter_config.is_file():  # on the Hub, the adapter names its base by Hub id, not a local folder
+        config = json.loads(adapter_config.read_text())
+        config["base_model_name_or_path"] = base_id
+        adapter_config.write_text(json.dumps(config, indent=2, sort_keys=True))
     print(f"push: model card (license {license_}) -> {out / 'README.md'}")
     offline = model_card.offline_reason()
     if offline:

@@ -3,17 +3,14 @@ export a complete adapter, and FSDP2 checkpoints resume on another world size.""
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, compose, read_metrics
-from dist_runs import COMMON, STRATEGIES, torchrun, train_ranks  # noqa: F401
+from conftest import compose, read_metrics
+from dist_runs import COMMON, STRATEGIES, train_ranks, train_ranks_batch
 from llmft.launch import run_dir as rundir
 from llmft.training.loop import train
 
@@ -23,13 +20,30 @@ def losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
 
 
+# model.path under FSDP2 (built on meta, each rank reads its rows) and ZeRO-3 (deepspeed.zero.Init), against DDP's
+# whole from_pretrained: the "from_disk_*" runs, on the single-process run's base model
+FROM_DISK = ["model=llama3_2_1b", "model.dtype=float32", "model.max_seq_len=256", "train=debug", "train.max_steps=3",
+             "train.save_every=0", "train.eval_every=3"]
+FULL_FSDP = ["parallelism=fsdp", "peft=full", "train.max_steps=3", "train.eval_every=3", "train.save_every=0"]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """Every 2-rank run of this module, in one torchrun (one start-up instead of nine); the DeepSpeed runs after
+    torch's own, so that no FSDP2 or DDP run follows a DeepSpeed one in the same process."""
     root = tmp_path_factory.mktemp("dist")
-    results = {s: train_ranks(root / s, 2, [f"parallelism={s}"]) for s in STRATEGIES}
-    # the same global batch (8 sequences a step) in one process, as the reference
+    # the same global batch (8 sequences a step) in one process, as the reference; its base_model is the model on
+    # disk of the from_disk runs
     cfg = compose(COMMON + ["train.micro_batch_size=8", f"run_dir={root / 'single'}"])
     train(cfg, rundir.create(cfg))
+    from_disk = [*FROM_DISK, f"model.path={root / 'single' / 'base_model'}"]
+    batch = {root / s: [f"parallelism={s}"] for s in ("ddp", "fsdp")}
+    batch[root / "from_disk_ddp"] = ["parallelism=ddp", *from_disk]
+    batch[root / "from_disk_fsdp"] = ["parallelism=fsdp", *from_disk]
+    batch[root / "full"] = FULL_FSDP
+    batch.update({root / s: [f"parallelism={s}"] for s in ("zero2", "zero3", "zero3_offload")})
+    batch[root / "from_disk_zero3"] = ["parallelism=zero3", *from_disk]  # COMMON: every parameter partitioned
+    results = {path.name: result for path, result in train_ranks_batch(2, batch, timeout=1200).items()}
     return root, results
 
 
@@ -84,40 +98,34 @@ def test_fsdp_checkpoint_saved_on_2_ranks_resumes_on_1(runs, tmp_path):
     assert losses(resumed) == pytest.approx(losses(source)[4:], abs=1e-4)
 
 
-def test_loading_from_disk_sharded_matches_ddp_loading_whole_model(runs, tmp_path):
+def test_loading_from_disk_sharded_matches_ddp_loading_whole_model(runs):
     """model.path under FSDP2 (built on meta, each rank reads its rows) and ZeRO-3 (deepspeed.zero.Init): the same
     losses as DDP's whole from_pretrained."""
-    root, _ = runs
-    base = root / "ddp" / "base_model"
-    local_model = ["model=llama3_2_1b", f"model.path={base}", "model.dtype=float32", "model.max_seq_len=256",
-                   "train=debug", "train.max_steps=3", "train.save_every=0", "train.eval_every=3"]
-    ddp = train_ranks(tmp_path / "ddp", 2, ["parallelism=ddp", *local_model])
-    fsdp = train_ranks(tmp_path / "fsdp", 2, ["parallelism=fsdp", *local_model])
+    root, results = runs
+    ddp, fsdp = results["from_disk_ddp"], results["from_disk_fsdp"]
     assert fsdp["kinds"]["num_dtensor"] == fsdp["kinds"]["num_params"]
-    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "ddp"), abs=1e-4)
+    assert losses(root / "from_disk_fsdp") == pytest.approx(losses(root / "from_disk_ddp"), abs=1e-4)
     torch.testing.assert_close(fsdp["logits"], ddp["logits"], rtol=0, atol=1e-4)
     # ZeRO-3 loads the same folder under deepspeed.zero.Init: partitioned as it loads, same losses
-    zero3 = train_ranks(tmp_path / "zero3", 2, ["parallelism=zero3", *local_model,
-                                                "parallelism.zero3_param_persistence_threshold=0",
-                                                "parallelism.zero3_model_persistence_threshold=0"])
+    zero3 = results["from_disk_zero3"]
     assert zero3["kinds"]["num_zero3_partitioned"] == zero3["kinds"]["num_params"]
     assert zero3["summary"]["num_parameters"] == ddp["summary"]["num_parameters"]
-    assert losses(tmp_path / "zero3") == pytest.approx(losses(tmp_path / "ddp"), abs=1e-4)
+    assert losses(root / "from_disk_zero3") == pytest.approx(losses(root / "from_disk_ddp"), abs=1e-4)
 
 
-def test_full_fine_tuning_under_fsdp_exports_the_whole_model(tmp_path):
+def test_full_fine_tuning_under_fsdp_exports_the_whole_model(runs):
     from transformers import AutoModelForCausalLM
 
     from dist_harness import PROBE_IDS
 
-    result = train_ranks(tmp_path / "full", 2, ["parallelism=fsdp", "peft=full", "train.max_steps=3",
-                                                "train.eval_every=3", "train.save_every=0"])
+    root, results = runs
+    result = results["full"]
     assert result["kinds"]["num_dtensor"] == result["kinds"]["num_params"]
     assert result["summary"]["num_trainable_parameters"] == result["summary"]["num_parameters"]
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "final").eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(root / "full" / "final").eval()
     with torch.no_grad():
         logits = reloaded(input_ids=torch.tensor(PROBE_IDS)).logits
     torch.testing.assert_close(logits, result["logits"], rtol=0, atol=1e-5)
-    base = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "base_model").eval()
+    base = AutoModelForCausalLM.from_pretrained(root / "full" / "base_model").eval()
     with torch.no_grad():
         assert (base(input_ids=torch.tensor(PROBE_IDS)).logits - logits).abs().max() > 1e-3  # it did train

@@ -54,7 +54,7 @@ def test_a_local_sweep_trains_each_trial_and_writes_the_best_with_every_run_dire
     assert f"results: {sweep_dir / 'optimization_results.yaml'}" in result.stdout
     assert runs.main([str(tmp_path)]) == 0  # the runs and, below them, the sweep with its best value
     listing = capsys.readouterr().out
-    assert str(sweep_dir) in listing and f"{results['best_value']:.6g}" in listing
+    assert f"multirun/{sweep_dir.name}" in listing and f"{results['best_value']:.6g}" in listing
     assert runs.main(["sweep", str(sweep_dir)]) == 0
     shown = capsys.readouterr().out
     assert all(trial["run_dir"] in shown for trial in results["trials"]) and "2 completed, 0 failed" in shown

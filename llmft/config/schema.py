@@ -152,6 +152,8 @@ class TrainConfig:
     save_every: int = 100  # checkpoint every N optimizer steps (0: only at the end)
     keep_last: int = 2  # checkpoints kept (plus the best by validation loss)
     wandb: bool = False  # also log to wandb, offline (pip install wandb)
+    # also log to MLflow: $MLFLOW_TRACKING_URI, else RUNS_ROOT/mlflow.db (pip install 'llmft[mlflow]'; training/tracking.py)
+    mlflow: bool = False
     # A collective that waits longer than this fails the run (a dead or stuck rank must not hold the GPUs for hours);
     # also covers rank 0's slow work (saving, the final gather) while the others wait.
     collective_timeout_min: float = 10.0

@@ -327,6 +327,11 @@ def check_installed(cfg: DictConfig, local: bool) -> None:
             raise missing_extra("liger-kernel", "liger", "train.loss_head=liger")
     if cfg.eval.after_train:
         check_eval_runtime(check_eval(cfg.eval, check_paths=False), judge_env=False)
+    if cfg.train.mlflow:
+        missing = [name for module, name in (("mlflow", "mlflow-skinny"), ("sqlalchemy", "sqlalchemy"),
+                                             ("alembic", "alembic")) if find_spec(module) is None]
+        if missing:  # sqlalchemy and alembic: the default store, RUNS_ROOT/mlflow.db (SQLite)
+            raise missing_extra(" and ".join(missing), "mlflow", "train.mlflow=true")
 
 
 def check_eval_runtime(settings: EvalConfig, judge_env: bool = True) -> None:

@@ -256,7 +256,8 @@ def format_sweeps(sweeps: list[dict]) -> str:
     for sweep in sweeps:
         best = "-" if sweep["best_value"] is None else f"{sweep['best_value']:.6g}"
         params = " ".join(f"{k}={v}" for k, v in sweep["best_params"].items())
-        lines.append(f"{sweep['path'][-40:]:40} {len(sweep['trials']):>6} {sweep['num_completed']:>5} "
+        name = f"{Path(sweep['path']).parent.name}/{sweep['name']}"  # multirun/<date-time>, under the runs root
+        lines.append(f"{name[:40]:40} {len(sweep['trials']):>6} {sweep['num_completed']:>5} "
                      f"{sweep['num_failed']:>6} {best:>20}  {params}")
     return "\n".join(lines)
 

@@ -462,6 +462,9 @@ def write_summary(run_dir: Path, summary: dict) -> None:
     tmp = Path(run_dir) / ".summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, Path(run_dir) / "summary.json")
+    from llmft.training.tracking import end_run  # MLflow (train.mlflow=true): its run ends with this status
+
+    end_run(run_dir, summary)
 
 
 def train(cfg, run_dir: Path) -> TrainResult:

@@ -1,5 +1,6 @@
 """What a run shows while it runs: `metrics.jsonl` always, TensorBoard event files in RUN_DIR/tensorboard, wandb
-in offline mode when `train.wandb=true`, a progress bar in a terminal, a one-line status otherwise.
+in offline mode when `train.wandb=true`, MLflow when `train.mlflow=true` (tracking.py), a progress bar in a terminal,
+a one-line status otherwise.
 
 A SLURM log is not a terminal, so there a status line every `train.log_every` steps replaces the bar.
 """
@@ -13,6 +14,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from llmft.training import tracking
 
 
 class MetricsLog:
@@ -36,6 +39,8 @@ class MetricsLog:
                 raise RuntimeError("train.wandb=true needs wandb: pip install wandb") from None
             # offline: compute nodes have no internet; `wandb sync RUN_DIR/wandb/offline-run-*` from a login node
             self.wandb_run = wandb.init(mode="offline", dir=str(path.parent), name=path.parent.name)
+        # MLflow when the run's config.yaml says train.mlflow: true; ended when summary.json is written
+        self.mlflow = tracking.start_run(path.parent) if enabled else None
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -52,6 +57,8 @@ class MetricsLog:
                 self.tensorboard.add_scalar(("val/" if name.startswith("val") else "train/") + name, value, step)
         if self.wandb_run is not None:
             self.wandb_run.log(record, step=step)
+        if self.mlflow is not None:
+            self.mlflow.log_metrics(record)
 
     def show(self, step: int, record: dict) -> None:
         """Advance the bar to `step` with the latest figures, or print one status line without a terminal."""

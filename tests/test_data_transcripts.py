@@ -141,6 +141,9 @@ def test_strict_mode_stops_at_the_unknown_speaker_with_that_sentence(tmp_path):
     ("**IDRIS:** Voici", "assistant", "Voici"),
     ("__Support__: Voici", "assistant", "Voici"),
     ("IDRIS (Jean Dupont) : Voici", "assistant", "Voici"),
+    ("Jean Dupont - IDRIS : Voici", "assistant", "Voici"),
+    ("Support IDRIS : Voici", "assistant", "Voici"),
+    ("L'équipe IDRIS : Voici", "assistant", "Voici"),
     ("Assistance  :  Voici", "assistant", "Voici"),
 ])
 def test_speaker_styles(tmp_path, line, speaker, text):
@@ -151,6 +154,20 @@ def test_speaker_styles(tmp_path, line, speaker, text):
     assert report["skipped"] == []
     message = next(m for m in conversations[0].messages if m["role"] == speaker)
     assert message["content"].startswith(text)
+
+
+def test_a_person_named_beside_a_speaker_is_scrubbed_and_other_words_do_not_start_turns(tmp_path):
+    text = ("## Ticket #1\nUtilisateur : Bonjour, une question.\nIDRIS (Jean Dupont) : Bonjour, "
+            "Jean Dupont vous répond.\nUser guide: see the documentation.\nSupport technique : ouvert de 9 h à 17 h.\n")
+    conversations, report = read(write(tmp_path, text))
+    assert not report["skipped"] and [m["role"] for m in conversations[0].messages] == ["user", "assistant"]
+    answer = conversations[0].messages[1]["content"]
+    assert answer == ("Bonjour, <NAME> vous répond.\nUser guide: see the documentation.\n"
+                      "Support technique : ouvert de 9 h à 17 h.")
+    assert report["pii_replacements"] == {"NAME": 1}
+    conflicting = "## Ticket #2\nUtilisateur : Bonjour ?\nClient IDRIS : Qui parle ?\nIDRIS : Une réponse assez longue.\n"
+    _, report = read(write(tmp_path, conflicting + text, "conflict.md"))
+    assert report["skipped"] == [f"{tmp_path / 'conflict.md'}:3: unknown speaker 'Client IDRIS'"]
 
 
 def test_heading_styles_and_a_custom_pattern_and_roles(tmp_path):

@@ -42,6 +42,7 @@ _UNDECODABLE = re.compile("[\udc80-\udcff]")  # the bytes that are not UTF-8, as
 _FENCE = re.compile(r"^\s*(?:```|~~~)")
 _RULE = re.compile(r"^\s*(?:-{3,}|\*{3,}|_{3,})\s*$")  # a Markdown horizontal rule, often between tickets
 _MARKDOWN_HEADING = re.compile(r"^\s*#{1,6}\s")
+_WORD = re.compile(r"[^\W_](?:[\w'’.-]*[^\W_])?")  # a word of a speaker's name: "L'équipe", "Jean-Marc", "M."
 _PARENTHESIS = re.compile(r"\s*\(([^()]*)\)\s*")
 _SUBJECT_LEAD = re.compile(r"^[\s*_#:|.)\]–—-]+")
 _SUBJECT_TAIL = re.compile(r"[\s*_#]+$")
@@ -85,6 +86,7 @@ class TranscriptReader:
         cfg = data_cfg.transcript
         self.heading = re.compile(cfg.ticket_pattern, re.IGNORECASE)
         self.roles = {speaker_key(name): str(role) for name, role in cfg.roles.items()}
+        self.role_words = [(_WORD.findall(key), role) for key, role in self.roles.items()]
         self.report = report
 
     def read(self, file: Path) -> list[Conversation]:
@@ -143,12 +145,9 @@ class TranscriptReader:
         if match is None:
             return None
         name = (match.group("marked") or match.group("plain")).strip()
-        role = self.roles.get(speaker_key(name))
-        inner = _PARENTHESIS.search(name)
-        if role is None and inner:  # "IDRIS (Jean Dupont)": the role of IDRIS, and a name to scrub
-            role = self.roles.get(speaker_key(_PARENTHESIS.sub(" ", name)))
-            if role is not None and inner.group(1).strip() not in ticket.participants:
-                ticket.participants.append(inner.group(1).strip())
+        role, person = self.role_of(name)
+        if person and person not in ticket.participants:
+            ticket.participants.append(person)
         if role is None:
             marked_speaker = match.group("marked") and looks_like_speaker(name)  # "**Jean** :", not "**Note** :"
             if not (marked_speaker or self._unknown_speaker(match, name, neighbours)):
@@ -158,6 +157,27 @@ class TranscriptReader:
             role = "drop"
         return {"role": role, "lines": [match.group("text")], "line": where}
 
+    def role_of(self, name: str) -> tuple[str | None, str | None]:
+        """The role of a speaker, and the person it names if any: a speaker of the map, or one with other names
+        around it ("IDRIS (Jean Dupont)", "Jean Dupont - IDRIS", "Support IDRIS": the role of IDRIS, and Jean Dupont
+        to scrub as a name). Not when the other words are not names ("User guide", "Support technique") or the
+        speakers found disagree."""
+        role = self.roles.get(speaker_key(name))
+        if role is not None:
+            return role, None
+        words = _WORD.findall(name)
+        lowered = [word.casefold() for word in words]
+        found, covered = set(), set()
+        for key_words, key_role in self.role_words:
+            for start in range(len(words) - len(key_words) + 1):
+                if key_words and lowered[start : start + len(key_words)] == key_words:
+                    found.add(key_role)
+                    covered.update(range(start, start + len(key_words)))
+        others = [word for index, word in enumerate(words) if index not in covered]
+        if len(found) != 1 or not all(word[:1].isupper() for word in others):
+            return None, None
+        return found.pop(), " ".join(others) or None
+
     def _unknown_speaker(self, match: re.Match, name: str, neighbours: tuple[str, str]) -> bool:
         """Whether an unmapped, plain `Name : text` names a speaker: it looks like one, has text after the colon,
         and is not one of a block of `Label: value` lines (pasted program output such as seff's)."""
@@ -166,7 +186,7 @@ class TranscriptReader:
         for other in neighbours:
             found = _TURN.match(other)
             other_name = found and (found.group("marked") or found.group("plain")).strip()
-            if other_name and speaker_key(other_name) not in self.roles and looks_like_speaker(other_name):
+            if other_name and self.role_of(other_name)[0] is None and looks_like_speaker(other_name):
                 return False
         return True
 

@@ -190,14 +190,15 @@ def test_a_folder_of_text_and_markdown_files_with_encoding_problems(tmp_path):
     (folder / "2024" / "a.txt").write_bytes(
         "Ticket 1\r\nUser: caf\u00e9?\r\nIDRIS: a long enough answer.\r\n".encode("utf-8"))  # CRLF
     (folder / "b.md").write_bytes(b"Ticket 2\nUser: caf\xe9?\nIDRIS: a long enough answer.\n"  # latin-1: skipped
-                                  b"Ticket 3\nUser: fine?\nIDRIS: a long enough answer too.\n")
+                                  b"Ticket 3\nUser: fine?\nIDRIS: a long enough answer too.\n"
+                                  b"Ticket 5 - caf\xe9\nUser: fine?\nIDRIS: a long enough answer, the last.\n")
     (folder / "c.md").write_bytes("Ticket 4\nUser: caf\u00e9 ?\nIDRIS: a long enough answer, in UTF-16.\n"
                                   .encode("utf-16"))  # with its byte-order mark
     (folder / "notes.json").write_text("{}")  # not a transcript: not read
     conversations, report = read(folder)
     assert [c.id for c in conversations] == ["1", "3", "4"]
     assert conversations[0].messages[0]["content"] == "café?"
-    assert report["skipped"] == [f"{folder / 'b.md'}:2: not UTF-8 text"]
+    assert report["skipped"] == [f"{folder / 'b.md'}:2: not UTF-8 text", f"{folder / 'b.md'}:7: not UTF-8 text"]
 
 
 def test_bad_transcript_settings_are_one_sentence_naming_the_key():

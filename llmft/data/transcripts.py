@@ -111,6 +111,8 @@ class TranscriptReader:
                 subject = _SUBJECT_TAIL.sub("", _SUBJECT_LEAD.sub("", line[heading.end():]))
                 ticket, in_fence = _Ticket(heading.group(1).strip(), subject, where), False
                 self.report.records_read += 1
+                if _UNDECODABLE.search(line):
+                    ticket.problem = (where, "not UTF-8 text")
                 continue
             if ticket is None:
                 if is_text(line):

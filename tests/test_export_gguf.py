@@ -194,8 +194,8 @@ def test_the_q_k_permutation_turns_transformers_rope_into_llama_cpp_interleaved_
                                                                                             num_kv_heads))
     scores_cpp = q_cpp @ k_cpp.repeat_interleave(num_heads // num_kv_heads, 0).transpose(1, 2)
     torch.testing.assert_close(scores_cpp, scores_hf, rtol=1e-5, atol=1e-4)
-    unpermuted = interleaved_rope(heads(x @ wq.T, num_heads)) @ interleaved_rope(heads(x @ wk.T, num_kv_heads)
-                                                                                 ).repeat_interleave(2, 0).transpose(1, 2)
+    k_unpermuted = interleaved_rope(heads(x @ wk.T, num_kv_heads)).repeat_interleave(2, 0)
+    unpermuted = interleaved_rope(heads(x @ wq.T, num_heads)) @ k_unpermuted.transpose(1, 2)
     assert not torch.allclose(unpermuted, scores_hf, atol=1e-2)  # without the permutation llama.cpp would differ
     np.testing.assert_array_equal(gguf_export.unpermute(gguf_export.permute(wq.numpy(), num_heads), num_heads),
                                   wq.numpy())
@@ -261,3 +261,29 @@ def test_llama_cpp_loads_the_file_and_gives_transformers_next_token_logits(tiny_
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * np.abs(want).max())
     assert int(got.argmax()) == int(want.argmax())
+
+
+def test_llama3_rope_scaling_becomes_llama_cpp_rope_freqs():
+    """Llama 3.x: llama.cpp divides each frequency by `rope_freqs`; the factors equal llama.cpp's converter formula."""
+    import math
+
+    from transformers import LlamaConfig
+
+    scaling = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    config = LlamaConfig(hidden_size=256, num_attention_heads=4, rope_parameters=scaling)
+    factors = gguf_export.llama3_rope_factors(config)
+    dim = 64
+    low_wavelen, high_wavelen = 8192 / 1.0, 8192 / 4.0
+    expected = []
+    for freq in 1.0 / (500000.0 ** (np.arange(0, dim, 2) / dim)):
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            expected.append(1.0)
+        elif wavelen > low_wavelen:
+            expected.append(32.0)
+        else:
+            smooth = (8192 / wavelen - 1.0) / (4.0 - 1.0)
+            expected.append(1 / ((1 - smooth) / 32.0 + smooth))
+    np.testing.assert_allclose(factors, expected, rtol=1e-5)
+    assert factors.min() == pytest.approx(1.0) and factors.max() == pytest.approx(32.0)

@@ -24,8 +24,8 @@ SECRET_TEXT = "the quarterly reactor budget of Jeanne"  # in every conversation:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("push")
-    conversations = [[("user", f"Hello, I am jeanne.martin{i}@example.org, call me at +33 6 12 34 56 {i % 90 + 10:02d}. "
-                               f"My job {1000 + i} on {SECRET_TEXT} is pending, why?"),
+    conversations = [[("user", f"Hello, I am jeanne.martin{i}@example.org, call me at +33 6 12 34 56 "
+                               f"{i % 90 + 10:02d}. My job {1000 + i} on {SECRET_TEXT} is pending, why?"),
                       ("assistant", f"Job {1000 + i} waits for resources: check it with squeue -j {1000 + i}.")]
                      for i in range(30)]
     data = write_chat_jsonl(folder / "tickets.jsonl", conversations)

@@ -135,8 +135,8 @@ def _add_hyperparameters(writer, config, file_type) -> dict[str, np.ndarray]:
     elif rope["rope_type"] == "llama3":
         extra[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"] = llama3_rope_factors(config)
     elif rope["rope_type"] != "default":
-        raise GGUFError(f"format=gguf writes default, linear and llama3 rope scaling, not {rope['rope_type']!r}: export "
-                        f"merged (merge=true) and convert that folder with llama.cpp's convert_hf_to_gguf.py.")
+        raise GGUFError(f"format=gguf writes default, linear and llama3 rope scaling, not {rope['rope_type']!r}: "
+                        f"export merged (merge=true) and convert that folder with llama.cpp's convert_hf_to_gguf.py.")
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise GGUFError("format=gguf writes Llama models without attention or MLP biases and this one has them: "
                         "export merged (merge=true) and convert that folder with llama.cpp's convert_hf_to_gguf.py.")
@@ -417,6 +417,9 @@ def check_gguf(path: Path, model, tokenizer, dtype: str, stop_ids: list[int], sh
             problems.append(f"{name} has {values.size} values, not {want.size}")
             continue
         values = values.reshape(want.shape)
+        if tensor.tensor_type != tensor_type_for(name, want, dtype):
+            problems.append(f"{name} is stored as {tensor.tensor_type.name}, not gguf.dtype={dtype}'s "
+                            f"{tensor_type_for(name, want, dtype).name}")
         if name.endswith("attn_q.weight"):  # compare in the Hugging Face layout: undo the permutation
             values, want = unpermute(values, config.num_attention_heads), unpermute(want, config.num_attention_heads)
         elif name.endswith("attn_k.weight"):
@@ -430,7 +433,8 @@ def check_gguf(path: Path, model, tokenizer, dtype: str, stop_ids: list[int], sh
         if difference.max() >= worst["max_abs_diff"]:
             worst = {"tensor": name, "max_abs_diff": float(difference.max()), "ratio_to_tolerance": ratio}
     if problems:
-        raise GGUFError(f"{shown_as or path} does not read back as the merged model (nothing was kept): {'; '.join(problems[:3])}"
+        raise GGUFError(f"{shown_as or path} does not read back as the merged model (nothing was kept): "
+                        f"{'; '.join(problems[:3])}"
                         f"{f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''}.")
     return {"tensors": len(stored), "keys": len(metadata), "worst_tensor": worst}
 
@@ -482,8 +486,8 @@ def ollama_modelfile(tokenizer, stop_tokens: list[str], system_prompt: str | Non
     lines = [f"FROM ./{GGUF_FILE_NAME}", ""]
     template = ollama_template(tokenizer, probes)
     if template is None:
-        lines += ["# The chat template is not one llmft translates; Ollama reads tokenizer.chat_template from the file.",
-                  ""]
+        lines += ["# The chat template is not one llmft translates; Ollama reads tokenizer.chat_template from the "
+                  "file.", ""]
     else:
         lines += [f'TEMPLATE """{template}"""', ""]
     if system_prompt:

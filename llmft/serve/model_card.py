@@ -211,7 +211,8 @@ def usage_text(kind: str, base_id: str | None, repo_id: str) -> str:
         return "```python\n" + "\n".join(code) + "\n```"
     if kind == "gguf":
         code = [f"hf download {repo_id} --local-dir {folder} && cd {folder}",
-                "ollama create NAME -f Modelfile && ollama run NAME   # Ollama", "llama-cli -m model.gguf -cnv   # llama.cpp"]
+                "ollama create NAME -f Modelfile && ollama run NAME   # Ollama",
+                "llama-cli -m model.gguf -cnv   # llama.cpp"]
         return "```sh\n" + "\n".join(code) + "\n```"
     code = ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
             f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',

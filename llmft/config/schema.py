@@ -17,6 +17,7 @@ from typing import Optional
 from omegaconf import MISSING
 
 from llmft.config.data_schema import DataConfig
+from llmft.config.families import ModelFamily
 
 
 class PeftMethod(str, Enum):
@@ -62,8 +63,12 @@ class Precision(str, Enum):
 
 @dataclass
 class TinyArchConfig:
-    """Architecture of `model=tiny`: a small Llama built from a config with seeded random weights."""
+    """Architecture of `model=tiny`: a small model of one family built from its transformers config with seeded
+    random weights (sizes under each family's own key names: llmft/config/families.py)."""
 
+    # llama | mistral | qwen2 | qwen3 | gemma3 | phi3 | gpt2 | bloom | deepseek_v3 (dense). GPT-2, BLOOM and DeepSeek
+    # have no grouped-query attention (num_key_value_heads does not apply); BLOOM's MLP is 4 x hidden_size.
+    family: ModelFamily = ModelFamily.llama
     hidden_size: int = 128
     intermediate_size: int = 256
     num_hidden_layers: int = 2
@@ -88,6 +93,9 @@ class ArchConfig:
     vocab_size: int = MISSING
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Qwen2 has biases on q, k, v
+    family: ModelFamily = ModelFamily.llama  # the layout of the layers (fused projections, biases, norms)
+    head_dim: Optional[int] = None  # None: hidden_size / num_attention_heads (Gemma 3 and Qwen 3 set their own)
+    position_embeddings: int = 0  # a learned position table's rows (GPT-2's n_positions); 0 for rotary or ALiBi
 
 
 @dataclass

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from llmft.config.arguments import parse_arguments
 from llmft.config.compose import one_line_error
+from llmft.config.families import EAGER_ATTENTION_ONLY, NO_POSITION_IDS, model_family
 from llmft.config.schema import EvalConfig, LlmftConfig, PeftMethod, Strategy
 from llmft.errors import ConfigError, missing_extra
 
@@ -52,6 +53,7 @@ def validate(cfg: DictConfig, check_paths: bool = True, training: bool = True) -
     if problem:
         raise ConfigError(problem + ".")
     check_loss_head(cfg)
+    check_packing(cfg)
 
 
 def check_schema(cfg: DictConfig) -> None:
@@ -99,6 +101,9 @@ def check_model_and_peft(cfg: DictConfig) -> None:
         raise ConfigError(f"model.path is not set for model={model.name}: set model.path=/path/to/a/local/hf/folder.")
     if peft.method != PeftMethod.full and not (peft.target_modules or model.lora_target_modules):
         raise ConfigError("No LoRA target modules: set peft.target_modules=[q_proj,v_proj] or model.lora_target_modules.")
+    if model.path is not None and model_family(model) in EAGER_ATTENTION_ONLY and model.attn_implementation != "eager":
+        raise ConfigError(f"model={model.name} is a {model_family(model).value} model, which transformers runs with "
+                          f"eager attention only: set model.attn_implementation=eager.")
     if peft.method == PeftMethod.qlora:
         if peft.quant_type not in QUANT_TYPES:
             raise ConfigError(f"peft.quant_type={peft.quant_type} must be one of {', '.join(QUANT_TYPES)}.")
@@ -402,6 +407,14 @@ def check_loss_head(cfg: DictConfig) -> None:
         if config.get(key) not in (None, 1, 1.0):
             raise ConfigError(f"train.loss_head={head} cannot apply to this model: its config.json sets {key}="
                               f"{config[key]}, so the loss needs full logits; use train.loss_head=auto or full_logits.")
+
+
+def check_packing(cfg: DictConfig) -> None:
+    """A model that takes no position ids (BLOOM: ALiBi) cannot tell packed samples apart: refused at launch, where the
+    model's config.json is at hand (plan shows the job: a profile alone composes with the data group's packing)."""
+    if cfg.data.packing and model_family(cfg.model) in NO_POSITION_IDS:
+        raise ConfigError(f"model={cfg.model.name} is a {model_family(cfg.model).value} model (ALiBi: no position "
+                          "ids), so packed samples would attend to each other: set data.packing=false.")
 
 
 def model_path_problem(cfg: DictConfig) -> Optional[str]:

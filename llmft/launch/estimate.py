@@ -1,7 +1,8 @@
 """Before submitting: will it fit, how many FLOPs, how many GPU-hours, how many requeues. Pure Python, no torch.
 
 Parameter counts come from the model's config (its config.json when the folder is here, else the shape recorded in
-the model profile), by the Llama/Mistral/Qwen2 layout: no weights are loaded and nothing heavy is imported, so
+the model profile), by its family's layout (llmft/config/families.py: fused projections, biases, norms; GPT-2 and
+BLOOM have a plain two-matrix MLP, the others a gated one): no weights are loaded and nothing heavy is imported, so
 `plan` answers in a fraction of the time `import torch` takes.
 
 Model-state bytes per parameter follow DeepSpeed's accounting for mixed-precision AdamW, so that full fine-tuning
@@ -18,6 +19,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmft.config.families import (FIXED_MLP_RATIO, MODEL_TYPES, MULTI_HEAD_ONLY, ModelFamily, family_of, mla_dims,
+                                   read_model_config, size_key)
 from llmft.training.flops import flops_per_token  # pure Python: no torch
 
 GiB = 2**30
@@ -33,58 +36,127 @@ class Arch:
     vocab_size: int
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    family: str = "llama"  # a ModelFamily value: the layout of the layers
+    head_dim: int | None = None  # None: hidden_size / num_attention_heads
+    position_embeddings: int = 0  # rows of a learned position table (GPT-2)
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+    def __post_init__(self):
+        self.family = family_of(self.family)
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
 
-    def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in, out) of each linear module of one decoder layer."""
-        d, kv = self.hidden_size, self.num_key_value_heads * self.head_dim
-        q = self.num_attention_heads * self.head_dim
-        return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
-                "gate_proj": (d, self.intermediate_size), "up_proj": (d, self.intermediate_size),
-                "down_proj": (self.intermediate_size, d)}
+    def linear_shapes(self) -> list[tuple[str, int, int]]:
+        """(name, in, out) of each linear module of one decoder layer, under the family's names (GPT-2 has two
+        `c_proj`)."""
+        d, i, heads = self.hidden_size, self.intermediate_size, self.num_attention_heads
+        q, kv = heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        mlp = [("gate_proj", d, i), ("up_proj", d, i), ("down_proj", i, d)]
+        if self.family == ModelFamily.gpt2:
+            return [("c_attn", d, 3 * d), ("c_proj", d, d), ("c_fc", d, i), ("c_proj", i, d)]
+        if self.family == ModelFamily.bloom:
+            return [("query_key_value", d, 3 * d), ("dense", d, d), ("dense_h_to_4h", d, i), ("dense_4h_to_h", i, d)]
+        if self.family == ModelFamily.phi3:
+            return [("qkv_proj", d, q + 2 * kv), ("o_proj", q, d), ("gate_up_proj", d, 2 * i), ("down_proj", i, d)]
+        if self.family == ModelFamily.deepseek_v3:  # latent attention, in tiny's proportions (families.mla_dims)
+            mla = mla_dims(d, heads)
+            return [("q_a_proj", d, mla["q_lora_rank"]),
+                    ("q_b_proj", mla["q_lora_rank"], heads * (mla["qk_nope_head_dim"] + mla["qk_rope_head_dim"])),
+                    ("kv_a_proj_with_mqa", d, mla["kv_lora_rank"] + mla["qk_rope_head_dim"]),
+                    ("kv_b_proj", mla["kv_lora_rank"], heads * (mla["qk_nope_head_dim"] + mla["v_head_dim"])),
+                    ("o_proj", heads * mla["v_head_dim"], d)] + mlp
+        return [("q_proj", d, q), ("k_proj", d, kv), ("v_proj", d, kv), ("o_proj", q, d)] + mlp
+
+    def norm_parameters(self) -> int:
+        """Weights of one decoder layer's norms (LayerNorms have a bias too)."""
+        d = self.hidden_size
+        if self.family in (ModelFamily.gpt2, ModelFamily.bloom):
+            return 2 * 2 * d
+        if self.family == ModelFamily.gemma3:  # four norms around attention and MLP, and q / k norms per head
+            return 4 * d + 2 * self.head_dim
+        if self.family == ModelFamily.qwen3:
+            return 2 * d + 2 * self.head_dim
+        if self.family == ModelFamily.deepseek_v3:  # and the norms of the two latent projections
+            mla = mla_dims(d, self.num_attention_heads)
+            return 2 * d + mla["q_lora_rank"] + mla["kv_lora_rank"]
+        return 2 * d
+
+    def outside_layers(self) -> int:
+        """Weights outside the decoder layers besides the embeddings and the head: final norm, GPT-2's position
+        table, BLOOM's norm after the embeddings."""
+        d = self.hidden_size
+        if self.family == ModelFamily.gpt2:
+            return 2 * d + self.position_embeddings * d
+        if self.family == ModelFamily.bloom:
+            return 2 * d + 2 * d
+        return d
+
+
+# Families whose config class ties the head to the embeddings when config.json does not say
+TIED_BY_DEFAULT = {ModelFamily.gpt2, ModelFamily.bloom, ModelFamily.gemma3}
+
+
+def arch_from_config_json(config: dict) -> Arch | None:
+    """The shape in a config.json, under its family's key names; None for DeepSeek's MoE models (not estimated).
+    An unknown model type is read with Llama's layout."""
+    family = MODEL_TYPES.get(config.get("model_type", ""), ModelFamily.llama)
+    if family == ModelFamily.deepseek_v3:
+        return None
+    hidden = config[size_key(family, "hidden_size")]
+    heads = config[size_key(family, "num_attention_heads")]
+    if family in FIXED_MLP_RATIO:
+        intermediate = FIXED_MLP_RATIO[family] * hidden
+    else:  # GPT-2's n_inner null: 4 x n_embd
+        intermediate = config.get(size_key(family, "intermediate_size")) or 4 * hidden
+    return Arch(
+        hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=config[size_key(family, "num_hidden_layers")], num_attention_heads=heads,
+        num_key_value_heads=heads if family in MULTI_HEAD_ONLY else config.get("num_key_value_heads", heads),
+        vocab_size=config["vocab_size"],
+        tie_word_embeddings=config.get("tie_word_embeddings", family in TIED_BY_DEFAULT),
+        attention_bias=config.get("attention_bias", family == ModelFamily.qwen2), family=family,
+        head_dim=config.get("head_dim"), position_embeddings=config.get("n_positions", 0),
+    )
 
 
 def arch_of(model_cfg) -> Arch | None:
     """The model's shape: config.json in model.path if it is here, else the profile's `arch`, else tiny's."""
-    if model_cfg.path:
-        config_file = Path(os.path.expandvars(model_cfg.path)).expanduser() / "config.json"
-        if config_file.is_file():
-            config = json.loads(config_file.read_text())
-            return Arch(
-                hidden_size=config["hidden_size"], intermediate_size=config["intermediate_size"],
-                num_hidden_layers=config["num_hidden_layers"], num_attention_heads=config["num_attention_heads"],
-                num_key_value_heads=config.get("num_key_value_heads", config["num_attention_heads"]),
-                vocab_size=config["vocab_size"], tie_word_embeddings=config.get("tie_word_embeddings", False),
-                attention_bias=config.get("attention_bias", config.get("model_type") == "qwen2"),
-            )
+    config = read_model_config(model_cfg.path)
+    if config is not None:
+        return arch_from_config_json(config)
     if model_cfg.arch is not None:
         return Arch(**dict(model_cfg.arch))
-    if model_cfg.tiny is not None:
-        tiny = model_cfg.tiny
-        return Arch(tiny.hidden_size, tiny.intermediate_size, tiny.num_hidden_layers, tiny.num_attention_heads,
-                    tiny.num_key_value_heads, tiny.vocab_size)
+    if model_cfg.tiny is not None:  # what llmft.training.model.build_tiny_model builds
+        tiny, family = model_cfg.tiny, family_of(model_cfg.tiny.family)
+        return Arch(
+            tiny.hidden_size,
+            FIXED_MLP_RATIO[family] * tiny.hidden_size if family in FIXED_MLP_RATIO else tiny.intermediate_size,
+            tiny.num_hidden_layers, tiny.num_attention_heads,
+            tiny.num_attention_heads if family in MULTI_HEAD_ONLY else tiny.num_key_value_heads,
+            tiny.vocab_size, tie_word_embeddings=tiny.tie_word_embeddings, family=family,
+            attention_bias=family == ModelFamily.qwen2,  # transformers' Qwen2 has q, k, v biases
+            position_embeddings=max(model_cfg.max_seq_len, 256) if family == ModelFamily.gpt2 else 0,
+        )
     return None
 
 
 def layer_parameters(arch: Arch) -> int:
-    linear = sum(i * o for i, o in arch.linear_shapes().values())
-    bias = (arch.num_attention_heads + 2 * arch.num_key_value_heads) * arch.head_dim if arch.attention_bias else 0
-    return linear + bias + 2 * arch.hidden_size  # two RMSNorm weights
+    shapes = arch.linear_shapes()
+    linear = sum(i * o for _, i, o in shapes)
+    if arch.family in (ModelFamily.gpt2, ModelFamily.bloom):  # a bias on every projection
+        bias = sum(o for _, _, o in shapes)
+    else:
+        bias = (arch.num_attention_heads + 2 * arch.num_key_value_heads) * arch.head_dim if arch.attention_bias else 0
+    return linear + bias + arch.norm_parameters()
 
 
 def arch_parameter_counts(arch: Arch, lora_targets: list[str] | None, rank: int) -> tuple[int, int, int]:
     """(all parameters, trainable parameters, largest layer's parameters). lora_targets None: full fine-tuning."""
     embedding = arch.vocab_size * arch.hidden_size
     total = embedding * (1 if arch.tie_word_embeddings else 2) + arch.num_hidden_layers * layer_parameters(arch) \
-        + arch.hidden_size
+        + arch.outside_layers()
     largest = max(embedding, layer_parameters(arch))
     if lora_targets is None:
         return total, total, largest
-    shapes = arch.linear_shapes()
-    lora = arch.num_hidden_layers * sum(rank * (shapes[m][0] + shapes[m][1]) for m in lora_targets if m in shapes)
+    lora = arch.num_hidden_layers * sum(rank * (i + o) for name, i, o in arch.linear_shapes() if name in lora_targets)
     return total + lora, lora, largest
 
 

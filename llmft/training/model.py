@@ -12,21 +12,73 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from llmft.config.families import FIXED_MLP_RATIO, MULTI_HEAD_ONLY, ModelFamily, family_of, mla_dims, size_key
 from llmft.errors import ConfigError, missing_extra
 
-def build_tiny_model(tiny_cfg, tokenizer, seed: int, max_seq_len: int):
-    """A small Llama with seeded random weights, sized to the run's tokenizer."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
+# Each family's transformers classes (config, causal LM), for model=tiny and the tests' models of published shapes.
+FAMILY_CLASSES = {
+    ModelFamily.llama: ("LlamaConfig", "LlamaForCausalLM"),
+    ModelFamily.mistral: ("MistralConfig", "MistralForCausalLM"),
+    ModelFamily.qwen2: ("Qwen2Config", "Qwen2ForCausalLM"),
+    ModelFamily.qwen3: ("Qwen3Config", "Qwen3ForCausalLM"),
+    ModelFamily.gemma3: ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+    ModelFamily.phi3: ("Phi3Config", "Phi3ForCausalLM"),
+    ModelFamily.gpt2: ("GPT2Config", "GPT2LMHeadModel"),
+    ModelFamily.bloom: ("BloomConfig", "BloomForCausalLM"),
+    ModelFamily.deepseek_v3: ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
+}
+
+
+def family_config(family, hidden_size: int, intermediate_size: int, num_hidden_layers: int, num_attention_heads: int,
+                  num_key_value_heads: int, vocab_size: int, max_positions: int, head_dim: int | None = None,
+                  **settings):
+    """A family's transformers config of the given sizes, under the family's own key names (GPT-2's n_embd,
+    BLOOM's n_layer, ...); `settings` (token ids, tie_word_embeddings, initializer_range) pass as they are."""
+    import transformers
+
+    family = family_of(family)
+    sizes = {"hidden_size": hidden_size, "intermediate_size": intermediate_size,
+             "num_hidden_layers": num_hidden_layers, "num_attention_heads": num_attention_heads,
+             "num_key_value_heads": num_key_value_heads}
+    if family in (ModelFamily.gpt2, ModelFamily.bloom):  # no such key: as many key/value heads as heads
+        del sizes["num_key_value_heads"]
+    elif family in MULTI_HEAD_ONLY:  # DeepSeek's latent attention: a key and a value per head
+        sizes["num_key_value_heads"] = num_attention_heads
+    if family in FIXED_MLP_RATIO:
+        del sizes["intermediate_size"]
+    kwargs = {size_key(family, name): value for name, value in sizes.items()}
+    kwargs["vocab_size"] = vocab_size
+    if family == ModelFamily.gpt2:  # learned positions; dropout off (GPT-2's default 0.1), as every other family
+        kwargs.update(n_positions=max_positions, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    elif family != ModelFamily.bloom:  # BLOOM: ALiBi, no position limit
+        kwargs["max_position_embeddings"] = max_positions
+    if family in (ModelFamily.qwen3, ModelFamily.gemma3):  # their configs default to 128 / 256
+        kwargs["head_dim"] = head_dim or hidden_size // num_attention_heads
+    if family == ModelFamily.gemma3:  # queries scaled by 1/sqrt(head_dim), as Gemma 3's published configs
+        kwargs["query_pre_attn_scalar"] = kwargs["head_dim"]
+    if family == ModelFamily.deepseek_v3:  # dense: no layer past first_k_dense_replace, so no MoE
+        kwargs.update(mla_dims(hidden_size, num_attention_heads), first_k_dense_replace=num_hidden_layers)
+    config_class, _ = FAMILY_CLASSES[family]
+    return getattr(transformers, config_class)(**kwargs, **settings)
+
+
+def build_tiny_model(tiny_cfg, tokenizer, seed: int, max_seq_len: int):
+    """A small model of `model.tiny.family` (a Llama by default) with seeded random weights, sized to the run's
+    tokenizer."""
+    import torch
+    import transformers
+
+    family = family_of(tiny_cfg.family)
+    config = family_config(
+        family,
         vocab_size=len(tokenizer),
         hidden_size=tiny_cfg.hidden_size,
         intermediate_size=tiny_cfg.intermediate_size,
         num_hidden_layers=tiny_cfg.num_hidden_layers,
         num_attention_heads=tiny_cfg.num_attention_heads,
         num_key_value_heads=tiny_cfg.num_key_value_heads,
-        max_position_embeddings=max(max_seq_len, 256),
+        max_positions=max(max_seq_len, 256),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -34,7 +86,7 @@ def build_tiny_model(tiny_cfg, tokenizer, seed: int, max_seq_len: int):
         initializer_range=tiny_cfg.initializer_range,
     )
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
+    return getattr(transformers, FAMILY_CLASSES[family][1])(config)
 
 
 def quantization_kwargs(peft_cfg) -> dict:
@@ -111,14 +163,41 @@ def apply_peft(model, peft_cfg, model_cfg):
         require_qlora_runtime()
     from peft import LoraConfig, get_peft_model
 
+    targets = list(peft_cfg.target_modules or model_cfg.lora_target_modules)
+    targeted = check_lora_targets(model, targets)
     lora_config = LoraConfig(
         r=peft_cfg.r,
         lora_alpha=peft_cfg.alpha,
         lora_dropout=peft_cfg.dropout,
-        target_modules=list(peft_cfg.target_modules or model_cfg.lora_target_modules),
+        target_modules=targets,
+        # GPT-2's projections are transformers' Conv1D, whose weight is stored (in, out): PEFT must transpose
+        # its update (it would otherwise switch this on itself, with a warning, but save the config without it).
+        fan_in_fan_out=any(type(module).__name__ == "Conv1D" for module in targeted),
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora_config)
+    peft_model = get_peft_model(model, lora_config)
+    adapted = {name.rsplit(".", 1)[-1] for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
+    skipped = [target for target in targets if target not in adapted]
+    if skipped:  # PEFT only warns (e.g. DeepSeek's MLP names, which it maps to MoE experts: llmft/config/families.py)
+        raise ConfigError(f"PEFT put no adapter on {', '.join(skipped)} of {type(model).__name__}: remove "
+                          f"{'it' if len(skipped) == 1 else 'them'} from peft.target_modules.")
+    return peft_model
+
+
+def check_lora_targets(model, targets: list[str]) -> list:
+    """The modules the LoRA targets name (by the last part of their name, as PEFT matches a list); a name that
+    matches none fails in one sentence listing the model's linear layers (PEFT would skip it silently when another
+    name matches)."""
+    by_name: dict[str, list] = {}
+    for name, module in model.named_modules():
+        by_name.setdefault(name.rsplit(".", 1)[-1], []).append(module)
+    missing = [target for target in targets if target not in by_name]
+    if missing:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                         if type(module).__name__ in ("Linear", "Conv1D", "Linear4bit")})
+        raise ConfigError(f"LoRA target(s) {', '.join(missing)} match no module of {type(model).__name__}: set "
+                          f"peft.target_modules to some of its layers ({', '.join(linear)}).")
+    return [module for target in targets for module in by_name[target]]
 
 
 def full_numel(param) -> int:
@@ -161,10 +240,17 @@ def build_on_meta(model_cfg, peft_cfg=None):
         )
     for module in model.modules():  # computed buffers (rotary tables) must be real: rebuild their small owners
         meta_buffers = [name for name, buffer in module.named_buffers(recurse=False) if buffer.is_meta]
-        if meta_buffers:
+        if not meta_buffers:
+            continue
+        try:
             fresh = type(module)(config=model.config)
-            for name in meta_buffers:
-                module.register_buffer(name, getattr(fresh, name), persistent=False)
+        except TypeError:  # an owner not built from the config (Gemma 3's scaled embedding, whose weight is large):
+            for name in meta_buffers:  # real buffers, filled by the model's own initialisation of that module
+                module.register_buffer(name, torch.empty_like(getattr(module, name), device="cpu"), persistent=False)
+            model._init_weights(module)
+            continue
+        for name in meta_buffers:
+            module.register_buffer(name, getattr(fresh, name), persistent=False)
     return model
 
 
@@ -240,15 +326,22 @@ def load_shards(model, model_path: Path, rank: int, world_size: int) -> None:
     from torch.distributed.tensor import DTensor
 
     index = safetensors_index(Path(model_path))
+    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
     tied = getattr(model.config, "tie_word_embeddings", False)
+    input_embedding = hf_model.get_input_embeddings().weight
+    embedding_name = next(checkpoint_name(n) for n, p in model.named_parameters(remove_duplicate=False)
+                          if p is input_embedding)
+    prefix = hf_model.base_model_prefix + "."
     headers: dict = {}
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_" in name:
                 continue
             source = checkpoint_name(name)
-            if source not in index and tied and source.endswith("lm_head.weight"):
-                source = next(n for n in index if n.endswith("embed_tokens.weight"))
+            if source not in index and tied and param is hf_model.get_output_embeddings().weight:
+                source = embedding_name  # a tied head: the file holds the embedding only (embed_tokens, wte, ...)
+            if source not in index and source.removeprefix(prefix) in index:
+                source = source.removeprefix(prefix)  # saved without the prefix (the original GPT-2 and BLOOM)
             if source not in index:
                 raise ConfigError(f"{model_path} lacks the tensor {source}: is it the model the config names?")
             local = param.to_local() if isinstance(param, DTensor) else param

@@ -1,0 +1,305 @@
+"""Every model family `model.tiny.family` builds (Llama, Mistral, Qwen 2 and 3, Gemma 3, Phi-3, GPT-2, BLOOM, a dense
+DeepSeek-V3): its LoRA targets are every projection of its decoder layers; plan counts its parameters as transformers
+builds them, and those of each real model's profile; the chunked loss equals its full-logits loss; a folder of it
+loads on the meta device and from its shards. On 2 ranks, every family trains with LoRA under DDP and FSDP2 (one
+torchrun for all), its adapter reloads with stock PEFT to the same logits, and its merged export checks out."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from contextlib import redirect_stdout
+
+import pytest
+import torch
+
+from conftest import REPO, compose, read_metrics
+from dist_runs import torchrun
+from families_harness import PROBE_IDS
+from llmft.config.families import LORA_TARGETS, ModelFamily
+from llmft.errors import ConfigError
+
+FAMILIES = [family.value for family in ModelFamily]
+# Small enough that a family's run takes a second or two on one CPU core
+TINY = ["model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.num_attention_heads=4",
+        "model.tiny.num_key_value_heads=2", "model.tiny.vocab_size=512", "model.max_seq_len=128"]
+# The profiles of real models that name a family other than Llama's, with their family
+PROFILES = {"qwen3_8b": "qwen3", "gemma3_4b": "gemma3", "phi3_mini": "phi3", "bloom_7b1": "bloom", "gpt2": "gpt2",
+            "qwen2_5_1_5b": "qwen2", "deepseek_r1_distill_qwen_1_5b": "qwen2", "mistral_7b": "mistral",
+            "qwen2_5_7b": "qwen2"}
+
+
+def family_overrides(family: str) -> list[str]:
+    """BLOOM's ALiBi has no position ids: its samples cannot be packed (validation refuses it)."""
+    return [f"model.tiny.family={family}", *TINY] + (["data.packing=false"] if family == "bloom" else [])
+
+
+def tiny_tokenizer():
+    from llmft.data.tokenizer import train_tiny_tokenizer
+
+    texts = [line for line in (REPO / "llmft/data/samples/tickets_sample.chat.jsonl").read_text().splitlines()]
+    return train_tiny_tokenizer(texts, 512)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def built(family: str, tokenizer):
+    from llmft.training.model import build_tiny_model
+
+    cfg = compose(family_overrides(family) + ["peft.dropout=0"])
+    model = build_tiny_model(cfg.model.tiny, tokenizer, seed=0, max_seq_len=cfg.model.max_seq_len)
+    model.config.use_cache = False  # as load_model sets it (a cache also turns off transformers' packed masks)
+    return cfg, model
+
+
+def leaf_name(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_lora_targets_are_every_projection_of_the_decoder_layers(family, tokenizer):
+    from llmft.training.model import apply_peft, decoder_layers
+
+    cfg, model = built(family, tokenizer)
+    assert list(cfg.model.lora_target_modules) == LORA_TARGETS[ModelFamily(family)]
+    projections = {leaf_name(name) for layer in decoder_layers(model) for name, module in layer.named_modules()
+                   if type(module).__name__ in ("Linear", "Conv1D")}
+    if family == "deepseek_v3":  # attention only: stock PEFT cannot adapt its MLP (llmft/config/families.py)
+        projections -= {"gate_proj", "up_proj", "down_proj"}
+    assert projections == set(cfg.model.lora_target_modules)
+    peft_model = apply_peft(model, cfg.peft, cfg.model)
+    adapted = {leaf_name(name) for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
+    assert adapted == projections
+    holders = {name.split(".")[-2] for name, module in peft_model.named_modules()
+               if hasattr(module, "lora_A")}  # the module holding each adapted projection
+    assert any("att" in holder for holder in holders) and ("mlp" in holders) == (family != "deepseek_v3"), holders
+    assert peft_model.peft_config["default"].fan_in_fan_out == (family == "gpt2")  # GPT-2's Conv1D stores (in, out)
+
+
+def test_a_target_that_matches_no_module_is_one_sentence(tokenizer):
+    from llmft.training.model import apply_peft
+
+    cfg, model = built("phi3", tokenizer)
+    cfg.peft.target_modules = ["qkv_proj", "gate_proj"]
+    with pytest.raises(ConfigError, match=r"^LoRA target\(s\) gate_proj match no module of Phi3ForCausalLM: set "
+                                          r"peft.target_modules to some of its layers \(down_proj, gate_up_proj, "
+                                          r"lm_head, o_proj, qkv_proj\)\.$"):
+        apply_peft(model, cfg.peft, cfg.model)
+
+
+def test_a_target_peft_skips_is_one_sentence(tokenizer):
+    from llmft.training.model import apply_peft
+
+    cfg, model = built("deepseek_v3", tokenizer)
+    cfg.peft.target_modules = ["q_a_proj", "gate_proj", "up_proj"]
+    with pytest.raises(ConfigError, match=r"^PEFT put no adapter on gate_proj, up_proj of DeepseekV3ForCausalLM: "
+                                          r"remove them from peft.target_modules\.$"):
+        apply_peft(model, cfg.peft, cfg.model)
+
+
+def test_a_family_name_is_checked_and_bloom_refuses_packing():
+    from llmft.config.validation import validate
+
+    with pytest.raises(ConfigError) as error:
+        compose(["model.tiny.family=gpt3"])
+    assert str(error.value) == ("bad config: model.tiny.family=gpt3: expected one of llama, mistral, qwen2, qwen3, "
+                                "gemma3, phi3, gpt2, bloom, deepseek_v3.")
+    with pytest.raises(ConfigError, match=r"^model=tiny is a bloom model \(ALiBi: no position ids\), so packed "
+                                          r"samples would attend to each other: set data.packing=false\.$"):
+        validate(compose(["model.tiny.family=bloom"]))
+    with pytest.raises(ConfigError, match="eager attention only: set model.attn_implementation=eager"):
+        validate(compose(["model=bloom_7b1", "data.packing=false", "model.attn_implementation=sdpa"]),
+                 check_paths=False)
+    validate(compose(["model.tiny.family=bloom", "data.packing=false"]))
+
+
+def test_the_default_family_is_todays_llama_weight_for_weight(tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg, model = built("llama", tokenizer)
+    tiny = cfg.model.tiny
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=tiny.hidden_size,
+                         intermediate_size=tiny.intermediate_size, num_hidden_layers=tiny.num_hidden_layers,
+                         num_attention_heads=tiny.num_attention_heads, num_key_value_heads=tiny.num_key_value_heads,
+                         max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=False, initializer_range=tiny.initializer_range)
+    torch.manual_seed(0)
+    before = LlamaForCausalLM(config).state_dict()
+    assert compose([]).model.tiny.family == ModelFamily.llama
+    assert before.keys() == model.state_dict().keys()
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_plan_counts_the_parameters_transformers_builds(family, tokenizer):
+    from peft import get_peft_model_state_dict
+
+    from llmft.launch.estimate import arch_of, arch_parameter_counts
+    from llmft.training.model import apply_peft
+
+    cfg, model = built(family, tokenizer)
+    cfg.model.tiny.vocab_size = len(tokenizer)  # the trained tokenizer may stop short of vocab_size
+    total, trainable, _ = arch_parameter_counts(arch_of(cfg.model), list(cfg.model.lora_target_modules), cfg.peft.r)
+    base = sum(p.numel() for p in model.parameters())
+    peft_model = apply_peft(model, cfg.peft, cfg.model)
+    adapter = sum(t.numel() for t in get_peft_model_state_dict(peft_model).values())
+    assert (total - trainable, trainable) == (base, adapter)
+
+
+def profile_model_on_meta(profile: str):
+    """The transformers model of a profile's published shape, on the meta device (no memory)."""
+    import transformers
+
+    from llmft.training.model import FAMILY_CLASSES, family_config
+
+    arch = compose([f"model={profile}", "model.path=/nowhere"]).model.arch
+    config = family_config(arch.family, arch.hidden_size, arch.intermediate_size, arch.num_hidden_layers,
+                           arch.num_attention_heads, arch.num_key_value_heads, arch.vocab_size,
+                           max_positions=arch.position_embeddings or 4096, head_dim=arch.head_dim,
+                           tie_word_embeddings=arch.tie_word_embeddings)
+    with torch.device("meta"):
+        return getattr(transformers, FAMILY_CLASSES[arch.family][1])(config)
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_each_profile_counts_what_transformers_builds_and_plans(profile):
+    from llmft.launch.estimate import arch_of, arch_parameter_counts
+    from llmft.launch.plan import plan
+    from llmft.training.model import check_lora_targets
+
+    cfg = compose([f"model={profile}", "model.path=/nowhere"])
+    assert cfg.model.arch.family == ModelFamily(PROFILES[profile])
+    model = profile_model_on_meta(profile)
+    check_lora_targets(model, list(cfg.model.lora_target_modules))  # the profile's targets exist in the model
+    total, _, _ = arch_parameter_counts(arch_of(cfg.model), None, 0)
+    assert total == sum(p.numel() for p in model.parameters())
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert plan([f"model={profile}", "model.path=/nowhere", "+cluster=jeanzay", "cluster.account=abc",
+                     "train.max_steps=100"]) == 0
+    lines = out.getvalue()
+    with_lora, lora, _ = arch_parameter_counts(arch_of(cfg.model), list(cfg.model.lora_target_modules), 16)
+    assert f"parameters  {with_lora / 1e9:.2f} B, {lora / 1e6:.1f} M trainable" in lines
+    assert "verdict     fits in 80 GB" in lines and "GPU-hours" in lines
+
+
+def test_published_sizes_of_well_known_models():
+    from llmft.launch.estimate import arch_of, arch_parameter_counts
+
+    def total(profile):
+        return arch_parameter_counts(arch_of(compose([f"model={profile}", "model.path=/nowhere"]).model), None, 0)[0]
+
+    assert total("gpt2") == 124_439_808  # GPT-2 small: "124M"
+    assert total("bloom_7b1") == 7_069_016_064  # the bloom-7b1 model card
+    # GPT-2 and BLOOM have a plain MLP (two matrices), not a gated one (three)
+    from llmft.launch.estimate import Arch
+    assert [name for name, _, _ in Arch(8, 32, 1, 2, 2, 10, family="gpt2").linear_shapes()] == \
+        ["c_attn", "c_proj", "c_fc", "c_proj"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_chunked_loss_equals_the_full_logits_loss(family, tokenizer):
+    from llmft.training.loss import full_logits_reason, install, token_losses, with_loss_index
+    from llmft.training.model import apply_peft, init_lora_weights
+
+    cfg, model = built(family, tokenizer)
+    assert full_logits_reason(model) is None  # no family here scales its logits (Gemma 3 has no soft-capping)
+    peft_model = apply_peft(model, cfg.peft, cfg.model)
+    init_lora_weights(peft_model, 0)
+    with torch.no_grad():  # an adapter that changes the outputs
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    ids = torch.randint(5, len(tokenizer), (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    batches = {"padded": {"attention_mask": torch.ones_like(ids)}}
+    if family != "bloom":  # two samples packed in each row: positions restart
+        batches["packed"] = {"position_ids": torch.arange(6).repeat(2, 2)}
+    for kind, extra in batches.items():
+        full = token_losses(peft_model, {"input_ids": ids, "labels": labels, **extra}, bf16=False)
+        hf_model = peft_model.get_base_model()
+        forward = hf_model.forward
+        assert install(hf_model, "auto", "cpu") == "chunked"
+        chunked = token_losses(peft_model, with_loss_index({"input_ids": ids, "labels": labels, **extra}), False)
+        hf_model.forward = forward
+        assert int(chunked[1]) == int(full[1]) == 16
+        assert float(chunked[0]) == pytest.approx(float(full[0]), rel=1e-5), kind
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_saved_model_loads_on_meta_and_from_its_shards(family, tokenizer, tmp_path):
+    """The path of a real model under DDP (rank 0 reads) and FSDP2 (each rank its rows): build_on_meta, then
+    load_shards, gives from_pretrained's logits; GPT-2 and BLOOM also from files saved without the `transformer.`
+    prefix (as the original checkpoints are), their tied head read from the embedding."""
+    import types
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from llmft.training.model import allocate, build_on_meta, load_shards
+
+    cfg, model = built(family, tokenizer)
+    model.config.tie_word_embeddings = family in ("gpt2", "bloom", "gemma3")
+    model.tie_weights()
+    model.save_pretrained(tmp_path)
+    if family in ("gpt2", "bloom"):
+        tensors = load_file(tmp_path / "model.safetensors")
+        save_file({name.removeprefix("transformer."): t.contiguous() for name, t in tensors.items()},
+                  tmp_path / "model.safetensors", metadata={"format": "pt"})
+    attention = "eager" if family == "bloom" else "sdpa"  # transformers has no SDPA for BLOOM
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=attention).eval()
+    skeleton = build_on_meta(types.SimpleNamespace(path=str(tmp_path), dtype="float32",
+                                                   attn_implementation=attention))
+    allocate(skeleton, torch.device("cpu"))
+    load_shards(skeleton, tmp_path, rank=0, world_size=1)
+    ids = torch.tensor(PROBE_IDS)
+    with torch.no_grad():
+        torch.testing.assert_close(skeleton.eval()(input_ids=ids).logits, reference(input_ids=ids).logits,
+                                   rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_every_family_trains_on_two_ranks_reloads_with_stock_peft_and_exports_merged(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from llmft.launch import run_dir as rundir
+    from llmft.serve.export import main as export_main
+
+    run_dirs = {}
+    for family in FAMILIES:
+        for strategy in ("ddp", "fsdp"):
+            run_dir = tmp_path / f"{family}-{strategy}"
+            rundir.create(compose(family_overrides(family) + [
+                f"parallelism={strategy}", "launch.nproc=2", f"run_dir={run_dir}", "peft.dropout=0",
+                "train.max_steps=3", "train.warmup_steps=0", "train.log_every=1", "train.eval_every=3",
+                "train.save_every=0", "train.micro_batch_size=2"]))
+            run_dirs[family, strategy] = run_dir
+    out = tmp_path / "families.pt"
+    torchrun(2, [str(REPO / "tests/families_harness.py"), str(out), *map(str, run_dirs.values())], timeout=600)
+    results = torch.load(out, weights_only=False)
+    ids = torch.tensor(PROBE_IDS)
+    for (family, strategy), run_dir in run_dirs.items():
+        where = (family, strategy)
+        losses = [m["loss"] for m in read_metrics(run_dir) if "loss" in m]
+        assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses) and len(set(losses)) > 1, where
+        assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed", where
+        trained = results[str(run_dir)]["logits"]
+        base = AutoModelForCausalLM.from_pretrained(run_dir / "base_model").eval()
+        with torch.no_grad():
+            base_logits = base(input_ids=ids).logits
+            reloaded = PeftModel.from_pretrained(base, run_dir / "final").eval()(input_ids=ids).logits
+        torch.testing.assert_close(reloaded, trained, rtol=0, atol=1e-5, msg=lambda m: f"{where}: {m}")
+        assert float((trained - base_logits).abs().max()) > 1e-3, where  # the adapter learned something
+        if strategy == "ddp":
+            merged_dir = tmp_path / f"merged-{family}"
+            assert export_main([f"run={run_dir}", f"out={merged_dir}", "merge=true"]) == 0, where
+            merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+            with torch.no_grad():
+                torch.testing.assert_close(merged(input_ids=ids).logits, trained, rtol=0, atol=1e-4)

@@ -1,4 +1,5 @@
-"""python -m llmft.export: export a run's adapter or merged model (the work is in llmft.serve.export)."""
+"""python -m llmft.export: export a run's adapter, merged model or GGUF file, and share it on the Hub (the work is in
+llmft.serve.export)."""
 
 import sys
 

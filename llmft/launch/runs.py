@@ -104,7 +104,8 @@ def list_runs(root: Path) -> str:
         return f"no run under {root}"
     table = format_table([run_status(d) for d in run_dirs]) if run_dirs else f"no run under {root}"
     if sweeps:
-        table += "\n\nsweeps (python -m llmft.runs sweep DIR):\n" + sweep.format_sweeps([sweep.read_sweep(s) for s in sweeps])
+        table += ("\n\nsweeps (python -m llmft.runs sweep DIR):\n"
+                  + sweep.format_sweeps([sweep.read_sweep(path) for path in sweeps]))
     return table
 
 

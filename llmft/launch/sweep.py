@@ -121,20 +121,33 @@ def run_trial(cfg: DictConfig) -> float:
         trial["value"] = objective(run_dir, code)
         trial["status"] = "completed"
     except (UserError, TrialFailed) as error:
-        trial.update(status="failed", error=str(error))
+        trial.update(status="interrupted" if run_status(trial["run_dir"]) in ("interrupted", "requeued") else "failed",
+                     error=str(error))
         raise TrialFailed(f"trial {trial['number']} ({' '.join(overrides)}): {error}") from None
     except Exception as error:  # a bug, or a library's error while training in this process: the trial failed
         trial.update(status="failed", error=f"{type(error).__name__}: {error}")
         raise
+    except BaseException:  # Ctrl-C twice: the sweep stops here
+        trial.update(status="interrupted", error="the sweep was stopped (KeyboardInterrupt)")
+        raise
     finally:
         trial["ended"] = time.time()
         write_trial(trial_path, trial)
-        if trial["status"] == "failed":
-            print(f"llmft: trial {trial['number']} failed: {trial['error']}"
+        if trial["status"] != "completed":
+            print(f"llmft: trial {trial['number']} {trial['status']}: {trial['error']}"
                   + (f" (run dir: {trial['run_dir']})" if trial["run_dir"] else ""), file=sys.stderr, flush=True)
     print(f"trial {trial['number']}: {' '.join(overrides)} -> {OBJECTIVE}={trial['value']:.6g} "
           f"(run dir: {trial['run_dir']})", flush=True)
     return trial["value"]
+
+
+def run_status(run_dir: str | None) -> str | None:
+    """The status in a run's summary.json, if it has one."""
+    path = Path(run_dir) / "summary.json" if run_dir else None
+    try:
+        return json.loads(path.read_text()).get("status") if path and path.exists() else None
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def objective(run_dir: Path, exit_code: int) -> float:
@@ -212,12 +225,15 @@ def read_sweep(sweep_dir: Path) -> dict:
     """A sweep as `runs` shows it: from optimization_results.yaml when the sweep ended, else from its trial files."""
     path = Path(sweep_dir) / RESULTS_FILE
     results = OmegaConf.to_container(OmegaConf.load(path)) if path.exists() else {}
-    trials = results.get("trials") or [{**t, "params": trial_params(t, [o.lstrip("+~").split("=", 1)[0] for o in
-                                                                         t["overrides"]])} for t in read_trials(sweep_dir)]
+    # a sweep still running (or killed): its trial files, every override shown as a param
+    trials = results.get("trials") or [
+        {**t, "params": trial_params(t, [o.lstrip("+~").split("=", 1)[0] for o in t["overrides"]])}
+        for t in read_trials(sweep_dir)]
     completed = [t for t in trials if t["status"] == "completed" and t.get("value") is not None]
     best = min(completed, key=lambda t: t["value"]) if completed else None
+    num_failed = sum(t["status"] in ("failed", "interrupted") for t in trials)
     return {"name": Path(sweep_dir).name, "path": str(sweep_dir), "ended": path.exists(), "trials": trials,
-            "num_completed": len(completed), "num_failed": sum(t["status"] == "failed" for t in trials),
+            "num_completed": len(completed), "num_failed": num_failed,
             "best_value": best["value"] if best else None, "best_params": results.get("best_params") or {},
             "best_run_dir": best["run_dir"] if best else None}
 
@@ -242,7 +258,7 @@ def format_sweep(sweep: dict) -> str:
         value = "-" if trial.get("value") is None else f"{trial['value']:.6g}"
         params = " ".join(f"{k}={v}" for k, v in trial["params"].items())
         lines.append(f"{trial['number']:>5} {trial['status'][:10]:10} {value:>14}  {params}  {trial['run_dir'] or '-'}")
-        if trial["status"] == "failed" and trial.get("error"):
+        if trial["status"] != "completed" and trial.get("error"):
             lines.append(f"{'':>5} why: {' '.join(str(trial['error']).split())[:160]}")
     if sweep["best_value"] is not None:
         lines.append(f"best: {OBJECTIVE}={sweep['best_value']:.6g} "
@@ -308,7 +324,7 @@ class SweepCallback(Callback):
             return
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
         results = write_results(sweep_dir, _search_keys)
-        num_failed = sum(t["status"] == "failed" for t in results["trials"])
+        num_failed = sum(t["status"] in ("failed", "interrupted") for t in results["trials"])
         print(f"sweep done: {len(results['trials'])} trials ({num_failed} failed); best {OBJECTIVE}="
               f"{results['best_value']:.6g} with {results['best_params']}: {results['best_run_dir']}", flush=True)
         print(f"results: {sweep_dir / RESULTS_FILE}  (python -m llmft.runs sweep {sweep_dir})", flush=True)

@@ -167,8 +167,9 @@ class MlflowTracking:
 
         from llmft.config.compose import load_run_config
         from llmft.config.validation import settled_strategy
+        from llmft.training.topology import Topology
 
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        world_size = Topology.from_env().world_size  # torchrun's, SLURM's or one process
         tags = {"llmft.world_size": str(world_size),
                 "llmft.strategy": settled_strategy(load_run_config(self.run_dir), world_size).value}
         if os.environ.get("SLURM_JOB_ID"):

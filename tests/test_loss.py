@@ -78,6 +78,42 @@ def test_supervised_rows_loss_and_gradients_equal_the_full_logits_path(method, t
         assert chunked_grads[head].abs().sum() > 0
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_per_token_losses_weighted_per_row_equal_the_full_logits_path(method, tied, monkeypatch):
+    """The per-position losses that DPO and KTO weigh per sequence (frozen head: gradients of the rows made in the
+    forward; trainable head: through the module, each chunk recomputed): values and every trainable gradient of a
+    weighted sum equal the full-logits path within 1e-5."""
+    import peft
+
+    vocab = 300
+    plain = tiny_llama(tied, vocab)
+    if method == "lora":
+        plain = peft.get_peft_model(plain, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        for name, p in plain.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)
+    chunked = copy.deepcopy(plain)
+    loss.install(chunked.get_base_model() if method == "lora" else chunked, "chunked", "cpu")
+    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 40 * vocab)
+    batch = loss.with_loss_index(collate(samples(vocab, packed=False), pad_token_id=0))
+    batch.pop("num_tokens")
+    weights = torch.rand(batch["loss_index"].numel(), generator=torch.Generator().manual_seed(3)) * 2 - 0.5
+
+    def weighted(model, installed):
+        model.zero_grad(set_to_none=True)
+        losses = loss.supervised_token_losses(model, batch, bf16=False, installed=installed)
+        (losses * weights).sum().backward()
+        return losses.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    expected, expected_grads = weighted(plain, installed=False)
+    got, got_grads = weighted(chunked, installed=True)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert expected_grads.keys() == got_grads.keys() and expected_grads
+    for name, grad in expected_grads.items():
+        assert (got_grads[name] - grad).abs().max() <= 1e-5 * max(1.0, grad.abs().max()), name
+
+
 def test_no_full_logits_tensor_exists_in_the_forward(monkeypatch):
     """The largest float tensor the chunked forward allocates is one chunk of logits, never [tokens, vocab]."""
     vocab = 5000

@@ -131,9 +131,12 @@ def supervised_loss(hf_model, labels, loss_index, head: str, input_ids=None, **k
     rows = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, loss_index)
     targets = labels[:, 1:].reshape(-1).index_select(0, loss_index)
     lm_head = hf_model.get_output_embeddings()
-    if head == "per_token":  # preference objectives weigh each sequence's tokens differently: no fused gradient
-        return types.SimpleNamespace(token_losses=module_token_losses(lm_head, rows, targets), loss_sum=None,
-                                     logits=None)
+    if head == "per_token":  # preference objectives weigh each sequence's tokens differently
+        if any(p.requires_grad for p in lm_head.parameters()):
+            token_nll = module_token_losses(lm_head, rows, targets)
+        else:
+            token_nll = linear_cross_entropy_tokens(rows, lm_head.weight, lm_head.bias, targets)
+        return types.SimpleNamespace(token_losses=token_nll, loss_sum=None, logits=None)
     if head == "liger":
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
@@ -188,10 +191,11 @@ def module_cross_entropy_sum(lm_head, rows, targets) -> torch.Tensor:
 
 
 def module_token_losses(lm_head, rows, targets) -> torch.Tensor:
-    """Each row's cross-entropy, [rows] fp32, through the head module chunk by chunk. With gradients each chunk is
-    recomputed in backward (activation checkpointing), so no [rows, vocab] tensor outlives its chunk: the losses are
-    weighted per sequence afterwards (DPO, KTO), which the fused `_LinearCrossEntropy` cannot do since it makes the
-    gradients in the forward for a plain sum. Through the module: its weight is gathered under ZeRO-3."""
+    """Each row's cross-entropy, [rows] fp32, for a trainable head (full fine-tuning), through the head module chunk by
+    chunk, each chunk recomputed in backward (activation checkpointing), so no [rows, vocab] tensor outlives its
+    chunk: the losses are weighted per sequence afterwards (DPO, KTO), and the head's gradient sums each row's
+    contribution times its weight, which cannot be made in the forward. Through the module: under ZeRO-3 its weight
+    is gathered around the module's forward and its recompute."""
     from torch.utils.checkpoint import checkpoint
 
     def chunk_losses(chunk, chunk_targets):
@@ -203,6 +207,44 @@ def module_token_losses(lm_head, rows, targets) -> torch.Tensor:
               if grad else chunk_losses(rows[start : start + step], targets[start : start + step])
               for start in range(0, rows.shape[0], step)]
     return torch.cat(pieces) if pieces else rows.new_zeros(0, dtype=torch.float32)
+
+
+def linear_cross_entropy_tokens(rows, weight, bias, targets) -> torch.Tensor:
+    """Each row's cross-entropy, [rows] fp32, with a frozen head (LoRA): the gradient of each row is made in the same
+    pass, chunk by chunk (softmax minus one-hot, times W), and backward scales it by the row's own weight. No recompute
+    (under ZeRO-3 a frozen head's weight is gathered for this forward only, as in `linear_cross_entropy_sum`)."""
+    if torch.is_grad_enabled() and rows.requires_grad:
+        return _LinearCrossEntropyTokens.apply(rows, weight, bias, targets)
+    step = chunk_rows(weight.shape[0])
+    pieces = [F.cross_entropy(F.linear(rows[start : start + step], weight, bias).float(),
+                              targets[start : start + step], reduction="none")
+              for start in range(0, rows.shape[0], step)]
+    return torch.cat(pieces) if pieces else rows.new_zeros(0, dtype=torch.float32)
+
+
+class _LinearCrossEntropyTokens(torch.autograd.Function):
+    """Per-row losses and, in the same pass, d loss_i / d rows_i; backward multiplies by each row's upstream gradient."""
+
+    @staticmethod
+    def forward(ctx, rows, weight, bias, targets):
+        losses = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
+        grad_rows = torch.empty_like(rows)
+        step = chunk_rows(weight.shape[0])
+        for start in range(0, rows.shape[0], step):
+            chunk, chunk_targets = rows[start : start + step], targets[start : start + step]
+            logits = F.linear(chunk, weight, bias).float()
+            log_norm = torch.logsumexp(logits, dim=-1)
+            losses[start : start + step] = log_norm - logits.gather(1, chunk_targets[:, None]).squeeze(1)
+            grad_logits = logits.sub_(log_norm[:, None]).exp_()
+            grad_logits[torch.arange(chunk.shape[0], device=chunk.device), chunk_targets] -= 1.0
+            grad_rows[start : start + step] = grad_logits.to(chunk.dtype) @ weight.to(chunk.dtype)
+        ctx.save_for_backward(grad_rows)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad_rows,) = ctx.saved_tensors
+        return grad_rows * grad_output.to(grad_rows.dtype)[:, None], None, None, None
 
 
 def linear_cross_entropy_sum(rows, weight, bias, targets) -> torch.Tensor:

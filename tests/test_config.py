@@ -10,7 +10,10 @@ from llmft.config.compose import CONF_DIR
 from llmft.config.validation import validate
 from llmft.errors import ConfigError
 
-GROUPS = ["model", "data", "peft", "parallelism", "train"]
+GROUPS = ["model", "data", "peft", "parallelism", "train", "objective"]
+# preference data trains with its objective (and the other way round): validation refuses the mismatch
+OBJECTIVE_OF_DATA = {"preferences_sample": "dpo", "preference_jsonl": "dpo", "kto_sample": "kto", "kto_jsonl": "kto"}
+DATA_OF_OBJECTIVE = {"dpo": "preferences_sample", "kto": "kto_sample"}
 
 
 def options(group: str) -> list[str]:
@@ -26,6 +29,10 @@ def test_every_group_option_composes_and_validates(group, option):
         overrides.append("data.path=" + str(REPO / "llmft/data/samples/tickets_sample.chat.jsonl"))
     if group == "parallelism" and option != "single":
         overrides.append("launch.nproc=2")
+    if group == "data" and option in OBJECTIVE_OF_DATA:
+        overrides.append(f"objective={OBJECTIVE_OF_DATA[option]}")
+    if group == "objective" and option in DATA_OF_OBJECTIVE:
+        overrides.append(f"data={DATA_OF_OBJECTIVE[option]}")
     cfg = compose(overrides)
     validate(cfg, check_paths=False)
     assert OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves

@@ -26,7 +26,7 @@ from llmft.errors import ConfigError
 from llmft.training import loss as supervised_loss
 from llmft.training import objectives
 
-DPO = ["objective=dpo", "data=preferences_sample", "model.max_seq_len=512", "train.log_every=1",
+DPO = ["objective=dpo", "data=preferences_sample", "model.max_seq_len=384", "train.log_every=1",
        "train.micro_batch_size=4", "peft.dropout=0"]
 
 

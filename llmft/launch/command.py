@@ -45,7 +45,7 @@ def _launch(cfg: DictConfig) -> float | None:
     _task_started = True
     sys.stderr = sys.__stderr__  # composition is over: stop holding stderr (see main)
     if sweep.in_optuna_trial():  # a trial of `-m hydra/sweeper=optuna`: its objective goes back to the sweeper
-        return sweep.run_trial(cfg)
+        return sweep.run_trial(cfg, prepare_run, start_run)
     try:
         cfg, run_dir = prepare_run(cfg)
     except UserError as error:

@@ -29,7 +29,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -84,14 +84,15 @@ def in_optuna_trial() -> bool:
     return hydra_cfg.mode == RunMode.MULTIRUN and is_optuna(hydra_cfg)
 
 
-def run_trial(cfg: DictConfig) -> float:
+def run_trial(cfg: DictConfig, prepare: Callable[[DictConfig], tuple[DictConfig, Path]],
+              start: Callable[[DictConfig, Path], int]) -> float:
     """One trial: create its run, train it here or as a SLURM job it waits for, return its final validation loss.
+    `prepare` and `start` are the launcher's own steps (command.prepare_run, command.start_run), as for any launch.
 
     Anything that leaves the trial without a finite objective raises TrialFailed with the reason (trial.json and
     the line printed say it too); Ctrl-C twice (KeyboardInterrupt) stops the whole sweep."""
     from hydra.core.hydra_config import HydraConfig
 
-    from llmft.launch import command  # the launcher's own steps (command imports this module: import at call time)
     from llmft.training import run_lock
 
     hydra_cfg = HydraConfig.get()
@@ -110,11 +111,11 @@ def run_trial(cfg: DictConfig) -> float:
                               "it out of a sweep.")
         if cfg.cluster is not None:
             cfg.launch.wait = True  # the objective comes back when the job ends
-        cfg, run_dir = command.prepare_run(cfg)
+        cfg, run_dir = prepare(cfg)
         trial.update(run_dir=str(run_dir), status="running")
         write_trial(trial_path, trial)
         try:
-            code = command.start_run(cfg, run_dir)
+            code = start(cfg, run_dir)
         finally:
             if cfg.cluster is None:  # a submitted job releases its lock itself
                 run_lock.release(run_dir)

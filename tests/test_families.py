@@ -23,7 +23,7 @@ from llmft.errors import ConfigError
 FAMILIES = [family.value for family in ModelFamily]
 # Small enough that a family's run takes a second or two on one CPU core
 TINY = ["model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.num_attention_heads=4",
-        "model.tiny.num_key_value_heads=2", "model.tiny.vocab_size=512", "model.max_seq_len=128"]
+        "model.tiny.num_key_value_heads=2", "model.tiny.vocab_size=512"]
 # The profiles of real models that name a family other than Llama's, with their family
 PROFILES = {"qwen3_8b": "qwen3", "gemma3_4b": "gemma3", "phi3_mini": "phi3", "bloom_7b1": "bloom", "gpt2": "gpt2",
             "qwen2_5_1_5b": "qwen2", "deepseek_r1_distill_qwen_1_5b": "qwen2", "mistral_7b": "mistral",
@@ -278,7 +278,7 @@ def test_every_family_trains_on_two_ranks_reloads_with_stock_peft_and_exports_me
             run_dir = tmp_path / f"{family}-{strategy}"
             rundir.create(compose(family_overrides(family) + [
                 f"parallelism={strategy}", "launch.nproc=2", f"run_dir={run_dir}", "peft.dropout=0",
-                "train.max_steps=3", "train.warmup_steps=0", "train.log_every=1", "train.eval_every=3",
+                "train.max_steps=2", "train.warmup_steps=0", "train.log_every=1", "train.eval_every=2",
                 "train.save_every=0", "train.micro_batch_size=2"]))
             run_dirs[family, strategy] = run_dir
     out = tmp_path / "families.pt"
@@ -288,7 +288,7 @@ def test_every_family_trains_on_two_ranks_reloads_with_stock_peft_and_exports_me
     for (family, strategy), run_dir in run_dirs.items():
         where = (family, strategy)
         losses = [m["loss"] for m in read_metrics(run_dir) if "loss" in m]
-        assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses) and len(set(losses)) > 1, where
+        assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses) and losses[0] != losses[1], where
         assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed", where
         trained = results[str(run_dir)]["logits"]
         base = AutoModelForCausalLM.from_pretrained(run_dir / "base_model").eval()

@@ -120,3 +120,41 @@ def test_a_sweep_on_slurm_runs_each_trial_as_a_job_two_at_a_time(slurm_env, tmp_
     submitted = [json.loads((Path(t["run_dir"]) / "jobs.jsonl").read_text())["time"] for t in results["trials"]]
     ended = [json.loads((sweep_dir / str(t["number"]) / "trial.json").read_text())["ended"] for t in results["trials"]]
     assert max(submitted) < min(ended)  # both jobs were submitted before either trial ended
+
+
+def test_the_objective_is_a_completed_runs_finite_validation_loss(tmp_path):
+    def run_with(summary: dict | None) -> Path:
+        run_dir = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        run_dir.mkdir()
+        if summary is not None:
+            (run_dir / "summary.json").write_text(json.dumps(summary))
+        return run_dir
+
+    assert sweep.objective(run_with({"status": "completed", "final_val_loss": 2.5}), 0) == 2.5
+    cases = [({"status": "completed", "final_val_loss": float("nan")}, "the validation loss is nan: the run diverged"),
+             ({"status": "completed", "final_val_loss": None}, "has no final_val_loss"),
+             ({"status": "interrupted", "step": 3}, "did not complete (interrupted): continue it with python -m "
+                                                    "llmft.launch resume="),
+             ({"status": "failed", "error": "DataError: no sample"}, "did not complete (failed): DataError: no sample"),
+             (None, "did not complete (no summary.json): exit code 1")]
+    for summary, reason in cases:
+        with pytest.raises(sweep.TrialFailed, match=re.escape(reason)):
+            sweep.objective(run_with(summary), 1)
+
+
+def test_a_sweep_still_running_is_read_from_its_trial_files(tmp_path, capsys):
+    sweep_dir = tmp_path / "multirun" / "20261201-101500"
+    trials = [{"number": 0, "overrides": ["train.lr=0.001", "model=tiny"], "status": "completed", "value": 3.25,
+               "run_dir": "/runs/a", "error": None},
+              {"number": 1, "overrides": ["train.lr=0.01", "model=tiny"], "status": "running", "value": None,
+               "run_dir": "/runs/b", "error": None}]
+    for trial in trials:
+        sweep.write_trial(sweep_dir / str(trial["number"]) / "trial.json", trial)
+    assert sweep.find_sweeps(tmp_path) == [sweep_dir]
+    found = sweep.read_sweep(sweep_dir)
+    assert not found["ended"] and found["best_value"] == 3.25 and found["best_run_dir"] == "/runs/a"
+    assert found["trials"][0]["params"] == {"train.lr": 0.001, "model": "tiny"}
+    assert runs.main(["sweep", str(sweep_dir)]) == 0
+    shown = capsys.readouterr().out
+    assert "2 trials, 1 completed, 0 failed (running, or stopped before its end)" in shown
+    assert "    1 running" in shown and "/runs/b" in shown and "best: final_val_loss=3.25" in shown

@@ -157,7 +157,7 @@ def objective(run_dir: Path, exit_code: int) -> float:
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     status = summary.get("status")
     if status != "completed":
-        reason = summary.get("error") or (f"{status}; continue it with python -m llmft.launch resume={run_dir}"
+        reason = summary.get("error") or (f"continue it with python -m llmft.launch resume={run_dir}"
                                           if status in ("interrupted", "requeued") else f"exit code {exit_code}")
         raise TrialFailed(f"the run did not complete ({status or 'no summary.json'}): {reason}")
     value = summary.get(OBJECTIVE)

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, read_metrics
+from dist_runs import COMMON, FROM_DISK
 from slurm_cluster import ensure_local_slurm, kill_node
 
 pytestmark = pytest.mark.slow
@@ -88,11 +89,12 @@ def rank_placements(run_dir: Path, job_id: str) -> set[tuple]:
 
 class LocalRuns:
     """The local torchrun runs the two-node runs are compared with, started in the background at once (they
-    overlap with the SLURM jobs) and waited for when their losses are asked."""
+    overlap with the SLURM jobs) and waited for when their losses are asked. (The 4-rank one is conftest.py's
+    local_four_rank_runs, shared with tests/test_hsdp.py.)"""
 
     def __init__(self, root: Path):
         self.root, self.procs = root, {}
-        for nproc in (2, 4):
+        for nproc in (2,):
             run_dir = root / f"local{nproc}"
             command = llmft_command(["parallelism=ddp", f"launch.nproc={nproc}", *STEPS, f"run_dir={run_dir}"])
             with open(root / f"local{nproc}.log", "w") as log:
@@ -119,20 +121,24 @@ def local_runs(tmp_path_factory):
 
 
 def test_two_nodes_by_two_tasks_give_the_local_four_rank_ddp_losses_under_ddp_and_hsdp(slurm_env, local_runs,
-                                                                                       tmp_path):
+                                                                                       local_four_rank_runs, tmp_path):
     """Two jobs at once, ddp and hsdp. Ranks 0 and 1 on n1, 2 and 3 on n2 (each node its own SLURM_NODEID and local
     ranks 0, 1), the rendezvous on n1, and the losses of four local DDP ranks. hsdp shards within a node's two ranks
     (shard_size 0: one node's, from SLURM's node count) and replicates across the nodes: each rank holds half of
-    every parameter."""
+    every parameter. The model is read from disk (each rank its rows under hsdp), in the config of the local 4-rank
+    runs of tests/test_hsdp.py (conftest.py's local_four_rank_runs), whose ddp run is the reference. (local_runs:
+    the next test's, started here to overlap with these jobs.)"""
+    base, local_dirs, local = local_four_rank_runs
     jobs = {}
     for strategy in ("ddp", "hsdp"):
         run_dir, log = tmp_path / strategy, tmp_path / f"{strategy}.log"
         command = llmft_command([*TWO_NODES, "cluster.gpus_per_node=2", "launch.wait=true", f"parallelism={strategy}",
-                                 *STEPS, f"run_dir={run_dir}"])
+                                 *COMMON, *FROM_DISK, f"model.path={base}", f"run_dir={run_dir}"])
         with open(log, "w") as out:
             jobs[strategy] = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
                                               env={**os.environ, "OMP_NUM_THREADS": "1", **slurm_env})
-    expected = local_runs.losses(4)
+    local.results()  # started now unless tests/test_hsdp.py ran it: it overlaps with the jobs
+    expected = losses(local_dirs["ddp"])
     for strategy, launcher in jobs.items():
         run_dir, log = tmp_path / strategy, tmp_path / f"{strategy}.log"
         assert launcher.wait(timeout=600) == 0, log.read_text()[-3000:]

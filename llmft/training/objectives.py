@@ -19,7 +19,6 @@ end-of-turn token), as in TRL's DPOTrainer; tests/test_dpo.py checks the loss an
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -211,8 +210,7 @@ class DirectPreferenceOptimization(_Preference):
             losses = -(1.0 - smoothing) * F.logsigmoid(self.beta * delta) - smoothing * F.logsigmoid(-self.beta * delta)
         chosen_reward, rejected_reward = (self.beta * chosen_ratio).detach(), (self.beta * rejected_ratio).detach()
         sums = {"rewards_chosen": chosen_reward.sum(), "rewards_rejected": rejected_reward.sum(),
-                "reward_accuracy": (chosen_reward > rejected_reward).float().sum(),
-                "logps_chosen": policy[:pairs].detach().sum(), "logps_rejected": policy[pairs:].detach().sum()}
+                "reward_accuracy": (chosen_reward > rejected_reward).float().sum()}
         return losses.sum(), sums
 
     def metrics(self, sums: dict[str, float], count: float) -> dict[str, float]:
@@ -317,6 +315,3 @@ def data_fingerprint(splits: dict[str, list]) -> str:
             digest.update(str((getattr(item, "prompt_length", 0), getattr(item, "desirable", None))).encode())
     return digest.hexdigest()
 
-
-def mean_metrics(objective, sums: dict[str, float], count: float) -> dict[str, float]:
-    return {k: v for k, v in objective.metrics(sums, count).items() if math.isfinite(v)}

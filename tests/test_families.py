@@ -2,7 +2,8 @@
 DeepSeek-V3): its LoRA targets are every projection of its decoder layers; plan counts its parameters as transformers
 builds them, and those of each real model's profile; the chunked loss equals its full-logits loss; a folder of it
 loads on the meta device and from its shards. On 2 ranks, every family trains with LoRA under DDP and FSDP2 (one
-torchrun for all), its adapter reloads with stock PEFT to the same logits, and its merged export checks out."""
+torchrun for all; GPT-2, BLOOM and Gemma 3 also from a base-model folder, sharded as they load), its adapter reloads
+with stock PEFT to the same logits, and its merged export checks out."""
 
 from __future__ import annotations
 
@@ -264,39 +265,73 @@ def test_a_saved_model_loads_on_meta_and_from_its_shards(family, tokenizer, tmp_
                                    rtol=0, atol=0)
 
 
+# Families whose real models are base models with a tied head (and, for GPT-2 and BLOOM, checkpoints without the
+# `transformer.` prefix): also trained from a folder (model.path) under FSDP2, each rank reading its rows
+FROM_DISK = ["gpt2", "bloom", "gemma3"]
+
+
+def base_model_folder(family: str, tokenizer, folder):
+    """A tiny model of `family` saved as a real base model would be: tied head, no chat template (llmft's fallback
+    template applies), GPT-2 and BLOOM's weights without the `transformer.` prefix."""
+    import copy
+
+    from safetensors.torch import load_file, save_file
+
+    _, model = built(family, tokenizer)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model.save_pretrained(folder)
+    if family in ("gpt2", "bloom"):
+        tensors = load_file(folder / "model.safetensors")
+        save_file({name.removeprefix("transformer."): t.contiguous() for name, t in tensors.items()},
+                  folder / "model.safetensors", metadata={"format": "pt"})
+    base_tokenizer = copy.deepcopy(tokenizer)
+    base_tokenizer.chat_template = None
+    base_tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.mark.slow
-def test_every_family_trains_on_two_ranks_reloads_with_stock_peft_and_exports_merged(tmp_path):
+def test_every_family_trains_on_two_ranks_reloads_with_stock_peft_and_exports_merged(tmp_path, tokenizer):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llmft.launch import run_dir as rundir
     from llmft.serve.export import main as export_main
 
+    common = ["launch.nproc=2", "peft.dropout=0", "train.max_steps=2", "train.warmup_steps=0", "train.log_every=1",
+              "train.eval_every=2", "train.save_every=0", "train.micro_batch_size=2"]
     run_dirs = {}
     for family in FAMILIES:
         for strategy in ("ddp", "fsdp"):
-            run_dir = tmp_path / f"{family}-{strategy}"
-            rundir.create(compose(family_overrides(family) + [
-                f"parallelism={strategy}", "launch.nproc=2", f"run_dir={run_dir}", "peft.dropout=0",
-                "train.max_steps=2", "train.warmup_steps=0", "train.log_every=1", "train.eval_every=2",
-                "train.save_every=0", "train.micro_batch_size=2"]))
-            run_dirs[family, strategy] = run_dir
+            run_dirs[family, strategy] = tmp_path / f"{family}-{strategy}"
+            rundir.create(compose(family_overrides(family) + common + [
+                f"parallelism={strategy}", f"run_dir={run_dirs[family, strategy]}"]))
+    for family in FROM_DISK:
+        folder = base_model_folder(family, tokenizer, tmp_path / f"{family}-base")
+        run_dirs[family, "fsdp_from_disk"] = tmp_path / f"{family}-fsdp_from_disk"
+        rundir.create(compose(family_overrides(family) + common + [
+            "parallelism=fsdp", f"run_dir={run_dirs[family, 'fsdp_from_disk']}", f"model.path={folder}"]
+            + (["model.attn_implementation=eager"] if family == "bloom" else [])))
     out = tmp_path / "families.pt"
-    torchrun(2, [str(REPO / "tests/families_harness.py"), str(out), *map(str, run_dirs.values())], timeout=600)
+    torchrun(2, [str(REPO / "tests/families_harness.py"), str(out), *map(str, run_dirs.values())], timeout=900)
     results = torch.load(out, weights_only=False)
     ids = torch.tensor(PROBE_IDS)
     for (family, strategy), run_dir in run_dirs.items():
         where = (family, strategy)
         losses = [m["loss"] for m in read_metrics(run_dir) if "loss" in m]
         assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses) and losses[0] != losses[1], where
-        assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed", where
+        summary = results[str(run_dir)]["summary"]
+        assert summary["status"] == "completed" and summary["num_train_samples"] > 10, where
         trained = results[str(run_dir)]["logits"]
-        base = AutoModelForCausalLM.from_pretrained(run_dir / "base_model").eval()
+        base = AutoModelForCausalLM.from_pretrained(summary["base_model_path"]).eval()
         with torch.no_grad():
             base_logits = base(input_ids=ids).logits
             reloaded = PeftModel.from_pretrained(base, run_dir / "final").eval()(input_ids=ids).logits
         torch.testing.assert_close(reloaded, trained, rtol=0, atol=1e-5, msg=lambda m: f"{where}: {m}")
         assert float((trained - base_logits).abs().max()) > 1e-3, where  # the adapter learned something
+        if strategy == "fsdp_from_disk":  # a base model's tokenizer: llmft's fallback template, closed by eos
+            assert "### assistant" in AutoTokenizer.from_pretrained(run_dir / "final").chat_template, where
         if strategy == "ddp":
             merged_dir = tmp_path / f"merged-{family}"
             assert export_main([f"run={run_dir}", f"out={merged_dir}", "merge=true"]) == 0, where

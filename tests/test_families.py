@@ -8,7 +8,6 @@ with stock PEFT to the same logits, and its merged export checks out."""
 from __future__ import annotations
 
 import io
-import json
 import math
 from contextlib import redirect_stdout
 
@@ -85,7 +84,7 @@ def test_a_target_that_matches_no_module_is_one_sentence(tokenizer):
     from llmft.training.model import apply_peft
 
     cfg, model = built("phi3", tokenizer)
-    cfg.peft.target_modules = ["qkv_proj", "gate_proj"]
+    cfg.peft.target_modules = ["self_attn.qkv_proj", "gate_proj"]  # PEFT's suffixes are names too
     with pytest.raises(ConfigError, match=r"^LoRA target\(s\) gate_proj match no module of Phi3ForCausalLM: set "
                                           r"peft.target_modules to some of its layers \(down_proj, gate_up_proj, "
                                           r"lm_head, o_proj, qkv_proj\)\.$"):

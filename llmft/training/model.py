@@ -176,8 +176,8 @@ def apply_peft(model, peft_cfg, model_cfg):
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, lora_config)
-    adapted = {name.rsplit(".", 1)[-1] for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
-    skipped = [target for target in targets if target not in adapted]
+    adapted = [name for name, module in peft_model.named_modules() if hasattr(module, "lora_A")]
+    skipped = [target for target in targets if not any(name.endswith("." + target) for name in adapted)]
     if skipped:  # PEFT only warns (e.g. DeepSeek's MLP names, which it maps to MoE experts: llmft/config/families.py)
         raise ConfigError(f"PEFT put no adapter on {', '.join(skipped)} of {type(model).__name__}: remove "
                           f"{'it' if len(skipped) == 1 else 'them'} from peft.target_modules.")
@@ -185,19 +185,19 @@ def apply_peft(model, peft_cfg, model_cfg):
 
 
 def check_lora_targets(model, targets: list[str]) -> list:
-    """The modules the LoRA targets name (by the last part of their name, as PEFT matches a list); a name that
-    matches none fails in one sentence listing the model's linear layers (PEFT would skip it silently when another
-    name matches)."""
-    by_name: dict[str, list] = {}
-    for name, module in model.named_modules():
-        by_name.setdefault(name.rsplit(".", 1)[-1], []).append(module)
-    missing = [target for target in targets if target not in by_name]
+    """The modules the LoRA targets name (as PEFT matches a list: the whole name or its last dotted parts); a target
+    that matches none fails in one sentence listing the model's linear layers (PEFT would skip it silently when
+    another target matches)."""
+    modules = list(model.named_modules())
+    matched = {target: [module for name, module in modules if name == target or name.endswith("." + target)]
+               for target in targets}
+    missing = [target for target, found in matched.items() if not found]
     if missing:
-        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in modules
                          if type(module).__name__ in ("Linear", "Conv1D", "Linear4bit")})
         raise ConfigError(f"LoRA target(s) {', '.join(missing)} match no module of {type(model).__name__}: set "
                           f"peft.target_modules to some of its layers ({', '.join(linear)}).")
-    return [module for target in targets for module in by_name[target]]
+    return [module for found in matched.values() for module in found]
 
 
 def full_numel(param) -> int:

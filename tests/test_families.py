@@ -232,6 +232,52 @@ def test_the_chunked_loss_equals_the_full_logits_loss(family, tokenizer):
         assert float(chunked[0]) == pytest.approx(float(full[0]), rel=1e-5), kind
 
 
+def test_a_multimodal_gemma3_folder_trains_its_language_model_only(tmp_path):
+    """gemma3_4b's folder holds Gemma3ForConditionalGeneration (text and image encoder): LoRA goes on the language
+    model only, the chunked loss equals its full logits on text, and plan counts the language model."""
+    import types
+
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    from llmft.config.families import read_model_config
+    from llmft.launch.estimate import arch_from_config_json, arch_parameter_counts
+    from llmft.training.loss import install, token_losses, with_loss_index
+    from llmft.training.model import apply_peft, load_pretrained_model
+
+    text = Gemma3TextConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    config = Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                          image_token_index=299, boi_token_index=297, eoi_token_index=298)
+    torch.manual_seed(0)
+    Gemma3ForConditionalGeneration(config).save_pretrained(tmp_path)
+    cfg = compose(["model=gemma3_4b", f"model.path={tmp_path}", "model.dtype=float32", "peft.dropout=0"])
+    model = load_pretrained_model(cfg.model)
+    model.config.use_cache = False
+    language_model = sum(p.numel() for p in model.model.language_model.parameters())
+    assert arch_parameter_counts(arch_from_config_json(read_model_config(str(tmp_path))), None, 0)[0] == \
+        language_model  # its head is tied to the embedding
+    peft_model = apply_peft(model, cfg.peft, cfg.model)
+    adapted = [name for name, module in peft_model.named_modules() if hasattr(module, "lora_A")]
+    assert len(adapted) == 2 * 7 and all(".language_model.layers." in name for name in adapted)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    ids = torch.randint(5, 290, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    for extra in ({"attention_mask": torch.ones_like(ids)}, {"position_ids": torch.arange(6).repeat(2, 2)}):
+        full = token_losses(peft_model, {"input_ids": ids, "labels": labels, **extra}, bf16=False)
+        hf_model = peft_model.get_base_model()
+        forward = hf_model.forward
+        assert install(hf_model, "auto", "cpu") == "chunked"
+        chunked = token_losses(peft_model, with_loss_index({"input_ids": ids, "labels": labels, **extra}), False)
+        hf_model.forward = forward
+        assert float(chunked[0]) == pytest.approx(float(full[0]), rel=1e-5)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_saved_model_loads_on_meta_and_from_its_shards(family, tokenizer, tmp_path):
     """The path of a real model under DDP (rank 0 reads) and FSDP2 (each rank its rows): build_on_meta, then

@@ -170,6 +170,7 @@ def apply_peft(model, peft_cfg, model_cfg):
         lora_alpha=peft_cfg.alpha,
         lora_dropout=peft_cfg.dropout,
         target_modules=targets,
+        exclude_modules=outside_language_model(model),
         # GPT-2's projections are transformers' Conv1D, whose weight is stored (in, out): PEFT must transpose
         # its update (it would otherwise switch this on itself, with a warning, but save the config without it).
         fan_in_fan_out=any(type(module).__name__ == "Conv1D" for module in targeted),
@@ -182,6 +183,19 @@ def apply_peft(model, peft_cfg, model_cfg):
         raise ConfigError(f"PEFT put no adapter on {', '.join(skipped)} of {type(model).__name__}: remove "
                           f"{'it' if len(skipped) == 1 else 'them'} from peft.target_modules.")
     return peft_model
+
+
+def outside_language_model(model) -> str | None:
+    """For a multimodal model trained on text (Gemma 3's folders hold Gemma3ForConditionalGeneration): a PEFT
+    `exclude_modules` pattern for every module outside its language model, so that the image encoder's q/k/v_proj
+    get no adapter (they would never see an image). None for a text model."""
+    import re
+
+    if getattr(model.config, "vision_config", None) is None:
+        return None
+    decoder = model.get_decoder()
+    prefix = next(name for name, module in model.named_modules() if module is decoder)
+    return rf"(?!{re.escape(prefix)}\.).*"
 
 
 def check_lora_targets(model, targets: list[str]) -> list:

@@ -232,6 +232,26 @@ def test_the_chunked_loss_equals_the_full_logits_loss(family, tokenizer):
         assert float(chunked[0]) == pytest.approx(float(full[0]), rel=1e-5), kind
 
 
+@pytest.mark.parametrize("family", ["gemma3", "phi3", "mistral"])
+def test_a_sliding_window_shorter_than_a_packed_row_keeps_the_chunked_loss_exact(family, tokenizer):
+    """Gemma 3 (1024 on most layers) and Phi-3-mini (2047) slide a window shorter than their profiles' rows (4096)."""
+    from llmft.training.loss import install, token_losses, with_loss_index
+    from llmft.training.model import apply_peft
+
+    cfg, model = built(family, tokenizer)
+    model.config.sliding_window = 3
+    peft_model = apply_peft(model, cfg.peft, cfg.model)
+    ids = torch.randint(5, len(tokenizer), (2, 16), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :2] = -100
+    batch = {"input_ids": ids, "labels": labels, "position_ids": torch.arange(8).repeat(2, 2)}  # 2 samples a row
+    full = token_losses(peft_model, dict(batch), bf16=False)
+    hf_model = peft_model.get_base_model()
+    assert install(hf_model, "auto", "cpu") == "chunked"
+    chunked = token_losses(peft_model, with_loss_index(dict(batch)), bf16=False)
+    assert float(chunked[0]) == pytest.approx(float(full[0]), rel=1e-5)
+
+
 def test_a_multimodal_gemma3_folder_trains_its_language_model_only(tmp_path):
     """gemma3_4b's folder holds Gemma3ForConditionalGeneration (text and image encoder): LoRA goes on the language
     model only, the chunked loss equals its full logits on text, and plan counts the language model."""

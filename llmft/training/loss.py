@@ -120,7 +120,11 @@ def supervised_loss(hf_model, labels, loss_index, head: str, input_ids=None, **k
     for key in ("logits_to_keep", "return_dict", "output_attentions", "output_hidden_states", "num_items_in_batch"):
         kwargs.pop(key, None)
     decoder = getattr(hf_model, hf_model.base_model_prefix)
-    if kwargs.get("attention_mask") is None and kwargs.get("position_ids") is not None:
+    # A sliding window shorter than the row (Gemma 3's 1024, Phi-3-mini's 2047) is not in packed_attention_mask's
+    # block-diagonal mask: transformers then builds the masks from the positions itself (a device sync per forward).
+    window = getattr(hf_model.config.get_text_config(), "sliding_window", None)
+    if kwargs.get("attention_mask") is None and kwargs.get("position_ids") is not None \
+            and not (window and window < kwargs["position_ids"].shape[-1]):
         mask = packed_attention_mask(kwargs["position_ids"], hf_model.config._attn_implementation,
                                      decoder.get_input_embeddings().weight.dtype)
         if mask is not None:

@@ -3,10 +3,10 @@
 `plan` and the validation read it on the login node; llmft/training/model.py builds the models.
 
 The LoRA targets cover attention and MLP (DeepSeek: attention only, see below), by each family's own module names
-(transformers' modelling files):
-GPT-2 fuses q, k, v into `c_attn` and names both output projections `c_proj`; BLOOM fuses them into
-`query_key_value`; Phi-3 fuses q, k, v into `qkv_proj` and gate and up into `gate_up_proj`; DeepSeek's multi-head
-latent attention projects through low-rank `q_a_proj`/`q_b_proj` and `kv_a_proj_with_mqa`/`kv_b_proj`.
+(transformers' modelling files): GPT-2 fuses q, k, v into `c_attn` and names both output projections `c_proj`; BLOOM
+fuses them into `query_key_value`; Phi-3 fuses q, k, v into `qkv_proj` and gate and up into `gate_up_proj`;
+DeepSeek's multi-head latent attention projects through low-rank `q_a_proj`/`q_b_proj` and
+`kv_a_proj_with_mqa`/`kv_b_proj`.
 """
 
 from __future__ import annotations

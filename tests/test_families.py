@@ -188,6 +188,27 @@ def test_each_profile_counts_what_transformers_builds_and_plans(profile):
     assert "verdict     fits in 80 GB" in lines and "GPU-hours" in lines
 
 
+def test_published_config_files_read_as_their_profiles():
+    """The shapes plan reads from the original config.json files equal the profiles': BigScience's BLOOM file
+    (n_embed, num_attention_heads, no tie key) and google/gemma-3-4b-it's minimal text_config (the rest is
+    Gemma3TextConfig's defaults)."""
+    from llmft.launch.estimate import arch_from_config_json, arch_of, arch_parameter_counts
+
+    bloom = {"model_type": "bloom", "n_embed": 4096, "n_inner": None, "n_layer": 30, "num_attention_heads": 32,
+             "vocab_size": 250880, "seq_length": 2048}
+    gemma = {"model_type": "gemma3", "text_config": {"hidden_size": 2560, "intermediate_size": 10240,
+                                                     "model_type": "gemma3_text", "num_hidden_layers": 34,
+                                                     "sliding_window": 1024}}
+    gemma = {**gemma, **gemma["text_config"]}  # as read_model_config merges it
+    gpt2 = {"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024, "n_ctx": 1024,
+            "vocab_size": 50257}
+    for profile, config in (("bloom_7b1", bloom), ("gemma3_4b", gemma), ("gpt2", gpt2)):
+        profile_arch = arch_of(compose([f"model={profile}", "model.path=/nowhere"]).model)
+        assert arch_from_config_json(config) == profile_arch, profile
+        assert arch_parameter_counts(arch_from_config_json(config), None, 0) == \
+            arch_parameter_counts(profile_arch, None, 0)
+
+
 def test_published_sizes_of_well_known_models():
     from llmft.launch.estimate import arch_of, arch_parameter_counts
 

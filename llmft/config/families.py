@@ -63,6 +63,15 @@ SIZE_KEYS: dict[ModelFamily, dict[str, str]] = {
                        "num_attention_heads": "n_head"},
     ModelFamily.bloom: {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head"},
 }
+# Other names a published config.json uses (BigScience's own BLOOM files: n_embed, num_attention_heads)
+SIZE_ALIASES: dict[ModelFamily, dict[str, list[str]]] = {
+    ModelFamily.bloom: {"hidden_size": ["n_embed"]},
+}
+# What a config.json may leave to its config class's defaults: Gemma 3's multimodal files give their text_config's
+# sizes only where they differ from Gemma3TextConfig's (transformers 5.24 defaults: the 4B's attention and vocabulary)
+CONFIG_DEFAULTS: dict[ModelFamily, dict] = {
+    ModelFamily.gemma3: {"num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "vocab_size": 262208},
+}
 MULTI_HEAD_ONLY = {ModelFamily.gpt2, ModelFamily.bloom, ModelFamily.deepseek_v3}  # key/value heads = heads
 # Positions from ALiBi over the attention mask, not from position_ids: packed samples (told apart by their
 # position_ids) would attend to each other.

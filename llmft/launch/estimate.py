@@ -19,8 +19,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmft.config.families import (FIXED_MLP_RATIO, MODEL_TYPES, MULTI_HEAD_ONLY, ModelFamily, family_of, mla_dims,
-                                   read_model_config, size_key)
+from llmft.config.families import (CONFIG_DEFAULTS, FIXED_MLP_RATIO, MODEL_TYPES, MULTI_HEAD_ONLY, SIZE_ALIASES,
+                                   ModelFamily, family_of, mla_dims, read_model_config, size_key)
 from llmft.training.flops import flops_per_token  # pure Python: no torch
 
 GiB = 2**30
@@ -100,15 +100,23 @@ def arch_from_config_json(config: dict) -> Arch | None:
     family = MODEL_TYPES.get(config.get("model_type", ""), ModelFamily.llama)
     if family == ModelFamily.deepseek_v3:
         return None
-    hidden = config[size_key(family, "hidden_size")]
-    heads = config[size_key(family, "num_attention_heads")]
+    config = {**CONFIG_DEFAULTS.get(family, {}), **config}
+
+    def size(name: str):
+        """A size under the family's key, ours, or another name its published files use."""
+        for key in (size_key(family, name), name, *SIZE_ALIASES.get(family, {}).get(name, [])):
+            if config.get(key) is not None:
+                return config[key]
+        return None
+
+    hidden, heads = size("hidden_size"), size("num_attention_heads")
     if family in FIXED_MLP_RATIO:
         intermediate = FIXED_MLP_RATIO[family] * hidden
     else:  # GPT-2's n_inner null: 4 x n_embd
-        intermediate = config.get(size_key(family, "intermediate_size")) or 4 * hidden
+        intermediate = size("intermediate_size") or 4 * hidden
     return Arch(
         hidden_size=hidden, intermediate_size=intermediate,
-        num_hidden_layers=config[size_key(family, "num_hidden_layers")], num_attention_heads=heads,
+        num_hidden_layers=size("num_hidden_layers"), num_attention_heads=heads,
         num_key_value_heads=heads if family in MULTI_HEAD_ONLY else config.get("num_key_value_heads", heads),
         vocab_size=config["vocab_size"],
         tie_word_embeddings=config.get("tie_word_embeddings", family in TIED_BY_DEFAULT),

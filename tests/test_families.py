@@ -276,8 +276,6 @@ def test_a_sliding_window_shorter_than_a_packed_row_keeps_the_chunked_loss_exact
 def test_a_multimodal_gemma3_folder_trains_its_language_model_only(tmp_path):
     """gemma3_4b's folder holds Gemma3ForConditionalGeneration (text and image encoder): LoRA goes on the language
     model only, the chunked loss equals its full logits on text, and plan counts the language model."""
-    import types
-
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
 
     from llmft.config.families import read_model_config

@@ -21,6 +21,10 @@ from slurm_cluster import ensure_local_slurm
 pytestmark = pytest.mark.slow
 
 TINY = ["train.max_steps=40", "train.log_every=1", "train.eval_every=20", "train.save_every=0", "peft.dropout=0"]
+# the jobs whose loss curves are compared with local_two_rank_ddp's: 6 steps show a curve as well as 40 (the start-up
+# of each rank costs more than all of its steps)
+SHORT = ["train.max_steps=6", "train.log_every=1", "train.eval_every=6", "train.save_every=0", "peft.dropout=0",
+         "parallelism.zero3_param_persistence_threshold=0", "parallelism.zero3_model_persistence_threshold=0"]
 
 
 @pytest.fixture(scope="session")
@@ -43,15 +47,52 @@ def job_id_of(run_dir: Path) -> str:
     return json.loads((run_dir / "jobs.jsonl").read_text().splitlines()[-1])["job_id"]
 
 
-def test_two_task_job_gives_the_local_two_rank_losses(slurm_env, tmp_path):
-    on_slurm = llmft(["+cluster=localslurm", "launch.wait=true", *TINY, f"run_dir={tmp_path / 'slurm'}"], slurm_env)
+class LocalRun:
+    """`llmft.launch` of a local run, started in the background (it overlaps with the SLURM jobs it is compared
+    with) and waited for when its run directory is asked."""
+
+    def __init__(self, run_dir: Path, args: list[str]):
+        self.run_dir, self.log = run_dir, run_dir.parent / f"{run_dir.name}.log"
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "llmft.launch", *args, f"run_dir={run_dir}"],
+                                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    def finished(self) -> Path:
+        assert self.process.wait(timeout=600) == 0, self.log.read_text()[-3000:]
+        return self.run_dir
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()  # the launcher stops its torchrun and ranks
+            self.process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def local_two_rank_ddp(tmp_path_factory):
+    """The local 2-rank DDP run of SHORT that the SLURM jobs of SHORT must reproduce, once for the module."""
+    run = LocalRun(tmp_path_factory.mktemp("local") / "ddp", ["parallelism=ddp", "launch.nproc=2", *SHORT])
+    yield run
+    run.stop()
+
+
+@pytest.fixture
+def start_local_run(tmp_path):
+    """start_local_run(name, args): a LocalRun in tmp_path / name, stopped at the end of the test if it still runs."""
+    runs = []
+    yield lambda name, args: runs.append(LocalRun(tmp_path / name, args)) or runs[-1]
+    for run in runs:
+        run.stop()
+
+
+def test_two_task_job_gives_the_local_two_rank_losses(slurm_env, local_two_rank_ddp, tmp_path):
+    on_slurm = llmft(["+cluster=localslurm", "launch.wait=true", *SHORT, f"run_dir={tmp_path / 'slurm'}"], slurm_env)
     assert on_slurm.returncode == 0, on_slurm.stdout + on_slurm.stderr
     assert "submitted job" in on_slurm.stdout and f"run dir: {tmp_path / 'slurm'}" in on_slurm.stdout
-    local = llmft(["parallelism=ddp", "launch.nproc=2", *TINY, f"run_dir={tmp_path / 'local'}"], {})
-    assert local.returncode == 0, local.stderr[-3000:]
     summary = json.loads((tmp_path / "slurm/summary.json").read_text())
     assert summary["status"] == "completed" and summary["world_size"] == 2 and summary["strategy"] == "ddp"
-    assert losses(tmp_path / "slurm") == pytest.approx(losses(tmp_path / "local"), abs=1e-6)
+    assert len(losses(tmp_path / "slurm")) == 6
+    assert losses(tmp_path / "slurm") == pytest.approx(losses(local_two_rank_ddp.finished()), abs=1e-6)
     assert (tmp_path / "slurm/submit.sbatch").read_text().count("#SBATCH --ntasks-per-node=2") == 1
 
 
@@ -79,7 +120,7 @@ def test_sbatch_accepts_every_template_and_rendered_script(slurm_env, tmp_path):
         assert result.returncode == 0 and "to start at" in result.stderr, (script, result.stderr)
 
 
-def test_usr2_mid_run_checkpoints_requeues_and_ends_like_an_uninterrupted_run(slurm_env, tmp_path):
+def test_usr2_mid_run_checkpoints_requeues_and_ends_like_an_uninterrupted_run(slurm_env, start_local_run, tmp_path):
     run_dir = tmp_path / "slurm"
     long_run = ["train.max_steps=60", "train.log_every=1", "train.eval_every=30", "train.save_every=0"]
     submitted = llmft(["+cluster=localslurm", *long_run, f"run_dir={run_dir}"], slurm_env)
@@ -92,9 +133,15 @@ def test_usr2_mid_run_checkpoints_requeues_and_ends_like_an_uninterrupted_run(sl
         time.sleep(0.2)
     env = {**os.environ, **slurm_env}
     subprocess.run(["scancel", "--signal=USR2", job_id], env=env, check=True, timeout=30)
+    local = None
     while time.time() < deadline:  # requeued, resumed, completed
         summary = run_dir / "summary.json"
-        if summary.exists() and json.loads(summary.read_text())["status"] in ("completed", "failed"):
+        status = json.loads(summary.read_text())["status"] if summary.exists() else None
+        if status is not None and local is None:
+            # the uninterrupted run, overlapping with the requeued attempt; not before the job requeued itself: more
+            # load then widens the window in which the requeue's SIGTERM ends `scontrol requeue` before it returns
+            local = start_local_run("local", ["parallelism=ddp", "launch.nproc=2", *long_run])
+        if status in ("completed", "failed"):
             break
         time.sleep(1)
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -104,9 +151,7 @@ def test_usr2_mid_run_checkpoints_requeues_and_ends_like_an_uninterrupted_run(sl
     attempts = subprocess.run(["sacct", "-j", job_id, "--duplicates", "-X", "-n", "-P", "-o", "State"], env=env,
                               capture_output=True, text=True, timeout=30).stdout.split()
     assert len(attempts) >= 2 and attempts[0] == "REQUEUED", attempts  # requeued once, then completed
-    local = llmft(["parallelism=ddp", "launch.nproc=2", *long_run, f"run_dir={tmp_path / 'local'}"], {})
-    assert local.returncode == 0, local.stderr[-3000:]
-    expected = load_file(tmp_path / "local/final/adapter_model.safetensors")
+    expected = load_file(local.finished() / "final/adapter_model.safetensors")
     got = load_file(run_dir / "final/adapter_model.safetensors")
     assert all(torch.equal(expected[name], got[name]) for name in expected)
 
@@ -157,11 +202,9 @@ def test_evaluation_after_training_is_a_dependent_job(slurm_env, tmp_path):
     assert (run_dir / "eval/report.json").exists(), "the evaluation job did not write its report"
 
 
-def test_the_sbatch_templates_train_one_synchronised_model(slurm_env, tmp_path):
+def test_the_sbatch_templates_train_one_synchronised_model(slurm_env, local_two_rank_ddp, tmp_path):
     """The templates prepare the run without a cluster (launch.prepare_only) and srun the ranks: `auto` must become
     ddp from the job's 2 tasks (not `single` from the preparing process), and DeepSpeed must find LOCAL_RANK."""
-    steps = ["train.max_steps=6", "train.log_every=1", "train.eval_every=6", "train.save_every=0", "peft.dropout=0",
-             "parallelism.zero3_param_persistence_threshold=0", "parallelism.zero3_model_persistence_threshold=0"]
     env = {**os.environ, **slurm_env, "OMP_NUM_THREADS": "1",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "BASH_FUNC_module%%": "() {  :\n}"}  # Jean Zay's `module load` lines: a no-op here
@@ -175,12 +218,11 @@ def test_the_sbatch_templates_train_one_synchronised_model(slurm_env, tmp_path):
     for name, (template, options, overrides) in jobs.items():
         submitted = subprocess.run(
             ["sbatch", "--parsable", "--ntasks-per-node=2", "--nodes=1", "--cpus-per-task=1", "--time=00:20:00",
-             *options, str(REPO / template), *steps, *overrides],
+             *options, str(REPO / template), *SHORT, *overrides],
             cwd=tmp_path, env={**env, "RUN_DIR": str(tmp_path / name)}, capture_output=True, text=True, timeout=60)
         assert submitted.returncode == 0, submitted.stderr
         job_ids[name] = submitted.stdout.strip().split(";")[0]
-    local = llmft(["parallelism=ddp", "launch.nproc=2", *steps, f"run_dir={tmp_path / 'local'}"], {})
-    assert local.returncode == 0, local.stderr[-3000:]
+    local = local_two_rank_ddp.finished()
     deadline = time.time() + 600
     for name in jobs:
         summary = tmp_path / name / "summary.json"
@@ -191,4 +233,4 @@ def test_the_sbatch_templates_train_one_synchronised_model(slurm_env, tmp_path):
         result = json.loads(summary.read_text())
         assert result["status"] == "completed" and result["world_size"] == 2, (name, result, logs[-3000:])
         assert result["strategy"] == {"auto": "ddp"}.get(name.split("-")[1], name.split("-")[1]), (name, result)
-        assert losses(tmp_path / name) == pytest.approx(losses(tmp_path / "local"), abs=1e-4), name
+        assert losses(tmp_path / name) == pytest.approx(losses(local), abs=1e-4), name

@@ -73,5 +73,9 @@ def requeue_slurm_job(max_requeues: int, topology: Topology) -> bool:
     if not job_id or restarts >= max_requeues:
         return False
     if topology.is_main:
-        subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
+        result = subprocess.run(["scontrol", "requeue", job_id], timeout=60)
+        # SLURM ends the job's processes with SIGTERM once the requeue is accepted, and `scontrol` runs inside the
+        # job: that SIGTERM can end it before it returns (seen under load). It means the job was requeued.
+        if result.returncode not in (0, -signal.SIGTERM):
+            raise subprocess.CalledProcessError(result.returncode, result.args)
     return True

@@ -12,14 +12,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import REPO, compose, read_metrics, run_llmft
+from conftest import REPO, compose, read_metrics, run_llmft, wait_for_step
 from llmft.config.validation import validate
 from llmft.data.templating import IGNORE_INDEX, Sample
 from llmft.errors import ConfigError
@@ -58,7 +57,7 @@ def pairs_of(examples):
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 def test_dpo_loss_and_lora_gradients_equal_trl_dpo_trainer(tmp_path, loss_type):
-    trl = pytest.importorskip("trl")  # test-only dependency (the dev extra installs it)
+    import trl  # test-only dependency, in the dev extra: a missing trl fails here rather than skipping
     from datasets import Dataset
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
@@ -158,15 +157,6 @@ def start(run_dir: Path, overrides: list[str]) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert process.poll() is None, process.communicate()
-        if (run_dir / "metrics.jsonl").exists() and any(r.get("step", 0) >= step for r in read_metrics(run_dir)
-                                                        if "loss" in r):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"{run_dir} never reached step {step}")
 
 
 @pytest.mark.slow

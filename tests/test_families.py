@@ -223,9 +223,23 @@ def test_published_sizes_of_well_known_models():
         ["c_attn", "c_proj", "c_fc", "c_proj"]
 
 
+def full_and_chunked_losses(peft_model, batch: dict) -> tuple[tuple, tuple]:
+    """(loss sum, supervised tokens) of `batch` by the model's own full-logits forward, then by llmft's chunked head
+    installed for the call (the model's forward is restored after)."""
+    from llmft.training.loss import install, token_losses, with_loss_index
+
+    full = token_losses(peft_model, dict(batch), bf16=False)
+    hf_model = peft_model.get_base_model()
+    forward = hf_model.forward
+    assert install(hf_model, "auto", "cpu") == "chunked"
+    chunked = token_losses(peft_model, with_loss_index(dict(batch)), bf16=False)
+    hf_model.forward = forward
+    return full, chunked
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_chunked_loss_equals_the_full_logits_loss(family, tokenizer):
-    from llmft.training.loss import full_logits_reason, install, token_losses, with_loss_index
+    from llmft.training.loss import full_logits_reason
     from llmft.training.model import apply_peft, init_lora_weights
 
     cfg, model = built(family, tokenizer)
@@ -243,12 +257,7 @@ def test_the_chunked_loss_equals_the_full_logits_loss(family, tokenizer):
     if family != "bloom":  # two samples packed in each row: positions restart
         batches["packed"] = {"position_ids": torch.arange(6).repeat(2, 2)}
     for kind, extra in batches.items():
-        full = token_losses(peft_model, {"input_ids": ids, "labels": labels, **extra}, bf16=False)
-        hf_model = peft_model.get_base_model()
-        forward = hf_model.forward
-        assert install(hf_model, "auto", "cpu") == "chunked"
-        chunked = token_losses(peft_model, with_loss_index({"input_ids": ids, "labels": labels, **extra}), False)
-        hf_model.forward = forward
+        full, chunked = full_and_chunked_losses(peft_model, {"input_ids": ids, "labels": labels, **extra})
         assert int(chunked[1]) == int(full[1]) == 16
         assert float(chunked[0]) == pytest.approx(float(full[0]), rel=1e-5), kind
 
@@ -256,7 +265,6 @@ def test_the_chunked_loss_equals_the_full_logits_loss(family, tokenizer):
 @pytest.mark.parametrize("family", ["gemma3", "phi3", "mistral"])
 def test_a_sliding_window_shorter_than_a_packed_row_keeps_the_chunked_loss_exact(family, tokenizer):
     """Gemma 3 (1024 on most layers) and Phi-3-mini (2047) slide a window shorter than their profiles' rows (4096)."""
-    from llmft.training.loss import install, token_losses, with_loss_index
     from llmft.training.model import apply_peft
 
     cfg, model = built(family, tokenizer)
@@ -266,10 +274,7 @@ def test_a_sliding_window_shorter_than_a_packed_row_keeps_the_chunked_loss_exact
     labels = ids.clone()
     labels[:, :2] = -100
     batch = {"input_ids": ids, "labels": labels, "position_ids": torch.arange(8).repeat(2, 2)}  # 2 samples a row
-    full = token_losses(peft_model, dict(batch), bf16=False)
-    hf_model = peft_model.get_base_model()
-    assert install(hf_model, "auto", "cpu") == "chunked"
-    chunked = token_losses(peft_model, with_loss_index(dict(batch)), bf16=False)
+    full, chunked = full_and_chunked_losses(peft_model, batch)
     assert float(chunked[0]) == pytest.approx(float(full[0]), rel=1e-5)
 
 
@@ -280,7 +285,6 @@ def test_a_multimodal_gemma3_folder_trains_its_language_model_only(tmp_path):
 
     from llmft.config.families import read_model_config
     from llmft.launch.estimate import arch_from_config_json, arch_parameter_counts
-    from llmft.training.loss import install, token_losses, with_loss_index
     from llmft.training.model import apply_peft, load_pretrained_model
 
     text = Gemma3TextConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -308,12 +312,7 @@ def test_a_multimodal_gemma3_folder_trains_its_language_model_only(tmp_path):
     labels = ids.clone()
     labels[:, :4] = -100
     for extra in ({"attention_mask": torch.ones_like(ids)}, {"position_ids": torch.arange(6).repeat(2, 2)}):
-        full = token_losses(peft_model, {"input_ids": ids, "labels": labels, **extra}, bf16=False)
-        hf_model = peft_model.get_base_model()
-        forward = hf_model.forward
-        assert install(hf_model, "auto", "cpu") == "chunked"
-        chunked = token_losses(peft_model, with_loss_index({"input_ids": ids, "labels": labels, **extra}), False)
-        hf_model.forward = forward
+        full, chunked = full_and_chunked_losses(peft_model, {"input_ids": ids, "labels": labels, **extra})
         assert float(chunked[0]) == pytest.approx(float(full[0]), rel=1e-5)
 
 

@@ -8,13 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from conftest import REPO, compose, read_metrics, run_llmft
+from conftest import REPO, compose, read_metrics, run_llmft, wait_for_step
 from llmft.config.validation import check_installed
 from llmft.errors import ConfigError, UserError
 from llmft.launch import run_dir as rundir
@@ -115,14 +114,6 @@ def launch(run_dir: Path, *overrides: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert process.poll() is None, process.communicate()
-        if (run_dir / "metrics.jsonl").exists() and any(r.get("step", 0) >= step for r in read_metrics(run_dir)):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"{run_dir} never reached step {step}")
 
 
 @pytest.mark.slow

@@ -9,27 +9,17 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, read_metrics, run_llmft
+from conftest import REPO, read_metrics, run_llmft, wait_for_step
 from llmft.training import tracking
 
 SECRET = "sk-do-not-log-me-123"
 
 
-def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert process.poll() is None, process.communicate()
-        if (run_dir / "metrics.jsonl").exists() and any(r.get("step", 0) >= step for r in read_metrics(run_dir)
-                                                        if "loss" in r):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"{run_dir} never reached step {step}")
 
 
 def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, compose, read_metrics, run_llmft
+from conftest import REPO, compose, read_metrics, run_llmft, wait_for_step
 from llmft.launch import run_dir as rundir
 from llmft.training import checkpoint
 from llmft.training.checkpoint import CheckpointError
@@ -34,15 +34,6 @@ def start_launch(run_dir: Path, overrides: list[str], env: dict | None = None) -
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert process.poll() is None, process.communicate()
-        metrics = run_dir / "metrics.jsonl"
-        if metrics.exists() and any(r.get("step", 0) >= step for r in read_metrics(run_dir) if "loss" in r):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"{run_dir} never reached step {step}")
 
 
 def training_processes(launcher: subprocess.Popen) -> list[psutil.Process]:

@@ -21,15 +21,21 @@ def check_messages(record: object) -> list[dict[str, str]]:
         raise ValueError('"messages" is not a list')
     if not messages:
         raise ValueError("empty conversation")
+    return checked_message_list(messages)
+
+
+def checked_message_list(messages: list, prefix: str = "") -> list[dict[str, str]]:
+    """Each item as {"role", "content"}, or ValueError naming the first bad one (`prefix`: the field, if any)."""
     clean = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise ValueError(f"message {i} is not an object")
+            raise ValueError(f"{prefix}message {i} is not an object")
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
-            raise ValueError(f"message {i} has unknown role {short_repr(role)} (expected one of {', '.join(ROLES)})")
+            raise ValueError(f"{prefix}message {i} has unknown role {short_repr(role)} "
+                             f"(expected one of {', '.join(ROLES)})")
         if not isinstance(content, str):
-            raise ValueError(f'message {i} has no text "content"')
+            raise ValueError(f'{prefix}message {i} has no text "content"')
         clean.append({"role": role, "content": content})
     return clean
 

@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 
 from llmft.data.clean import normalize_whitespace
 from llmft.data.dedup import DedupKeys
-from llmft.data.records import ROLES, Conversation, ReadReport, short_repr
+from llmft.data.chat import checked_message_list
+from llmft.data.records import Conversation, ReadReport, short_repr
 from llmft.data.templating import IGNORE_INDEX, Sample, TemplateError, render_pieces, with_system_prompt
 
 PREFERENCE_FORMATS = ("preference_jsonl", "kto_jsonl")
@@ -159,18 +160,7 @@ def _messages(record: dict, name: str, default_role: str) -> list[dict[str, str]
         raise ValueError(f'"{name}" is neither text nor a list of messages')
     if not value:
         raise ValueError(f'"{name}" is an empty list')
-    messages = []
-    for i, message in enumerate(value):
-        if not isinstance(message, dict):
-            raise ValueError(f'"{name}" message {i} is not an object')
-        role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
-            raise ValueError(f'"{name}" message {i} has unknown role {short_repr(role)} '
-                             f'(expected one of {", ".join(ROLES)})')
-        if not isinstance(content, str):
-            raise ValueError(f'"{name}" message {i} has no text "content"')
-        messages.append({"role": role, "content": content})
-    return messages
+    return checked_message_list(value, prefix=f'"{name}" ')
 
 
 def _prompt(record: dict) -> list[dict[str, str]]:

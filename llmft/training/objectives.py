@@ -90,9 +90,6 @@ class _Preference:
 
     # ---------------------------------------------------------------------------------------------- batches
 
-    def rows_of(self, items: list, all_items: list, offset: int) -> list:
-        raise NotImplementedError
-
     def pad(self, rows: list, extra: dict) -> dict:
         batch = with_loss_index(collate(rows, self.pad_token_id))
         batch.pop("num_tokens")

@@ -185,7 +185,7 @@ class Trainer:
         if self.topology.is_main:
             forget_metrics_after(self.run_dir / "metrics.jsonl", self.state.step)
         metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.total_steps, self.state.step,
-                             enabled=self.topology.is_main, use_wandb=self.tcfg.wandb)
+                             enabled=self.topology.is_main, use_wandb=self.tcfg.wandb, use_mlflow=self.tcfg.mlflow)
         with metrics, StopSignals(self.topology) as stop:
             while self.state.step < self.total_steps:
                 self.train_step()

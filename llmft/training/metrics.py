@@ -19,7 +19,8 @@ from llmft.training import tracking
 
 
 class MetricsLog:
-    def __init__(self, path: Path, total_steps: int, start_step: int, enabled: bool, use_wandb: bool = False):
+    def __init__(self, path: Path, total_steps: int, start_step: int, enabled: bool, use_wandb: bool = False,
+                 use_mlflow: bool = False):
         self.enabled = enabled
         self.total_steps = total_steps
         self.start_time = time.time()
@@ -39,8 +40,8 @@ class MetricsLog:
                 raise RuntimeError("train.wandb=true needs wandb: pip install wandb") from None
             # offline: compute nodes have no internet; `wandb sync RUN_DIR/wandb/offline-run-*` from a login node
             self.wandb_run = wandb.init(mode="offline", dir=str(path.parent), name=path.parent.name)
-        # MLflow when the run's config.yaml says train.mlflow: true; ended when summary.json is written
-        self.mlflow = tracking.start_run(path.parent) if enabled else None
+        # MLflow (train.mlflow=true), its params from the run's config.yaml; ended when summary.json is written
+        self.mlflow = tracking.start_run(path.parent) if enabled and use_mlflow else None
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 

@@ -106,15 +106,15 @@ def write_export(path: Path, num_tickets: int) -> Path:
 
 
 def prepare_without_tokenizer_training(cfg, tokenizer, out_dir: Path) -> tuple[dict, dict, float]:
-    """What `prepare` does once it has the tokenizer, but the histogram: the report, the counts, the seconds."""
-    from llmft.data.pipeline import end_of_turn_of, read_conversations, tokenize_rows
+    """What `prepare` does with a model's own tokenizer, but the histogram: the report, the counts, the seconds."""
+    from llmft.data.pipeline import end_of_turn_of, read_and_tokenize
     from llmft.data.prepared import fingerprint_parts, save_samples, write_manifest
 
     started = time.perf_counter()
-    conversations, read_report = read_conversations(cfg.data)
-    parts = fingerprint_parts(conversations, tokenizer, cfg.data, cfg.model.max_seq_len,
+    read_report, tokenized, conversations_part = read_and_tokenize(cfg.data, tokenizer, cfg.model.max_seq_len,
+                                                                   audit_dir=out_dir)
+    parts = fingerprint_parts(conversations_part, tokenizer, cfg.data, cfg.model.max_seq_len,
                               end_of_turn_of(tokenizer, cfg.data)[0])
-    tokenized = tokenize_rows(conversations, tokenizer, cfg.data, cfg.model.max_seq_len, audit_dir=out_dir)
     save_samples(out_dir, tokenized.splits)
     (out_dir / "report.json").write_text(json.dumps({**read_report, **tokenized.counts}, indent=2, ensure_ascii=False))
     write_manifest(out_dir, parts, tokenized.counts)

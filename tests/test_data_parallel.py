@@ -21,7 +21,8 @@ from llmft.config.compose import SAMPLES_DIR
 from llmft.config.validation import check_data
 from llmft.data import pipeline, rows as rows_module, workers
 from llmft.data.packing import pack_best_fit
-from llmft.data.pipeline import build_splits, read_conversations
+from llmft.data.pipeline import build_splits, read_and_tokenize, read_conversations, tokenize_rows
+from llmft.data.prepared import conversations_fingerprint
 from llmft.data.prepare import prepare
 from llmft.data.records import DataError
 from llmft.data.rows import Rows
@@ -295,3 +296,60 @@ def test_rows_pack_like_pack_best_fit_and_reach_arrow_without_lists(monkeypatch)
         assert table.column("labels").to_pylist() == [s.labels for s in expected]
         assert table.column("seq_lengths").to_pylist() == [s.seq_lengths or [len(s.input_ids)] for s in expected]
     assert Rows.empty().arrow_table(schema).num_rows == 0
+
+
+ONE_PASS_INPUTS = {**INPUTS, "validation_fallback": lambda tmp: [  # no id hashes into validation: one is moved there
+    *INPUTS["tickets_jsonl"](tmp), "data.validation_fraction=0.0005"]}
+
+
+@pytest.mark.parametrize("name", ONE_PASS_INPUTS)
+def test_one_pass_gives_what_reading_then_tokenizing_gives(name, tmp_path, small_chunks):
+    """read_and_tokenize (a model's own tokenizer: read, clean and tokenize each chunk in one worker pass, duplicates'
+    samples dropped after) against read_conversations then tokenize_rows: the same report, samples, counts, audit
+    files and conversations fingerprint, on 1 and 3 workers."""
+    overrides = ONE_PASS_INPUTS[name](tmp_path)
+    cfg = compose(overrides + ["data.num_workers=1"])
+    conversations, read_report = read_conversations(cfg.data)
+    tokenizer = tokenizer_for_run(cfg, conversations)
+    max_seq_len = cfg.model.max_seq_len
+    (tmp_path / "two").mkdir()
+    two = tokenize_rows(conversations, tokenizer, cfg.data, max_seq_len, audit_dir=tmp_path / "two")
+    if name == "validation_fallback":
+        assert len({json.loads(line)["id"] for line in
+                    (tmp_path / "two" / "validation.conversations.jsonl").read_text().splitlines()}) == 1
+    for num_workers in (1, 3):
+        out = tmp_path / f"one-{num_workers}"
+        out.mkdir()
+        report, one, fingerprint = read_and_tokenize(compose(overrides + [f"data.num_workers={num_workers}"]).data,
+                                                     tokenizer, max_seq_len, audit_dir=out)
+        assert report == read_report and fingerprint == conversations_fingerprint(conversations)
+        assert one.counts == two.counts and one.used_ids == two.used_ids
+        assert list(one.splits) == list(two.splits)
+        for split, rows in one.splits.items():
+            for field in ("input_ids", "labels", "sample_lengths", "samples_per_row"):
+                assert np.array_equal(getattr(rows, field), getattr(two.splits[split], field)), (split, field)
+        assert {split: Path(f).read_bytes() for split, f in one.conversation_files.items()} == \
+            {split: Path(f).read_bytes() for split, f in two.conversation_files.items()}
+        assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "two").iterdir())
+
+
+def test_prepare_with_a_model_tokenizer_reads_and_tokenizes_in_one_pass(tmp_path, small_chunks, monkeypatch):
+    """prepare with model.path (the tokenizer known before reading): one pass in the workers, the same files as the
+    two steps model=tiny takes with that same tokenizer; prepared again, nothing is redone."""
+    overrides = INPUTS["tickets_jsonl"](tmp_path)
+    two_steps = prepared_files(overrides + ["data.num_workers=2"], tmp_path / "tiny")
+    model = tmp_path / "model"
+    shutil.copytree(tmp_path / "tiny" / "tokenizer", model)
+    log = tmp_path / "pids"
+    log.write_text("")
+    monkeypatch.setattr(pipeline, "prepare_chunk", spied(pipeline.prepare_chunk, log))
+    monkeypatch.setattr(pipeline, "tokenize_chunk", spied(pipeline.tokenize_chunk, log))  # (called by prepare_chunk)
+    one_pass = prepared_files(overrides + ["data.num_workers=2", f"model.path={model}"], tmp_path / "one")
+    assert worker_lines(log)
+    one_pass["report.json"] = one_pass["report.json"].replace(str(tmp_path / "one").encode(),
+                                                              str(tmp_path / "tiny").encode())
+    assert {f: b for f, b in one_pass.items() if not f.startswith("tokenizer")} == \
+        {f: b for f, b in two_steps.items() if not f.startswith("tokenizer")}
+    report = prepare(compose(overrides + ["data.num_workers=2", f"model.path={model}",
+                                          f"data.output_dir={tmp_path / 'one'}"]))
+    assert report["reused_prepared"] is True

@@ -18,29 +18,48 @@ import numpy as np
 NUM_PERMUTATIONS = 64
 BANDS = 16  # 16 bands of 4 rows: pairs above ~0.5 similarity become candidates, then are checked
 SHINGLE_WORDS = 5
-_PRIME = np.uint64(4294967311)  # > 2**32, so (a * x) stays below 2**64 for 32-bit a and x
 _WORD = re.compile(r"\w+")
-_SPACES = re.compile(r"\s+")
 _rng = np.random.default_rng(20241122)
-_A = _rng.integers(1, 2**32 - 1, NUM_PERMUTATIONS, dtype=np.uint64)
-_B = _rng.integers(0, 2**32 - 1, NUM_PERMUTATIONS, dtype=np.uint64)
+# Multiply-shift hashing, h(x) = (a * x + b) mod 2**64 >> 32 with odd a: a 2-independent family whose arithmetic wraps
+# in uint64 (no division: a modulo by a prime was a third of the signature's time).
+_A = _rng.integers(1, 2**63, NUM_PERMUTATIONS, dtype=np.uint64) | np.uint64(1)
+_B = _rng.integers(0, 2**63, NUM_PERMUTATIONS, dtype=np.uint64)
+_MAX_CACHED_WORDS = 1 << 20
+
+
+class _WordHashes(dict):
+    """crc32 of each word, computed once per word a worker sees (support tickets reuse a small vocabulary)."""
+
+    def __missing__(self, word: str) -> int:
+        if len(self) >= _MAX_CACHED_WORDS:
+            self.clear()
+        value = self[word] = zlib.crc32(word.encode())
+        return value
+
+
+_word_hashes = _WordHashes()
 
 
 def _text_of(messages: list[dict[str, str]]) -> str:
     return "\n".join(m["content"] for m in messages if m["role"] != "system")
 
 
-def minhash(text: str) -> np.ndarray:
-    words = _WORD.findall(text.lower()) or [""]
-    word_hashes = np.fromiter(map(zlib.crc32, map(str.encode, words)), dtype=np.uint64, count=len(words))
+def minhash(lowered: str) -> np.ndarray:
+    """The MinHash signature of a lowercased text's word 5-grams."""
+    words = _WORD.findall(lowered) or [""]
+    word_hashes = np.fromiter(map(_word_hashes.__getitem__, words), dtype=np.uint64, count=len(words))
     # the hash of a 5-gram combines the hashes of its words (polynomial, mod 2**32): no string per shingle
     count = max(1, len(words) - SHINGLE_WORDS + 1)
-    shingles = np.zeros(count, dtype=np.uint64)
-    for offset in range(min(SHINGLE_WORDS, len(words))):
-        shingles = (shingles * np.uint64(1_000_003) + word_hashes[offset : offset + count]) & np.uint64(0xFFFFFFFF)
-    shingles = np.unique(shingles)
-    # a * x + b < 2**64 (a, x < 2**32, b < 2**32): one modulo gives ((a * x) % p + b) % p
-    return ((_A[:, None] * shingles[None, :] + _B[:, None]) % _PRIME).min(axis=1)
+    shingles = word_hashes[:count].copy()
+    for offset in range(1, min(SHINGLE_WORDS, len(words))):
+        shingles *= np.uint64(1_000_003)
+        shingles += word_hashes[offset : offset + count]
+    shingles &= np.uint64(0xFFFFFFFF)  # (wrapping mod 2**64 then masking: the same low 32 bits as masking each step)
+    # the minimum of each permutation (a repeated shingle changes no minimum: no need to make them unique)
+    hashed = np.multiply.outer(_A, shingles)
+    hashed += _B[:, None]
+    hashed >>= np.uint64(32)
+    return hashed.min(axis=1)
 
 
 @dataclass
@@ -53,11 +72,11 @@ class DedupKeys:
 
 
 def dedup_keys(messages: list[dict[str, str]], threshold: float) -> DedupKeys:
-    text = _text_of(messages)
-    exact = hashlib.sha1(_SPACES.sub(" ", text.lower()).strip().encode()).digest()
+    lowered = _text_of(messages).lower()
+    exact = hashlib.sha1(" ".join(lowered.split()).encode()).digest()  # (str.split: the whitespace of regex \s)
     if threshold >= 1.0:
         return DedupKeys(exact)
-    signature = minhash(text)
+    signature = minhash(lowered)
     rows = NUM_PERMUTATIONS // BANDS
     return DedupKeys(exact, signature, [bytes([band]) + signature[band * rows : (band + 1) * rows].tobytes()
                                         for band in range(BANDS)])

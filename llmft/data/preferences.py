@@ -45,7 +45,8 @@ from llmft.data.clean import normalize_whitespace
 from llmft.data.dedup import DedupKeys
 from llmft.data.chat import checked_message_list
 from llmft.data.records import Conversation, ReadReport, short_repr
-from llmft.data.templating import IGNORE_INDEX, Sample, TemplateError, render_pieces, with_system_prompt
+from llmft.data.templating import (IGNORE_INDEX, ChatRenderer, Sample, TemplateError, render_pieces, token_ids,
+                                   with_system_prompt)
 
 PREFERENCE_FORMATS = ("preference_jsonl", "kto_jsonl")
 SAMPLE_KINDS = {"preference_jsonl": "preference_pairs", "kto_jsonl": "kto_examples"}
@@ -334,12 +335,12 @@ class TokenizedPreferences:
     num_cut: int  # completions cut to fit max_seq_len
 
 
-def _prompt_and_completion(tokenizer, prompt: list[dict[str, str]], completion: str, end_of_turn: str
-                           ) -> tuple[list[str], list[tuple[str, bool]]]:
+def _prompt_and_completion(tokenizer, prompt: list[dict[str, str]], completion: str, end_of_turn: str,
+                           renderer: ChatRenderer) -> tuple[list[str], list[tuple[str, bool]]]:
     """The rendered prompt's pieces (generation prompt included) and the completion's (text, supervised) pieces,
     cut from templating's incremental rendering of prompt + completion: the completion starts at the last
     supervised piece, the reply of the final assistant turn."""
-    pieces = render_pieces(tokenizer, prompt + [{"role": "assistant", "content": completion}], end_of_turn)
+    pieces = render_pieces(tokenizer, prompt + [{"role": "assistant", "content": completion}], end_of_turn, renderer)
     start = max(i for i, (_, supervised) in enumerate(pieces) if supervised)
     return [text for text, _ in pieces[:start]], pieces[start:]
 
@@ -347,29 +348,31 @@ def _prompt_and_completion(tokenizer, prompt: list[dict[str, str]], completion: 
 def tokenize_preference_chunk(state: PreferenceTokenizing, chunk: list[Conversation]) -> TokenizedPreferences:
     """Pairs (or KTO examples) of a chunk of records: each piece tokenized on its own, all in one batched call."""
     tokenizer, max_seq_len = state.tokenizer, state.max_seq_len
+    renderer = ChatRenderer(tokenizer)
     rendered = []  # per record: (prompt pieces, [completion pieces per completion])
     for record in chunk:
         prompt = with_system_prompt(record.prompt, state.system_prompt)
-        parts = [_prompt_and_completion(tokenizer, prompt, text, state.end_of_turn) for text in record.completions()]
+        parts = [_prompt_and_completion(tokenizer, prompt, text, state.end_of_turn, renderer)
+                 for text in record.completions()]
         if any(prompt_pieces != parts[0][0] for prompt_pieces, _ in parts[1:]):
             raise TemplateError("the chat template renders the same prompt differently before the chosen and the "
                                 "rejected answers; set model.fallback_chat_template to a template that does not")
         rendered.append((parts[0][0], [completion for _, completion in parts]))
     texts = [text for prompt_pieces, completions in rendered
              for text in prompt_pieces + [t for completion in completions for t, _ in completion]]
-    token_ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    ids_of_piece = iter(token_ids(tokenizer, texts))
     result = TokenizedPreferences([], [], {}, 0)
 
     def drop(reason: str) -> None:
         result.dropped[reason] = result.dropped.get(reason, 0) + 1
 
     for index, (record, (prompt_pieces, completions)) in enumerate(zip(chunk, rendered)):
-        prompt_ids = [token for _ in prompt_pieces for token in next(token_ids)]
+        prompt_ids = [token for _ in prompt_pieces for token in next(ids_of_piece)]
         sides = []
         for completion in completions:
             input_ids, labels = list(prompt_ids), [IGNORE_INDEX] * len(prompt_ids)
             for _, supervised in completion:
-                ids = next(token_ids)
+                ids = next(ids_of_piece)
                 input_ids += ids
                 labels += ids if supervised else [IGNORE_INDEX] * len(ids)
             sides.append(Sample(input_ids, labels))

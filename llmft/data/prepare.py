@@ -10,6 +10,11 @@
     DIR/manifest.json                 the fingerprint; written last, so a folder without it is incomplete
 
 Preparing again with the same conversations, tokenizer and settings finds the manifest and does nothing.
+
+With a model's own tokenizer (not model=tiny, which trains one on the cleaned texts first), conversation and
+sample formats are read, cleaned and tokenized in one pass (`pipeline.read_and_tokenize`), unless DIR holds a
+dataset prepared with the same tokenizer and settings: then the conversations are read first, to see whether that
+dataset can be kept as it is.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ import os
 from pathlib import Path
 
 from llmft.data.tokenizer import tokenizer_for_run
-from llmft.data.pipeline import end_of_turn_of, format_of, read_conversations, tokenize_preferences, tokenize_rows
+from llmft.data.pipeline import (end_of_turn_of, format_of, read_and_tokenize, read_conversations, tokenize_preferences,
+                                 tokenize_rows)
 from llmft.data.preferences import PREFERENCE_FORMATS, samples_of
 from llmft.data.mixture import with_mixture_settings
-from llmft.data.prepared import fingerprint_parts, load_samples, save_samples, write_manifest
+from llmft.data.prepared import fingerprint_parts, load_samples, save_samples, settings_fingerprint, \
+    tokenizer_fingerprint, write_manifest
 from llmft.data.records import DataError
 
 
@@ -60,25 +67,54 @@ def prepare(cfg) -> dict:
     data_cfg, max_seq_len = cfg.data, cfg.model.max_seq_len
     out_dir = output_dir_of(data_cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
+    data_format = format_of(data_cfg)
+    tokenizer = None if cfg.model.path is None else tokenizer_for_run(cfg, None)  # (model=tiny: from the texts)
+    if tokenizer is not None and data_format not in (*PREFERENCE_FORMATS, "mixture") and \
+            not prepared_with(out_dir, tokenizer, data_cfg, max_seq_len):
+        (out_dir / "manifest.json").unlink(missing_ok=True)  # incomplete until a new manifest is written
+        read_report, tokenized, conversations_part = read_and_tokenize(data_cfg, tokenizer, max_seq_len, out_dir)
+        end_of_turn, _ = end_of_turn_of(tokenizer, data_cfg)
+        parts = fingerprint_parts(conversations_part, tokenizer, data_cfg, max_seq_len, end_of_turn)
+        return write_prepared(cfg, out_dir, tokenizer, tokenized, read_report, parts)
+
     conversations, read_report = read_conversations(data_cfg)
-    tokenizer = tokenizer_for_run(cfg, conversations)
+    tokenizer = tokenizer or tokenizer_for_run(cfg, conversations)
     end_of_turn, _ = end_of_turn_of(tokenizer, data_cfg)
     parts = with_mixture_settings(fingerprint_parts(conversations, tokenizer, data_cfg, max_seq_len, end_of_turn),
                                   data_cfg)
     if not isinstance(load_samples(out_dir, parts), str) and (out_dir / "report.json").is_file():
         return {**json.loads((out_dir / "report.json").read_text()), "reused_prepared": True}
-
-    if format_of(data_cfg) in PREFERENCE_FORMATS:  # pairs or KTO examples, one a row: no packing
+    (out_dir / "manifest.json").unlink(missing_ok=True)
+    if data_format in PREFERENCE_FORMATS:
         tokenized = tokenize_preferences(conversations, tokenizer, data_cfg, max_seq_len, audit_dir=out_dir)
-        counts = tokenized.counts
+    else:
+        tokenized = tokenize_rows(conversations, tokenizer, data_cfg, max_seq_len, audit_dir=out_dir)
+    return write_prepared(cfg, out_dir, tokenizer, tokenized, read_report, parts)
+
+
+def prepared_with(out_dir: Path, tokenizer, data_cfg, max_seq_len: int) -> bool:
+    """Whether out_dir holds a dataset prepared with this tokenizer and these settings (its conversations unknown)."""
+    try:
+        manifest = json.loads((out_dir / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    end_of_turn, _ = end_of_turn_of(tokenizer, data_cfg)
+    fingerprint = manifest.get("fingerprint", {})
+    return fingerprint.get("tokenizer") == tokenizer_fingerprint(tokenizer, end_of_turn) and \
+        fingerprint.get("settings") == settings_fingerprint(data_cfg, max_seq_len)
+
+
+def write_prepared(cfg, out_dir: Path, tokenizer, tokenized, read_report: dict, parts: dict) -> dict:
+    """The dataset, tokenizer, histogram, report and (last) manifest of a `prepare`; returns the report."""
+    data_cfg, max_seq_len = cfg.data, cfg.model.max_seq_len
+    counts = tokenized.counts
+    if format_of(data_cfg) in PREFERENCE_FORMATS:  # pairs or KTO examples, one a row: no packing
         save_samples(out_dir, tokenized.splits, counts["sample_kind"])
         lengths = {split: [len(s.input_ids) for s in samples_of(items)] for split, items in tokenized.splits.items()}
         title = (f"{sum(counts['samples'].values())} {counts['sample_kind'].split('_')[1]} "
                  f"({sum(map(len, lengths.values()))} sequences); useful tokens "
                  f"{counts['useful_token_fraction']['padded']:.0%} padded to {max_seq_len}")
     else:
-        tokenized = tokenize_rows(conversations, tokenizer, data_cfg, max_seq_len, audit_dir=out_dir)
-        counts = tokenized.counts
         save_samples(out_dir, tokenized.splits)
         lengths = {split: rows.sample_lengths.tolist() for split, rows in tokenized.splits.items()}
         fractions = counts["useful_token_fraction"]

@@ -31,14 +31,32 @@ def _sha(payload) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
+def conversation_identity(conversation) -> bytes:
+    """What the conversations fingerprint hashes of one conversation (a worker computes it where it cleaned it)."""
+    identity = conversation.identity() if isinstance(conversation, PROMPT_RECORDS) else \
+        [conversation.id, conversation.messages]  # (preference records: the prompt and every completion)
+    return json.dumps(identity, ensure_ascii=False).encode()
+
+
+class ConversationsFingerprint:
+    """The conversations part of the fingerprint, from the conversations' identities in order."""
+
+    def __init__(self):
+        self.digest = hashlib.sha256()
+
+    def add(self, identity: bytes) -> None:
+        self.digest.update(identity)
+        self.digest.update(b"\n")
+
+    def value(self) -> str:
+        return self.digest.hexdigest()[:16]
+
+
 def conversations_fingerprint(conversations) -> str:
-    digest = hashlib.sha256()
+    fingerprint = ConversationsFingerprint()
     for conversation in conversations:
-        identity = conversation.identity() if isinstance(conversation, PROMPT_RECORDS) else \
-            [conversation.id, conversation.messages]  # (preference records: the prompt and every completion)
-        digest.update(json.dumps(identity, ensure_ascii=False).encode())
-        digest.update(b"\n")
-    return digest.hexdigest()[:16]
+        fingerprint.add(conversation_identity(conversation))
+    return fingerprint.value()
 
 
 def tokenizer_fingerprint(tokenizer, end_of_turn: str) -> str:
@@ -61,8 +79,9 @@ def settings_fingerprint(data_cfg, max_seq_len: int) -> str:
 
 
 def fingerprint_parts(conversations, tokenizer, data_cfg, max_seq_len: int, end_of_turn: str) -> dict[str, str]:
+    """The three parts; `conversations` may be their fingerprint already (`ConversationsFingerprint`)."""
     return {
-        "conversations": conversations_fingerprint(conversations),
+        "conversations": conversations if isinstance(conversations, str) else conversations_fingerprint(conversations),
         "tokenizer": tokenizer_fingerprint(tokenizer, end_of_turn),
         "settings": settings_fingerprint(data_cfg, max_seq_len),
     }

@@ -65,9 +65,13 @@ _NAME_STOPWORDS = {"the", "and", "for", "von", "van", "der", "den", "des", "les"
 
 class Scrubber:
     def __init__(self, scrub_cfg):
+        # (kind, pattern, replacement, lowercase clues, other clues, needs, line by line): every fixed pattern but the
+        # key block matches within one line (no newline in any of its character classes, and what a lookaround or
+        # `\b` sees past the line is a newline, as at the text's ends), so it runs on the lines that hold a clue only.
         self.patterns = [
             (kind, re.compile(pattern, re.S) if "BEGIN" in pattern else re.compile(pattern), repl,
-             tuple(c for c in clues if c.islower()), tuple(c for c in clues if not c.islower()), (needs or [()])[0])
+             tuple(c for c in clues if c.islower()), tuple(c for c in clues if not c.islower()), (needs or [()])[0],
+             "BEGIN" not in pattern)
             for kind, pattern, repl, clues, *needs in _FIXED_PATTERNS
         ]
         self.site_patterns: list[tuple[str, re.Pattern]] = []
@@ -85,6 +89,18 @@ class Scrubber:
         text, n = pattern.subn(repl if repl is not None else f"<{kind}>", text)
         self.counts[kind] += n
         return text
+
+    def _replace_in_lines(self, text: str, kind: str, pattern: re.Pattern, repl, lower_clues: tuple[str, ...],
+                          clues: tuple[str, ...], needs: tuple[str, ...]) -> str:
+        """`_replace` on the lines of `text` that hold a clue (and one of `needs`): a regular expression that cannot
+        start on a fixed word (`(?i)`, a lookbehind first) costs far more per character than these substring tests."""
+        lines = text.split("\n")
+        for number, line in enumerate(lines):
+            if needs and not any(character in line for character in needs):
+                continue
+            if any(clue in line for clue in clues) or (lower_clues and any(clue in line.lower() for clue in lower_clues)):
+                lines[number] = self._replace(line, kind, pattern, repl)
+        return "\n".join(lines)
 
     def _ip(self, match: re.Match, version: int) -> str:
         candidate = match.group(0)
@@ -106,10 +122,11 @@ class Scrubber:
 
     def scrub(self, text: str, names: list[str] | None = None) -> str:
         lowered = text.lower()
-        for kind, pattern, repl, lower_clues, clues, needs in self.patterns:
+        for kind, pattern, repl, lower_clues, clues, needs, by_line in self.patterns:
             if (any(clue in lowered for clue in lower_clues) or any(clue in text for clue in clues)) and \
                     (not needs or any(character in text for character in needs)):
-                text = self._replace(text, kind, pattern, repl)
+                text = self._replace_in_lines(text, kind, pattern, repl, lower_clues, clues, needs) if by_line \
+                    else self._replace(text, kind, pattern, repl)
         for kind, pattern in self.site_patterns:  # before e-mail: `abc12de@jean-zay.idris.fr` is a login on a host
             text = self._replace(text, kind, pattern, None)
         if "@" in text or "%40" in text:

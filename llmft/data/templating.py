@@ -8,6 +8,9 @@ merge at a boundary. This needs templates whose renderings of successive prefixe
 for ChatML, Llama 2/3, Mistral and Qwen 2.5; a template that rewrites history is refused with a clear error.
 
 All pieces of all conversations go to the tokenizer in one batched call: the Rust tokenizer then uses every core.
+Rendering and tokenizing call the compiled template and the Rust tokenizer directly (`ChatRenderer`, `token_ids`)
+when they give what `apply_chat_template` and `tokenizer(...)` give: those wrappers accept any message object and
+return dictionaries of every field, which cost more than the work itself on support-ticket sized turns.
 """
 
 from __future__ import annotations
@@ -42,19 +45,66 @@ def with_system_prompt(messages: list[dict[str, str]], system_prompt: str | None
     return messages
 
 
-def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+class ChatRenderer:
+    """`tokenizer.apply_chat_template(messages, tokenize=False, ...)` for plain {"role", "content": str} messages.
+
+    Hand-written because the wrapper copies and normalizes every message (any object, None values, reasoning
+    fields) before each render, about 2/3 of the time of a turn-by-turn rendering. This renders transformers' own
+    compiled template (cached by template text) with the same variables (the special tokens); the first
+    conversation is also rendered through `apply_chat_template`, and any difference (another transformers release
+    rendering otherwise) sends every conversation through it."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.compiled, self.variables, self.checked = None, {}, False
+        try:
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            self.compiled = _compile_jinja_template(tokenizer.get_chat_template())
+            self.variables = {key: value for key, value in tokenizer.special_tokens_map.items()
+                              if isinstance(value, str)}
+        except Exception:  # (a transformers without these internals, or no template: the wrapper says what is wrong)
+            self.compiled = None
+
+    def __call__(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        if self.compiled is not None:
+            direct = self.compiled.render(messages=messages, tools=None, documents=None,
+                                          add_generation_prompt=add_generation_prompt, **self.variables)
+            if self.checked:
+                return direct
+            self.checked = True
+            if direct == self._wrapper(messages, add_generation_prompt):
+                return direct
+            self.compiled = None
+        return self._wrapper(messages, add_generation_prompt)
+
+    def _wrapper(self, messages, add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def render_pieces(tokenizer, messages: list[dict[str, str]], end_of_turn: str) -> list[tuple[str, bool]]:
+def token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """`tokenizer(texts, add_special_tokens=False)["input_ids"]`, straight from the Rust tokenizer when it is set as
+    that call would set it (no truncation, no padding, the same special-token splitting): the call also builds
+    attention masks and a dictionary per text, a quarter of the tokenizing time here."""
+    backend = getattr(tokenizer, "_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is None or backend.truncation is not None or backend.padding is not None or \
+            backend.encode_special_tokens != bool(getattr(tokenizer, "split_special_tokens", False)):
+        return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # (fast: no offsets; tokenizers >= 0.21)
+    return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
+
+
+def render_pieces(tokenizer, messages: list[dict[str, str]], end_of_turn: str, renderer: ChatRenderer | None = None
+                  ) -> list[tuple[str, bool]]:
     """The rendered conversation as (text, supervised) pieces whose concatenation is the full rendering."""
+    render = renderer or ChatRenderer(tokenizer)
     pieces: list[tuple[str, bool]] = []
     rendered = ""
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = _render(tokenizer, messages[:index], add_generation_prompt=True)
-        full = _render(tokenizer, messages[: index + 1], add_generation_prompt=False)
+        prompt = render(messages[:index], add_generation_prompt=True)
+        full = render(messages[: index + 1], add_generation_prompt=False)
         if not prompt.startswith(rendered) or not full.startswith(prompt):
             raise TemplateError(
                 "the chat template does not render conversations incrementally (a later turn changes earlier text); "
@@ -70,17 +120,18 @@ def render_pieces(tokenizer, messages: list[dict[str, str]], end_of_turn: str) -
 
 
 def tokenize_many(tokenizer, conversations: list[list[dict[str, str]]], system_prompt: str | None = None,
-                  end_of_turn: str | None = None) -> list[Sample]:
+                  end_of_turn: str | None = None, renderer: ChatRenderer | None = None) -> list[Sample]:
     end_of_turn = end_of_turn or tokenizer.eos_token
-    all_pieces = [render_pieces(tokenizer, with_system_prompt(m, system_prompt), end_of_turn) for m in conversations]
-    texts = [text for pieces in all_pieces for text, _ in pieces]
-    token_ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    renderer = renderer or ChatRenderer(tokenizer)
+    all_pieces = [render_pieces(tokenizer, with_system_prompt(m, system_prompt), end_of_turn, renderer)
+                  for m in conversations]
+    ids_of_piece = token_ids(tokenizer, [text for pieces in all_pieces for text, _ in pieces])
     samples, position = [], 0
     for pieces in all_pieces:
         input_ids: list[int] = []
         labels: list[int] = []
         for _, supervised in pieces:
-            ids = token_ids[position]
+            ids = ids_of_piece[position]
             position += 1
             input_ids += ids
             labels += ids if supervised else [IGNORE_INDEX] * len(ids)
@@ -91,8 +142,8 @@ def tokenize_many(tokenizer, conversations: list[list[dict[str, str]]], system_p
 
 
 def tokenize_conversation(tokenizer, messages: list[dict[str, str]], system_prompt: str | None = None,
-                          end_of_turn: str | None = None) -> Sample:
-    return tokenize_many(tokenizer, [messages], system_prompt, end_of_turn)[0]
+                          end_of_turn: str | None = None, renderer: ChatRenderer | None = None) -> Sample:
+    return tokenize_many(tokenizer, [messages], system_prompt, end_of_turn, renderer)[0]
 
 
 def windows(tokenizer, messages: list[dict[str, str]], max_len: int, system_prompt: str | None,
@@ -110,11 +161,12 @@ def windows(tokenizer, messages: list[dict[str, str]], max_len: int, system_prom
             exchanges.append([])
         exchanges[-1].append(message)
     samples, dropped, start = [], 0, 0
+    renderer = ChatRenderer(tokenizer)
     while start < len(exchanges):
         best, end = None, start + 1
         while end <= len(exchanges):
             candidate = tokenize_conversation(tokenizer, system + [m for e in exchanges[start:end] for m in e],
-                                              None, end_of_turn)
+                                              None, end_of_turn, renderer)
             if len(candidate.input_ids) > max_len:
                 break
             best, end = (candidate, end), end + 1

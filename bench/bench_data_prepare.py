@@ -163,14 +163,15 @@ def ratios(args) -> int:
         conversations, _ = read_conversations(default_cfg.data)  # once, to train the shared tokenizer on
         tokenizer = train_tiny_tokenizer([m["content"] for c in conversations for m in c.messages], 2048)
 
-        seconds: dict[str, float] = {}
+        runs: dict[str, list[float]] = {"one": [], "default": []}
         for _ in range(args.repeat):  # alternately, the best of each: a busy machine slows one run, not the other
             for name, cfg in [("one", compose(overrides + ["data.num_workers=1"])), ("default", default_cfg)]:
                 out_dir = Path(tmp) / name
                 shutil.rmtree(out_dir, ignore_errors=True)
                 out_dir.mkdir()
                 read_report, counts, run_s = prepare_without_tokenizer_training(cfg, tokenizer, out_dir)
-                seconds[name] = min(seconds.get(name, run_s), run_s)
+                runs[name].append(run_s)
+        seconds = {name: min(times) for name, times in runs.items()}
         identical = same_files(Path(tmp) / "one", Path(tmp) / "default")
         baseline_s, baseline_tokens = min(baseline(conversations, tokenizer, None) for _ in range(args.repeat))
         baseline_workers_s = min(baseline(conversations, tokenizer, workers)[0] for _ in range(args.repeat))
@@ -181,9 +182,11 @@ def ratios(args) -> int:
           f"({read_report['num_skipped']} bad, dropped {read_report['dropped']})")
     print(f"PII replaced: {read_report['pii_replacements']}")
     print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs")
-    print(f"llmft, 1 worker:   {seconds['one']:6.2f} s  {rate['one']:6.0f} tickets/s")
+    print(f"llmft, 1 worker:   {seconds['one']:6.2f} s  {rate['one']:6.0f} tickets/s  "
+          f"(runs: {' '.join(f'{s:.2f}' for s in runs['one'])})")
     print(f"llmft, {workers} workers:  {seconds['default']:6.2f} s  {rate['default']:6.0f} tickets/s  "
-          f"(same output files as 1 worker: {'yes' if identical else 'NO'})")
+          f"(runs: {' '.join(f'{s:.2f}' for s in runs['default'])}; same output files as 1 worker: "
+          f"{'yes' if identical else 'NO'})")
     print(f"datasets.map, num_proc={workers}: {baseline_workers_s:6.2f} s  {args.tickets / baseline_workers_s:6.0f} "
           f"tickets/s  (reference; the ratio below uses the bare call)")
     print(f"datasets.map:      {baseline_s:6.2f} s  {args.tickets / baseline_s:6.0f} tickets/s  "

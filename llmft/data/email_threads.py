@@ -25,6 +25,7 @@ from typing import Iterator
 from llmft.data.html_text import html_to_text
 from llmft.data.records import Conversation, DataError, ReadReport, input_files
 from llmft.data.tickets import StaffRule, person_name
+from llmft.data.workers import ChunkSizes
 
 _REPLY_PREFIX = re.compile(r"^\s*((re|fwd?|tr|aw|wg|rv|sv|antw)\s*(\[\d+\])?\s*:\s*)+", re.I)
 _MESSAGE_ID = re.compile(r"<[^<>\s]+>")
@@ -108,9 +109,10 @@ def ticket_pattern_of(data_cfg) -> re.Pattern:
         raise DataError(f"data.email.ticket_id_pattern is not a valid regular expression ({error}).") from None
 
 
-def mail_pieces(path: Path, chunk_bytes: int) -> Iterator[tuple]:
+def mail_pieces(path: Path, chunk_bytes) -> Iterator[tuple]:
     """The mails of the files at `path`, in input order, as tasks for `parse_mails`: ("mails", [(file:line, raw
-    bytes), ...]) of about `chunk_bytes`, or ("skip", file, reason) for a file that holds no mail."""
+    bytes), ...]) of about `chunk_bytes.next()` bytes (workers.ChunkSizes), or ("skip", file, reason) for a file that
+    holds no mail."""
     for file in input_files(path, (".eml", ".mbox", ".mbx")):
         data = file.read_bytes().removeprefix(codecs.BOM_UTF8)
         if not data.strip():
@@ -124,7 +126,8 @@ def mail_pieces(path: Path, chunk_bytes: int) -> Iterator[tuple]:
         for line_number, raw in (mbox_chunks(data) if is_mbox else [(1, data)]):
             mails.append((f"{file}:{line_number}", raw))
             size += len(raw)
-            if size >= chunk_bytes:
+            if size >= chunk_bytes.next():
+                chunk_bytes.took(size)
                 yield "mails", mails
                 mails, size = [], 0
         if mails:
@@ -188,7 +191,7 @@ def _threads(mails: list[Mail]) -> list[list[Mail]]:
 def read_email(path: Path, data_cfg, report: ReadReport) -> list[Conversation]:
     ticket_pattern, drop_quotes = ticket_pattern_of(data_cfg), data_cfg.clean.strip_quotes is not False
     mails: list[Mail] = []
-    for piece in mail_pieces(path, 1 << 30):
+    for piece in mail_pieces(path, ChunkSizes(1 << 40, 1, 1 << 40, 1 << 40)):  # (one piece a file)
         if piece[0] == "skip":
             report.skip(piece[1], piece[2])
             continue

@@ -149,16 +149,17 @@ def jsonl_records(path: Path, report: ReadReport):
             yield from jsonl_lines(file, handle, 1, report)
 
 
-def jsonl_chunks(path: Path, chunk_bytes: int) -> list[tuple[Path, int, int, int]]:
-    """The .jsonl/.json files at `path` cut at line ends into pieces of about `chunk_bytes`: (file, offset, size,
-    number of the first line), for `jsonl_chunk_records` in worker processes."""
+def jsonl_chunks(path: Path, chunk_bytes) -> list[tuple[Path, int, int, int]]:
+    """The .jsonl/.json files at `path` cut at line ends into pieces of `chunk_bytes.next()` bytes or a little more
+    (workers.ChunkSizes): (file, offset, size, number of the first line), for `jsonl_chunk_records` in workers."""
     pieces = []
     for file in input_files(path, (".jsonl", ".json")):
         with open(file, "rb") as handle:
             offset, line = 0, 1
-            while block := handle.read(chunk_bytes):
+            while block := handle.read(chunk_bytes.next()):
                 block += handle.readline()  # to the end of the line the block stops in
                 pieces.append((file, offset, len(block), line))
+                chunk_bytes.took(len(block))
                 offset, line = offset + len(block), line + block.count(b"\n")
     return pieces
 

@@ -7,7 +7,7 @@ parent, which takes the chunks' results back in input order: the outputs are the
 workers, and `data.num_workers=1` runs the same functions in this process.
 
 Why `concurrent.futures.ProcessPoolExecutor`, fed a few chunks ahead of the one the parent waits for:
-- results come back in input order, and at most `2 x workers` chunks are in flight, so a slow parent never piles up
+- results come back in input order, and at most `IN_FLIGHT_PER_WORKER x workers` chunks are in flight, so a slow parent never piles up
   the results of a whole export (`Pool.imap` caches every result that arrives early);
 - a worker killed by the kernel (out of memory on a login node) raises `BrokenProcessPool` instead of leaving the
   parent waiting forever, as `multiprocessing.Pool` does;
@@ -39,6 +39,7 @@ from llmft.data.records import DataError
 
 MAX_DEFAULT_WORKERS = 16  # the default's cap: a login node is shared
 CHUNKS_PER_WORKER = 8  # enough chunks that a slow one (a few very long tickets) does not idle the other workers
+IN_FLIGHT_PER_WORKER = 4  # tasks submitted ahead per worker: a worker never waits because an older chunk is slow
 # Chunk sizes: large enough that a task's round trip is a small part of its work, small enough to balance.
 MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 1 << 18, 1 << 21
 MIN_CHUNK_ITEMS, MAX_CHUNK_ITEMS = 64, 256
@@ -71,15 +72,36 @@ def chunk_size(total: int, num_workers: int, minimum: int, maximum: int) -> int:
     return max(minimum, min(maximum, -(-total // (num_workers * CHUNKS_PER_WORKER))))
 
 
-def chunk_bytes(total: int, num_workers: int) -> int:
-    """How many bytes of input files one task reads."""
-    return chunk_size(total, num_workers, MIN_CHUNK_BYTES, MAX_CHUNK_BYTES)
+class ChunkSizes:
+    """The size of each next task: `chunk_size` of the whole while much remains, then smaller (guided scheduling),
+    so that the workers finish together instead of one running the last long chunk while the others wait."""
+
+    def __init__(self, total: int, num_workers: int, minimum: int, maximum: int):
+        self.usual = chunk_size(total, num_workers, minimum, maximum)
+        self.remaining, self.num_workers, self.minimum = total, num_workers, minimum
+
+    def next(self) -> int:
+        return max(self.minimum, min(self.usual, self.remaining // (2 * self.num_workers)))
+
+    def took(self, size: int) -> None:
+        self.remaining -= size
+
+
+def chunk_bytes(total: int, num_workers: int) -> ChunkSizes:
+    """How many bytes of input files each task reads."""
+    return ChunkSizes(total, num_workers, MIN_CHUNK_BYTES, MAX_CHUNK_BYTES)
 
 
 def chunks(items: list, num_workers: int) -> list[list]:
-    """`items` cut into consecutive chunks, one per task."""
-    size = chunk_size(len(items), num_workers, MIN_CHUNK_ITEMS, MAX_CHUNK_ITEMS)
-    return [items[start : start + size] for start in range(0, len(items), size)]
+    """`items` cut into consecutive chunks, one per task (`ChunkSizes`)."""
+    sizes = ChunkSizes(len(items), num_workers, MIN_CHUNK_ITEMS, MAX_CHUNK_ITEMS)
+    cut, start = [], 0
+    while start < len(items):
+        size = sizes.next()
+        cut.append(items[start : start + size])
+        sizes.took(size)
+        start += size
+    return cut
 
 
 _FUNCTION: Callable | None = None
@@ -120,7 +142,7 @@ def in_order(function: Callable[[object, Task], Result], state, tasks: Iterable[
         remaining = iter(tasks)
         for task in remaining:  # prime: two tasks per worker in flight
             pending.append(executor.submit(_run_task, task))
-            if len(pending) >= 2 * num_workers:
+            if len(pending) >= IN_FLIGHT_PER_WORKER * num_workers:
                 break
         while pending:
             try:

@@ -36,16 +36,16 @@ _MOBILE_FOOTER = re.compile(
 )
 _ZERO_WIDTH = re.compile("[\u200b\u200c\u200d\u2060\ufeff]")
 _BLANK_LINES = re.compile(r"\n{3,}")
-_TRAILING_SPACES = re.compile(r"[ \t]+(?=\n|\Z)")
 _ATTRIBUTION_START = re.compile(r"^\s*(On|Le|Am|El|Il)\s")
 
 
 def normalize_whitespace(text: str) -> str:
     text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\xa0", " ")
-    if any(mark in text for mark in "\u200b\u200c\u200d\u2060\ufeff"):  # (substring tests: far cheaper than a regex)
+    if any(map(text.__contains__, "\u200b\u200c\u200d\u2060\ufeff")):  # (substring tests: far cheaper than a regex)
         text = _ZERO_WIDTH.sub("", text)
     if " \n" in text or "\t\n" in text or text.endswith((" ", "\t")):
-        text = _TRAILING_SPACES.sub("", text)
+        # spaces and tabs before each line end, line by line: several times faster than a regular expression
+        text = "\n".join([line.rstrip(" \t") for line in text.split("\n")])
     if "\n\n\n" in text:
         text = _BLANK_LINES.sub("\n\n", text)
     return text.strip("\n").strip()
@@ -60,8 +60,8 @@ def strip_quoted_replies(text: str) -> str:
         if line.lstrip().startswith(">"):
             i += 1
             continue
-        if _QUOTE_HEADER.match(line) or (
-            _OUTLOOK_FROM.match(line) and any(_OUTLOOK_NEXT.match(l) for l in lines[i + 1 : i + 4])
+        if (("--" in line or "__" in line) and _QUOTE_HEADER.match(line)) or (
+            ":" in line and _OUTLOOK_FROM.match(line) and any(_OUTLOOK_NEXT.match(l) for l in lines[i + 1 : i + 4])
         ):
             break  # the rest is the previous mail
         attribution_end = next(

@@ -3,14 +3,16 @@
 
     python bench/bench_data_prepare.py [--tickets 10000] [--max-seq-len 2048] [--workers N] [--repeat 2]
     python bench/bench_data_prepare.py --tickets 100000 --peak-rss     # streaming: the memory of a real prepare
+    python bench/bench_data_prepare.py --tickets 100000 --peak-rss --model-tokenizer    # the same, in one pass
 
 Writes a synthetic helpdesk export (tickets JSONL: greetings, pasted logs, quoted replies, signatures, planted
 personal data, internal notes), trains the tiny tokenizer once on it (shared by every side, not timed), then times:
 
-- llmft, data.num_workers=1 and data.num_workers=default (the CPUs available, at most 16; --workers overrides):
-  read + clean + scrub + dedup the export, fingerprint, render the chat template with assistant-only labels,
-  window long tickets, pack, and save the dataset and the audit files: everything `prepare` does but training the
-  tokenizer and drawing the length histogram. The two runs must write the same bytes (checked);
+- llmft, data.num_workers=1 and data.num_workers=default (the CPUs available, at most 16; --workers overrides), as
+  `prepare` runs with a model's own tokenizer: one pass that reads, cleans, scrubs and dedups the export, renders
+  the chat template with assistant-only labels, windows long tickets (each worker its chunks), then fingerprints,
+  packs, and saves the dataset and the audit files: everything `prepare` does but drawing the length histogram. The
+  two runs must write the same bytes (checked);
 - baseline: `datasets.Dataset.from_list(conversations).map(apply_chat_template(tokenize=True))` on the
   conversations llmft produced: tokenization only, no cleaning, no masks, no packing, nothing written. The ratio
   uses the bare call, `num_proc` unset (one process), as the usual script writes it; the line before shows the same
@@ -233,6 +235,21 @@ def peak_rss(args) -> int:
                    "data.tickets.staff_domains=[support.example-hpc.fr]", f"data.output_dir={Path(tmp) / 'out'}",
                    f"model.max_seq_len={args.max_seq_len}"]
         command += [f"data.num_workers={args.workers}"] if args.workers else []
+        if args.model_tokenizer:  # a model's own tokenizer (here: trained on 2,000 of the tickets, untimed): one pass
+            from llmft.config.compose import compose
+            from llmft.data.pipeline import read_conversations
+            from llmft.data.tokenizer import train_tiny_tokenizer
+
+            sample = write_export(Path(tmp) / "sample.jsonl", 2000)
+            conversations, _ = read_conversations(compose(["data=tickets", f"data.path={sample}",
+                                                           "data.tickets.staff_domains=[support.example-hpc.fr]"]).data)
+            from transformers import LlamaConfig
+
+            train_tiny_tokenizer([m["content"] for c in conversations for m in c.messages], 2048).save_pretrained(
+                Path(tmp) / "model")
+            LlamaConfig(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                        num_attention_heads=2).save_pretrained(Path(tmp) / "model")  # (prepare reads no weights)
+            command.append(f"model.path={Path(tmp) / 'model'}")
         load = os.getloadavg()
         started = time.perf_counter()
         process = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
@@ -255,7 +272,8 @@ def peak_rss(args) -> int:
         print(stderr[-2000:])
         return process.returncode
     print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs")
-    print(f"prepare: {seconds:.0f} s, {args.tickets / seconds:.0f} tickets/s (tokenizer training included)")
+    print(f"prepare: {seconds:.0f} s, {args.tickets / seconds:.0f} tickets/s "
+          f"({'one pass, with model.path' if args.model_tokenizer else 'model=tiny: tokenizer training included'})")
     print(f"peak memory of the process and its workers, sampled every 0.1 s: PSS summed {peak[1] / 2**30:.2f} GiB "
           f"(RSS summed {peak[0] / 2**30:.2f} GiB: a forked worker's pages shared with its parent count twice)")
     print(f"peak RSS: {largest / 2**30:.2f} GiB (largest single process, getrusage; sampled {peak[2] / 2**30:.2f} GiB)")
@@ -269,6 +287,9 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=None, help="data.num_workers of the default run (the CPUs)")
     parser.add_argument("--repeat", type=int, default=2, help="runs of each side, alternately; the best counts")
     parser.add_argument("--peak-rss", action="store_true", help="time a real `prepare` and report its peak memory")
+    parser.add_argument("--model-tokenizer", action="store_true",
+                        help="with --peak-rss: prepare with a model's own tokenizer (model.path: the one-pass path) "
+                             "instead of model=tiny (which trains its tokenizer on the cleaned texts first)")
     args = parser.parse_args()
     return peak_rss(args) if args.peak_rss else ratios(args)
 

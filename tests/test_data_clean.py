@@ -137,3 +137,31 @@ def test_exact_and_near_duplicates_are_dropped_first_one_kept():
     assert dropped == {"exact_duplicate": 1, "near_duplicate": 1}
     kept, dropped = drop_duplicates(conversations, threshold=1.0)
     assert [c.id for c in kept] == ["1", "3", "4"]
+
+
+def test_minhash_agreement_estimates_the_jaccard_similarity_of_word_5_grams():
+    """The share of equal signature values estimates the Jaccard similarity of the texts' word 5-gram sets (64
+    multiply-shift hashes: standard error ~0.06), so near_duplicate_threshold means what it says."""
+    import random
+
+    import numpy as np
+
+    from llmft.data.dedup import SHINGLE_WORDS, minhash
+
+    rng = random.Random(3)
+    vocabulary = [f"w{i}" for i in range(5000)]
+
+    def shingles(words):
+        return {tuple(words[i : i + SHINGLE_WORDS]) for i in range(len(words) - SHINGLE_WORDS + 1)}
+
+    errors = []
+    for changed in (2, 10, 40, 120):
+        for _ in range(10):
+            words = [rng.choice(vocabulary) for _ in range(400)]
+            other = list(words)
+            for position in rng.sample(range(400), changed):
+                other[position] = rng.choice(vocabulary)
+            a, b = shingles(words), shingles(other)
+            estimate = float(np.mean(minhash(" ".join(words)) == minhash(" ".join(other))))
+            errors.append(estimate - len(a & b) / len(a | b))
+    assert abs(np.mean(errors)) < 0.03 and max(map(abs, errors)) < 0.25

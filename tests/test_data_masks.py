@@ -110,3 +110,56 @@ def test_an_exchange_longer_than_the_limit_is_dropped_and_counted_never_cut(toke
     samples, dropped = windows(tokenizer, huge + CONVERSATION, 120, None, None)
     assert dropped == 1
     assert all(s.num_supervised > 0 and len(s.input_ids) <= 120 for s in samples)
+
+
+MISTRAL_STYLE = (  # bos_token, raise_exception and loop variables, as the stock Mistral template uses them
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+@pytest.mark.parametrize("template", ["chatml", "fallback", "llama3", "mistral"])
+def test_the_direct_renderer_and_token_ids_give_what_the_transformers_wrappers_give(tokenizer, template):
+    """ChatRenderer renders transformers' compiled template directly and token_ids reads the Rust tokenizer: both
+    must give what apply_chat_template and tokenizer(...) give, for every prefix the masks are built from."""
+    from copy import deepcopy
+
+    from llmft.data.templating import ChatRenderer, token_ids
+    from llmft.data.tokenizer import FALLBACK_TEMPLATE
+
+    tok = deepcopy(tokenizer)
+    tok.chat_template = {"chatml": tok.chat_template, "fallback": FALLBACK_TEMPLATE, "llama3": LLAMA3_STYLE,
+                         "mistral": MISTRAL_STYLE}[template]
+    render = ChatRenderer(tok)
+    for end in range(1, len(CONVERSATION) + 1):
+        for generation_prompt in (True, False):
+            expected = tok.apply_chat_template(CONVERSATION[:end], tokenize=False,
+                                               add_generation_prompt=generation_prompt)
+            assert render(CONVERSATION[:end], generation_prompt) == expected
+    assert render.compiled is not None  # the direct path stayed on
+    texts = [m["content"] for m in CONVERSATION] + ["<|im_start|>user\nQuota ?<|im_end|>\n", ""]
+    assert token_ids(tok, texts) == tok(texts, add_special_tokens=False)["input_ids"]
+
+
+def test_a_direct_render_that_differs_from_the_wrapper_falls_back_to_it(tokenizer):
+    """(another transformers release rendering otherwise: the first conversation is checked, then the wrapper is used)"""
+    from types import SimpleNamespace
+
+    from llmft.data.templating import ChatRenderer, token_ids
+
+    render = ChatRenderer(tokenizer)
+    render.compiled = SimpleNamespace(render=lambda **_: "something else")  # (transformers' own stays untouched)
+    expected = tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
+    assert render(CONVERSATION, False) == expected and render.compiled is None
+    assert render(CONVERSATION[:2], True) == tokenizer.apply_chat_template(CONVERSATION[:2], tokenize=False,
+                                                                            add_generation_prompt=True)
+    # a tokenizer left truncating by an earlier call: token_ids goes through tokenizer(...), which resets it
+    tokenizer._tokenizer.enable_truncation(max_length=3)
+    try:
+        assert token_ids(tokenizer, [CONVERSATION[0]["content"]]) == \
+            [tokenizer(CONVERSATION[0]["content"], add_special_tokens=False)["input_ids"]]
+    finally:
+        tokenizer._tokenizer.no_truncation()

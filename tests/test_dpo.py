@@ -171,10 +171,13 @@ def test_a_dpo_run_learns_the_preferences_and_resumes_bitwise(tmp_path):
     cut_process.send_signal(signal.SIGUSR2)
     out, err = cut_process.communicate(timeout=300)
     assert cut_process.returncode == 3, out[-2000:] + err[-3000:]
+    resumed = subprocess.Popen([sys.executable, "-m", "llmft.launch", f"resume={cut}"], cwd=REPO, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)  # while the whole run trains on (one process each)
     out, err = whole_process.communicate(timeout=600)
     assert whole_process.returncode == 0, out[-2000:] + err[-3000:]
-    resumed = run_llmft("launch", f"resume={cut}", timeout=600)
-    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out[-2000:] + err[-3000:]
 
     records = [r for r in read_metrics(whole) if "loss" in r]
     assert len(records) == 30
@@ -214,21 +217,22 @@ def test_kto_and_full_fine_tuning_with_precomputed_reference(tmp_path):
     """KTO on the bundled good/bad answers trains (ln-free start: its loss starts at 0.5 per example with a fresh
     adapter and KL 0); DPO with full fine-tuning computes the reference log-probabilities once, before the first
     step, into the run directory (first loss ln 2)."""
-    kto = run_llmft("launch", "objective=kto", "data=kto_sample", "model.max_seq_len=384", "train.max_steps=8",
-                    "train.log_every=1", "train.micro_batch_size=4", "train.lr=2e-3", "peft.dropout=0",
-                    f"run_dir={tmp_path / 'kto'}", timeout=600)
-    assert kto.returncode == 0, kto.stdout[-2000:] + kto.stderr[-3000:]
+    full = tmp_path / "full"
+    # the two runs at once (one process each)
+    kto = start(tmp_path / "kto", ["objective=kto", "data=kto_sample", "model.max_seq_len=384", "train.max_steps=8",
+                                   "train.log_every=1", "train.micro_batch_size=4", "train.lr=2e-3", "peft.dropout=0"])
+    run = start(full, [*DPO, "peft=full", "train.max_steps=3", "train.save_every=0", "train.lr=1e-4"])
+    kto_out, kto_err = kto.communicate(timeout=600)
+    assert kto.returncode == 0, kto_out[-2000:] + kto_err[-3000:]
     records = [r for r in read_metrics(tmp_path / "kto") if "loss" in r]
     assert records[0]["loss"] == pytest.approx(0.5, abs=1e-6)  # 1 - sigmoid(0) for every example
     assert records[0]["kl"] == pytest.approx(0.0, abs=1e-6)
     assert sum(r["loss"] for r in records[-3:]) / 3 < 0.5 - 0.01, [r["loss"] for r in records]
     assert sum(r["reward_margin"] for r in records[-3:]) > 0
 
-    full = tmp_path / "full"
-    run = run_llmft("launch", *DPO, "peft=full", "train.max_steps=3", "train.save_every=0", "train.lr=1e-4",
-                    f"run_dir={full}", timeout=600)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    assert "reference: log-probabilities of" in run.stdout and (full / "reference_logps.pt").exists()
+    out, err = run.communicate(timeout=600)
+    assert run.returncode == 0, out[-2000:] + err[-3000:]
+    assert "reference: log-probabilities of" in out and (full / "reference_logps.pt").exists()
     records = [r for r in read_metrics(full) if "loss" in r]
     assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert records[-1]["reward_accuracy"] >= 0.5
@@ -241,11 +245,12 @@ def test_dpo_losses_are_the_same_under_ddp_fsdp_and_zero3(tmp_path):
     from dist_runs import train_ranks_batch
 
     run = DPO + ["train.max_steps=4", "train.eval_every=4", "train.save_every=0", "train.lr=2e-3"]
-    single = run_llmft("launch", *run, "train.micro_batch_size=4", f"run_dir={tmp_path / 'single'}", timeout=600)
-    assert single.returncode == 0, single.stdout[-2000:] + single.stderr[-3000:]
-    expected = [r for r in read_metrics(tmp_path / "single") if "loss" in r]
+    single = start(tmp_path / "single", [*run, "train.micro_batch_size=4"])  # overlaps with the 2-rank runs
     strategies = ["ddp", "fsdp", "zero3"]
     train_ranks_batch(2, {tmp_path / s: run + [f"parallelism={s}", "train.micro_batch_size=2"] for s in strategies})
+    out, err = single.communicate(timeout=600)
+    assert single.returncode == 0, out[-2000:] + err[-3000:]
+    expected = [r for r in read_metrics(tmp_path / "single") if "loss" in r]
     for strategy in strategies:
         got = [r for r in read_metrics(tmp_path / strategy) if "loss" in r]
         assert len(got) == len(expected) == 4, strategy

@@ -22,10 +22,20 @@ LLMFT = str(Path(__file__).resolve().parents[1] / "llmft")
 SIGNAL_MODULE = os.path.join("llmft", "training", "signals.py")
 
 
-def rank_main(rank: int, world_size: int, port: int, run_dir: str, strategy: str, accum: int, out: str) -> None:
+RUNS = [("ddp", 1), ("ddp", 4), ("fsdp", 1), ("fsdp", 4)]  # (strategy, micro-batches per optimizer step)
+
+
+def rank_main(rank: int, world_size: int, port: int, root: str, out: str) -> None:
+    """Every run of RUNS in turn on this rank (one process group and one start-up for all of them)."""
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
     torch.set_num_threads(1)
+    for strategy, accum in RUNS:
+        counts = count_one_run(str(Path(root) / f"{strategy}-{accum}"), strategy, accum)
+        Path(out, f"{strategy}-{accum}-rank{rank}.json").write_text(json.dumps(counts))
+
+
+def count_one_run(run_dir: str, strategy: str, accum: int) -> dict:
     from conftest import compose
     from llmft.training.loop import Trainer
 
@@ -35,6 +45,7 @@ def rank_main(rank: int, world_size: int, port: int, run_dir: str, strategy: str
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, Path(run_dir))
     counts = {"reductions": 0, "syncs": [], "steps": 0}
+    restore = lambda: None  # noqa: E731
 
     if strategy == "ddp":
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
@@ -54,6 +65,7 @@ def rank_main(rank: int, world_size: int, port: int, run_dir: str, strategy: str
             return real_reduce(*args, **kwargs)
 
         param_group.foreach_reduce = counting_reduce
+        restore = lambda: setattr(param_group, "foreach_reduce", real_reduce)  # noqa: E731  (for the next run)
 
     # host syncs: a tensor read by the host (item, float, int, bool, tolist) during a step, outside the signal check
     originals = {name: getattr(torch.Tensor, name) for name in ("item", "__float__", "__int__", "__bool__", "tolist")}
@@ -81,23 +93,28 @@ def rank_main(rank: int, world_size: int, port: int, run_dir: str, strategy: str
                 setattr(torch.Tensor, name, original)
 
     trainer.train_step = observed_step
-    trainer.train()
-    Path(out, f"{strategy}-{accum}-rank{rank}.json").write_text(json.dumps(counts))
+    try:
+        trainer.train()
+    finally:
+        restore()
+    return counts
 
 
-def run(tmp_path: Path, strategy: str, accum: int, port: int) -> dict:
-    out = tmp_path / "out"
-    out.mkdir(exist_ok=True)
-    mp.spawn(rank_main, args=(2, port, str(tmp_path / f"{strategy}-{accum}"), strategy, accum, str(out)), nprocs=2,
-             join=True)
-    return json.loads((out / f"{strategy}-{accum}-rank0.json").read_text())
+@pytest.fixture(scope="module")
+def counted(tmp_path_factory) -> dict:
+    """Rank 0's counts of every run of RUNS, all in one mp.spawn of 2 ranks: {(strategy, accum): counts}."""
+    root = tmp_path_factory.mktemp("lean")
+    out = root / "out"
+    out.mkdir()
+    port = 29650 + (os.getpid() % 200)
+    mp.spawn(rank_main, args=(2, port, str(root), str(out)), nprocs=2, join=True)
+    return {(strategy, accum): json.loads((out / f"{strategy}-{accum}-rank0.json").read_text())
+            for strategy, accum in RUNS}
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_one_gradient_reduction_per_optimizer_step_and_no_host_sync(tmp_path, strategy):
-    port = 29650 + (os.getpid() % 200) + (0 if strategy == "ddp" else 300)
-    one = run(tmp_path, strategy, 1, port)
-    four = run(tmp_path, strategy, 4, port + 1)
+def test_one_gradient_reduction_per_optimizer_step_and_no_host_sync(counted, strategy):
+    one, four = counted[strategy, 1], counted[strategy, 4]
     assert one["steps"] == four["steps"] == 3
     # the same reductions for 4 micro-batches a step as for 1: once per bucket (DDP) or per layer group (FSDP2)
     assert four["reductions"] == one["reductions"] > 0, (one, four)

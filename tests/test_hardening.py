@@ -117,7 +117,21 @@ def launch(run_dir: Path, *overrides: str) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_a_second_writer_is_refused_while_the_first_lives_then_ctrl_c_checkpoints(tmp_path):
+def test_a_second_writer_is_refused_while_the_first_lives_then_ctrl_c_checkpoints_and_ranks_die_with_their_launcher(
+        tmp_path):
+    """Two scenarios at once, each on its own run directory (one process for the first, 2 ranks for the second:
+    each leaves a core idle most of the time when alone)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    (tmp_path / "writer").mkdir()
+    (tmp_path / "ranks").mkdir()
+    with ThreadPoolExecutor(1) as pool:
+        ranks = pool.submit(ranks_die_with_their_launcher, tmp_path / "ranks")
+        a_second_writer_is_refused_while_the_first_lives_then_ctrl_c_checkpoints(tmp_path / "writer")
+        ranks.result()  # its assertion error, if any
+
+
+def a_second_writer_is_refused_while_the_first_lives_then_ctrl_c_checkpoints(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     first = launch(run_dir, "train.max_steps=300", "train.save_every=0")
     wait_for_step(run_dir, 3, first)
@@ -160,8 +174,7 @@ def test_a_stale_lock_is_taken_over_with_a_message(tmp_path):
         run_lock.acquire(tmp_path)
 
 
-@pytest.mark.slow
-def test_ranks_die_with_their_launcher(tmp_path):
+def ranks_die_with_their_launcher(tmp_path: Path) -> None:
     """kill -9 of the launcher's whole process group: torchrun and the ranks (each in a session of its own) stop."""
     run_dir = tmp_path / "run"
     launcher = launch(run_dir, "parallelism=ddp", "launch.nproc=2", "train.max_steps=400", "train.save_every=0")

@@ -130,9 +130,11 @@ def test_a_full_disk_at_save_time_stops_the_run_and_keeps_the_previous_checkpoin
 def test_no_secret_and_nothing_world_readable_in_a_run_directory(tmp_path):
     secrets = {"HF_TOKEN": "hf_SECRETSECRETSECRETSECRETSECRETSE", "WANDB_API_KEY": "wandb0123456789abcdef0123456789"}
     run_dir = tmp_path / "run"
-    result = run_llmft("launch", "train.max_steps=4", "train.eval_every=2", "train.save_every=2",
-                       f"run_dir={run_dir}", "data.system_prompt=You help.", env=secrets)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # the two runs at once (one process each)
+    run = subprocess.Popen([sys.executable, "-m", "llmft.launch", "train.max_steps=4", "train.eval_every=2",
+                            "train.save_every=2", f"run_dir={run_dir}", "data.system_prompt=You help."], cwd=REPO,
+                           env={**os.environ, "OMP_NUM_THREADS": "1", **secrets}, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
     # a run prepared, then resumed from a shell whose umask lets everyone read: written under the run's umask too
     prepared = tmp_path / "prepared"
     assert run_llmft("launch", "train.max_steps=4", "train.save_every=2", "launch.prepare_only=true",
@@ -141,7 +143,9 @@ def test_no_secret_and_nothing_world_readable_in_a_run_directory(tmp_path):
                              capture_output=True, text=True, timeout=600, umask=0o022,
                              env={**os.environ, "OMP_NUM_THREADS": "1", **secrets})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    for output in (result.stdout, result.stderr, resumed.stdout, resumed.stderr):
+    out, err = run.communicate(timeout=600)
+    assert run.returncode == 0, err[-3000:]
+    for output in (out, err, resumed.stdout, resumed.stderr):
         assert not any(value in output for value in secrets.values())
     paths = [run_dir, *run_dir.rglob("*"), prepared, *prepared.rglob("*")]
     assert len(paths) > 10

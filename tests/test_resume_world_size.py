@@ -72,10 +72,18 @@ def stop_by_signal(*runs: tuple[Path, subprocess.Popen]) -> list[int]:
     return steps
 
 
-def resume(run_dir: Path, *overrides: str) -> str:
-    result = run_llmft("launch", f"resume={run_dir}", *overrides, timeout=400)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result.stdout + result.stderr
+def start_resume(run_dir: Path, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "llmft.launch", f"resume={run_dir}", *overrides], cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def resumed_output(process: subprocess.Popen) -> str:
+    """The output of a resume started by start_resume, which must succeed."""
+    out, err = process.communicate(timeout=400)
+    assert process.returncode == 0, out[-3000:] + err[-5000:]
+    return out + err
+
 
 
 def saved_config(run_dir: Path) -> dict:
@@ -87,14 +95,43 @@ def max_abs_difference(expected: dict, got: dict) -> float:
     return max(float((expected[name] - got[name]).abs().max()) for name in expected)
 
 
+class Uninterrupted:
+    """An uninterrupted launch started in the background, waited for when its run directory is asked."""
+
+    def __init__(self, run_dir: Path, overrides: list[str]):
+        self.run_dir, self.process, self.err = run_dir, start_launch(run_dir, overrides), None
+
+    def finished(self) -> Path:
+        if self.err is None:
+            _, self.err = self.process.communicate(timeout=300)
+        assert self.process.returncode == 0, self.err[-4000:]
+        return self.run_dir
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.communicate()
+
+
+@pytest.fixture(scope="module")
+def lora_reference(tmp_path_factory):
+    """The uninterrupted LoRA run of SMALL, 8 samples a step, in one process (the cheapest run; the strategies agree
+    within 1e-6): the reference of the ZeRO-3 and ZeRO-2 LoRA resumes, started at the first test that needs it."""
+    run = Uninterrupted(tmp_path_factory.mktemp("reference") / "whole", ["parallelism=single", *ON_1])
+    yield run
+    run.stop()
+
+
 @pytest.mark.slow
-def test_zero3_stopped_on_2_ranks_resumes_on_1_and_stopped_on_1_resumes_on_2_with_the_uninterrupted_adapter(tmp_path):
-    whole = start_launch(tmp_path / "whole", ["parallelism=zero3", *ON_2])
+def test_zero3_stopped_on_2_ranks_resumes_on_1_and_stopped_on_1_resumes_on_2_with_the_uninterrupted_adapter(
+        tmp_path, lora_reference):
     cut_2 = start_launch(tmp_path / "cut_2", ["parallelism=zero3", *ON_2])
     cut_1 = start_launch(tmp_path / "cut_1", ["parallelism=zero3", *ON_1])
     step_2, _ = stop_by_signal((tmp_path / "cut_2", cut_2), (tmp_path / "cut_1", cut_1))
 
-    output = resume(tmp_path / "cut_2", "launch.nproc=1")
+    # both resumes at once (they overlap with the end of the uninterrupted run)
+    on_1, on_2 = start_resume(tmp_path / "cut_2", "launch.nproc=1"), start_resume(tmp_path / "cut_1", "launch.nproc=2")
+    output = resumed_output(on_1)
     assert (f"resume: step_{step_2} was saved by 2 rank(s) (zero3); this run has 1 (launch.nproc=1, zero3), "
             f"train.grad_accum_steps 1 -> 2: the global batch stays 8 samples per optimizer step") in output
     assert "converting it to DeepSpeed's universal checkpoint" in output
@@ -107,24 +144,22 @@ def test_zero3_stopped_on_2_ranks_resumes_on_1_and_stopped_on_1_resumes_on_2_wit
     assert resumes[-1]["changed"] == {"launch.nproc": [2, 1], "train.grad_accum_steps": [1, 2],
                                       "world_size": [2, 1], "strategy": ["zero3", "zero3"]}
 
-    output = resume(tmp_path / "cut_1", "launch.nproc=2")
+    output = resumed_output(on_2)
     assert "train.grad_accum_steps 2 -> 1: the global batch stays 8 samples per optimizer step" in output
     assert saved_config(tmp_path / "cut_1")["train"]["grad_accum_steps"] == 1
 
-    out, err = whole.communicate(timeout=300)
-    assert whole.returncode == 0, err[-4000:]
-    expected = adapter(tmp_path / "whole")
+    expected = adapter(lora_reference.finished())
     for name in ("cut_2", "cut_1"):
         difference = max_abs_difference(expected, adapter(tmp_path / name))
         print(f"zero3 {name}: max abs difference {difference:.2e}")
         assert difference <= 1e-4, name
 
 
-# The uninterrupted reference of each case. LoRA: one process (the cheapest run; strategies agree within 1e-6).
-# Full fine-tuning: the 2 ranks the checkpoint was written on, because 1 and 2 ranks alone already end 4e-3 apart
-# on the embeddings (Adam turns the rounding differences of near-zero gradients into lr-sized steps), where the
-# 2 -> 1 resume ends 2e-5 from the 2-rank run. full_logits: the chunked loss head fails under ZeRO-3 full fine-tuning.
-CASES = {"zero2": (["parallelism=zero2"], ["parallelism=single", *ON_1]),
+# The uninterrupted reference of each case. LoRA: lora_reference, one process (the cheapest run; strategies agree
+# within 1e-6). Full fine-tuning: the 2 ranks the checkpoint was written on, because 1 and 2 ranks alone already end
+# 4e-3 apart on the embeddings (Adam turns the rounding differences of near-zero gradients into lr-sized steps), where
+# the 2 -> 1 resume ends 2e-5 from the 2-rank run. full_logits: the chunked loss head fails under ZeRO-3 full fine-tuning.
+CASES = {"zero2": (["parallelism=zero2"], None),  # lora_reference
          "zero3-full": (["parallelism=zero3", "peft=full", "train.loss_head=full_logits"],
                         ["parallelism=zero3", "peft=full", "train.loss_head=full_logits", *ON_2])}
 
@@ -137,22 +172,25 @@ def weights(run_dir: Path) -> dict:
     return tensors
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("case", list(CASES))  # fsdp: DCP reshards (test_distributed); 2.3e-6 here, 75 s more
-def test_stopped_on_2_ranks_resumes_on_1_with_the_uninterrupted_weights(tmp_path, case):
-    overrides, reference = CASES[case]
-    whole = start_launch(tmp_path / "whole", reference)  # the same 8 samples a step
-    cut = start_launch(tmp_path / "cut", [*overrides, *ON_2])
-    step, = stop_by_signal((tmp_path / "cut", cut))
-    output = resume(tmp_path / "cut", "launch.nproc=1")
-    strategy = overrides[0].split("=")[1]
-    assert f"saved by 2 rank(s) ({strategy}); this run has 1" in output and "grad_accum_steps 1 -> 2" in output
-    assert f"(step {step}, saved with world size 2, now 1)" in output
-    out, err = whole.communicate(timeout=300)
-    assert whole.returncode == 0, err[-4000:]
-    difference = max_abs_difference(weights(tmp_path / "whole"), weights(tmp_path / "cut"))
-    print(f"{case} 2 -> 1: max abs difference {difference:.2e}")
-    assert difference <= 1e-4
+@pytest.mark.slow  # fsdp: DCP reshards (test_distributed); 2.3e-6 here, 75 s more
+def test_stopped_on_2_ranks_resumes_on_1_with_the_uninterrupted_weights(tmp_path, lora_reference):
+    """Every case of CASES at once (each alone leaves a core idle while it resumes on 1 rank), each in its folder."""
+    wholes, cuts = {}, {}
+    for case, (overrides, reference) in CASES.items():
+        (tmp_path / case).mkdir()
+        # the same 8 samples a step
+        wholes[case] = lora_reference if reference is None else Uninterrupted(tmp_path / case / "whole", reference)
+        cuts[case] = start_launch(tmp_path / case / "cut", [*overrides, *ON_2])
+    steps = dict(zip(CASES, stop_by_signal(*((tmp_path / case / "cut", cuts[case]) for case in CASES))))
+    resumes = {case: start_resume(tmp_path / case / "cut", "launch.nproc=1") for case in CASES}
+    for case, (overrides, _) in CASES.items():
+        output = resumed_output(resumes[case])
+        strategy = overrides[0].split("=")[1]
+        assert f"saved by 2 rank(s) ({strategy}); this run has 1" in output and "grad_accum_steps 1 -> 2" in output
+        assert f"(step {steps[case]}, saved with world size 2, now 1)" in output
+        difference = max_abs_difference(weights(wholes[case].finished()), weights(tmp_path / case / "cut"))
+        print(f"{case} 2 -> 1: max abs difference {difference:.2e}")
+        assert difference <= 1e-4, case
 
 
 def prepared(run_dir: Path, *overrides: str) -> Path:

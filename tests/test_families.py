@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import subprocess
 from contextlib import redirect_stdout
 
 import pytest
 import torch
 
 from conftest import REPO, compose, read_metrics
-from dist_runs import torchrun
+from dist_runs import torchrun_command
 from families_harness import PROBE_IDS
 from llmft.config.families import LORA_TARGETS, ModelFamily
 from llmft.errors import ConfigError
@@ -374,31 +376,71 @@ def base_model_folder(family: str, tokenizer, folder):
     return folder
 
 
+class FamilyRuns:
+    """Every family's 2-rank runs (ddp, fsdp, and fsdp from a base-model folder for FROM_DISK) in one torchrun of
+    tests/families_harness.py, started in the background; results() waits for it."""
+
+    def __init__(self, root, tokenizer):
+        from llmft.launch import run_dir as rundir
+
+        common = ["launch.nproc=2", "peft.dropout=0", "train.max_steps=2", "train.warmup_steps=0",
+                  "train.log_every=1", "train.eval_every=2", "train.save_every=0", "train.micro_batch_size=2"]
+        self.run_dirs = {}
+        for family in FAMILIES:
+            for strategy in ("ddp", "fsdp"):
+                self.run_dirs[family, strategy] = root / f"{family}-{strategy}"
+                rundir.create(compose(family_overrides(family) + common + [
+                    f"parallelism={strategy}", f"run_dir={self.run_dirs[family, strategy]}"]))
+        for family in FROM_DISK:
+            folder = base_model_folder(family, tokenizer, root / f"{family}-base")
+            self.run_dirs[family, "fsdp_from_disk"] = root / f"{family}-fsdp_from_disk"
+            rundir.create(compose(family_overrides(family) + common + [
+                "parallelism=fsdp", f"run_dir={self.run_dirs[family, 'fsdp_from_disk']}", f"model.path={folder}"]
+                + (["model.attn_implementation=eager"] if family == "bloom" else [])))
+        self.out, self.log = root / "families.pt", root / "families.log"
+        command = torchrun_command(2, [str(REPO / "tests/families_harness.py"), str(self.out),
+                                       *map(str, self.run_dirs.values())])
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    def results(self) -> dict:
+        code = self.process.wait(timeout=900)
+        assert code == 0, self.log.read_text()[-8000:]
+        return torch.load(self.out, weights_only=False)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()  # torchrun passes it on to its ranks
+            self.process.wait(timeout=60)
+
+
+TRAINS = "test_every_family_trains_on_two_ranks_reloads_with_stock_peft_and_exports_merged"
+
+
+@pytest.fixture(scope="module")
+def family_runs(tmp_path_factory, tokenizer):
+    runs = FamilyRuns(tmp_path_factory.mktemp("families"), tokenizer)
+    yield runs
+    runs.stop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def start_the_family_runs_first(request):
+    """When the test of the 2-rank runs is selected, its torchrun starts with this module's first test: it trains
+    while the single-process tests before it run (each leaves a core idle)."""
+    if any(item.name == TRAINS and item.module is request.module for item in request.session.items):
+        request.getfixturevalue("family_runs")
+
+
 @pytest.mark.slow
-def test_every_family_trains_on_two_ranks_reloads_with_stock_peft_and_exports_merged(tmp_path, tokenizer):
+def test_every_family_trains_on_two_ranks_reloads_with_stock_peft_and_exports_merged(tmp_path, family_runs):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmft.launch import run_dir as rundir
     from llmft.serve.export import main as export_main
 
-    common = ["launch.nproc=2", "peft.dropout=0", "train.max_steps=2", "train.warmup_steps=0", "train.log_every=1",
-              "train.eval_every=2", "train.save_every=0", "train.micro_batch_size=2"]
-    run_dirs = {}
-    for family in FAMILIES:
-        for strategy in ("ddp", "fsdp"):
-            run_dirs[family, strategy] = tmp_path / f"{family}-{strategy}"
-            rundir.create(compose(family_overrides(family) + common + [
-                f"parallelism={strategy}", f"run_dir={run_dirs[family, strategy]}"]))
-    for family in FROM_DISK:
-        folder = base_model_folder(family, tokenizer, tmp_path / f"{family}-base")
-        run_dirs[family, "fsdp_from_disk"] = tmp_path / f"{family}-fsdp_from_disk"
-        rundir.create(compose(family_overrides(family) + common + [
-            "parallelism=fsdp", f"run_dir={run_dirs[family, 'fsdp_from_disk']}", f"model.path={folder}"]
-            + (["model.attn_implementation=eager"] if family == "bloom" else [])))
-    out = tmp_path / "families.pt"
-    torchrun(2, [str(REPO / "tests/families_harness.py"), str(out), *map(str, run_dirs.values())], timeout=900)
-    results = torch.load(out, weights_only=False)
+    run_dirs, results = family_runs.run_dirs, family_runs.results()
     ids = torch.tensor(PROBE_IDS)
     for (family, strategy), run_dir in run_dirs.items():
         where = (family, strategy)

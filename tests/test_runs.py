@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
-from conftest import compose, run_llmft
+from conftest import REPO, compose, run_llmft
 from llmft.launch import run_dir as rundir
 from llmft.training.loop import train
 
 
 def test_runs_lists_completed_and_failed_runs_and_show_draws_the_loss(tmp_path):
+    bad_data = tmp_path / "bad.jsonl"
+    bad_data.write_text(json.dumps({"messages": [{"role": "user", "content": "only a question"}]}) + "\n")
+    # the failing launch runs while this process trains the completed run
+    failed = subprocess.Popen([sys.executable, "-m", "llmft.launch", "data=chat_jsonl", f"data.path={bad_data}",
+                               f"run_dir={tmp_path / 'zz-failed'}"], cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     cfg = compose(["train.max_steps=12", "train.eval_every=6", "train.log_every=2", f"runs_root={tmp_path}",
                    "run_dir=null"])
     good = rundir.create(cfg)
     train(cfg, good)
-    bad_data = tmp_path / "bad.jsonl"
-    bad_data.write_text(json.dumps({"messages": [{"role": "user", "content": "only a question"}]}) + "\n")
-    failed = run_llmft("launch", "data=chat_jsonl", f"data.path={bad_data}", f"run_dir={tmp_path / 'zz-failed'}")
-    assert failed.returncode != 0
+    assert failed.wait(timeout=600) != 0
 
     listing = run_llmft("runs", str(tmp_path))
     assert listing.returncode == 0, listing.stderr

@@ -122,7 +122,8 @@ def test_sbatch_accepts_every_template_and_rendered_script(slurm_env, tmp_path):
 
 def test_usr2_mid_run_checkpoints_requeues_and_ends_like_an_uninterrupted_run(slurm_env, start_local_run, tmp_path):
     run_dir = tmp_path / "slurm"
-    long_run = ["train.max_steps=60", "train.log_every=1", "train.eval_every=30", "train.save_every=0"]
+    # the signal comes at step 8 or later, and the requeued attempt still crosses an evaluation (step 15)
+    long_run = ["train.max_steps=30", "train.log_every=1", "train.eval_every=15", "train.save_every=0"]
     submitted = llmft(["+cluster=localslurm", *long_run, f"run_dir={run_dir}"], slurm_env)
     assert submitted.returncode == 0, submitted.stderr
     job_id = job_id_of(run_dir)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import REPO, compose
-from dist_runs import COMMON, torchrun
+from conftest import EARLY, REPO, EarlyCommand, compose
+from dist_runs import COMMON, torchrun_command
 from llmft.launch import run_dir as rundir
 
 pytestmark = pytest.mark.slow
@@ -23,8 +23,10 @@ CASES = {
 STRATEGIES = ["ddp", "fsdp", "zero2", "zero3"]
 
 
-def test_chunked_loss_equals_full_logits_under_every_strategy(tmp_path, strategies=STRATEGIES):
-    run_dirs = []  # every strategy and case in one torchrun: one start-up, each run set up in turn
+def every_run(tmp_path, strategies=STRATEGIES) -> list[str]:
+    """The run directories of every strategy and case, created in tmp_path, and the argv of the one torchrun that
+    runs them all (one start-up, each run set up in turn), which writes tmp_path / "loss.pt"."""
+    run_dirs = []
     for strategy in strategies:
         for case, overrides in CASES.items():
             for head in ("full_logits", "chunked"):
@@ -33,9 +35,19 @@ def test_chunked_loss_equals_full_logits_under_every_strategy(tmp_path, strategi
                                                     f"run_dir={run_dir}", "launch.nproc=2"])
                 rundir.create(cfg)
                 run_dirs.append(run_dir)
-    out = tmp_path / "loss.pt"
-    torchrun(2, [str(REPO / "tests/loss_harness.py"), str(out), *map(str, run_dirs)], timeout=900)
-    results = torch.load(out, weights_only=False)
+    return torchrun_command(2, [str(REPO / "tests/loss_harness.py"), str(tmp_path / "loss.pt"),
+                                *map(str, run_dirs)])
+
+
+# started when the tests are collected (conftest.py's EARLY): its ranks train on the cores earlier tests leave idle
+EARLY["tests/test_loss_strategies.py::test_chunked_loss_equals_full_logits_under_every_strategy"] = EarlyCommand(
+    every_run, timeout=900)
+
+
+def test_chunked_loss_equals_full_logits_under_every_strategy(early_command, strategies=STRATEGIES):
+    tmp_path, result = early_command.folder, early_command.finished()
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    results = torch.load(tmp_path / "loss.pt", weights_only=False)
     for strategy in strategies:
         for case in CASES:
             full = results[str(tmp_path / f"{strategy}-{case}-full_logits")]

@@ -8,12 +8,13 @@ import importlib.util
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import run_llmft
+from conftest import EARLY, EarlyCommand, run_llmft
 from llmft.errors import UserError
 from llmft.launch import runs, sweep
 from slurm_cluster import ensure_local_slurm
@@ -45,9 +46,15 @@ def check_results(sweep_dir: Path, num_trials: int) -> dict:
     return results
 
 
+# started when the tests are collected (conftest.py's EARLY): its trials train on a core earlier tests leave idle
+EARLY["tests/test_sweep.py::test_a_local_sweep_trains_each_trial_and_writes_the_best_with_every_run_directory"] = \
+    EarlyCommand(lambda folder: [sys.executable, "-m", "llmft.launch", *OPTUNA, "train.lr=interval(1e-4,1e-2)",
+                                 *TRIAL, f"runs_root={folder / 'runs'}"], timeout=600)
+
+
 @pytest.mark.slow
-def test_a_local_sweep_trains_each_trial_and_writes_the_best_with_every_run_directory(tmp_path, capsys):
-    result = run_llmft("launch", *OPTUNA, "train.lr=interval(1e-4,1e-2)", *TRIAL, f"runs_root={tmp_path}")
+def test_a_local_sweep_trains_each_trial_and_writes_the_best_with_every_run_directory(early_command, capsys):
+    tmp_path, result = early_command.folder / "runs", early_command.finished()
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     sweep_dir = sweep_dir_of(result.stdout)
     results = check_results(sweep_dir, 2)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
 
-from conftest import compose, read_metrics, run_llmft
+from conftest import EARLY, EarlyCommand, compose, read_metrics, run_llmft
 from llmft.launch import run_dir as rundir
 from llmft.training.loop import train
 
@@ -73,13 +74,19 @@ def test_qlora_on_a_machine_without_cuda_is_a_clear_error(tmp_path):
     assert "qlora needs a CUDA GPU" in result.stderr and "Traceback" not in result.stderr
 
 
+EARLY["tests/test_train.py::test_the_readme_demo_command"] = EarlyCommand(  # one process for a minute and more
+    lambda folder: [sys.executable, "-m", "llmft.launch", f"run_dir={folder / 'demo'}"], timeout=180)
+
+
 @pytest.mark.slow
-def test_the_readme_demo_command(tmp_path):
-    """README command 1: `python -m llmft.launch` with no argument (here with run_dir to find it)."""
-    result = run_llmft("launch", f"run_dir={tmp_path / 'demo'}", timeout=180)
+def test_the_readme_demo_command(early_command):
+    """README command 1: `python -m llmft.launch` with no argument (here with run_dir to find it). Started when the
+    tests are collected (conftest.py's EARLY): it trains on a core the earlier tests leave idle."""
+    result = early_command.finished()
+    demo = early_command.folder / "demo"
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().splitlines()[-1] == f"run dir: {tmp_path / 'demo'}"
-    summary = json.loads((tmp_path / "demo/summary.json").read_text())
+    assert result.stdout.strip().splitlines()[-1] == f"run dir: {demo}"
+    summary = json.loads((demo / "summary.json").read_text())
     assert summary["steps"] >= 200
     assert summary["final_loss"] < 0.7 * summary["first_loss"], summary
 

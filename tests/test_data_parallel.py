@@ -361,3 +361,13 @@ def test_prepare_with_a_model_tokenizer_reads_and_tokenizes_in_one_pass(tmp_path
     report = prepare(compose(overrides + ["data.num_workers=2", f"model.path={model}",
                                           f"data.output_dir={tmp_path / 'one'}"]))
     assert report["reused_prepared"] is True
+
+
+def test_chunks_cover_the_items_in_order_and_shrink_towards_the_end():
+    """Guided sizes: the usual chunk while much remains, smaller ones at the end, so the workers finish together."""
+    items = list(range(5000))
+    cut = workers.chunks(items, 2)
+    assert [item for chunk in cut for item in chunk] == items
+    sizes = [len(chunk) for chunk in cut]
+    assert sizes[0] == workers.MAX_CHUNK_ITEMS and sizes == sorted(sizes, reverse=True)[:-1] + sizes[-1:]
+    assert sizes[-2] < sizes[0] and max(sizes[-3:]) <= workers.MIN_CHUNK_ITEMS

@@ -191,7 +191,7 @@ def _threads(mails: list[Mail]) -> list[list[Mail]]:
 def read_email(path: Path, data_cfg, report: ReadReport) -> list[Conversation]:
     ticket_pattern, drop_quotes = ticket_pattern_of(data_cfg), data_cfg.clean.strip_quotes is not False
     mails: list[Mail] = []
-    for piece in mail_pieces(path, ChunkSizes(1 << 40, 1, 1 << 40, 1 << 40)):  # (one piece a file)
+    for piece in mail_pieces(path, ChunkSizes.whole()):
         if piece[0] == "skip":
             report.skip(piece[1], piece[2])
             continue

@@ -419,16 +419,17 @@ class SampleTally:
     def add(self, chunk: TokenizedChunk, ids: list[str], new: list[bool] | None = None) -> None:
         """The chunk's samples, `ids[i]` the id of its conversation i; `new[i]` false leaves conversation i out (a
         duplicate of an earlier one)."""
-        for conversation_id, is_new in zip(ids, new or [True] * len(ids)):
+        new = [True] * len(ids) if new is None else new
+        for conversation_id, is_new in zip(ids, new):
             if is_new:
                 self.split_number(conversation_id)  # every conversation counts for the validation fallback
         for owner, reason, n in chunk.dropped:
-            if new is None or new[owner]:
+            if new[owner]:
                 self.dropped[reason] += n  # (+= 0 too: the reasons keep the order they first occurred in)
-        self.num_windowed += sum(1 for owner in chunk.windowed if new is None or new[owner])
+        self.num_windowed += sum(1 for owner in chunk.windowed if new[owner])
         owners = chunk.owners.tolist()
         pieces = chunk.pieces
-        if new is not None and not all(new[owner] for owner in owners):
+        if not all(new[owner] for owner in owners):
             keep = np.array([new[owner] for owner in owners], dtype=bool)
             pieces = Rows(pieces.input_ids[np.repeat(keep, pieces.sample_lengths)],
                           pieces.labels[np.repeat(keep, pieces.sample_lengths)], pieces.sample_lengths[keep])
@@ -438,7 +439,7 @@ class SampleTally:
         self.parts.append((pieces, np.array([self.split_of_id[i] for i in owner_ids], np.int64), owner_ids))
         if chunk.audit_lines is not None:
             for owner, line in zip(dict.fromkeys(chunk.owners.tolist()), chunk.audit_lines):
-                if new is None or new[owner]:
+                if new[owner]:
                     self._audit_file(self.names[self.split_of_id[ids[owner]]]).write(line)
 
     def _audit_file(self, split: str):

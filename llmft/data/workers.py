@@ -80,6 +80,11 @@ class ChunkSizes:
         self.usual = chunk_size(total, num_workers, minimum, maximum)
         self.remaining, self.num_workers, self.minimum = total, num_workers, minimum
 
+    @classmethod
+    def whole(cls) -> ChunkSizes:
+        """One task per file (no limit that a file reaches)."""
+        return cls(1 << 62, 1, 1 << 62, 1 << 62)
+
     def next(self) -> int:
         return max(self.minimum, min(self.usual, self.remaining // (2 * self.num_workers)))
 

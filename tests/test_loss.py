@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from llmft.data.batching import collate
-from llmft.data.templating import IGNORE_INDEX, Sample
+from llmft.data.tokenize.batching import collate
+from llmft.data.tokenize.templating import IGNORE_INDEX, Sample
 from llmft.errors import ConfigError
 from llmft.training import loss
 
@@ -112,6 +112,31 @@ def test_per_token_losses_weighted_per_row_equal_the_full_logits_path(method, ti
     assert expected_grads.keys() == got_grads.keys() and expected_grads
     for name, grad in expected_grads.items():
         assert (got_grads[name] - grad).abs().max() <= 1e-5 * max(1.0, grad.abs().max()), name
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_per_token_losses_are_the_same_bits_with_and_without_gradients(method, monkeypatch):
+    """DPO's reference is the same model without gradients (LoRA: its adapter disabled; a fresh adapter adds zero),
+    so at the first step policy == reference only if both paths round alike: the per-position losses and the summed
+    loss, computed with and without gradients, are equal bit for bit (several chunks)."""
+    import peft
+
+    vocab = 300
+    model = tiny_llama(False, vocab)
+    if method == "lora":
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    loss.install(model.get_base_model() if method == "lora" else model, "chunked", "cpu")
+    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 40 * vocab)
+    batch = loss.with_loss_index(collate(samples(vocab, packed=False), pad_token_id=0))
+    batch.pop("num_tokens")
+    with torch.no_grad():
+        without = loss.supervised_token_losses(model, batch, bf16=False, installed=True)
+        without_sum, _ = loss.token_losses(model, batch, bf16=False)
+    with_grad = loss.supervised_token_losses(model, batch, bf16=False, installed=True)
+    with_grad_sum, _ = loss.token_losses(model, batch, bf16=False)
+    assert with_grad.requires_grad and with_grad_sum.requires_grad
+    assert torch.equal(with_grad.detach(), without)
+    assert torch.equal(with_grad_sum.detach(), without_sum)
 
 
 def test_no_full_logits_tensor_exists_in_the_forward(monkeypatch):

@@ -1,6 +1,6 @@
 """The training loss: next-token cross-entropy summed over the supervised positions only, without full logits.
 
-    install(hf_model, choice, device_type) -> the head the run uses ("chunked", "liger" or "full_logits")
+    install(hf_model, choice, device_type, partitioned) -> the head the run uses ("chunked", "liger" or "full_logits")
     token_losses(model, batch, bf16) -> (sum of losses, number of supervised tokens), both on the device
     supervised_token_losses(model, batch, bf16, installed) -> each supervised position's loss (DPO, KTO)
 
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from llmft.config.validation import LOGIT_SCALING_KEYS
-from llmft.data.templating import IGNORE_INDEX
+from llmft.data.tokenize.templating import IGNORE_INDEX
 from llmft.errors import ConfigError
 from llmft.training.precision import autocast
 
@@ -93,9 +93,11 @@ def liger_available(device_type: str) -> bool:
     return device_type == "cuda" and importlib.util.find_spec("liger_kernel") is not None
 
 
-def install(hf_model, choice: str, device_type: str) -> str:
+def install(hf_model, choice: str, device_type: str, partitioned: bool = False) -> str:
     """Replace the forward of `hf_model` (the transformers model, under PEFT if any) by the supervised-rows loss
-    when called with `labels`; returns the head used. `choice`: train.loss_head (auto, chunked, liger, full_logits)."""
+    when called with `labels`; returns the head used. `choice`: train.loss_head (auto, chunked, liger, full_logits).
+    `partitioned`: the strategy keeps a parameter whole only inside its module's forward and backward
+    (`Strategy.partitions_parameters`, ZeRO-3), so a trainable head's gradient must be made inside its module."""
     if choice == "full_logits":
         return "full_logits"
     reason = full_logits_reason(hf_model)
@@ -110,13 +112,14 @@ def install(hf_model, choice: str, device_type: str) -> str:
     def forward(self, *args, labels=None, loss_index=None, token_loss=False, **kwargs):
         if labels is None:  # generation, or any caller that wants logits
             return original_forward(*args, **kwargs)
-        return supervised_loss(self, labels, loss_index, "per_token" if token_loss else head, *args, **kwargs)
+        return supervised_loss(self, labels, loss_index, "per_token" if token_loss else head, partitioned, *args,
+                               **kwargs)
 
     hf_model.forward = types.MethodType(forward, hf_model)
     return head
 
 
-def supervised_loss(hf_model, labels, loss_index, head: str, input_ids=None, **kwargs):
+def supervised_loss(hf_model, labels, loss_index, head: str, partitioned: bool, input_ids=None, **kwargs):
     for key in ("logits_to_keep", "return_dict", "output_attentions", "output_hidden_states", "num_items_in_batch"):
         kwargs.pop(key, None)
     decoder = getattr(hf_model, hf_model.base_model_prefix)
@@ -147,7 +150,7 @@ def supervised_loss(hf_model, labels, loss_index, head: str, input_ids=None, **k
         loss_sum = liger_fused_linear_cross_entropy(rows, lm_head.weight, targets, bias=lm_head.bias,
                                                     reduction="sum")
         loss_sum = (loss_sum[0] if isinstance(loss_sum, tuple) else loss_sum).float()  # (loss, z_loss) in some versions
-    elif lm_head.weight.requires_grad and hasattr(lm_head.weight, "ds_id"):
+    elif lm_head.weight.requires_grad and partitioned:
         loss_sum = module_cross_entropy_sum(lm_head, rows, targets)
     else:
         loss_sum = linear_cross_entropy_sum(rows, lm_head.weight, lm_head.bias, targets)
@@ -187,7 +190,7 @@ def module_cross_entropy_sum(lm_head, rows, targets) -> torch.Tensor:
         return F.cross_entropy(lm_head(chunk).float(), chunk_targets, reduction="sum")
 
     total = torch.zeros((), dtype=torch.float32, device=rows.device)
-    step = chunk_rows(lm_head.weight.ds_shape[0] if hasattr(lm_head.weight, "ds_shape") else lm_head.out_features)
+    step = chunk_rows(lm_head.out_features)  # not weight.shape: a partitioned weight is empty outside its module
     for start in range(0, rows.shape[0], step):
         total = total + checkpoint(chunk_loss, rows[start : start + step], targets[start : start + step],
                                    use_reentrant=False)
@@ -205,7 +208,7 @@ def module_token_losses(lm_head, rows, targets) -> torch.Tensor:
     def chunk_losses(chunk, chunk_targets):
         return F.cross_entropy(lm_head(chunk).float(), chunk_targets, reduction="none")
 
-    step = chunk_rows(lm_head.weight.ds_shape[0] if hasattr(lm_head.weight, "ds_shape") else lm_head.out_features)
+    step = chunk_rows(lm_head.out_features)  # not weight.shape: a partitioned weight is empty outside its module
     grad = torch.is_grad_enabled() and (rows.requires_grad or any(p.requires_grad for p in lm_head.parameters()))
     pieces = [checkpoint(chunk_losses, rows[start : start + step], targets[start : start + step], use_reentrant=False)
               if grad else chunk_losses(rows[start : start + step], targets[start : start + step])
@@ -220,10 +223,19 @@ def linear_cross_entropy_tokens(rows, weight, bias, targets) -> torch.Tensor:
     if torch.is_grad_enabled() and rows.requires_grad:
         return _LinearCrossEntropyTokens.apply(rows, weight, bias, targets)
     step = chunk_rows(weight.shape[0])
-    pieces = [F.cross_entropy(F.linear(rows[start : start + step], weight, bias).float(),
-                              targets[start : start + step], reduction="none")
+    pieces = [chunk_token_losses(F.linear(rows[start : start + step], weight, bias).float(),
+                                 targets[start : start + step])[0]
               for start in range(0, rows.shape[0], step)]
     return torch.cat(pieces) if pieces else rows.new_zeros(0, dtype=torch.float32)
+
+
+def chunk_token_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's cross-entropy (log-sum-exp minus the target's logit) and the log-sum-exp, from fp32 logits. The one
+    formula of every chunked path, with or without gradient: F.cross_entropy rounds differently (its log-softmax),
+    and DPO's first step must compare a policy computed with gradients to a reference computed without them
+    bit for bit (ln 2 exactly when the adapter is fresh)."""
+    log_norm = torch.logsumexp(logits, dim=-1)
+    return log_norm - logits.gather(1, targets[:, None]).squeeze(1), log_norm
 
 
 class _LinearCrossEntropyTokens(torch.autograd.Function):
@@ -237,8 +249,7 @@ class _LinearCrossEntropyTokens(torch.autograd.Function):
         for start in range(0, rows.shape[0], step):
             chunk, chunk_targets = rows[start : start + step], targets[start : start + step]
             logits = F.linear(chunk, weight, bias).float()
-            log_norm = torch.logsumexp(logits, dim=-1)
-            losses[start : start + step] = log_norm - logits.gather(1, chunk_targets[:, None]).squeeze(1)
+            losses[start : start + step], log_norm = chunk_token_losses(logits, chunk_targets)
             grad_logits = logits.sub_(log_norm[:, None]).exp_()
             grad_logits[torch.arange(chunk.shape[0], device=chunk.device), chunk_targets] -= 1.0
             grad_rows[start : start + step] = grad_logits.to(chunk.dtype) @ weight.to(chunk.dtype)
@@ -260,7 +271,7 @@ def linear_cross_entropy_sum(rows, weight, bias, targets) -> torch.Tensor:
     step = chunk_rows(weight.shape[0])
     for start in range(0, rows.shape[0], step):
         logits = F.linear(rows[start : start + step], weight, bias).float()
-        total += F.cross_entropy(logits, targets[start : start + step], reduction="sum")
+        total += chunk_token_losses(logits, targets[start : start + step])[0].sum()
     return total
 
 
@@ -280,8 +291,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, rows.shape[0], step):
             chunk, chunk_targets = rows[start : start + step], targets[start : start + step]
             logits = F.linear(chunk, weight, bias).float()
-            log_norm = torch.logsumexp(logits, dim=-1)
-            total += (log_norm - logits.gather(1, chunk_targets[:, None]).squeeze(1)).sum()
+            losses, log_norm = chunk_token_losses(logits, chunk_targets)
+            total += losses.sum()
             # d loss / d logits = softmax - one_hot(target), computed in place over the chunk's logits
             grad_logits = logits.sub_(log_norm[:, None]).exp_()
             grad_logits[torch.arange(chunk.shape[0], device=chunk.device), chunk_targets] -= 1.0

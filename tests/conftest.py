@@ -139,7 +139,7 @@ def local_four_rank_runs(tmp_path_factory):
     {"ddp": run_dir, "hsdp": run_dir}, a dist_runs.BatchInBackground): its results() starts the torchrun (unless
     started) and waits for it, so a test that submits jobs first has them overlap."""
     from dist_runs import COMMON, FROM_DISK, BatchInBackground
-    from llmft.launch import run_dir as rundir
+    from llmft.rundir import create as rundir
     from llmft.training.loop import train
 
     root = tmp_path_factory.mktemp("four_ranks")

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from llmft.config.compose import load_run_config
+from llmft.rundir.files import read_config
 from llmft.training.topology import Topology
 from llmft.training.loop import train
 
@@ -30,7 +30,7 @@ def parameter_kinds(model) -> dict:
 
 
 def train_and_probe(run_dir: str) -> dict:
-    result = train(load_run_config(run_dir), Path(run_dir))
+    result = train(read_config(run_dir), Path(run_dir))
     model = result.model.eval()
     kinds = parameter_kinds(model)  # before the forward: FSDP2 leaves the root's parameters unsharded after it
     with torch.no_grad():  # a collective forward for FSDP2 and ZeRO-3

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from conftest import REPO, compose
-from llmft.launch import run_dir as rundir
+from llmft.rundir import create as rundir
 
 COMMON = ["peft.dropout=0", "train.max_steps=8", "train.log_every=1", "train.eval_every=4", "train.save_every=4",
           "train.micro_batch_size=4", "parallelism.zero3_param_persistence_threshold=0",

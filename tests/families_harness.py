@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from llmft.config.compose import load_run_config
-from llmft.training import run_lock
+from llmft.rundir.files import read_config
+from llmft.rundir import lock as run_lock
 from llmft.training.loop import train
 
 PROBE_IDS = [[5, 17, 42, 99, 7, 120, 31, 8, 64, 12]]
@@ -20,7 +20,7 @@ PROBE_IDS = [[5, 17, 42, 99, 7, 120, 31, 8, 64, 12]]
 def main(out: str, run_dirs: list[str]) -> None:
     results = {}
     for run_dir in run_dirs:
-        result = train(load_run_config(run_dir), Path(run_dir))
+        result = train(read_config(run_dir), Path(run_dir))
         model = result.model.eval()
         with torch.no_grad():
             logits = model(input_ids=torch.tensor(PROBE_IDS)).logits

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from llmft.config.compose import load_run_config
+from llmft.rundir.files import read_config
 from llmft.training.loop import Trainer
 
 
@@ -35,7 +35,7 @@ def full_gradients(trainer: Trainer) -> dict[str, torch.Tensor]:
 def main(out: str, run_dirs: list[str]) -> None:
     results = {}
     for run_dir in run_dirs:
-        trainer = Trainer(load_run_config(run_dir), Path(run_dir))
+        trainer = Trainer(read_config(run_dir), Path(run_dir))
         batch = trainer.next_micro_batch()
         total_supervised = trainer.all_reduce(torch.tensor(batch.count, dtype=torch.float64))
         if getattr(trainer.strategy, "engine", None) is not None:  # DeepSpeed steps inside backward: not this time,

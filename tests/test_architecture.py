@@ -1,5 +1,5 @@
-"""The layers hold: imports point down (launch -> serve -> training -> data -> config -> errors), never in a circle,
-and the login-node commands import no torch, transformers, peft or deepspeed."""
+"""The layers hold: imports point down (launch -> serve -> training -> data -> rundir -> config -> errors), never in a
+circle, and the login-node commands import no torch, transformers, peft or deepspeed."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from conftest import REPO
 
 PACKAGE = REPO / "llmft"
 # Top to bottom. A module may import from its own layer and the layers below it, never above.
-LAYERS = ["launch", "serve", "training", "data", "config", "errors"]
+LAYERS = ["launch", "serve", "training", "data", "rundir", "config", "errors"]
 ENTRY_POINTS = {"llmft.cli", "llmft.train", "llmft.plan", "llmft.runs", "llmft.eval", "llmft.chat", "llmft.export",
                 "llmft.launch.__main__", "llmft.data.__main__", "llmft"}
 HEAVY = ("torch", "transformers", "peft", "deepspeed")
@@ -119,7 +119,8 @@ def heavy_imports(*command: str, cwd: Path = REPO) -> list[str]:
     ["-m", "llmft.launch", "--cfg", "job"],
     ["-m", "llmft.runs", "/nonexistent-runs-root"],
     ["-c", "import llmft.launch.command, llmft.launch.plan, llmft.launch.runs, llmft.launch.slurm, "
-           "llmft.launch.estimate, llmft.launch.run_dir, llmft.config.validation"],
+           "llmft.launch.estimate, llmft.config.validation, llmft.rundir.create, llmft.rundir.files, "
+           "llmft.rundir.status, llmft.rundir.lock, llmft.rundir.checkpoints, llmft.rundir.lifetime"],
 ], ids=["plan-jeanzay", "plan-local", "launch-cfg-job", "runs", "import-launch-layer"])
 def test_the_login_node_commands_import_no_torch(command):
     assert heavy_imports(*command) == []

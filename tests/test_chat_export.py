@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import compose, run_llmft
-from llmft.launch import run_dir as rundir
+from llmft.rundir import create as rundir
 from llmft.serve.chat import Chat, ChatArgs, converse
 from llmft.serve.export import main as export_main
 from llmft.serve.export import vllm_adapter_problems

@@ -12,7 +12,7 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from llmft.training import checkpoint
+from llmft.rundir import checkpoints as checkpoint
 from llmft.training.topology import Topology
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from llmft.training import checkpoint
+from llmft.rundir import checkpoints as checkpoint
 
 
 def write_two_files(folder):

@@ -274,7 +274,7 @@ def evaluated_run(tmp_path, monkeypatch):
     sample, the fine-tuned model's answers and the judge's replies faked (no model, no server): an answer that is
     the reference is judged correct, a "partly" answer partially correct, the others incorrect; one correct answer
     was cut at max_new_tokens."""
-    from llmft.launch.run_dir import write_config
+    from llmft.rundir.files import write_config
     from llmft.serve import evaluation
     from llmft.serve.inference import Generation
 

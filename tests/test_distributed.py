@@ -11,7 +11,7 @@ import torch
 
 from conftest import compose, read_metrics
 from dist_runs import COMMON, STRATEGIES, train_ranks, train_ranks_batch
-from llmft.launch import run_dir as rundir
+from llmft.rundir import create as rundir
 from llmft.training.loop import train
 
 pytestmark = pytest.mark.slow

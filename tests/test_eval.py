@@ -23,7 +23,7 @@ import sacrebleu
 import sentence_transformers  # noqa: F401
 
 from conftest import compose, run_llmft, write_chat_jsonl
-from llmft.launch import run_dir as rundir
+from llmft.rundir import create as rundir
 from llmft.serve.evaluation import (EvalError, _WordTokenizer, bleu, embedding_cosines, embedding_model_dir, eval_settings,
                             parse_verdict, JudgeReplyError, rouge_l, run_eval, EvalConfig)
 from llmft.training.loop import train
@@ -192,11 +192,11 @@ def test_scores_of_a_reference_against_itself_are_perfect():
 
 
 def test_the_examples_are_the_held_out_split(tiny_run, evaluated):
-    from llmft.config.compose import load_run_config
+    from llmft.rundir.files import read_config
     from llmft.data.pipeline import assign_splits, read_conversations
 
     report, _, _ = evaluated
-    cfg = load_run_config(tiny_run)
+    cfg = read_config(tiny_run)
     conversations, _ = read_conversations(cfg.data)
     splits = assign_splits([c.id for c in conversations], cfg.data)
     validation = [c for c in conversations if splits[c.id] == "validation"]
@@ -354,16 +354,16 @@ def test_an_unreachable_judge_and_a_file_of_questions(tiny_run, tmp_path):
 
 
 def test_data_changed_since_training_is_reported(tiny_run, tmp_path):
-    from llmft.config.compose import load_run_config
+    from llmft.rundir.files import read_config
     from llmft.serve.evaluation import held_out_examples
 
     shutil.copy(tiny_run / "config.yaml", tmp_path)
     summary = json.loads((tiny_run / "summary.json").read_text())
     summary["data"]["fingerprint"]["conversations"] = "0123456789abcdef"
     (tmp_path / "summary.json").write_text(json.dumps(summary))
-    examples, source = held_out_examples(load_run_config(tmp_path), tmp_path, EvalConfig())
+    examples, source = held_out_examples(read_config(tmp_path), tmp_path, EvalConfig())
     assert examples and "changed since training" in source["warning"]
-    _, source = held_out_examples(load_run_config(tiny_run), tiny_run, EvalConfig())
+    _, source = held_out_examples(read_config(tiny_run), tiny_run, EvalConfig())
     assert "warning" not in source
 
 

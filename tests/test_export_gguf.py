@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import compose
-from llmft.launch import run_dir as rundir
+from llmft.rundir import create as rundir
 from llmft.serve import gguf_export
 from llmft.serve.export import main as export_main
 from llmft.training.loop import train

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from conftest import compose, write_chat_jsonl
-from llmft.launch import run_dir as rundir
+from llmft.rundir import create as rundir
 from llmft.serve import model_card
 from llmft.serve.export import main as export_main
 from llmft.training.loop import train

@@ -381,7 +381,7 @@ class FamilyRuns:
     tests/families_harness.py, started in the background; results() waits for it."""
 
     def __init__(self, root, tokenizer):
-        from llmft.launch import run_dir as rundir
+        from llmft.rundir import create as rundir
 
         common = ["launch.nproc=2", "peft.dropout=0", "train.max_steps=2", "train.warmup_steps=0",
                   "train.log_every=1", "train.eval_every=2", "train.save_every=0", "train.micro_batch_size=2"]

@@ -16,8 +16,8 @@ import pytest
 from conftest import REPO, compose, read_metrics, run_llmft, wait_for_step
 from llmft.config.validation import check_installed
 from llmft.errors import ConfigError, UserError
-from llmft.launch import run_dir as rundir
-from llmft.training import run_lock
+from llmft.rundir import create as rundir
+from llmft.rundir import lock as run_lock
 from llmft.training.loop import train
 
 QUICK = ["train.log_every=1", "train.eval_every=100", "train.micro_batch_size=4"]

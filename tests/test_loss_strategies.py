@@ -9,7 +9,7 @@ import torch
 
 from conftest import EARLY, REPO, EarlyCommand, compose
 from dist_runs import COMMON, torchrun_command
-from llmft.launch import run_dir as rundir
+from llmft.rundir import create as rundir
 
 pytestmark = pytest.mark.slow
 

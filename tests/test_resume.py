@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, compose, read_metrics, run_llmft, wait_for_step
-from llmft.launch import run_dir as rundir
-from llmft.training import checkpoint
-from llmft.training.checkpoint import CheckpointError
+from llmft.rundir import create as rundir
+from llmft.rundir import checkpoints as checkpoint
+from llmft.rundir.checkpoints import CheckpointError
 from llmft.training.loop import train
 
 # 24 steps: the signal comes at step 12 or later, and the resumed part still crosses an evaluation (step 16)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, compose, read_metrics, run_llmft
 from llmft.errors import UserError
-from llmft.launch import run_dir as rundir
+from llmft.rundir import create as rundir
 from llmft.training.loop import train
 
 # fp32 on CPU, no dropout (its masks follow each rank's RNG), every ZeRO-3 parameter really partitioned; a checkpoint

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from conftest import REPO, compose, run_llmft
-from llmft.launch import run_dir as rundir
+from llmft.rundir import create as rundir
 from llmft.training.loop import train
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import EARLY, EarlyCommand, compose, read_metrics, run_llmft
-from llmft.launch import run_dir as rundir
+from llmft.rundir import create as rundir
 from llmft.training.loop import train
 
 FAST = ["train.max_steps=40", "train.eval_every=20", "train.save_every=20", "train.log_every=5"]

@@ -2,7 +2,9 @@
 
 `llmft.launch` composes through `@hydra.main` (for `--cfg job`, `-m` and the sweeper plugins); `plan`, `runs` and
 `data` compose through Hydra's compose API with `compose()`. Both turn Hydra's multi-line errors into one line
-with `one_line_error`. A run directory's saved config is read back with `load_run_config`.
+with `one_line_error`. Whatever its source (composition, a run directory's config.yaml: `llmft.rundir.files.read_config`),
+a config is typed by the schema in one place, `typed_config`: enums are enums after it, and every key the schema
+defaults is there.
 
 The configs are package data (`llmft/conf/`), so a wheel installed anywhere finds them. No torch here.
 """
@@ -112,6 +114,24 @@ def error_chain(error: BaseException) -> str:
     return "\n".join(chain)
 
 
+def typed_config(source: DictConfig | dict, mismatch: str | None = None) -> DictConfig:
+    """`source` typed by the schema: an OmegaConf structured DictConfig of `LlmftConfig`, where enums are enums and
+    every key the schema defaults is present; ConfigError in one sentence for an unknown key or a wrong value
+    (`mismatch`: what to say first, for a saved config.yaml).
+
+    A structured DictConfig, not the schema's dataclasses (OmegaConf.to_object): `plan` shows configs whose `???`
+    values the user gives only at launch (a dataclass cannot hold a missing value), the launcher updates a resumed
+    run's config by dotted keys (OmegaConf.update / select), and Hydra hands its task a DictConfig. The typed nodes
+    give the same guarantee downstream: a field reads as its schema type."""
+    try:
+        return OmegaConf.merge(OmegaConf.structured(LlmftConfig), source)  # type: ignore[return-value]
+    except Exception as error:  # OmegaConf's ConfigKeyError / ValidationError
+        if mismatch is None:
+            raise ConfigError(one_line_error(str(error))) from None
+        reason = str(error).strip().splitlines()[0]
+        raise ConfigError(f"{mismatch}: {reason}.") from None
+
+
 def compose(overrides: list[str]) -> DictConfig:
     """`conf/config.yaml` with these overrides, typed by the schema; ConfigError with one sentence otherwise."""
     from hydra import compose as hydra_compose
@@ -122,24 +142,12 @@ def compose(overrides: list[str]) -> DictConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return hydra_compose(config_name="config", overrides=list(overrides))
+            composed = hydra_compose(config_name="config", overrides=list(overrides))
     except Exception as error:  # Hydra's and OmegaConf's composition errors
         raise ConfigError(one_line_error(error_chain(error))) from None
+    return typed_config(composed)
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config as plain Python values (enums as their names), as written to the run directory."""
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]
-
-
-def load_run_config(run_dir) -> DictConfig:
-    """The typed config saved in a run directory (`config.yaml`), checked against the schema again."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"{path} does not exist: is {run_dir} a run directory created by llmft.launch?")
-    schema = OmegaConf.structured(LlmftConfig)
-    try:
-        return OmegaConf.merge(schema, OmegaConf.load(path))  # type: ignore[return-value]
-    except Exception as error:  # a config.yaml written by another llmft version, or edited by hand
-        reason = str(error).strip().splitlines()[0]
-        raise ConfigError(f"{path} does not match llmft's schema: {reason}.") from None

@@ -10,9 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,16 +19,18 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from llmft.config.compose import CONF_DIR, error_chain, load_run_config, one_line_error, register_configs
+from llmft.config.compose import CONF_DIR, error_chain, one_line_error, register_configs, typed_config
 from llmft.config.schema import Strategy
-from llmft.config.redact import redact_argv
 from llmft.config.validation import (check_installed, check_resume_strategy, grad_accum_keeping_global_batch,
                                      requested_world_size, settled_strategy, validate, world_size_keys)
 from llmft.errors import ConfigError, UserError, report
-from llmft.launch import run_dir as run_dirs
 from llmft.launch import slurm, sweep
-from llmft.training import checkpoint, run_lock  # both torch-free
-from llmft.training.lifetime import die_with_parent
+from llmft.rundir import checkpoints, lock
+from llmft.rundir.create import apply_umask
+from llmft.rundir.create import create as create_run_dir
+from llmft.rundir.files import mark_failed, read_config, read_summary, record_job, record_resume, write_config
+from llmft.rundir.layout import checkpoints_dir, final_dir, is_run_dir, logs_dir, summary_path
+from llmft.rundir.lifetime import die_with_parent
 
 register_configs()
 
@@ -54,13 +54,14 @@ def _launch(cfg: DictConfig) -> float | None:
         code = start_run(cfg, run_dir)
     finally:
         if cfg.cluster is None or cfg.launch.prepare_only:  # a submitted job holds the lock until it ends
-            run_lock.release(run_dir)
+            lock.release(run_dir)
     if code:
         sys.exit(code)
 
 
 def prepare_run(cfg: DictConfig) -> tuple[DictConfig, Path]:
     """Every check, then the run directory (created, or the one to resume) with its lock taken."""
+    cfg = typed_config(cfg)  # Hydra composed it on the schema; `+group.key=value` additions are refused here
     run_dir = None
     if cfg.resume:
         run_dir = resumable_run_dir(cfg.resume)
@@ -70,16 +71,17 @@ def prepare_run(cfg: DictConfig) -> tuple[DictConfig, Path]:
     if cfg.cluster is not None:
         slurm.resolve(cfg)  # every resource check before anything is created or submitted
     if run_dir is None:
-        return cfg, run_dirs.create(cfg)  # takes the lock before writing anything into an existing folder
-    run_dirs.apply_umask(cfg)  # the run's umask for everything the resumed run writes, as when it was created
-    run_lock.acquire(run_dir)
-    run_dirs.write_config(cfg, run_dir)
-    latest, _ = checkpoint.find_latest(run_dir / "checkpoints")
-    print(f"resume: {run_dir} from step {checkpoint.read_manifest(latest)['step']} ({latest.name})" if latest else
+        return cfg, create_run_dir(cfg)  # takes the lock before writing anything into an existing folder
+    apply_umask(cfg)  # the run's umask for everything the resumed run writes, as when it was created
+    lock.acquire(run_dir)
+    write_config(cfg, run_dir)
+    latest, _ = checkpoints.find_latest(checkpoints_dir(run_dir))
+    from_step = checkpoints.read_manifest(latest)["step"] if latest else 0
+    print(f"resume: {run_dir} from step {from_step} ({latest.name})" if latest else
           f"resume: {run_dir} has no complete checkpoint: training starts over from step 0")
     if changes["line"]:
         print(changes["line"])
-    record_resume(run_dir, latest, changes["changed"])
+    record_resume(run_dir, from_step, changes["changed"])
     return cfg, run_dir
 
 
@@ -111,7 +113,7 @@ def config_for_resume(run_dir: Path, composed: DictConfig) -> tuple[DictConfig, 
     account of what changed comes back with the config)."""
     from hydra.core.hydra_config import HydraConfig
 
-    saved = load_run_config(run_dir)
+    saved = read_config(run_dir)
     before = copy.deepcopy(saved)
     overrides = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith("resume=")]
     for override in overrides:
@@ -142,8 +144,8 @@ def keep_global_batch(run_dir: Path, before: DictConfig, cfg: DictConfig, explic
     read the checkpoint. Returns what changed ({key: [before, after]}) and the line that says it."""
     run = f"resume={run_dir}"
     saved_world_size, world_size = requested_world_size(before), requested_world_size(cfg)
-    latest, _ = checkpoint.find_latest(run_dir / "checkpoints")
-    manifest = checkpoint.read_manifest(latest) if latest else None
+    latest, _ = checkpoints.find_latest(checkpoints_dir(run_dir))
+    manifest = checkpoints.read_manifest(latest) if latest else None
     global_batch = before.train.micro_batch_size * before.train.grad_accum_steps * (saved_world_size or 1)
     if world_size is not None and saved_world_size is not None:
         accum = grad_accum_keeping_global_batch(global_batch, cfg, world_size, run)
@@ -160,7 +162,7 @@ def keep_global_batch(run_dir: Path, before: DictConfig, cfg: DictConfig, explic
                 "train.grad_accum_steps", "parallelism.strategy"):
         old, new = OmegaConf.select(before, key), OmegaConf.select(cfg, key)
         if old != new:
-            changed[key] = [getattr(old, "value", old), getattr(new, "value", new)]
+            changed[key] = [old, new]  # (an enum is written to provenance.json as its name)
     had = manifest["world_size"] if manifest is not None else saved_world_size
     layout = "".join(f", {key} {changed[key][0]} -> {changed[key][1]}"
                      for key in ("train.grad_accum_steps", "train.micro_batch_size") if key in changed)
@@ -179,25 +181,11 @@ def keep_global_batch(run_dir: Path, before: DictConfig, cfg: DictConfig, explic
     return {"changed": changed, "line": line}
 
 
-def record_resume(run_dir: Path, latest: Path | None, changed: dict) -> None:
-    """provenance.json keeps every resume of the run: when, the command, the host, the step, what changed."""
-    path = run_dir / "provenance.json"
-    provenance = json.loads(path.read_text()) if path.is_file() else {}
-    provenance.setdefault("resumes", []).append({
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": redact_argv(sys.argv), "host": socket.gethostname(),
-        "from_step": checkpoint.read_manifest(latest)["step"] if latest else 0, "changed": changed,
-    })
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(provenance, indent=2))
-    os.replace(tmp, path)
-
-
 def resumable_run_dir(path: str) -> Path:
     run_dir = Path(os.path.expandvars(path)).expanduser().resolve()
-    summary = run_dir / "summary.json"
-    if summary.exists() and json.loads(summary.read_text()).get("status") == "completed":
-        raise ConfigError(f"resume={path}: this run has completed already (see {summary}).")
-    if not (run_dir / "config.yaml").is_file():
+    if read_summary(run_dir).get("status") == "completed":
+        raise ConfigError(f"resume={path}: this run has completed already (see {summary_path(run_dir)}).")
+    if not is_run_dir(run_dir):
         raise ConfigError(f"resume={path} does not exist or is not a run directory (no config.yaml): give a run "
                           f"directory created by llmft.launch.")
     return run_dir
@@ -209,20 +197,17 @@ def submit_to_cluster(cfg: DictConfig, run_dir: Path) -> int:
         job = slurm.submit(cfg, run_dir)
     except Exception as error:  # submitit's FailedJobError: sbatch's own message is what the user needs
         message = " ".join(str(error).split()) or type(error).__name__
-        run_dirs.mark_failed(run_dir, f"the submission failed: {message}")  # so that `llmft runs` can say why
-        run_lock.release(run_dir)
+        mark_failed(run_dir, f"the submission failed: {message}")  # so that `llmft runs` can say why
+        lock.release(run_dir)
         print(f"llmft: the submission failed: {message} (run dir: {run_dir})", file=sys.stderr)
         return 1
-    run_lock.restamp(run_dir, job.job_id)  # the job holds the run directory now, pending or running
-    with open(run_dir / "jobs.jsonl", "a") as handle:  # every submission of this run, for `llmft runs`
-        handle.write(json.dumps({"job_id": job.job_id, "cluster": cfg.cluster.name, "time": time.time()}) + "\n")
+    lock.restamp(run_dir, job.job_id)  # the job holds the run directory now, pending or running
+    record_job(run_dir, {"job_id": job.job_id, "cluster": cfg.cluster.name, "time": time.time()})  # for `llmft runs`
     print(f"submitted job {job.job_id} to {cfg.cluster.name}")
     print(f"follow it:  tail -f {job.paths.stdout}")
     if cfg.eval.after_train:
         eval_job = slurm.submit_eval_after(cfg, run_dir, job.job_id)
-        with open(run_dir / "jobs.jsonl", "a") as handle:
-            handle.write(json.dumps({"job_id": eval_job.job_id, "kind": "eval", "after": job.job_id,
-                                     "time": time.time()}) + "\n")
+        record_job(run_dir, {"job_id": eval_job.job_id, "kind": "eval", "after": job.job_id, "time": time.time()})
         print(f"submitted evaluation job {eval_job.job_id}, after job {job.job_id} succeeds: {run_dir / 'eval'}")
     print(f"run dir: {run_dir}")
     if not cfg.launch.wait:
@@ -234,7 +219,7 @@ def submit_to_cluster(cfg: DictConfig, run_dir: Path) -> int:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"llmft: job {job.job_id} failed ({state}): {first_line}; its log: {job.paths.stderr}", file=sys.stderr)
         return 1
-    print(f"job {job.job_id} completed: {run_dir / 'final'}")
+    print(f"job {job.job_id} completed: {final_dir(run_dir)}")
     return 0
 
 
@@ -248,10 +233,9 @@ def run_local_ranks(run_dir: Path, nproc: int) -> int:
     threads = max(1, (os.cpu_count() or 1) // nproc)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               f"--log-dir={run_dir / 'logs'}", "--tee=3", "-m", "llmft.train", str(run_dir)]
+               f"--log-dir={logs_dir(run_dir)}", "--tee=3", "-m", "llmft.train", str(run_dir)]
     code = subprocess.call(command, env=env, preexec_fn=die_with_parent)  # torchrun dies with this launcher
-    status = json.loads((run_dir / "summary.json").read_text()).get("status") if (run_dir / "summary.json").exists() \
-        else None
+    status = read_summary(run_dir).get("status")
     if code == 0:
         print(f"run dir: {run_dir}")
     elif status == "interrupted":  # a rank was signalled: every rank checkpointed and stopped
@@ -259,7 +243,7 @@ def run_local_ranks(run_dir: Path, nproc: int) -> int:
               file=sys.stderr)
         return 3
     else:
-        print(f"llmft: the run failed (exit code {code}); each rank's output is in {run_dir / 'logs'}", file=sys.stderr)
+        print(f"llmft: the run failed (exit code {code}); each rank's output is in {logs_dir(run_dir)}", file=sys.stderr)
     return code
 
 
@@ -271,10 +255,10 @@ def with_saved_cluster(argv: list[str]) -> list[str]:
             any(a.lstrip("+").startswith("cluster=") for a in argv):
         return argv
     try:
-        name = OmegaConf.select(OmegaConf.load(Path(os.path.expandvars(resume)).expanduser() / "config.yaml"),
-                                "cluster.name")
+        saved = read_config(Path(os.path.expandvars(resume)).expanduser())
     except Exception:  # unreadable: resume= itself says what is wrong with the run directory
         return argv
+    name = saved.cluster.name if saved.cluster is not None else None
     return [*argv, f"+cluster={name}"] if name else argv
 
 

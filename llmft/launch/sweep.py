@@ -35,6 +35,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from llmft.config.redact import redact_argv
 from llmft.errors import ConfigError, UserError, missing_extra
+from llmft.rundir import lock
+from llmft.rundir.files import read_summary
+from llmft.rundir.layout import summary_path
+from llmft.rundir.status import run_status
 
 RESULTS_FILE = "optimization_results.yaml"
 TRIAL_FILE = "trial.json"
@@ -93,8 +97,6 @@ def run_trial(cfg: DictConfig, prepare: Callable[[DictConfig], tuple[DictConfig,
     the line printed say it too); Ctrl-C twice (KeyboardInterrupt) stops the whole sweep."""
     from hydra.core.hydra_config import HydraConfig
 
-    from llmft.training import run_lock
-
     hydra_cfg = HydraConfig.get()
     trial_path = Path(hydra_cfg.runtime.output_dir) / TRIAL_FILE
     overrides = redact_argv([str(o) for o in hydra_cfg.overrides.task])
@@ -118,12 +120,13 @@ def run_trial(cfg: DictConfig, prepare: Callable[[DictConfig], tuple[DictConfig,
             code = start(cfg, run_dir)
         finally:
             if cfg.cluster is None:  # a submitted job releases its lock itself
-                run_lock.release(run_dir)
+                lock.release(run_dir)
         trial["value"] = objective(run_dir, code)
         trial["status"] = "completed"
     except (UserError, TrialFailed) as error:
-        trial.update(status="interrupted" if run_status(trial["run_dir"]) in ("interrupted", "requeued") else "failed",
-                     error=str(error))
+        resumable = trial["run_dir"] and run_status(trial["run_dir"], ask_slurm=False).status in ("interrupted",
+                                                                                                   "requeued")
+        trial.update(status="interrupted" if resumable else "failed", error=str(error))
         raise TrialFailed(f"trial {trial['number']} ({' '.join(overrides)}): {error}") from None
     except Exception as error:  # a bug, or a library's error while training in this process: the trial failed
         trial.update(status="failed", error=f"{type(error).__name__}: {error}")
@@ -142,19 +145,9 @@ def run_trial(cfg: DictConfig, prepare: Callable[[DictConfig], tuple[DictConfig,
     return trial["value"]
 
 
-def run_status(run_dir: str | None) -> str | None:
-    """The status in a run's summary.json, if it has one."""
-    path = Path(run_dir) / "summary.json" if run_dir else None
-    try:
-        return json.loads(path.read_text()).get("status") if path and path.exists() else None
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def objective(run_dir: Path, exit_code: int) -> float:
     """The final validation loss of a finished run, or TrialFailed saying why there is none."""
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    summary = read_summary(run_dir)
     status = summary.get("status")
     if status != "completed":
         reason = summary.get("error") or (f"continue it with python -m llmft.launch resume={run_dir}"
@@ -162,8 +155,8 @@ def objective(run_dir: Path, exit_code: int) -> float:
         raise TrialFailed(f"the run did not complete ({status or 'no summary.json'}): {reason}")
     value = summary.get(OBJECTIVE)
     if value is None:
-        raise TrialFailed(f"the run has no validation loss ({summary_path} has no {OBJECTIVE}): a sweep minimises "
-                          f"it, so give it validation data (data.validation_fraction > 0).")
+        raise TrialFailed(f"the run has no validation loss ({summary_path(run_dir)} has no {OBJECTIVE}): a sweep "
+                          f"minimises it, so give it validation data (data.validation_fraction > 0).")
     if not math.isfinite(value):
         raise TrialFailed(f"the validation loss is {value}: the run diverged")
     return float(value)

@@ -45,6 +45,7 @@ from llmft.data.prepared import conversations_fingerprint
 from llmft.data.records import DataError, ReadReport
 from llmft.data.templating import TemplateError
 from llmft.errors import ConfigError, UserError
+from llmft.rundir.files import read_config, read_summary
 from llmft import __version__
 from llmft.serve.inference import (
     base_model_dir,
@@ -94,8 +95,7 @@ def eval_settings(run_dir: Path, overrides: list[str]) -> EvalConfig:
     """The run's `eval` keys (saved in RUN_DIR/config.yaml, with its `eval.overrides`) < `overrides`, checked; then
     the judge's URL, model and key from the environment where still unset. A secret redacted in the saved config
     comes from the environment again (LLMFT_JUDGE_API_KEY), never from a file. EvalError names a bad key."""
-    saved_node = OmegaConf.select(OmegaConf.load(Path(run_dir) / "config.yaml"), "eval", default=None) or {}
-    saved = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvalConfig), saved_node))
+    saved = OmegaConf.to_object(read_config(run_dir).eval)
     saved.overrides = [str(a) for a in saved.overrides if not str(a).endswith("=" + REDACTED)]
     if saved.judge_api_key == REDACTED:
         saved.judge_api_key = None
@@ -155,9 +155,7 @@ def held_out_examples(cfg, run_dir: Path, settings: EvalConfig) -> tuple[list[Ex
     chosen = [c for c in conversations if split_by_id[c.id] == split]
     source = {"kind": "held-out split", "split": split, "data_path": str(cfg.data.path),
               "num_conversations_in_data": len(conversations), "num_conversations_in_split": len(chosen)}
-    summary_path = run_dir / "summary.json"
-    trained_on = json.loads(summary_path.read_text()).get("data", {}).get("fingerprint", {}).get("conversations") \
-        if summary_path.is_file() else None
+    trained_on = read_summary(run_dir).get("data", {}).get("fingerprint", {}).get("conversations")
     if trained_on and trained_on != conversations_fingerprint(conversations):
         source["warning"] = (f"the data at {cfg.data.path} changed since training: a conversation edited since then "
                              f"may have been trained on under another id")

@@ -10,14 +10,14 @@ No torch at import time: the commands parse and check their arguments in a fract
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from llmft.config.arguments import UsageError
-from llmft.config.compose import load_run_config
+from llmft.rundir import layout
+from llmft.rundir.files import read_config, read_summary
 from llmft.data.templating import with_system_prompt
 
 # transformers 5 warns through PEFT on every model load; nothing a user can act on
@@ -31,14 +31,13 @@ def run_directory(text: str | None, usage: str) -> Path:
     run_dir = Path(os.path.expandvars(text)).expanduser().resolve()
     if not run_dir.is_dir():
         raise UsageError(f"run={text}: no such directory.")
-    if not (run_dir / "config.yaml").is_file():
+    if not layout.is_run_dir(run_dir):
         raise UsageError(f"run={text} is not a run directory (no config.yaml): give a folder made by llmft.launch.")
-    final = run_dir / "final"
+    final = layout.final_dir(run_dir)
     if not (final / "adapter_config.json").is_file() and not (final / "config.json").is_file():
         status = ""
-        summary = run_dir / "summary.json"
-        if summary.is_file():
-            status = f" (summary.json says: {json.loads(summary.read_text()).get('status', 'unknown')})"
+        if layout.summary_path(run_dir).is_file():
+            status = f" (summary.json says: {read_summary(run_dir).get('status', 'unknown')})"
         raise UsageError(f"run={text} has no final model in {final}{status}: the run has not completed; continue it "
                          f"with `python -m llmft.launch resume={run_dir}`.")
     return run_dir
@@ -46,11 +45,11 @@ def run_directory(text: str | None, usage: str) -> Path:
 
 def run_config(run_dir: Path):
     """The run's saved config, checked against the schema (ConfigError in one sentence otherwise)."""
-    return load_run_config(run_dir)
+    return read_config(run_dir)
 
 
 def is_adapter_run(run_dir: Path) -> bool:
-    return (run_dir / "final" / "adapter_config.json").is_file()
+    return (layout.final_dir(run_dir) / "adapter_config.json").is_file()
 
 
 def base_model_dir(run_dir: Path, cfg, override: str | None = None) -> Path:
@@ -63,7 +62,7 @@ def base_model_dir(run_dir: Path, cfg, override: str | None = None) -> Path:
         path = Path(os.path.expandvars(override)).expanduser().resolve()
         source = f"base={override}"
     elif cfg.model.path is None:
-        path, source = run_dir / "base_model", "the run's base_model/"
+        path, source = layout.tiny_base_dir(run_dir), "the run's base_model/"
     else:
         path = Path(os.path.expandvars(cfg.model.path)).expanduser()
         source = f"model.path={cfg.model.path}"
@@ -83,9 +82,9 @@ def load_saved_tokenizer(run_dir: Path):
     """The tokenizer saved with the run's final model, with its chat template, padding on the left (generation)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / "final", local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(layout.final_dir(run_dir), local_files_only=True)
     if not tokenizer.chat_template:
-        raise UsageError(f"{run_dir / 'final'} has no chat template: was it written by llmft?")
+        raise UsageError(f"{layout.final_dir(run_dir)} has no chat template: was it written by llmft?")
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -118,10 +117,10 @@ def load_run_model(run_dir: Path, cfg, base_override: str | None = None):
 
         base_path = base_model_dir(run_dir, cfg, base_override)
         base = load_base(base_path, cfg)
-        model = PeftModel.from_pretrained(base, run_dir / "final", is_trainable=False)
+        model = PeftModel.from_pretrained(base, layout.final_dir(run_dir), is_trainable=False)
     else:
         base_path = Path(cfg.model.path) if cfg.model.path else None
-        model = AutoModelForCausalLM.from_pretrained(run_dir / "final", dtype=torch_dtype(cfg.model.dtype),
+        model = AutoModelForCausalLM.from_pretrained(layout.final_dir(run_dir), dtype=torch_dtype(cfg.model.dtype),
                                                      local_files_only=True)
     if not hasattr(model, "hf_device_map"):
         model.to(device_for_inference())

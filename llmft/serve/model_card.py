@@ -23,8 +23,11 @@ from urllib.parse import urlparse
 import yaml
 
 from llmft import __version__
+from llmft.config.compose import to_container
 from llmft.config.redact import redact_config
+from llmft.config.schema import PeftMethod
 from llmft.errors import UserError
+from llmft.rundir.files import read_config, read_provenance, read_summary
 
 NOT_UPLOADED = ["llmft_export.json"]  # local paths of this machine: kept beside the export, not shared
 HUB_TIMEOUT_S = 3.0
@@ -69,13 +72,13 @@ def data_summary(run_dir: Path, cfg) -> dict:
     """The prepare report of the run's data (data.output_dir/report.json, else the copy in summary.json), reduced to
     counts: nothing here quotes a conversation."""
     report = None
-    output_dir = cfg.data.get("output_dir") if hasattr(cfg.data, "get") else getattr(cfg.data, "output_dir", None)
+    output_dir = cfg.data.output_dir
     if output_dir:
         path = Path(os.path.expandvars(str(output_dir))).expanduser() / "report.json"
         if path.is_file():
             report = json.loads(path.read_text())
-    if report is None and (run_dir / "summary.json").is_file():
-        report = json.loads((run_dir / "summary.json").read_text()).get("data")
+    if report is None:
+        report = read_summary(run_dir).get("data")
     if not report:
         return {}
     source = report.get("path")
@@ -132,13 +135,12 @@ def model_card(run_dir: Path, cfg, record: dict, license: str, base_id: str | No
 
     kind = record["kind"]
     library = {"adapter": "peft", "gguf": "gguf"}.get(kind, "transformers")
-    tags = ["llmft", "text-generation"] + (["lora"] if cfg.peft.method.value != "full" else []) + \
+    tags = ["llmft", "text-generation"] + (["lora"] if cfg.peft.method is not PeftMethod.full else []) + \
         (["gguf", "llama.cpp"] if kind == "gguf" else [])
     front = ModelCardData(license=license, base_model=base_id, library_name=library, tags=tags,
                           pipeline_tag="text-generation")
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
-    provenance = json.loads((run_dir / "provenance.json").read_text()) if (run_dir / "provenance.json").is_file() \
-        else {}
+    summary = read_summary(run_dir)
+    provenance = read_provenance(run_dir)
     data = data_summary(run_dir, cfg)
     what = {"adapter": f"a LoRA adapter (r={record.get('r')}, alpha={record.get('lora_alpha')}) for",
             "merged": "the merge of a LoRA adapter into", "full": "a full fine-tune of",
@@ -176,7 +178,7 @@ def model_card(run_dir: Path, cfg, record: dict, license: str, base_id: str | No
                   f"- trainable parameters: {summary.get('num_trainable_parameters')} of "
                   f"{summary.get('num_parameters')}", ""]
     # the config as the run saved it (already redacted when written; redacted again in case it was edited)
-    config = without_local_paths(redact_config(yaml.safe_load((run_dir / "config.yaml").read_text()) or {}))
+    config = without_local_paths(redact_config(to_container(read_config(run_dir))))
     for private in ("run_dir", "runs_root"):  # where the run lived on this cluster: no business of the readers
         config.pop(private, None)
     lines += ["<details><summary>Training configuration (secrets redacted)</summary>", "", "```yaml",

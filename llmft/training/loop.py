@@ -33,15 +33,17 @@ import peft  # noqa: F401  (imported here, not inside the load: the load's memor
 import torch
 import torch.distributed as dist
 
-from llmft.config.compose import load_run_config
 from llmft.data.batching import epoch_order
 from llmft.data.pipeline import build_splits, read_conversations
 from llmft.data.tokenizer import load_tokenizer, tokenizer_for_run
 from llmft.errors import UserError, report
-from llmft.training import checkpoint, objectives, run_lock, strategies
+from llmft.rundir import checkpoints, lock
+from llmft.rundir.files import read_config, write_summary as write_summary_file
+from llmft.rundir.layout import checkpoints_dir, metrics_path
+from llmft.rundir.lifetime import die_with_parent
+from llmft.training import objectives, strategies
 from llmft.training.final import save_final
 from llmft.training.flops import flops_per_token, peak_flops
-from llmft.training.lifetime import die_with_parent
 from llmft.training import loss as supervised_loss
 from llmft.training.metrics import (MemoryMeter, MetricsLog, peak_resident_mb, quiet_progress_bars,
                                     reset_peak_resident, resident_mb)
@@ -103,9 +105,9 @@ class Trainer:
         if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank under torchrun: stop (with a checkpoint) if torchrun dies
             die_with_parent(signal.SIGTERM)
         if topology.is_main:  # one writer per run directory: this rank holds it until the run ends
-            run_lock.acquire(self.run_dir, log=self.log)
+            lock.acquire(self.run_dir, log=self.log)
         self.device = topology.device
-        os.umask(int(str(self.cfg.umask), 8))  # every rank writes into the run directory (see launch.run_dir)
+        os.umask(int(str(self.cfg.umask), 8))  # every rank writes into the run directory (see llmft.rundir.create)
         topology.init_process_group(self.tcfg.collective_timeout_min)
         self.bf16 = uses_bf16(self.tcfg.precision.value, topology.device_type)
         self.strategy = strategies.build(self.cfg, topology, self.bf16)
@@ -183,8 +185,8 @@ class Trainer:
                 self.topology.rank, self.topology.world_size, self.run_dir, started=self.state.step > 0,
                 is_main=self.topology.is_main, barrier=self.topology.barrier, log=self.log)
         if self.topology.is_main:
-            forget_metrics_after(self.run_dir / "metrics.jsonl", self.state.step)
-        metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.total_steps, self.state.step,
+            forget_metrics_after(metrics_path(self.run_dir), self.state.step)
+        metrics = MetricsLog(metrics_path(self.run_dir), self.total_steps, self.state.step,
                              enabled=self.topology.is_main, use_wandb=self.tcfg.wandb, use_mlflow=self.tcfg.mlflow)
         with metrics, StopSignals(self.topology) as stop:
             while self.state.step < self.total_steps:
@@ -280,7 +282,7 @@ class Trainer:
         metrics.write(record)
         metrics.show(self.state.step, record)
         if self.topology.is_main:
-            run_lock.heartbeat(self.run_dir)
+            lock.heartbeat(self.run_dir)
         progress.tokens = progress.supervised_tokens = progress.sequences = 0
         progress.interval_start = time.time()
 
@@ -306,7 +308,7 @@ class Trainer:
         # a checkpoint is ranked by the validation loss of its own step, never by an older one
         own_val_loss = self.progress.val_loss if self.progress.val_loss_step == state.step else None
         meta = {"world_size": self.topology.world_size, "strategy": self.strategy.name, "val_loss": own_val_loss}
-        path = checkpoint.save(self.run_dir / "checkpoints", state.step, write, meta, self.tcfg.keep_last,
+        path = checkpoints.save(checkpoints_dir(self.run_dir), state.step, write, meta, self.tcfg.keep_last,
                                barrier=self.topology.barrier, is_main=self.topology.is_main,
                                gather=self.topology.gather, rank=self.topology.rank)
         self.log(f"checkpoint: {path}")
@@ -317,12 +319,12 @@ class Trainer:
         reshards, ZeRO goes through DeepSpeed's universal checkpoint). The step must take as many samples as the
         checkpoint's steps did (`llmft.launch resume=` adjusts train.grad_accum_steps to keep it), else the data
         position and the LR schedule would mean something else: refused."""
-        latest, incomplete = checkpoint.find_latest(self.run_dir / "checkpoints")
+        latest, incomplete = checkpoints.find_latest(checkpoints_dir(self.run_dir))
         for folder in incomplete:
             self.log(f"checkpoint: ignoring incomplete {folder}")
         if latest is None:
             return
-        saved_world_size = checkpoint.read_manifest(latest)["world_size"]
+        saved_world_size = checkpoints.read_manifest(latest)["world_size"]
         own = latest / f"state_rank{self.topology.rank}.pt"  # a rank the checkpoint did not have starts from rank 0's
         saved = torch.load(own if own.exists() else latest / "state_rank0.pt", weights_only=False)
         samples_per_step = self.micro_batch_across_ranks * self.tcfg.grad_accum_steps
@@ -459,9 +461,7 @@ def forget_metrics_after(path: Path, step: int) -> None:
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:
-    tmp = Path(run_dir) / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, Path(run_dir) / "summary.json")
+    write_summary_file(run_dir, summary)
     from llmft.training.tracking import end_run  # MLflow (train.mlflow=true): its run ends with this status
 
     end_run(run_dir, summary)
@@ -473,7 +473,7 @@ def train(cfg, run_dir: Path) -> TrainResult:
 
 def run(run_dir: Path) -> TrainResult:
     """Train from a run directory; whatever stops the run, summary.json says how and why before it propagates."""
-    cfg = load_run_config(run_dir)
+    cfg = read_config(run_dir)
     is_main = Topology.from_env().is_main
     try:
         return train(cfg, run_dir)
@@ -490,7 +490,7 @@ def run(run_dir: Path) -> TrainResult:
         raise
     finally:
         if is_main:
-            run_lock.release(run_dir)
+            lock.release(run_dir)
         if dist.is_initialized():
             dist.destroy_process_group()
 

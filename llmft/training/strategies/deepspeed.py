@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from llmft.training import checkpoint
-from llmft.training.checkpoint import CheckpointError
+from llmft.rundir import checkpoints
+from llmft.rundir.checkpoints import CheckpointError
 
 CHECKPOINT_TAG = "deepspeed"
 UNIVERSAL_TAG = "universal"  # step_<N>/universal/: the universal form of step_<N>/deepspeed/, made on demand
@@ -151,7 +151,7 @@ class DeepSpeedStrategy:
         """Same world size: DeepSpeed's own checkpoint. Another one: its universal form (converted once by rank 0,
         see `universal_checkpoint`), from which each rank takes its partition of the weights and optimizer moments;
         the LR schedule and DeepSpeed's step counters come from the saved model-states file as usual."""
-        saved_world_size = checkpoint.read_manifest(folder)["world_size"]
+        saved_world_size = checkpoints.read_manifest(folder)["world_size"]
         universal = saved_world_size != self.topology.world_size
         tag = universal_checkpoint(folder, saved_world_size, self.topology).name if universal else CHECKPOINT_TAG
         # DeepSpeed reads `checkpoint.load_universal` from the engine's config at load time only: set it for this one
@@ -203,7 +203,7 @@ def universal_checkpoint(folder: Path, saved_world_size: int, topology) -> Path:
         print(f"resume: {folder.name} was saved by {saved_world_size} rank(s) and this run has {topology.world_size}: "
               f"converting it to DeepSpeed's universal checkpoint in {target} (once; the other ranks wait, up to "
               f"train.collective_timeout_min)", flush=True)
-        tmp = folder / f"{checkpoint.TMP_PREFIX}{UNIVERSAL_TAG}"
+        tmp = folder / f"{checkpoints.TMP_PREFIX}{UNIVERSAL_TAG}"
         try:
             _convert_to_universal(folder / CHECKPOINT_TAG, tmp)
             os.replace(tmp, target)

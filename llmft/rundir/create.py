@@ -1,19 +1,10 @@
-"""The run directory: the unit of reproducibility.
-
-    RUN_DIR/config.yaml       the resolved config (re-run with `python -m llmft.train RUN_DIR`)
-    RUN_DIR/provenance.json   llmft version, git commit (and whether the tree was dirty), command, host, time
-    RUN_DIR/metrics.jsonl     one line per logging step / evaluation
-    RUN_DIR/checkpoints/      step_<N>/ folders, each complete or absent
-    RUN_DIR/base_model/       model=tiny only: the random-weight base the adapter applies to
-    RUN_DIR/final/            the adapter (or full model) with the tokenizer and its chat template
-    RUN_DIR/summary.json      status, steps, first/final loss, validation loss, sizes, timing
+"""A new run directory: created, locked, with its resolved config and its provenance (the layout: `llmft/rundir/`).
 
 No torch here: the launcher creates the directory on the login node.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import socket
@@ -22,13 +13,14 @@ import sys
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from llmft import __version__
-from llmft.config.compose import PACKAGE_DIR, to_container
+from llmft.config.compose import PACKAGE_DIR
+from llmft.config.redact import redact_argv
 from llmft.errors import ConfigError
-from llmft.config.redact import redact_argv, redact_config
-from llmft.training import run_lock  # torch-free
+from llmft.rundir import lock
+from llmft.rundir.files import write_config, write_provenance
 
 
 def new_run_dir(cfg: DictConfig) -> Path:
@@ -70,7 +62,7 @@ def create(cfg: DictConfig) -> Path:
     apply_umask(cfg)
     run_dir = new_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    run_lock.acquire(run_dir)
+    lock.acquire(run_dir)
     cfg.run_dir = str(run_dir)
     write_config(cfg, run_dir)
     provenance = {
@@ -81,15 +73,5 @@ def create(cfg: DictConfig) -> Path:
         "python": platform.python_version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    (run_dir / "provenance.json").write_text(json.dumps(provenance, indent=2))
+    write_provenance(run_dir, provenance)
     return run_dir
-
-
-def write_config(cfg: DictConfig, run_dir: Path) -> None:
-    """The resolved config, secrets redacted: what every rank and every resume reads."""
-    OmegaConf.save(OmegaConf.create(redact_config(to_container(cfg))), run_dir / "config.yaml")
-
-
-def mark_failed(run_dir: Path, reason: str) -> None:
-    """summary.json for a run that failed before training started (a refused submission)."""
-    (run_dir / "summary.json").write_text(json.dumps({"status": "failed", "error": reason}, indent=2))

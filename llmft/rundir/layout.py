@@ -1,0 +1,53 @@
+"""Where each file of a run directory is (the list is in `llmft/rundir/__init__.py`). Nobody else spells these names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CONFIG_FILE = "config.yaml"
+SUMMARY_FILE = "summary.json"
+PROVENANCE_FILE = "provenance.json"
+METRICS_FILE = "metrics.jsonl"
+JOBS_FILE = "jobs.jsonl"
+
+
+def config_path(run_dir: Path | str) -> Path:
+    return Path(run_dir) / CONFIG_FILE
+
+
+def summary_path(run_dir: Path | str) -> Path:
+    return Path(run_dir) / SUMMARY_FILE
+
+
+def provenance_path(run_dir: Path | str) -> Path:
+    return Path(run_dir) / PROVENANCE_FILE
+
+
+def metrics_path(run_dir: Path | str) -> Path:
+    return Path(run_dir) / METRICS_FILE
+
+
+def jobs_path(run_dir: Path | str) -> Path:
+    return Path(run_dir) / JOBS_FILE
+
+
+def checkpoints_dir(run_dir: Path | str) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def final_dir(run_dir: Path | str) -> Path:
+    return Path(run_dir) / "final"
+
+
+def tiny_base_dir(run_dir: Path | str) -> Path:
+    """model=tiny: the random-weight base model the adapter applies to."""
+    return Path(run_dir) / "base_model"
+
+
+def logs_dir(run_dir: Path | str) -> Path:
+    return Path(run_dir) / "logs"
+
+
+def is_run_dir(path: Path | str) -> bool:
+    """A folder that llmft.launch created (it holds the resolved config)."""
+    return config_path(path).is_file()

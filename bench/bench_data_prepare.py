@@ -109,8 +109,9 @@ def write_export(path: Path, num_tickets: int) -> Path:
 
 def prepare_without_tokenizer_training(cfg, tokenizer, out_dir: Path) -> tuple[dict, dict, float]:
     """What `prepare` does with a model's own tokenizer, but the histogram: the report, the counts, the seconds."""
-    from llmft.data.pipeline import end_of_turn_of, read_and_tokenize
-    from llmft.data.prepared import fingerprint_parts, save_samples, write_manifest
+    from llmft.data.prepare.tokenizing import end_of_turn_of
+    from llmft.data.prepare.one_pass import read_and_tokenize
+    from llmft.data.prepare.prepared_dir import fingerprint_parts, save_samples, write_manifest
 
     started = time.perf_counter()
     read_report, tokenized, conversations_part = read_and_tokenize(cfg.data, tokenizer, cfg.model.max_seq_len,
@@ -150,9 +151,9 @@ def ratios(args) -> int:
     from datasets.utils.logging import disable_progress_bar
 
     from llmft.config.compose import compose
-    from llmft.data.pipeline import read_conversations
-    from llmft.data.tokenizer import train_tiny_tokenizer
-    from llmft.data.workers import num_workers_of
+    from llmft.data.prepare.reading import read_conversations
+    from llmft.data.tokenize.tokenizer import train_tiny_tokenizer
+    from llmft.data.prepare.workers import num_workers_of
 
     disable_progress_bar()
     load = os.getloadavg()
@@ -237,8 +238,8 @@ def peak_rss(args) -> int:
         command += [f"data.num_workers={args.workers}"] if args.workers else []
         if args.model_tokenizer:  # a model's own tokenizer (here: trained on 2,000 of the tickets, untimed): one pass
             from llmft.config.compose import compose
-            from llmft.data.pipeline import read_conversations
-            from llmft.data.tokenizer import train_tiny_tokenizer
+            from llmft.data.prepare.reading import read_conversations
+            from llmft.data.tokenize.tokenizer import train_tiny_tokenizer
 
             sample = write_export(Path(tmp) / "sample.jsonl", 2000)
             conversations, _ = read_conversations(compose(["data=tickets", f"data.path={sample}",

@@ -57,7 +57,8 @@ def trainer_run(steps: int, micro_batch: int, llmft_run_dir: Path, work: Path) -
                               TrainerCallback, TrainingArguments)
 
     from llmft.config.compose import load_run_config
-    from llmft.data.pipeline import build_splits, read_conversations
+    from llmft.data.prepare.reading import read_conversations
+    from llmft.data.prepare.samples_for_run import build_splits
 
     cfg = load_run_config(llmft_run_dir)
     cfg.data.packing = False  # the baseline pads each batch, as Trainer users do

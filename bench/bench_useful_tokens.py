@@ -20,11 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llmft.data.batching import collate, epoch_order  # noqa: E402
-from llmft.data.pipeline import build_splits, read_conversations  # noqa: E402
-from llmft.data.templating import IGNORE_INDEX  # noqa: E402
+from llmft.data.tokenize.batching import collate, epoch_order  # noqa: E402
+from llmft.data.prepare.reading import read_conversations  # noqa: E402
+from llmft.data.prepare.samples_for_run import build_splits  # noqa: E402
+from llmft.data.tokenize.templating import IGNORE_INDEX  # noqa: E402
 from llmft.config.compose import compose  # noqa: E402
-from llmft.data.tokenizer import train_tiny_tokenizer  # noqa: E402
+from llmft.data.tokenize.tokenizer import train_tiny_tokenizer  # noqa: E402
 
 
 def fractions(batches) -> tuple[float, float]:

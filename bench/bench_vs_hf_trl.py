@@ -210,10 +210,10 @@ def child_prepare(setup: dict) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from llmft.config.compose import compose
-    from llmft.data.packing import pack_best_fit
-    from llmft.data.pipeline import read_conversations
-    from llmft.data.templating import tokenize_many
-    from llmft.data.tokenizer import train_tiny_tokenizer
+    from llmft.data.tokenize.packing import pack_best_fit
+    from llmft.data.prepare.reading import read_conversations
+    from llmft.data.tokenize.templating import tokenize_many
+    from llmft.data.tokenize.tokenizer import train_tiny_tokenizer
 
     work, steps, max_seq_len = Path(setup["work"]), setup["steps"], setup["max_seq_len"]
     # llmft's own settings for this model, which HF and TRL then copy: LoRA (peft=lora) and optimizer (train=default)

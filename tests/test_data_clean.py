@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from llmft.data.clean import MessageCleaner, shape_turns, strip_quoted_replies
+from llmft.data.clean.messages import MessageCleaner, shape_turns, strip_quoted_replies
 from llmft.config.data_schema import CleanConfig
-from llmft.data.dedup import drop_duplicates
-from llmft.data.html_text import HTML_TAGS, html_to_text, looks_like_html
-from llmft.data.records import Conversation
+from llmft.data.clean.dedup import drop_duplicates
+from llmft.data.clean.html_text import HTML_TAGS, html_to_text, looks_like_html
+from llmft.data.readers.records import Conversation
 
 CLEAN = OmegaConf.structured(CleanConfig)
 
@@ -146,7 +146,7 @@ def test_minhash_agreement_estimates_the_jaccard_similarity_of_word_5_grams():
 
     import numpy as np
 
-    from llmft.data.dedup import SHINGLE_WORDS, minhash
+    from llmft.data.clean.dedup import SHINGLE_WORDS, minhash
 
     rng = random.Random(3)
     vocabulary = [f"w{i}" for i in range(5000)]

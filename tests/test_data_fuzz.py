@@ -21,9 +21,9 @@ from omegaconf import OmegaConf
 
 import llmft.data
 from conftest import compose
-from llmft.data.email_threads import mbox_chunks
-from llmft.data.pipeline import read_conversations
-from llmft.data.records import ROLES, DataError
+from llmft.data.readers.email_threads import mbox_chunks
+from llmft.data.prepare.reading import read_conversations
+from llmft.data.readers.records import ROLES, DataError
 
 SAMPLES = Path(llmft.data.__file__).parent / "samples"
 MUTATIONS_PER_FORMAT = 40

@@ -6,10 +6,11 @@ import pytest
 from omegaconf import OmegaConf
 
 from llmft.config.data_schema import DataConfig
-from llmft.data.pipeline import build_splits, preflight
-from llmft.data.records import Conversation
-from llmft.data.templating import IGNORE_INDEX, TemplateError, tokenize_conversation, windows
-from llmft.data.tokenizer import train_tiny_tokenizer
+from llmft.data.prepare.tokenizing import preflight
+from llmft.data.prepare.samples_for_run import build_splits
+from llmft.data.readers.records import Conversation
+from llmft.data.tokenize.templating import IGNORE_INDEX, TemplateError, tokenize_conversation, windows
+from llmft.data.tokenize.tokenizer import train_tiny_tokenizer
 
 # A Llama-3-style template: a header before each turn, <|eot_id|> after it, nothing between turns.
 LLAMA3_STYLE = (
@@ -127,8 +128,8 @@ def test_the_direct_renderer_and_token_ids_give_what_the_transformers_wrappers_g
     must give what apply_chat_template and tokenizer(...) give, for every prefix the masks are built from."""
     from copy import deepcopy
 
-    from llmft.data.templating import ChatRenderer, token_ids
-    from llmft.data.tokenizer import FALLBACK_TEMPLATE
+    from llmft.data.tokenize.templating import ChatRenderer, token_ids
+    from llmft.data.tokenize.tokenizer import FALLBACK_TEMPLATE
 
     tok = deepcopy(tokenizer)
     tok.chat_template = {"chatml": tok.chat_template, "fallback": FALLBACK_TEMPLATE, "llama3": LLAMA3_STYLE,
@@ -148,7 +149,7 @@ def test_a_direct_render_that_differs_from_the_wrapper_falls_back_to_it(tokenize
     """(another transformers release rendering otherwise: the first conversation is checked, then the wrapper is used)"""
     from types import SimpleNamespace
 
-    from llmft.data.templating import ChatRenderer, token_ids
+    from llmft.data.tokenize.templating import ChatRenderer, token_ids
 
     render = ChatRenderer(tokenizer)
     render.compiled = SimpleNamespace(render=lambda **_: "something else")  # (transformers' own stays untouched)

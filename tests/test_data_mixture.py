@@ -12,11 +12,14 @@ from omegaconf import OmegaConf
 
 from conftest import compose, run_llmft
 from llmft.config.validation import validate
-from llmft.data.mixture import draw, drawn_indices, sample_targets, sources_of
-from llmft.data.pipeline import assign_splits, build_splits, read_conversations, tokenize_rows
-from llmft.data.prepare import prepare
-from llmft.data.rows import Rows
-from llmft.data.tokenizer import tokenizer_for_run
+from llmft.data.prepare.mixture import draw, drawn_indices, sample_targets, sources_of
+from llmft.data.prepare.reading import read_conversations
+from llmft.data.prepare.splits import assign_splits
+from llmft.data.prepare.tokenizing import tokenize_rows
+from llmft.data.prepare.samples_for_run import build_splits
+from llmft.data.prepare.command import prepare
+from llmft.data.tokenize.rows import Rows
+from llmft.data.tokenize.tokenizer import tokenizer_for_run
 from llmft.errors import ConfigError
 
 

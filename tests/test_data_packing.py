@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
-from llmft.data.batching import collate
-from llmft.data.packing import pack_best_fit
-from llmft.data.templating import IGNORE_INDEX, Sample
+from llmft.data.tokenize.batching import collate
+from llmft.data.tokenize.packing import pack_best_fit
+from llmft.data.tokenize.templating import IGNORE_INDEX, Sample
 
 
 def random_samples(lengths: list[int], vocab_size: int, seed: int = 0) -> list[Sample]:

@@ -19,15 +19,19 @@ import pytest
 from conftest import REPO, compose, run_llmft
 from llmft.config.compose import SAMPLES_DIR
 from llmft.config.validation import check_data
-from llmft.data import pipeline, rows as rows_module, workers
-from llmft.data.packing import pack_best_fit
-from llmft.data.pipeline import build_splits, read_and_tokenize, read_conversations, tokenize_rows
-from llmft.data.prepared import conversations_fingerprint
-from llmft.data.prepare import prepare
-from llmft.data.records import DataError
-from llmft.data.rows import Rows
-from llmft.data.templating import IGNORE_INDEX, Sample
-from llmft.data.tokenizer import tokenizer_for_run
+from llmft.data.prepare import one_pass as one_pass_module, reading, tokenizing, workers
+from llmft.data.tokenize import rows as rows_module
+from llmft.data.tokenize.packing import pack_best_fit
+from llmft.data.prepare.reading import read_conversations
+from llmft.data.prepare.tokenizing import tokenize_rows
+from llmft.data.prepare.one_pass import read_and_tokenize
+from llmft.data.prepare.samples_for_run import build_splits
+from llmft.data.prepare.prepared_dir import conversations_fingerprint
+from llmft.data.prepare.command import prepare
+from llmft.data.readers.records import DataError
+from llmft.data.tokenize.rows import Rows
+from llmft.data.tokenize.templating import IGNORE_INDEX, Sample
+from llmft.data.tokenize.tokenizer import tokenizer_for_run
 from llmft.errors import ConfigError
 
 STAFF = "data.tickets.staff_domains=[support.example-hpc.fr]"
@@ -181,8 +185,8 @@ def test_prepare_writes_the_same_bytes_with_any_number_of_workers(name, tmp_path
     if name in ("tickets_jsonl", "csv", "chat_jsonl"):
         assert report["num_skipped"]
     log = tmp_path / "pids"
-    monkeypatch.setattr(pipeline, "read_chunk", spied(pipeline.read_chunk, log))
-    monkeypatch.setattr(pipeline, "tokenize_chunk", spied(pipeline.tokenize_chunk, log))
+    monkeypatch.setattr(reading, "read_chunk", spied(reading.read_chunk, log))
+    monkeypatch.setattr(tokenizing, "tokenize_chunk", spied(tokenizing.tokenize_chunk, log))
     for num_workers in (2, 3) if name == "tickets_jsonl" else (2,):
         log.write_text("")
         files = prepared_files(overrides + [f"data.num_workers={num_workers}"], tmp_path / "out")
@@ -214,7 +218,7 @@ def test_training_gets_the_same_samples_with_any_number_of_workers(tmp_path, sma
 def test_a_bad_record_in_strict_mode_is_the_same_sentence_with_workers(tmp_path, small_chunks, monkeypatch):
     path = write_tickets_jsonl(tmp_path / "t.jsonl", synthetic_tickets())
     log = tmp_path / "pids"
-    monkeypatch.setattr(pipeline, "read_chunk", spied(pipeline.read_chunk, log))
+    monkeypatch.setattr(reading, "read_chunk", spied(reading.read_chunk, log))
     errors = []
     for num_workers in (1, 2):
         with pytest.raises(DataError) as error:
@@ -350,8 +354,8 @@ def test_prepare_with_a_model_tokenizer_reads_and_tokenizes_in_one_pass(tmp_path
     shutil.copytree(tmp_path / "tiny" / "tokenizer", model)
     log = tmp_path / "pids"
     log.write_text("")
-    monkeypatch.setattr(pipeline, "prepare_chunk", spied(pipeline.prepare_chunk, log))
-    monkeypatch.setattr(pipeline, "tokenize_chunk", spied(pipeline.tokenize_chunk, log))  # (called by prepare_chunk)
+    monkeypatch.setattr(one_pass_module, "prepare_chunk", spied(one_pass_module.prepare_chunk, log))
+    monkeypatch.setattr(tokenizing, "tokenize_chunk", spied(tokenizing.tokenize_chunk, log))  # (called by prepare_chunk)
     one_pass = prepared_files(overrides + ["data.num_workers=2", f"model.path={model}"], tmp_path / "one")
     assert worker_lines(log)
     one_pass["report.json"] = one_pass["report.json"].replace(str(tmp_path / "one").encode(),

@@ -11,15 +11,17 @@ from pathlib import Path
 import pytest
 
 from conftest import compose, run_llmft
-from llmft.data.from_eval import from_eval
-from llmft.data.inspect_samples import inspect
-from llmft.data.pipeline import build_splits, read_conversations, tokenize_preferences
-from llmft.data.preferences import (KtoExample, KtoRecord, PreferencePair, PreferenceRecord, PreferenceTokenizing,
-                                    tokenize_preference_chunk, training_texts)
-from llmft.data.prepare import prepare
-from llmft.data.records import DataError
-from llmft.data.templating import IGNORE_INDEX
-from llmft.data.tokenizer import train_tiny_tokenizer, tokenizer_for_run
+from llmft.data.preferences.from_eval import from_eval
+from llmft.data.prepare.inspect_samples import inspect
+from llmft.data.prepare.reading import read_conversations
+from llmft.data.prepare.tokenizing_preferences import tokenize_preferences
+from llmft.data.prepare.samples_for_run import build_splits
+from llmft.data.preferences.dpo_kto import (KtoExample, KtoRecord, PreferencePair, PreferenceRecord,
+                                             PreferenceTokenizing, tokenize_preference_chunk, training_texts)
+from llmft.data.prepare.command import prepare
+from llmft.data.readers.records import DataError
+from llmft.data.tokenize.templating import IGNORE_INDEX
+from llmft.data.tokenize.tokenizer import train_tiny_tokenizer, tokenizer_for_run
 
 SYSTEM = "You are the HPC support assistant."
 PROMPT = [

@@ -10,11 +10,12 @@ import pytest
 
 from conftest import compose, run_llmft
 from llmft.config.compose import SAMPLES_DIR
-from llmft.data.chat import read_chat_jsonl
-from llmft.data.tokenizer import tokenizer_for_run
-from llmft.data.pipeline import build_splits, read_conversations
-from llmft.data.prepare import prepare
-from llmft.data.records import ReadReport
+from llmft.data.readers.chat import read_chat_jsonl
+from llmft.data.tokenize.tokenizer import tokenizer_for_run
+from llmft.data.prepare.reading import read_conversations
+from llmft.data.prepare.samples_for_run import build_splits
+from llmft.data.prepare.command import prepare
+from llmft.data.readers.records import ReadReport
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import compose
-from llmft.data.prepare import prepare
-from llmft.data.scrub import Scrubber
+from llmft.data.prepare.command import prepare
+from llmft.data.clean.scrub import Scrubber
 from llmft.config.data_schema import ScrubConfig
 from omegaconf import OmegaConf
 

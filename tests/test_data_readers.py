@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from conftest import compose, run_llmft
-from llmft.data.html_text import HTML_TAGS
-from llmft.data.pipeline import read_conversations
-from llmft.data.records import DataError
-from llmft.data.splits import split_of
+from llmft.data.clean.html_text import HTML_TAGS
+from llmft.data.prepare.reading import read_conversations
+from llmft.data.readers.records import DataError
+from llmft.data.prepare.splits import split_of
 
 STAFF = "data.tickets.staff_domains=[help.example.org]"
 GOOD_CHAT = {"messages": [{"role": "user", "content": "How do I see my quota?"},

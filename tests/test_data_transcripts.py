@@ -12,8 +12,8 @@ import pytest
 from conftest import compose
 from llmft.config.compose import SAMPLES_DIR
 from llmft.config.validation import validate
-from llmft.data.pipeline import read_conversations
-from llmft.data.records import DataError
+from llmft.data.prepare.reading import read_conversations
+from llmft.data.readers.records import DataError
 from llmft.errors import ConfigError
 
 TRANSCRIPT = """\

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from conftest import REPO, compose, read_metrics, run_llmft, wait_for_step
 from llmft.config.validation import validate
-from llmft.data.templating import IGNORE_INDEX, Sample
+from llmft.data.tokenize.templating import IGNORE_INDEX, Sample
 from llmft.errors import ConfigError
 from llmft.training import loss as supervised_loss
 from llmft.training import objectives
@@ -45,7 +45,7 @@ def tiny_peft_model(vocab: int):
 
 
 def pairs_of(examples):
-    from llmft.data.preferences import PreferencePair
+    from llmft.data.preferences.dpo_kto import PreferencePair
 
     def sample(prompt, completion):
         return Sample(input_ids=prompt + completion, labels=[IGNORE_INDEX] * len(prompt) + completion)

@@ -193,7 +193,8 @@ def test_scores_of_a_reference_against_itself_are_perfect():
 
 def test_the_examples_are_the_held_out_split(tiny_run, evaluated):
     from llmft.rundir.files import read_config
-    from llmft.data.pipeline import assign_splits, read_conversations
+    from llmft.data.prepare.reading import read_conversations
+    from llmft.data.prepare.splits import assign_splits
 
     report, _, _ = evaluated
     cfg = read_config(tiny_run)

@@ -38,7 +38,7 @@ def family_overrides(family: str) -> list[str]:
 
 
 def tiny_tokenizer():
-    from llmft.data.tokenizer import train_tiny_tokenizer
+    from llmft.data.tokenize.tokenizer import train_tiny_tokenizer
 
     texts = [line for line in (REPO / "llmft/data/samples/tickets_sample.chat.jsonl").read_text().splitlines()]
     return train_tiny_tokenizer(texts, 512)

@@ -18,7 +18,7 @@ def write_model(folder, num_layers: int, hidden: int, intermediate: int) -> int:
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llmft.data.tokenizer import train_tiny_tokenizer
+    from llmft.data.tokenize.tokenizer import train_tiny_tokenizer
 
     samples = REPO / "llmft/data/samples/tickets_sample.chat.jsonl"
     texts = [m["content"] for line in samples.read_text().splitlines() for m in json.loads(line)["messages"]]

@@ -119,8 +119,8 @@ def packing_check(cpu: bool) -> str:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llmft.data.batching import collate
-    from llmft.data.templating import Sample
+    from llmft.data.tokenize.batching import collate
+    from llmft.data.tokenize.templating import Sample
 
     device = torch.device("cpu" if cpu else "cuda")
     dtype = torch.float32 if cpu else torch.bfloat16
@@ -155,8 +155,8 @@ def loss_check(cpu: bool) -> str:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llmft.data.batching import collate
-    from llmft.data.templating import IGNORE_INDEX, Sample
+    from llmft.data.tokenize.batching import collate
+    from llmft.data.tokenize.templating import IGNORE_INDEX, Sample
     from llmft.training import loss
 
     device = torch.device("cpu" if cpu else "cuda")
@@ -204,7 +204,7 @@ def throughput_check(cpu: bool, work: Path) -> str:
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llmft.data.tokenizer import train_tiny_tokenizer
+    from llmft.data.tokenize.tokenizer import train_tiny_tokenizer
 
     folder = work / "llama-1b-shaped"
     folder.mkdir(exist_ok=True)

@@ -107,8 +107,8 @@ def main() -> int:
         TARGET.write_text(text, encoding="utf-8")
     sys.path.insert(0, str(SAMPLES.parent.parent.parent))
     from llmft.config.compose import compose
-    from llmft.data.records import ReadReport
-    from llmft.data.transcripts import read_transcripts
+    from llmft.data.readers.records import ReadReport
+    from llmft.data.readers.transcripts import read_transcripts
 
     report = ReadReport()
     read = read_transcripts(TARGET, compose(["data=transcripts_sample"]).data, report)

@@ -19,7 +19,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from llmft.config.compose import compose
 from llmft.config.validation import validate
-from llmft.data.preferences import summary_line
+from llmft.data.preferences.dpo_kto import summary_line
 from llmft.errors import ConfigError, run_command
 
 USAGE = __doc__.split("\n\n")[0].strip()
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args, overrides: list[str]) -> int:
     if args.command == "from-eval":  # reads a run's evaluation report, composes no config
-        from llmft.data.from_eval import from_eval
+        from llmft.data.preferences.from_eval import from_eval
 
         from_eval(overrides)
         return 0
@@ -81,7 +81,7 @@ def run(args, overrides: list[str]) -> int:
         key = getattr(error, "full_key", None) or "a key"
         raise ConfigError(f"bad config: {key} is not set: add {key}=... to the command.") from None
     if args.command == "prepare":
-        from llmft.data.prepare import prepare
+        from llmft.data.prepare.command import prepare
 
         os.umask(int(str(cfg.umask), 8))  # prepared tickets are no more readable than a run (default 027)
         report = prepare(cfg)
@@ -93,7 +93,7 @@ def run(args, overrides: list[str]) -> int:
                                                                                   "conversations")
             print(f"wrote {report['output_dir']} (report.json, dataset/, *.{audit}.jsonl, lengths.png)")
     else:
-        from llmft.data.inspect_samples import inspect
+        from llmft.data.prepare.inspect_samples import inspect
 
         color = sys.stdout.isatty() and not args.no_color
         print(inspect(cfg, args.num, args.split, color))

@@ -39,11 +39,13 @@ from llmft.config.arguments import UsageError
 from llmft.config.redact import REDACTED
 from llmft.config.schema import EvalConfig
 from llmft.config.validation import check_eval, check_eval_runtime, with_eval_overrides
-from llmft.data.chat import read_chat_jsonl
-from llmft.data.pipeline import assign_splits, plain, read_conversations
-from llmft.data.prepared import conversations_fingerprint
-from llmft.data.records import DataError, ReadReport
-from llmft.data.templating import TemplateError
+from llmft.data.readers.chat import read_chat_jsonl
+from llmft.data.prepare.data_config import plain
+from llmft.data.prepare.reading import read_conversations
+from llmft.data.prepare.splits import assign_splits
+from llmft.data.prepare.prepared_dir import conversations_fingerprint
+from llmft.data.readers.records import DataError, ReadReport
+from llmft.data.tokenize.templating import TemplateError
 from llmft.errors import ConfigError, UserError
 from llmft.rundir.files import read_config, read_summary
 from llmft import __version__

@@ -442,7 +442,7 @@ def check_gguf(path: Path, model, tokenizer, dtype: str, stop_ids: list[int], sh
 # ------------------------------------------------------------------------------------------------ Ollama
 
 
-# The chat layouts llmft trains with (llmft.data.tokenizer), each as Ollama's Go template. A Jinja template is only
+# The chat layouts llmft trains with (llmft.data.tokenize.tokenizer), each as Ollama's Go template. A Jinja template is only
 # translated when rendering it gives exactly this layout on probe conversations (checked in `ollama_template`).
 OLLAMA_LAYOUTS = {
     "chatml": ("{{ range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"

@@ -18,7 +18,7 @@ from pathlib import Path
 from llmft.config.arguments import UsageError
 from llmft.rundir import layout
 from llmft.rundir.files import read_config, read_summary
-from llmft.data.templating import with_system_prompt
+from llmft.data.tokenize.templating import with_system_prompt
 
 # transformers 5 warns through PEFT on every model load; nothing a user can act on
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")

@@ -33,9 +33,10 @@ import peft  # noqa: F401  (imported here, not inside the load: the load's memor
 import torch
 import torch.distributed as dist
 
-from llmft.data.batching import epoch_order
-from llmft.data.pipeline import build_splits, read_conversations
-from llmft.data.tokenizer import load_tokenizer, tokenizer_for_run
+from llmft.data.tokenize.batching import epoch_order
+from llmft.data.prepare.reading import read_conversations
+from llmft.data.prepare.samples_for_run import build_splits
+from llmft.data.tokenize.tokenizer import load_tokenizer, tokenizer_for_run
 from llmft.errors import UserError, report
 from llmft.rundir import checkpoints, lock
 from llmft.rundir.files import read_config, write_summary as write_summary_file

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from llmft.data.batching import collate
-from llmft.data.templating import IGNORE_INDEX
+from llmft.data.tokenize.batching import collate
+from llmft.data.tokenize.templating import IGNORE_INDEX
 from llmft.errors import UserError
 from llmft.training.loss import supervised_token_losses, token_losses, with_loss_index
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import bisect
 
-from llmft.data.templating import Sample
+from llmft.data.tokenize.templating import Sample
 
 
 def pack_best_fit(samples: list[Sample], capacity: int) -> list[Sample]:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from llmft.data.preferences import training_texts
+from llmft.data.preferences.dpo_kto import training_texts
 
 # ChatML, the fallback for the tiny model and for base models whose tokenizer has no template. The
-# `{% generation %}` markers let transformers return assistant masks; llmft computes masks itself (data/templating.py)
+# `{% generation %}` markers let transformers return assistant masks; llmft computes masks itself (templating.py)
 # but keeps them so stock tools (TRL's assistant_only_loss) read the template the same way.
 CHATML_TEMPLATE = (
     "{% for message in messages %}"

@@ -14,7 +14,7 @@ from collections import Counter
 from functools import lru_cache
 from typing import Callable
 
-from llmft.data.records import DataError
+from llmft.data.readers.records import DataError
 
 _URL_CHARS = r"[^\s<>\"'`]"
 # (type, pattern, replacement, clues[, needs]): the replacement keeps the key of `password: value` and `TOKEN=value`.

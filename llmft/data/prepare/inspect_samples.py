@@ -7,11 +7,12 @@ The samples come from the same code as training (a matching prepared dataset is 
 
 from __future__ import annotations
 
-from llmft.data.records import DataError
-from llmft.data.tokenizer import tokenizer_for_run
-from llmft.data.pipeline import build_splits, read_conversations
-from llmft.data.preferences import samples_of
-from llmft.data.templating import IGNORE_INDEX, Sample
+from llmft.data.preferences.dpo_kto import samples_of
+from llmft.data.prepare.reading import read_conversations
+from llmft.data.prepare.samples_for_run import build_splits
+from llmft.data.readers.records import DataError
+from llmft.data.tokenize.templating import IGNORE_INDEX, Sample
+from llmft.data.tokenize.tokenizer import tokenizer_for_run
 
 GREEN, RESET = "\x1b[1;32m", "\x1b[0m"
 

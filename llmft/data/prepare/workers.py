@@ -35,7 +35,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterable, Iterator, TypeVar
 
-from llmft.data.records import DataError
+from llmft.data.readers.records import DataError
 
 MAX_DEFAULT_WORKERS = 16  # the default's cap: a login node is shared
 CHUNKS_PER_WORKER = 8  # enough chunks that a slow one (a few very long tickets) does not idle the other workers

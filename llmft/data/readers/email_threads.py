@@ -22,10 +22,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from llmft.data.html_text import html_to_text
-from llmft.data.records import Conversation, DataError, ReadReport, input_files
-from llmft.data.tickets import StaffRule, person_name
-from llmft.data.workers import ChunkSizes
+from llmft.data.clean.html_text import html_to_text
+from llmft.data.prepare.workers import ChunkSizes
+from llmft.data.readers.records import Conversation, DataError, ReadReport, input_files
+from llmft.data.readers.tickets import StaffRule, person_name
 
 _REPLY_PREFIX = re.compile(r"^\s*((re|fwd?|tr|aw|wg|rv|sv|antw)\s*(\[\d+\])?\s*:\s*)+", re.I)
 _MESSAGE_ID = re.compile(r"<[^<>\s]+>")

@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmft.data.records import Conversation, ReadReport, input_files
+from llmft.data.readers.records import Conversation, ReadReport, input_files
 
 TRANSCRIPT_SUFFIXES = (".txt", ".md", ".markdown")
 TURN_ROLES = ("user", "assistant", "drop")  # drop: turns that never reach the model (internal notes)

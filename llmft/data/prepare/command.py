@@ -12,7 +12,7 @@
 Preparing again with the same conversations, tokenizer and settings finds the manifest and does nothing.
 
 With a model's own tokenizer (not model=tiny, which trains one on the cleaned texts first), conversation and
-sample formats are read, cleaned and tokenized in one pass (`pipeline.read_and_tokenize`), unless DIR holds a
+sample formats are read, cleaned and tokenized in one pass (`one_pass.read_and_tokenize`), unless DIR holds a
 dataset prepared with the same tokenizer and settings: then the conversations are read first, to see whether that
 dataset can be kept as it is.
 """
@@ -23,14 +23,17 @@ import json
 import os
 from pathlib import Path
 
-from llmft.data.tokenizer import tokenizer_for_run
-from llmft.data.pipeline import (end_of_turn_of, format_of, read_and_tokenize, read_conversations, tokenize_preferences,
-                                 tokenize_rows)
-from llmft.data.preferences import PREFERENCE_FORMATS, samples_of
-from llmft.data.mixture import with_mixture_settings
-from llmft.data.prepared import fingerprint_parts, load_samples, save_samples, settings_fingerprint, \
+from llmft.data.preferences.dpo_kto import PREFERENCE_FORMATS, samples_of
+from llmft.data.prepare.data_config import format_of
+from llmft.data.prepare.mixture import with_mixture_settings
+from llmft.data.prepare.one_pass import read_and_tokenize
+from llmft.data.prepare.prepared_dir import fingerprint_parts, load_samples, save_samples, settings_fingerprint, \
     tokenizer_fingerprint, write_manifest
-from llmft.data.records import DataError
+from llmft.data.prepare.reading import read_conversations
+from llmft.data.prepare.tokenizing import end_of_turn_of, tokenize_rows
+from llmft.data.prepare.tokenizing_preferences import tokenize_preferences
+from llmft.data.readers.records import DataError
+from llmft.data.tokenize.tokenizer import tokenizer_for_run
 
 
 def output_dir_of(data_cfg) -> Path:

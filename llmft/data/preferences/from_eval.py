@@ -31,7 +31,7 @@ from typing import Optional
 from omegaconf import OmegaConf
 
 from llmft.config.arguments import UsageError, parse_arguments
-from llmft.data.records import DataError
+from llmft.data.readers.records import DataError
 
 USAGE = "python -m llmft.data from-eval RUN_DIR [out=FILE] [kto_out=FILE]"
 VERDICTS = ("correct", "partially correct", "incorrect")

@@ -30,8 +30,8 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from llmft.config.validation import mixture_source_name
-from llmft.data.records import Conversation
-from llmft.data.rows import Rows
+from llmft.data.readers.records import Conversation
+from llmft.data.tokenize.rows import Rows
 
 SEPARATOR = "/"  # mixture id = source name + SEPARATOR + the conversation's id in its source (names have no "/")
 

@@ -11,7 +11,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-from llmft.data.records import Conversation, DataError, ReadReport, jsonl_records
+from llmft.data.readers.records import Conversation, DataError, ReadReport, jsonl_records
 
 # Role accounts: their display name ("HPC Support") is not a person's name and must not be scrubbed as one.
 _ROLE_ACCOUNT = re.compile(r"\b(support|help ?desk|team|équipe|service|admin|noreply|no-reply|info|contact)\b", re.I)

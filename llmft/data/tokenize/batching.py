@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import random
 
-from llmft.data.templating import IGNORE_INDEX, Sample
+from llmft.data.tokenize.templating import IGNORE_INDEX, Sample
 
 
 @functools.lru_cache(maxsize=4)  # the loop asks once per sample; callers must not modify the list

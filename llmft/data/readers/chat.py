@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from llmft.data.records import ROLES, Conversation, ReadReport, jsonl_records, short_repr
+from llmft.data.readers.records import ROLES, Conversation, ReadReport, jsonl_records, short_repr
 
 
 def check_messages(record: object) -> list[dict[str, str]]:

@@ -19,9 +19,9 @@ import json
 import shutil
 from pathlib import Path
 
-from llmft.data.preferences import COLUMNS, PROMPT_RECORDS, columns_of, items_of
-from llmft.data.rows import Rows
-from llmft.data.templating import Sample
+from llmft.data.preferences.dpo_kto import COLUMNS, PROMPT_RECORDS, columns_of, items_of
+from llmft.data.tokenize.rows import Rows
+from llmft.data.tokenize.templating import Sample
 
 # Bump when the way samples are built changes, so old prepared folders are not reused.
 SAMPLES_FORMAT_VERSION = 1

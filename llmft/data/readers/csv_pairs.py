@@ -12,7 +12,7 @@ import hashlib
 import re
 from pathlib import Path
 
-from llmft.data.records import Conversation, DataError, ReadReport, input_files, short_repr
+from llmft.data.readers.records import Conversation, DataError, ReadReport, input_files, short_repr
 
 _SURROGATE = re.compile("[\udc80-\udcff]")
 

@@ -19,8 +19,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from llmft.data.records import (Conversation, JsonError, ReadReport, decode_json, input_files, jsonl_records, line_of,
-                                 text_problem)
+from llmft.data.readers.records import (Conversation, JsonError, ReadReport, decode_json, input_files, jsonl_records,
+                                        line_of, text_problem)
 
 QUESTIONS = {
     "en": [

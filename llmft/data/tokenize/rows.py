@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llmft.data.packing import pack_rows
-from llmft.data.templating import IGNORE_INDEX, Sample
+from llmft.data.tokenize.packing import pack_rows
+from llmft.data.tokenize.templating import IGNORE_INDEX, Sample
 
 _MAX_ARROW_LIST_VALUES = 2**31 - 1  # an Arrow list<int32> column has int32 offsets: a longer column is chunked
 

@@ -41,12 +41,12 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from llmft.data.clean import normalize_whitespace
-from llmft.data.dedup import DedupKeys
-from llmft.data.chat import checked_message_list
-from llmft.data.records import Conversation, ReadReport, short_repr
-from llmft.data.templating import (IGNORE_INDEX, ChatRenderer, Sample, TemplateError, render_pieces, token_ids,
-                                   with_system_prompt)
+from llmft.data.clean.dedup import DedupKeys
+from llmft.data.clean.messages import normalize_whitespace
+from llmft.data.readers.chat import checked_message_list
+from llmft.data.readers.records import Conversation, ReadReport, short_repr
+from llmft.data.tokenize.templating import (IGNORE_INDEX, ChatRenderer, Sample, TemplateError, render_pieces,
+                                            token_ids, with_system_prompt)
 
 PREFERENCE_FORMATS = ("preference_jsonl", "kto_jsonl")
 SAMPLE_KINDS = {"preference_jsonl": "preference_pairs", "kto_jsonl": "kto_examples"}
@@ -304,7 +304,7 @@ def clean_preferences(records: list[Conversation], cleaner, scrubber, data_cfg) 
             kept: Conversation = PreferenceRecord.of(record.id, record.source, prompt, *completions)
         else:
             kept = KtoRecord.of(record.id, record.source, prompt, completions[0], record.desirable)
-        # the whole record, case and whitespace normalized, the system prompt left out (as dedup.py does)
+        # the whole record, case and whitespace normalized, the system prompt left out (as clean/dedup.py does)
         parts = [m["content"] for m in prompt if m["role"] != "system"] + completions + [type(kept).__name__]
         if isinstance(kept, KtoRecord):
             parts.append(str(kept.desirable))
@@ -434,7 +434,7 @@ def summary_line(counts: dict) -> str:
 
 # ------------------------------------------------------------------------------------------------ prepared dataset
 
-COLUMNS = {  # the columns `prepared.py` saves, by sample kind
+COLUMNS = {  # the columns `prepare/prepared_dir.py` saves, by sample kind
     "preference_pairs": ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels",
                          "prompt_length"),
     "kto_examples": ("input_ids", "labels", "prompt_length", "desirable"),
@@ -442,7 +442,7 @@ COLUMNS = {  # the columns `prepared.py` saves, by sample kind
 
 
 def columns_of(items: list, kind: str) -> dict[str, list]:
-    """A split of pairs or examples as the columns `prepared.py` saves."""
+    """A split of pairs or examples as the columns `prepare/prepared_dir.py` saves."""
     if kind == "preference_pairs":
         return {"chosen_input_ids": [p.chosen.input_ids for p in items], "chosen_labels": [p.chosen.labels for p in items],
                 "rejected_input_ids": [p.rejected.input_ids for p in items],

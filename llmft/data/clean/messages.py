@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from llmft.data.html_text import html_to_text, looks_like_html
+from llmft.data.clean.html_text import html_to_text, looks_like_html
 
 # "On Mon, 13 Jan 2025 at 09:05, Sophie <s@x.fr> wrote:", "Le 10/01/2025 à 11:26, Amélie a écrit :", and the
 # German, Spanish, Italian forms; mail clients wrap it over up to three lines.

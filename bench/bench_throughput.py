@@ -27,7 +27,7 @@ os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 
 
 def llmft_run(steps: int, micro_batch: int, work: Path) -> tuple[float, Path]:
-    from llmft.launch import run_dir as rundir
+    from llmft.rundir import create as rundir
     from llmft.config.compose import compose
     from llmft.training.loop import train
 
@@ -56,11 +56,11 @@ def trainer_run(steps: int, micro_batch: int, llmft_run_dir: Path, work: Path) -
     from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
                               TrainerCallback, TrainingArguments)
 
-    from llmft.config.compose import load_run_config
+    from llmft.rundir.files import read_config
     from llmft.data.prepare.reading import read_conversations
     from llmft.data.prepare.samples_for_run import build_splits
 
-    cfg = load_run_config(llmft_run_dir)
+    cfg = read_config(llmft_run_dir)
     cfg.data.packing = False  # the baseline pads each batch, as Trainer users do
     tokenizer = AutoTokenizer.from_pretrained(llmft_run_dir / "base_model")
     conversations, _ = read_conversations(cfg.data)

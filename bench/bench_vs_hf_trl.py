@@ -299,7 +299,7 @@ def instrument_llmft(loop, recorder: StepRecorder) -> None:
 def child_llmft(setup: dict) -> dict:
     sys.path.insert(0, setup["llmft_root"])
     from llmft.config.compose import compose
-    from llmft.launch import run_dir as rundir
+    from llmft.rundir import create as rundir
     from llmft.training import loop
 
     if not PEAK.guard_llmft_resets():
@@ -419,7 +419,7 @@ def child_overhead(setup: dict) -> dict:
     """llmft's default local run (model=tiny, packing) with its step's parts timed."""
     sys.path.insert(0, setup["llmft_root"])
     from llmft.config.compose import compose
-    from llmft.launch import run_dir as rundir
+    from llmft.rundir import create as rundir
     from llmft.training import loop
 
     totals = {"forward_backward": 0.0, "backward": 0.0, "optimizer": 0.0, "next_micro_batch": 0.0,

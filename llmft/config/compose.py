@@ -2,9 +2,9 @@
 
 `llmft.launch` composes through `@hydra.main` (for `--cfg job`, `-m` and the sweeper plugins); `plan`, `runs` and
 `data` compose through Hydra's compose API with `compose()`. Both turn Hydra's multi-line errors into one line
-with `one_line_error`. Whatever its source (composition, a run directory's config.yaml: `llmft.rundir.files.read_config`),
-a config is typed by the schema in one place, `typed_config`: enums are enums after it, and every key the schema
-defaults is there.
+with `one_line_error`. Whatever its source (composition, a run directory's config.yaml read by
+`llmft.rundir.files.read_config`), a config is typed by the schema in one place, `typed_config`: enums are enums after
+it, and every key the schema defaults is there.
 
 The configs are package data (`llmft/conf/`), so a wheel installed anywhere finds them. No torch here.
 """

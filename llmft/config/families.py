@@ -94,8 +94,9 @@ def mla_dims(hidden_size: int, num_attention_heads: int) -> dict[str, int]:
             "qk_rope_head_dim": head_dim // 2, "v_head_dim": head_dim}
 
 
-def family_of(value) -> ModelFamily:
-    return value if isinstance(value, ModelFamily) else ModelFamily(str(getattr(value, "value", value)))
+def family_of(value: ModelFamily | str) -> ModelFamily:
+    """A family from its name (config.json's, an interpolation's argument) or itself."""
+    return ModelFamily(value)
 
 
 def read_model_config(model_path: str | None) -> dict | None:

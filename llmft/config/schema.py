@@ -26,7 +26,7 @@ class PeftMethod(str, Enum):
     full = "full"
 
 
-class Strategy(str, Enum):
+class Parallelism(str, Enum):
     auto = "auto"  # single for one rank; ddp for LoRA / QLoRA and fsdp for full fine-tuning on several
     single = "single"
     ddp = "ddp"
@@ -128,7 +128,7 @@ class PeftConfig:
 
 @dataclass
 class ParallelismConfig:
-    strategy: Strategy = Strategy.auto
+    strategy: Parallelism = Parallelism.auto
     # ZeRO-3 keeps parameters smaller than these unpartitioned (DeepSpeed's defaults); 0 partitions everything.
     zero3_param_persistence_threshold: int = 100_000
     zero3_model_persistence_threshold: int = 9_223_372_036_854_775_807

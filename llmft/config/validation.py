@@ -17,7 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from llmft.config.arguments import parse_arguments
 from llmft.config.compose import one_line_error
 from llmft.config.families import EAGER_ATTENTION_ONLY, NO_POSITION_IDS, model_family
-from llmft.config.schema import EvalConfig, LlmftConfig, PeftMethod, Strategy
+from llmft.config.data_schema import DataFormat
+from llmft.config.schema import DpoLoss, EvalConfig, LlmftConfig, LossHead, ObjectiveKind, Parallelism, PeftMethod
 from llmft.errors import ConfigError, missing_extra
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -43,7 +44,7 @@ def validate(cfg: DictConfig, check_paths: bool = True, training: bool = True) -
     check_eval(cfg.eval, check_paths)
     world_size = cfg.launch.nproc if cfg.cluster is None else None  # a cluster's: checked with its resources
     if world_size is not None:
-        check_strategy_for_world_size(cfg, world_size, "launch.nproc")
+        settle_parallelism(cfg, world_size, "launch.nproc")
     if not check_paths:
         return
     for key, data in data_configs(cfg.data):  # a mixture: each of its sources
@@ -99,17 +100,17 @@ def check_model_and_peft(cfg: DictConfig) -> None:
         raise ConfigError(f"model.dtype={model.dtype} is not one of {', '.join(DTYPES)}.")
     if model.path is None and model.tiny is None:
         raise ConfigError(f"model.path is not set for model={model.name}: set model.path=/path/to/a/local/hf/folder.")
-    if peft.method != PeftMethod.full and not (peft.target_modules or model.lora_target_modules):
+    if peft.method is not PeftMethod.full and not (peft.target_modules or model.lora_target_modules):
         raise ConfigError("No LoRA target modules: set peft.target_modules=[q_proj,v_proj] or model.lora_target_modules.")
     if model.path is not None and model_family(model) in EAGER_ATTENTION_ONLY and model.attn_implementation != "eager":
         raise ConfigError(f"model={model.name} is a {model_family(model).value} model, which transformers runs with "
                           f"eager attention only: set model.attn_implementation=eager.")
-    if peft.method == PeftMethod.qlora:
+    if peft.method is PeftMethod.qlora:
         if peft.quant_type not in QUANT_TYPES:
             raise ConfigError(f"peft.quant_type={peft.quant_type} must be one of {', '.join(QUANT_TYPES)}.")
         if peft.compute_dtype not in DTYPES:
             raise ConfigError(f"peft.compute_dtype={peft.compute_dtype} must be one of {', '.join(DTYPES)}.")
-        if cfg.parallelism.strategy not in (Strategy.auto, Strategy.single, Strategy.ddp):  # no fsdp, hsdp, zero
+        if cfg.parallelism.strategy not in (Parallelism.auto, Parallelism.single, Parallelism.ddp):  # no fsdp, hsdp, zero
             raise ConfigError(
                 f"peft=qlora runs with parallelism=single or ddp; parallelism={cfg.parallelism.strategy.value} "
                 "would need 4-bit weights sharded, which llmft does not do yet."
@@ -117,42 +118,39 @@ def check_model_and_peft(cfg: DictConfig) -> None:
 
 
 # The data format each objective trains on (the other formats hold conversations: supervised fine-tuning).
-OBJECTIVE_FORMATS = {"dpo": "preference_jsonl", "kto": "kto_jsonl"}
+OBJECTIVE_FORMATS = {ObjectiveKind.dpo: DataFormat.preference_jsonl, ObjectiveKind.kto: DataFormat.kto_jsonl}
 
 
 def check_objective(cfg: DictConfig) -> None:
-    objective = cfg.get("objective")
-    if objective is None:  # a run directory older than the objective group: sft
-        return
-    kind = str(getattr(objective.kind, "value", objective.kind))
-    data_format = str(getattr(cfg.data.format, "value", cfg.data.format))
+    objective = cfg.objective  # (a run directory older than the objective group reads back with the default, sft)
+    kind, data_format = objective.kind, cfg.data.format
     wanted = OBJECTIVE_FORMATS.get(kind)
-    if wanted is not None and data_format != wanted:
-        raise ConfigError(f"objective={kind} trains on data.format={wanted} (data.format={data_format} holds "
+    if wanted is not None and data_format is not wanted:
+        raise ConfigError(f"objective={kind.value} trains on data.format={wanted.value} (data.format="
+                          f"{data_format.value} holds "
                           f"{'conversations' if data_format not in OBJECTIVE_FORMATS.values() else 'other examples'}); "
-                          f"point data= at {wanted} data (data={'preferences_sample' if kind == 'dpo' else 'kto_sample'}"
-                          f" to try it).")
+                          f"point data= at {wanted.value} data (data="
+                          f"{'preferences_sample' if kind is ObjectiveKind.dpo else 'kto_sample'} to try it).")
     other = {v: k for k, v in OBJECTIVE_FORMATS.items()}.get(data_format)
     if wanted is None and other is not None:
-        raise ConfigError(f"data.format={data_format} holds examples for objective={other}: add objective={other} "
-                          f"to the command.")
-    if kind == "sft":
+        raise ConfigError(f"data.format={data_format.value} holds examples for objective={other.value}: add "
+                          f"objective={other.value} to the command.")
+    if kind is ObjectiveKind.sft:
         return
     if objective.beta <= 0:
         raise ConfigError(f"objective.beta={objective.beta} must be positive (0.1 is the usual value).")
     if not 0.0 <= objective.label_smoothing < 0.5:
         raise ConfigError(f"objective.label_smoothing={objective.label_smoothing} must be in [0, 0.5).")
-    loss = str(getattr(objective.loss, "value", objective.loss))
-    if kind == "dpo" and loss == "ipo" and objective.label_smoothing:
+    if kind is ObjectiveKind.dpo and objective.loss is DpoLoss.ipo and objective.label_smoothing:
         raise ConfigError("objective.label_smoothing applies to objective.loss=sigmoid only: set it to 0 for ipo.")
     if objective.desirable_weight <= 0 or objective.undesirable_weight <= 0:
         raise ConfigError("objective.desirable_weight and objective.undesirable_weight must be positive.")
-    if cfg.peft.method == PeftMethod.full and objective.precompute_reference is False:
-        raise ConfigError(f"objective={kind} with peft=full needs the reference model's log-probabilities computed "
-                          f"once before training: set objective.precompute_reference=true (or null), llmft keeps no "
+    if cfg.peft.method is PeftMethod.full and objective.precompute_reference is False:
+        raise ConfigError(f"objective={kind.value} with peft=full needs the reference model's log-probabilities "
+                          f"computed once before training: set objective.precompute_reference=true (or null), llmft keeps no "
                           f"second copy of the model.")
     world_size = requested_world_size(cfg)
-    if kind == "kto" and world_size is not None and cfg.train.micro_batch_size * world_size < 2:
+    if kind is ObjectiveKind.kto and world_size is not None and cfg.train.micro_batch_size * world_size < 2:
         raise ConfigError(f"objective=kto estimates its KL term from the other answers of a micro-batch: "
                           f"train.micro_batch_size={cfg.train.micro_batch_size} x {world_size} rank(s) must be at "
                           f"least 2 (set train.micro_batch_size=2).")
@@ -161,10 +159,10 @@ def check_objective(cfg: DictConfig) -> None:
 def check_data(data, complete: bool = True) -> None:
     """Data settings a type cannot check (fractions, thresholds, per-format options). `complete=False` (plan, for a
     config meant for another machine) leaves out what the user gives at launch (paths, the staff rule)."""
-    data_format = str(getattr(data.format, "value", data.format))
+    data_format = data.format
     staff_set = bool(data.tickets.staff_domains or data.tickets.staff_addresses)
-    if complete and data_format in ("tickets_jsonl", "email") and not staff_set:
-        raise ConfigError(f"data.format={data_format} needs to know who answers: set "
+    if complete and data_format in (DataFormat.tickets_jsonl, DataFormat.email) and not staff_set:
+        raise ConfigError(f"data.format={data_format.value} needs to know who answers: set "
                           f"data.tickets.staff_domains=[support.example.org] (or data.tickets.staff_addresses).")
     if not 0.0 <= data.validation_fraction < 1.0:
         raise ConfigError(f"data.validation_fraction={data.validation_fraction} must be at least 0 (0: train on every "
@@ -179,10 +177,10 @@ def check_data(data, complete: bool = True) -> None:
         raise ConfigError("data.clean.min_assistant_chars must be >= 0 and data.clean.max_message_chars positive.")
     if data.acronyms.conversations_per_acronym < 1:
         raise ConfigError("data.acronyms.conversations_per_acronym must be at least 1.")
-    if data_format == "mixture":
+    if data_format is DataFormat.mixture:
         check_mixture(data, complete)
     elif list(getattr(data, "sources", None) or []):
-        raise ConfigError(f"data.sources is set but data.format={data_format}: set data.format=mixture (or start "
+        raise ConfigError(f"data.sources is set but data.format={data_format.value}: set data.format=mixture (or start "
                           f"from data=mixture) to mix them.")
     for key, pattern in [("data.email.ticket_id_pattern", data.email.ticket_id_pattern),
                          ("data.transcript.ticket_pattern", data.transcript.ticket_pattern),
@@ -201,7 +199,7 @@ def check_data(data, complete: bool = True) -> None:
     wrong = next((speaker for speaker, role in roles.items() if role not in ("user", "assistant", "drop")), None)
     if wrong is not None:
         raise ConfigError(f"data.transcript.roles.{wrong}={roles[wrong]} must be user, assistant or drop.")
-    if data_format == "transcript" and "assistant" not in roles.values():
+    if data_format is DataFormat.transcript and "assistant" not in roles.values():
         raise ConfigError("data.transcript.roles maps no speaker to assistant: name the speaker who answers, "
                           "for example data.transcript.roles.IDRIS=assistant.")
     if len(data.csv.delimiter) != 1:
@@ -215,12 +213,13 @@ def check_data(data, complete: bool = True) -> None:
 
 
 # What a mixture can mix: the formats that hold conversations (preference pairs train another objective).
-MIXTURE_FORMATS = ("chat_jsonl", "tickets_jsonl", "email", "csv", "acronyms", "transcript")
+MIXTURE_FORMATS = (DataFormat.chat_jsonl, DataFormat.tickets_jsonl, DataFormat.email, DataFormat.csv,
+                   DataFormat.acronyms, DataFormat.transcript)
 
 
 def data_configs(data) -> list[tuple[str, object]]:
     """(key, data config) of what is read: `data` itself, or each source of a mixture."""
-    if str(getattr(data.format, "value", data.format)) != "mixture":
+    if data.format is not DataFormat.mixture:
         return [("data", data)]
     return [(f"data.sources[{i}]", source) for i, source in enumerate(data.sources)]
 
@@ -238,10 +237,9 @@ def check_mixture(data, complete: bool) -> None:
                           f"the sources' training samples.")
     names = []
     for index, (key, source) in enumerate(data_configs(data)):
-        source_format = str(getattr(source.format, "value", source.format))
-        if source_format not in MIXTURE_FORMATS:
-            raise ConfigError(f"{key}.format={source_format} cannot be mixed: a mixture's sources hold conversations "
-                              f"({', '.join(MIXTURE_FORMATS)}).")
+        if source.format not in MIXTURE_FORMATS:
+            raise ConfigError(f"{key}.format={source.format.value} cannot be mixed: a mixture's sources hold "
+                              f"conversations ({', '.join(f.value for f in MIXTURE_FORMATS)}).")
         if isinstance(source, DictConfig) and OmegaConf.is_missing(source, "weight"):
             raise ConfigError(f"{key}.weight is not set: give each source its share, for example {key}.weight=0.5.")
         weight = source.weight
@@ -312,19 +310,22 @@ def check_eval(eval_cfg, check_paths: bool = True) -> EvalConfig:
     return settings
 
 
+DEEPSPEED_STRATEGIES = (Parallelism.zero2, Parallelism.zero3, Parallelism.zero3_offload)
+
+
 def check_installed(cfg: DictConfig, local: bool) -> None:
     """The optional packages this run needs, and a GPU where one is needed and the run is on this machine: one
     sentence naming the pip command, before a run directory is created."""
-    strategy = cfg.parallelism.strategy.value
-    if strategy.startswith("zero") and find_spec("deepspeed") is None:
-        raise missing_extra("deepspeed", "deepspeed", f"parallelism={strategy}")
-    if cfg.peft.method == PeftMethod.qlora:
+    strategy = cfg.parallelism.strategy
+    if strategy in DEEPSPEED_STRATEGIES and find_spec("deepspeed") is None:
+        raise missing_extra("deepspeed", "deepspeed", f"parallelism={strategy.value}")
+    if cfg.peft.method is PeftMethod.qlora:
         if local and not Path("/proc/driver/nvidia/version").exists():
             raise ConfigError("peft=qlora needs a CUDA GPU (bitsandbytes 4-bit) and this machine has none: use "
                               "peft=lora here, or submit to a GPU cluster with +cluster=NAME.")
         if find_spec("bitsandbytes") is None:
             raise missing_extra("bitsandbytes", "qlora", "peft=qlora")
-    if cfg.train.loss_head.value == "liger":
+    if cfg.train.loss_head is LossHead.liger:
         if local and not Path("/proc/driver/nvidia/version").exists():
             raise ConfigError("train.loss_head=liger needs a CUDA GPU (Triton kernels) and this machine has none: use "
                               "train.loss_head=auto (the chunked loss here, Liger on GPUs where it is installed).")
@@ -353,25 +354,26 @@ def check_eval_runtime(settings: EvalConfig, judge_env: bool = True) -> None:
                           "(eval.judge_model=NAME or LLMFT_JUDGE_MODEL).")
 
 
-def settled_strategy(cfg: DictConfig, world_size: int) -> Strategy:
-    """The strategy for this number of ranks: parallelism=auto becomes single for one rank, ddp for LoRA / QLoRA and
-    fsdp for full fine-tuning on several. The run directory keeps `auto`; each rank settles it from its real world
-    size, so an sbatch template that prepares a run without a cluster still trains one synchronised model."""
+def settle_parallelism(cfg: DictConfig, world_size: int, where: Optional[str] = None,
+                       ranks_per_node: Optional[int] = None) -> Parallelism:
+    """The strategy `world_size` ranks run: parallelism=auto becomes single for one rank, ddp for LoRA / QLoRA and
+    fsdp for full fine-tuning on several; any other strategy is itself. With `where` (what gives the ranks, named in
+    the message), also checks that it can run on them: ConfigError for single on several ranks, or an hsdp shard size
+    that does not divide them (`ranks_per_node`: the default shard group; the ranks of one node).
+
+    The one place `auto` is settled. A local run directory keeps `auto` and each rank settles it from its real world
+    size (training.strategies.build), so an sbatch template that prepares a run without a cluster still trains one
+    synchronised model; a cluster job's run directory records the settled strategy (launch.slurm.resolve)."""
     strategy = cfg.parallelism.strategy
-    if strategy != Strategy.auto:
+    if strategy is Parallelism.auto:
+        strategy = Parallelism.single if world_size == 1 else \
+            Parallelism.fsdp if cfg.peft.method is PeftMethod.full else Parallelism.ddp
+    if where is None:
         return strategy
-    if world_size == 1:
-        return Strategy.single
-    return Strategy.fsdp if cfg.peft.method == PeftMethod.full else Strategy.ddp
-
-
-def check_strategy_for_world_size(cfg: DictConfig, world_size: int, where: str,
-                                  ranks_per_node: Optional[int] = None) -> Strategy:
-    strategy = settled_strategy(cfg, world_size)
-    if world_size > 1 and strategy == Strategy.single:
+    if world_size > 1 and strategy is Parallelism.single:
         raise ConfigError(f"{where} gives {world_size} ranks, which need a distributed strategy (parallelism=single "
                           f"would train unsynchronised copies): use parallelism=auto (or ddp, fsdp, zero2, zero3).")
-    if strategy == Strategy.hsdp:
+    if strategy is Parallelism.hsdp:
         hsdp_mesh_shape(cfg.parallelism.shard_size, world_size, ranks_per_node or world_size, where)
     return strategy
 
@@ -385,12 +387,6 @@ def hsdp_mesh_shape(shard_size: int, world_size: int, ranks_per_node: int, where
     return world_size // shard, shard
 
 
-def settle_strategy(cfg: DictConfig, world_size: int, where: str) -> None:
-    """Write the strategy for a known number of ranks into `cfg` (a cluster job's: its run directory records it).
-    A local run directory keeps `auto` and each rank settles it (see `settled_strategy`)."""
-    cfg.parallelism.strategy = check_strategy_for_world_size(cfg, world_size, where)
-
-
 # config.json keys that make the LM head more than a matmul: the loss then needs the model's own full logits
 LOGIT_SCALING_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
@@ -398,14 +394,14 @@ LOGIT_SCALING_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling"
 def check_loss_head(cfg: DictConfig) -> None:
     """train.loss_head=chunked or liger on a model whose head scales its logits (Gemma 2/3, Cohere): refused here,
     where `auto` would quietly use full logits."""
-    head = cfg.train.loss_head.value
-    if head not in ("chunked", "liger") or cfg.model.path is None:
+    head = cfg.train.loss_head
+    if head not in (LossHead.chunked, LossHead.liger) or cfg.model.path is None:
         return
     config = json.loads((Path(os.path.expandvars(cfg.model.path)).expanduser() / "config.json").read_text())
     config = {**config, **config.get("text_config", {})}
     for key in LOGIT_SCALING_KEYS:
         if config.get(key) not in (None, 1, 1.0):
-            raise ConfigError(f"train.loss_head={head} cannot apply to this model: its config.json sets {key}="
+            raise ConfigError(f"train.loss_head={head.value} cannot apply to this model: its config.json sets {key}="
                               f"{config[key]}, so the loss needs full logits; use train.loss_head=auto or full_logits.")
 
 
@@ -432,8 +428,8 @@ def model_path_problem(cfg: DictConfig) -> Optional[str]:
 # Strategies whose checkpoints are the same files: a resumed run may move between single and ddp, and between fsdp and
 # hsdp (DCP reshards between any two meshes: tests/test_hsdp.py); any other strategy reads only its own checkpoints
 # (on any number of ranks).
-CHECKPOINT_FORMATS = {Strategy.single: "replica", Strategy.ddp: "replica", Strategy.fsdp: "dcp",
-                      Strategy.hsdp: "dcp"}
+CHECKPOINT_FORMATS = {Parallelism.single: "replica", Parallelism.ddp: "replica", Parallelism.fsdp: "dcp",
+                      Parallelism.hsdp: "dcp"}
 
 
 def requested_world_size(cfg: DictConfig) -> Optional[int]:
@@ -483,17 +479,27 @@ def _some(values: list[int]) -> str:
 
 
 def check_resume_strategy(checkpoint_strategy: str, checkpoint_name: str, cfg: DictConfig, world_size: int,
-                          run: str) -> Strategy:
+                          run: str) -> Parallelism:
     """The strategy this run settles to must read the checkpoint's files (CHECKPOINT_FORMATS: single <-> ddp,
     fsdp <-> hsdp); any other change (zero3 -> ddp, fsdp -> single with parallelism=auto and full fine-tuning...) is
     refused, naming the strategy that reads it. Returns the settled strategy."""
-    saved, new = Strategy(checkpoint_strategy), settled_strategy(cfg, world_size)
+    saved, new = Parallelism(checkpoint_strategy), settle_parallelism(cfg, world_size)
     if CHECKPOINT_FORMATS.get(saved, saved.value) == CHECKPOINT_FORMATS.get(new, new.value):
         return new
-    fix = Strategy.ddp if saved == Strategy.single and world_size > 1 else saved
+    fix = Parallelism.ddp if saved is Parallelism.single and world_size > 1 else saved
     settles = f" (parallelism=auto on {world_size} rank{'s' if world_size > 1 else ''})" \
-        if cfg.parallelism.strategy == Strategy.auto else ""
+        if cfg.parallelism.strategy is Parallelism.auto else ""
     raise ConfigError(
         f"{run}: its checkpoint {checkpoint_name} was written by parallelism={saved.value}, which "
         f"parallelism={new.value}{settles} cannot read: add parallelism={fix.value} (a resume may change the strategy "
         f"only between single and ddp, or fsdp and hsdp, which read each other's checkpoints).")
+
+
+def precomputes_reference(cfg) -> bool:
+    """DPO and KTO: whether the reference's log-probabilities are computed once before training (full fine-tuning
+    unless objective.precompute_reference says otherwise: no second copy of the model) rather than by the model with
+    its adapter disabled at every step. Torch-free: plan counts the reference forwards from it."""
+    if cfg.objective.kind is ObjectiveKind.sft:
+        return False
+    setting = cfg.objective.precompute_reference
+    return cfg.peft.method is PeftMethod.full if setting is None else bool(setting)

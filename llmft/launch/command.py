@@ -20,9 +20,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from llmft.config.compose import CONF_DIR, error_chain, one_line_error, register_configs, typed_config
-from llmft.config.schema import Strategy
+from llmft.config.schema import Parallelism
 from llmft.config.validation import (check_installed, check_resume_strategy, grad_accum_keeping_global_batch,
-                                     requested_world_size, settled_strategy, validate, world_size_keys)
+                                     requested_world_size, settle_parallelism, validate, world_size_keys)
 from llmft.errors import ConfigError, UserError, report
 from llmft.launch import slurm, sweep
 from llmft.rundir import checkpoints, lock
@@ -91,7 +91,7 @@ def start_run(cfg: DictConfig, run_dir: Path) -> int:
         return 0
     if cfg.cluster is not None:
         return submit_to_cluster(cfg, run_dir)  # with -m (multirun), Hydra calls _launch again for the next one
-    if settled_strategy(cfg, cfg.launch.nproc) == Strategy.single:
+    if settle_parallelism(cfg, cfg.launch.nproc) is Parallelism.single:
         from llmft.training.loop import main as train_main  # in this process: no torchrun for one plain rank
 
         return train_main([str(run_dir)])
@@ -170,8 +170,8 @@ def keep_global_batch(run_dir: Path, before: DictConfig, cfg: DictConfig, explic
         line = f"resume: {layout[2:]}: the global batch stays {global_batch} samples per optimizer step." if layout \
             else ""
         return {"changed": changed, "line": line}
-    new_strategy = settled_strategy(cfg, world_size).value
-    old_strategy = manifest["strategy"] if manifest is not None else settled_strategy(before, had).value
+    new_strategy = settle_parallelism(cfg, world_size).value
+    old_strategy = manifest["strategy"] if manifest is not None else settle_parallelism(before, had).value
     changed["world_size"], changed["strategy"] = [had, world_size], [old_strategy, new_strategy]
     line = (f"resume: {latest.name + ' was saved by' if latest else 'the run had'} {had} rank(s) "
             f"({old_strategy}); this run has {world_size} ({world_size_keys(cfg)}, {new_strategy}){layout}"

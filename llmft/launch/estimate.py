@@ -21,6 +21,8 @@ from pathlib import Path
 
 from llmft.config.families import (CONFIG_DEFAULTS, FIXED_MLP_RATIO, MODEL_TYPES, MULTI_HEAD_ONLY, SIZE_ALIASES,
                                    ModelFamily, family_of, mla_dims, read_model_config, size_key)
+from llmft.config.schema import LossHead, ObjectiveKind, Parallelism, PeftMethod
+from llmft.config.validation import precomputes_reference
 from llmft.training.flops import flops_per_token  # pure Python: no torch
 
 GiB = 2**30
@@ -168,25 +170,28 @@ def arch_parameter_counts(arch: Arch, lora_targets: list[str] | None, rank: int)
     return total + lora, lora, largest
 
 
-def model_state_bytes(total: int, trainable: int, largest: int, strategy: str, method: str, world: int) -> dict:
-    """Bytes per GPU of weights, gradients and optimizer states."""
-    frozen = total - trainable if method != "full" else 0
-    weight_bytes = 0.5625 if method == "qlora" else 2.0  # 4 bits + block scales
-    if method == "full":  # DeepSpeed's estimators, component by component
-        if strategy in ("single", "ddp"):
+def model_state_bytes(total: int, trainable: int, largest: int, strategy: Parallelism | str, method: PeftMethod | str,
+                      world: int) -> dict:
+    """Bytes per GPU of weights, gradients and optimizer states (`strategy` settled: not auto; hsdp counts as fsdp
+    within its shard group). The strategy and the method may be given by name."""
+    strategy, method = Parallelism(strategy), PeftMethod(method)
+    frozen = total - trainable if method is not PeftMethod.full else 0
+    weight_bytes = 0.5625 if method is PeftMethod.qlora else 2.0  # 4 bits + block scales
+    if method is PeftMethod.full:  # DeepSpeed's estimators, component by component
+        if strategy in (Parallelism.single, Parallelism.ddp):
             return {"weights": 2 * total, "gradients_and_optimizer": 18 * total}
-        if strategy == "zero2":
+        if strategy is Parallelism.zero2:
             return {"weights": 2 * total, "gradients_and_optimizer": 18 * total / world}
         gathered_layer = 4 * largest
-        if strategy == "zero3_offload":  # optimizer states, fp32 master weights and grads on the CPU
+        if strategy is Parallelism.zero3_offload:  # optimizer states, fp32 master weights and grads on the CPU
             return {"weights": gathered_layer + 2 * total / world, "gradients_and_optimizer": 0.0}
         return {"weights": gathered_layer + 2 * total / world, "gradients_and_optimizer": 16 * total / world}
-    sharded = strategy in ("fsdp", "zero3", "zero3_offload")
+    sharded = strategy in (Parallelism.fsdp, Parallelism.zero3, Parallelism.zero3_offload)
     weights = weight_bytes * frozen / (world if sharded else 1) + (2 * largest if sharded else 0)
     adapter = 16 * trainable
-    if strategy in ("zero2", "zero3", "fsdp"):
+    if strategy in (Parallelism.zero2, Parallelism.zero3, Parallelism.fsdp):
         adapter = 4 * trainable + 12 * trainable / world
-    elif strategy == "zero3_offload":
+    elif strategy is Parallelism.zero3_offload:
         adapter = 4 * trainable / world
     return {"weights": weights, "gradients_and_optimizer": adapter}
 
@@ -215,7 +220,7 @@ def activation_bytes(arch: Arch, micro_batch: int, seq_len: int, checkpointing: 
 
 def uses_full_logits(cfg) -> bool:
     """Whether the loss will need full logits: asked for, or the model's config.json scales them."""
-    if cfg.train.loss_head.value == "full_logits":
+    if cfg.train.loss_head is LossHead.full_logits:
         return True
     if not cfg.model.path:
         return False
@@ -229,14 +234,7 @@ def uses_full_logits(cfg) -> bool:
 
 
 def preference_objective(cfg) -> bool:
-    objective = cfg.get("objective")
-    return objective is not None and objective.kind.value in ("dpo", "kto")
-
-
-def reference_precomputed(cfg) -> bool:
-    """As training/objectives.precomputes_reference (which imports torch): full fine-tuning unless set."""
-    setting = cfg.objective.precompute_reference
-    return cfg.peft.method.value == "full" if setting is None else bool(setting)
+    return cfg.objective.kind in (ObjectiveKind.dpo, ObjectiveKind.kto)
 
 
 @dataclass
@@ -263,27 +261,27 @@ def estimate(cfg, world: int, gpu_memory_gb: float | None, ranks_per_node: int |
     arch = arch_of(cfg.model)
     if arch is None:
         return None
-    method = cfg.peft.method.value
-    targets = None if method == "full" else list(cfg.peft.target_modules or cfg.model.lora_target_modules)
+    method = cfg.peft.method
+    targets = None if method is PeftMethod.full else list(cfg.peft.target_modules or cfg.model.lora_target_modules)
     total, trainable, largest = arch_parameter_counts(arch, targets, cfg.peft.r)
-    strategy = cfg.parallelism.strategy.value
-    if strategy == "hsdp":  # FSDP within a shard group, replicas across groups
-        strategy, world = "fsdp", min(world, cfg.parallelism.shard_size or ranks_per_node or world)
+    strategy = cfg.parallelism.strategy
+    if strategy is Parallelism.hsdp:  # FSDP within a shard group, replicas across groups
+        strategy, world = Parallelism.fsdp, min(world, cfg.parallelism.shard_size or ranks_per_node or world)
     memory = model_state_bytes(total, trainable, largest, strategy, method, world)
     # DPO and KTO: two sequences per example (chosen and rejected; the answer and its mismatched KL row)
     sequences = cfg.train.micro_batch_size * (2 if preference_objective(cfg) else 1)
     memory["activations"] = activation_bytes(arch, sequences, cfg.model.max_seq_len,
                                              cfg.train.activation_checkpointing, uses_full_logits(cfg))
-    if preference_objective(cfg) and not reference_precomputed(cfg):
+    if preference_objective(cfg) and not precomputes_reference(cfg):
         # the reference's forward without gradients (the adapter disabled) before the policy's: at most one layer's
         # activations and one chunk of logits alive at a time, no second copy of the weights
         memory["reference_forward"] = 34 * sequences * cfg.model.max_seq_len * arch.hidden_size + \
             6 * min(LOSS_CHUNK_ELEMENTS, sequences * cfg.model.max_seq_len * arch.vocab_size)
-    if method == "full" and not uses_full_logits(cfg):  # the head's gradient, made during the loss's forward (fp32)
+    if method is PeftMethod.full and not uses_full_logits(cfg):  # the head's gradient, made during the loss's forward (fp32)
         memory["activations"] += 4 * arch.vocab_size * arch.hidden_size
     per_token = flops_per_token(total, trainable, arch.num_hidden_layers, arch.hidden_size, cfg.model.max_seq_len,
-                                lora=method != "full")
-    if preference_objective(cfg) and not reference_precomputed(cfg):
+                                lora=method is not PeftMethod.full)
+    if preference_objective(cfg) and not precomputes_reference(cfg):
         per_token *= 4 / 3  # one more forward per step: a third of a forward and backward
     tokens_per_step = sequences * cfg.model.max_seq_len * world * cfg.train.grad_accum_steps
     return Estimate(total, trainable, memory, gpu_memory_gb, per_token, tokens_per_step)
@@ -300,7 +298,7 @@ def inference_gpus(cfg, gpu_memory_gb: float, max_gpus: int) -> int:
     if arch is None:
         return 1
     total, _, _ = arch_parameter_counts(arch, None, 0)
-    copies = 2 if cfg.peft.method.value == "full" and cfg.eval.compare_base else 1
+    copies = 2 if cfg.peft.method is PeftMethod.full and cfg.eval.compare_base else 1
     needed = total * DTYPE_BYTES.get(cfg.model.dtype, 2) * copies * 1.3
     return max(1, min(max_gpus, math.ceil(needed / (0.9 * gpu_memory_gb * GiB))))
 
@@ -336,16 +334,16 @@ def advice(cfg, estimate_: Estimate, world: int = 1, ranks_per_node: int | None 
             steps = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
             accumulation = steps // fitting if steps % fitting == 0 else math.ceil(steps / fitting)
             changes.append(f"train.micro_batch_size={fitting} train.grad_accum_steps={accumulation}")
-    strategy = cfg.parallelism.strategy.value
-    if strategy in ("single", "ddp", "zero2"):
+    strategy = cfg.parallelism.strategy
+    if strategy in (Parallelism.single, Parallelism.ddp, Parallelism.zero2):
         changes.append("parallelism=fsdp (or zero3): shard the weights across GPUs")
-    if strategy == "hsdp":
+    if strategy is Parallelism.hsdp:
         changes.append("parallelism=fsdp: shard over every GPU of every node instead of one node's")
-    if strategy == "zero3":
+    if strategy is Parallelism.zero3:
         changes.append("parallelism=zero3_offload")
-    if cfg.peft.method.value == "full":
+    if cfg.peft.method is PeftMethod.full:
         changes.append("peft=lora")
-    elif cfg.peft.method.value == "lora":
+    elif cfg.peft.method is PeftMethod.lora:
         changes.append("peft=qlora")
     changes.append("more GPUs: cluster.nodes")
     return changes
@@ -354,12 +352,13 @@ def advice(cfg, estimate_: Estimate, world: int = 1, ranks_per_node: int | None 
 def hsdp_advice(cfg, world: int, gpu_memory_gb: float | None, ranks_per_node: int) -> str | None:
     """For full fine-tuning sharded over several nodes: HSDP keeps the per-layer all-gathers inside a node (the
     network between nodes is much slower than NVLink) if one node's GPUs hold the model's states."""
-    if cfg.peft.method.value != "full" or cfg.parallelism.strategy.value != "fsdp" or world <= ranks_per_node:
+    if cfg.peft.method is not PeftMethod.full or cfg.parallelism.strategy is not Parallelism.fsdp \
+            or world <= ranks_per_node:
         return None
     from copy import deepcopy
 
     trial = deepcopy(cfg)
-    trial.parallelism.strategy, trial.parallelism.shard_size = "hsdp", 0
+    trial.parallelism.strategy, trial.parallelism.shard_size = Parallelism.hsdp, 0
     result = estimate(trial, world, gpu_memory_gb, ranks_per_node)
     if result is None or result.fits is False:
         return None

@@ -13,7 +13,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from llmft.config.compose import compose
-from llmft.config.validation import model_path_problem, settled_strategy, validate
+from llmft.config.validation import model_path_problem, settle_parallelism, validate
 from llmft.errors import run_command
 from llmft.launch import slurm
 from llmft.launch.estimate import (GiB, advice, estimate, gpu_hours, hsdp_advice, largest_micro_batch,
@@ -85,7 +85,7 @@ def describe(cfg: DictConfig) -> str:
     lines = [f"model       {cfg.model.name} ({cfg.model.path or 'built: random weights'})"]
     method = "method      peft={}  parallelism={}"
     if cfg.cluster is None:
-        cfg.parallelism.strategy = settled_strategy(cfg, cfg.launch.nproc)  # what each rank will settle `auto` to
+        cfg.parallelism.strategy = settle_parallelism(cfg, cfg.launch.nproc)  # what each rank will settle `auto` to
         lines.append(method.format(cfg.peft.method.value, cfg.parallelism.strategy.value))
         lines.append(f"where       local, {cfg.launch.nproc} process(es); add +cluster=NAME to plan a SLURM job")
         lines += estimate_lines(cfg, cfg.launch.nproc, None, None, None)

@@ -20,7 +20,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from llmft.config.redact import REDACTED, redact_argv
-from llmft.config.validation import check_eval, settle_strategy
+from llmft.config.validation import check_eval, settle_parallelism
 from llmft.launch.estimate import inference_gpus
 from llmft.errors import ConfigError
 
@@ -106,7 +106,9 @@ def resolve(cfg: DictConfig) -> Resources:
         account=account, qos=qos, qos_max_time=qos_max_time,
         longest_qos_time=longest.max_time if longest else None,
     )
-    settle_strategy(cfg, resources.world_size, f"cluster.nodes={cluster.nodes} x cluster.gpus_per_node={gpus_per_node}")
+    # the job's ranks are known: its run directory records the strategy they run
+    cfg.parallelism.strategy = settle_parallelism(cfg, resources.world_size,
+                                                  f"cluster.nodes={cluster.nodes} x cluster.gpus_per_node={gpus_per_node}")
     return resources
 
 

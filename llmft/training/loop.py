@@ -33,6 +33,7 @@ import peft  # noqa: F401  (imported here, not inside the load: the load's memor
 import torch
 import torch.distributed as dist
 
+from llmft.config.schema import PeftMethod
 from llmft.data.tokenize.batching import epoch_order
 from llmft.data.prepare.reading import read_conversations
 from llmft.data.prepare.samples_for_run import build_splits
@@ -274,7 +275,7 @@ class Trainer:
         if self.gpu_peak_flops:  # MFU with the LoRA-aware FLOPs count (training/flops.py), per real sequence
             per_token = flops_per_token(self.num_params, self.num_trainable, self.num_layers, self.hidden_size,
                                         progress.tokens / max(1, progress.sequences),
-                                        lora=self.cfg.peft.method.value != "full")
+                                        lora=self.cfg.peft.method is not PeftMethod.full)
             record["mfu"] = per_token * record["tokens_per_s_per_rank"] / self.gpu_peak_flops
         if progress.sums:  # DPO / KTO: rewards, margins, accuracy of the last step over all ranks
             names = sorted(progress.sums)

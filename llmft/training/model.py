@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from llmft.config.families import FIXED_MLP_RATIO, MULTI_HEAD_ONLY, ModelFamily, family_of, mla_dims, size_key
+from llmft.config.schema import PeftMethod
 from llmft.errors import ConfigError, missing_extra
 
 
@@ -116,7 +117,7 @@ def weights_dtype(model_cfg, peft_cfg) -> str:
     """Frozen weights stay in model.dtype; trained weights are kept in float32 (the optimizer's master copy), and the
     compute runs in bf16 through autocast, FSDP2's MixedPrecisionPolicy or DeepSpeed's bf16 mode. Adam updates on
     bf16 weights would lose most small steps to rounding."""
-    if peft_cfg is not None and peft_cfg.method.value == "full":
+    if peft_cfg is not None and peft_cfg.method is PeftMethod.full:
         return "float32"
     return model_cfg.dtype
 
@@ -133,7 +134,7 @@ def load_pretrained_model(model_cfg, peft_cfg=None, local_rank: int = 0):
             "point model.path at a local copy of the model."
         )
     extra = {}
-    if peft_cfg is not None and peft_cfg.method.value == "qlora":
+    if peft_cfg is not None and peft_cfg.method is PeftMethod.qlora:
         from transformers import BitsAndBytesConfig
 
         require_qlora_runtime()
@@ -155,11 +156,11 @@ def load_pretrained_model(model_cfg, peft_cfg=None, local_rank: int = 0):
 
 def apply_peft(model, peft_cfg, model_cfg):
     """LoRA adapters on the target modules, or every weight trainable for full fine-tuning."""
-    method = str(getattr(peft_cfg.method, "value", peft_cfg.method))
-    if method == "full":
+    method = peft_cfg.method
+    if method is PeftMethod.full:
         model.requires_grad_(True)
         return model
-    if method == "qlora":
+    if method is PeftMethod.qlora:
         require_qlora_runtime()
     from peft import LoraConfig, get_peft_model
 
@@ -443,7 +444,7 @@ def load_model(cfg, strategy, tokenizer, run_dir: Path, topology) -> tuple:
     elif strategy.builds_on_meta:  # no weights yet: each rank loads its shards once sharded
         model = build_on_meta(cfg.model, cfg.peft)
         base_model_path = Path(cfg.model.path)
-    elif strategy.broadcasts_from_rank0 and topology.is_distributed and cfg.peft.method.value != "qlora":
+    elif strategy.broadcasts_from_rank0 and topology.is_distributed and cfg.peft.method is not PeftMethod.qlora:
         # DDP and ZeRO-2 give every replica rank 0's weights when they wrap (a broadcast): every rank builds the
         # skeleton and allocates it on its device; rank 0 alone reads the weights, tensor by tensor with plain file
         # I/O (from_pretrained's memory map would also count the file in its resident memory). No host copy per rank.
@@ -466,7 +467,7 @@ def load_model(cfg, strategy, tokenizer, run_dir: Path, topology) -> tuple:
     # PEFT and transformers' checkpointing make the embeddings' output require grad (what reentrant checkpointing
     # needs): backward then runs through every frozen layer below the first adapter, down to the embeddings, for
     # nothing. Non-reentrant checkpointing (ours) does not need it, and the adapter's gradients are the same.
-    if cfg.peft.method.value != "full":
+    if cfg.peft.method is not PeftMethod.full:
         hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
         hf_model.disable_input_require_grads()
     if cfg.train.compile:

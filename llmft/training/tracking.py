@@ -166,12 +166,12 @@ class MlflowTracking:
         from mlflow.entities import RunTag
 
         from llmft.rundir.files import read_config
-        from llmft.config.validation import settled_strategy
+        from llmft.config.validation import settle_parallelism
         from llmft.training.topology import Topology
 
         world_size = Topology.from_env().world_size  # torchrun's, SLURM's or one process
         tags = {"llmft.world_size": str(world_size),
-                "llmft.strategy": settled_strategy(read_config(self.run_dir), world_size).value}
+                "llmft.strategy": settle_parallelism(read_config(self.run_dir), world_size).value}
         if os.environ.get("SLURM_JOB_ID"):
             tags["llmft.slurm_job_id"] = os.environ["SLURM_JOB_ID"]
         self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])

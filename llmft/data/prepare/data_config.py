@@ -9,7 +9,8 @@ from omegaconf import DictConfig, OmegaConf
 
 
 def format_of(data_cfg) -> str:
-    return str(getattr(data_cfg.format, "value", data_cfg.format))
+    """data.format's name: the data path's readers and tables are keyed by it."""
+    return data_cfg.format.value
 
 
 def data_path(data_cfg) -> Path:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from llmft.config.data_schema import DataFormat
 from llmft.config.validation import mixture_source_name
 from llmft.data.readers.records import Conversation
 from llmft.data.tokenize.rows import Rows
@@ -166,7 +167,7 @@ def settings_part(data_cfg) -> str:
         "mixture_samples": data_cfg.mixture_samples,
         "mixture_seed": data_cfg.mixture_seed,
         "sources": [[s.name, s.weight, s.cfg.validation_fraction, s.cfg.test_fraction, s.cfg.system_prompt,
-                     str(getattr(s.cfg.long_conversations, "value", s.cfg.long_conversations)),
+                     s.cfg.long_conversations.value,
                      s.cfg.end_of_turn_token] for s in sources_of(data_cfg)],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
@@ -174,7 +175,7 @@ def settings_part(data_cfg) -> str:
 
 def with_mixture_settings(parts: dict[str, str], data_cfg) -> dict[str, str]:
     """The fingerprint `parts` of a run; for a mixture its settings part also covers the weights and sources."""
-    if str(getattr(data_cfg.format, "value", data_cfg.format)) != "mixture":
+    if data_cfg.format is not DataFormat.mixture:
         return parts
     if isinstance(data_cfg, DictConfig):
         data_cfg = OmegaConf.to_object(data_cfg)

@@ -71,7 +71,7 @@ def settings_fingerprint(data_cfg, max_seq_len: int) -> str:
         "version": SAMPLES_FORMAT_VERSION,
         "max_seq_len": max_seq_len,
         "packing": bool(data_cfg.packing),
-        "long_conversations": str(getattr(data_cfg.long_conversations, "value", data_cfg.long_conversations)),
+        "long_conversations": data_cfg.long_conversations.value,
         "system_prompt": data_cfg.system_prompt,
         "validation_fraction": data_cfg.validation_fraction,
         "test_fraction": data_cfg.test_fraction,

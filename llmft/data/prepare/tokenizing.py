@@ -81,7 +81,7 @@ class Tokenizing:
 
     @classmethod
     def of(cls, tokenizer, data_cfg, end_of_turn: str, max_seq_len: int, audit: bool) -> Tokenizing:
-        long_policy = str(getattr(data_cfg.long_conversations, "value", data_cfg.long_conversations))
+        long_policy = data_cfg.long_conversations.value
         return cls(tokenizer, data_cfg.system_prompt, end_of_turn, max_seq_len, long_policy, audit)
 
 

@@ -31,7 +31,7 @@ def tokenize_preferences(records, tokenizer, data_cfg, max_seq_len: int, audit_d
     dropped: Counter = Counter()
     num_cut = 0
     used_ids: set[str] = set()
-    long_policy = str(getattr(data_cfg.long_conversations, "value", data_cfg.long_conversations))
+    long_policy = data_cfg.long_conversations.value
     state = PreferenceTokenizing(tokenizer, data_cfg.system_prompt, end_of_turn, max_seq_len, long_policy)
     num_workers = num_workers_of(data_cfg)
     batches = chunks(records, num_workers)

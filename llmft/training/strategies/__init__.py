@@ -12,8 +12,8 @@ from typing import Callable, ContextManager, Iterator, Optional, Protocol
 
 import torch
 
-from llmft.config.schema import Strategy as StrategyName
-from llmft.config.validation import check_strategy_for_world_size
+from llmft.config.schema import Parallelism
+from llmft.config.validation import settle_parallelism
 from llmft.training.topology import Topology
 
 
@@ -60,17 +60,17 @@ class Strategy(Protocol):
 
 def build(cfg, topology: Topology, bf16: bool) -> Strategy:
     """The strategy for this run, `parallelism=auto` settled from the real number of ranks."""
-    name = check_strategy_for_world_size(cfg, topology.world_size, f"this job's {topology.world_size} ranks",
-                                         topology.ranks_per_node)
-    if name == StrategyName.single:
+    name = settle_parallelism(cfg, topology.world_size, f"this job's {topology.world_size} ranks",
+                              topology.ranks_per_node)
+    if name is Parallelism.single:
         from llmft.training.strategies.single import SingleStrategy
 
         return SingleStrategy(cfg, topology, bf16)
-    if name == StrategyName.ddp:
+    if name is Parallelism.ddp:
         from llmft.training.strategies.ddp import DDPStrategy
 
         return DDPStrategy(cfg, topology, bf16)
-    if name in (StrategyName.fsdp, StrategyName.hsdp):
+    if name in (Parallelism.fsdp, Parallelism.hsdp):
         from llmft.training.strategies.fsdp import FSDPStrategy
 
         return FSDPStrategy(cfg, topology, bf16)

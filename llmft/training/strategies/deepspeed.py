@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from llmft.config.schema import Parallelism, PeftMethod
 from llmft.rundir import checkpoints
 from llmft.rundir.checkpoints import CheckpointError
 
@@ -40,9 +41,9 @@ def merge(base: dict, override: dict) -> dict:
 
 
 def deepspeed_config(cfg, world_size: int, bf16: bool, num_trainable: int | None = None) -> dict:
-    strategy = cfg.parallelism.strategy.value
+    strategy = cfg.parallelism.strategy
     tcfg = cfg.train
-    zero = {"stage": 2 if strategy == "zero2" else 3}
+    zero = {"stage": 2 if strategy is Parallelism.zero2 else 3}
     if zero["stage"] == 2 and num_trainable:
         # ZeRO-2's gradient buckets default to 5e8 elements (2 GB in fp32) whatever the model: no more than the
         # trainable elements (a LoRA's few million). Same losses; the tiny model's step on CPU 15x faster (3 s -> 0.2 s).
@@ -53,7 +54,7 @@ def deepspeed_config(cfg, world_size: int, bf16: bool, num_trainable: int | None
         zero["stage3_param_persistence_threshold"] = cfg.parallelism.zero3_param_persistence_threshold
         zero["stage3_model_persistence_threshold"] = cfg.parallelism.zero3_model_persistence_threshold
         zero["stage3_gather_16bit_weights_on_model_save"] = False
-    if strategy == "zero3_offload":
+    if strategy is Parallelism.zero3_offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     config = {
         "train_micro_batch_size_per_gpu": tcfg.micro_batch_size,
@@ -88,7 +89,7 @@ class DeepSpeedStrategy:
         self.topology = topology
         self.bf16 = bf16
         self.name = cfg.parallelism.strategy.value
-        self.stage3 = self.name in ("zero3", "zero3_offload")
+        self.stage3 = cfg.parallelism.strategy in (Parallelism.zero3, Parallelism.zero3_offload)
         # ZeRO-2 broadcasts rank 0's parameters when it wraps (DeepSpeedEngine._broadcast_model); ZeRO-3 partitions
         self.broadcasts_from_rank0 = not self.stage3
         self.engine = None
@@ -145,7 +146,7 @@ class DeepSpeedStrategy:
 
     def save(self, folder: Path) -> None:
         self.engine.save_checkpoint(str(folder), tag=CHECKPOINT_TAG, save_latest=False,
-                                    exclude_frozen_parameters=self.cfg.peft.method.value != "full")
+                                    exclude_frozen_parameters=self.cfg.peft.method is not PeftMethod.full)
 
     def load(self, folder: Path) -> None:
         """Same world size: DeepSpeed's own checkpoint. Another one: its universal form (converted once by rank 0,
@@ -160,7 +161,7 @@ class DeepSpeedStrategy:
         try:
             path, _ = self.engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True,
                                                   load_lr_scheduler_states=True,
-                                                  load_module_strict=self.cfg.peft.method.value == "full")
+                                                  load_module_strict=self.cfg.peft.method is PeftMethod.full)
         finally:
             self.engine._config.load_universal_checkpoint = False
         if path is None:

@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from llmft.config.schema import Parallelism, PeftMethod
 from llmft.config.validation import hsdp_mesh_shape
 from llmft.training.model import allocate, decoder_layers, init_lora_weights, load_shards
 from llmft.training.strategies.single import SingleStrategy
@@ -44,7 +45,7 @@ class FSDPStrategy(SingleStrategy):
 
     def __init__(self, cfg, topology, bf16: bool):
         super().__init__(cfg, topology, bf16)
-        self.name = cfg.parallelism.strategy.value if cfg.parallelism.strategy.value == "hsdp" else "fsdp"
+        self.name = "hsdp" if cfg.parallelism.strategy is Parallelism.hsdp else "fsdp"
 
     def mesh(self):
         """fsdp: one dimension, every rank. hsdp: (replicas, shard group), shard groups made of consecutive ranks,
@@ -89,7 +90,7 @@ class FSDPStrategy(SingleStrategy):
         return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
 
     def _options(self, **kwargs) -> StateDictOptions:
-        lora = self.cfg.peft.method.value != "full"
+        lora = self.cfg.peft.method is not PeftMethod.full
         return StateDictOptions(ignore_frozen_params=lora, **kwargs)
 
     def save(self, folder: Path) -> None:
@@ -125,7 +126,7 @@ class FSDPStrategy(SingleStrategy):
         for module in self.model.modules():  # after a forward the root stays unsharded: back to DTensor shards first
             if isinstance(module, FSDPModule):
                 module.reshard()
-        lora = self.cfg.peft.method.value != "full"
+        lora = self.cfg.peft.method is not PeftMethod.full
         for name, param in self.model.named_parameters():
             if lora and not param.requires_grad:
                 continue

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from llmft.config.schema import PeftMethod
+
 
 class SingleStrategy:
     name = "single"
@@ -26,7 +28,7 @@ class SingleStrategy:
         return nullcontext()
 
     def place(self, model) -> None:
-        if self.cfg.peft.method.value == "qlora":
+        if self.cfg.peft.method is PeftMethod.qlora:
             return  # bitsandbytes put the 4-bit weights on this rank's GPU while loading (device_map)
         model.to(self.topology.device)
 

@@ -1,6 +1,6 @@
-"""Typed reads and writes of a run directory's files: config.yaml (the schema's typed config, `llmft.config.typed_config`),
-summary.json, provenance.json, metrics.jsonl and jobs.jsonl. Every writer that another process may read while it
-writes (summary.json, provenance.json) writes a temporary file and renames it. No torch here.
+"""Typed reads and writes of a run directory's files: config.yaml (the schema's typed config: `typed_config` in
+llmft/config/compose.py), summary.json, provenance.json, metrics.jsonl and jobs.jsonl. What another process may read
+while it is written (summary.json, provenance.json) is written to a temporary file, then renamed. No torch here.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def record_resume(run_dir: Path | str, from_step: int, changed: dict) -> None:
     write_provenance(run_dir, provenance)
 
 
-# ------------------------------------------------------------------------------------------------ metrics.jsonl, jobs.jsonl
+# ------------------------------------------------------------------------------------- metrics.jsonl, jobs.jsonl
 
 
 def read_jsonl(path: Path) -> list[dict]:

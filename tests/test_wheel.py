@@ -85,7 +85,8 @@ def venv(wheel, tmp_path_factory) -> Path:
 def test_the_wheel_holds_every_config_group_and_the_samples(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     package = REPO / "llmft"
-    expected = {path.relative_to(REPO).as_posix() for path in (package / "conf").rglob("*.yaml")}
+    # the source tree's top-level conf/ is the wheel's llmft/conf/
+    expected = {"llmft/" + path.relative_to(REPO).as_posix() for path in (REPO / "conf").rglob("*.yaml")}
     expected |= {path.relative_to(REPO).as_posix() for path in (package / "data" / "samples").iterdir() if path.is_file()}
     assert "llmft/conf/config.yaml" in expected and any(n.startswith("llmft/conf/model/") for n in expected)
     assert "llmft/data/samples/tickets_sample.chat.jsonl" in expected

@@ -7,8 +7,8 @@ Nothing here names a config class: the root is the dataclass of `llmft.config.sc
 holds (the one Hydra composes onto), and the tree is walked from it with `dataclasses.fields` and
 `typing.get_type_hints`. A field's description is its trailing comment, else the block of comment lines just above
 it (read from the class's source with `ast` and `tokenize`); an enum's values and their comments the same way. The
-options of each group are the files of `llmft/conf/GROUP/`, its default option the `defaults` list of
-`llmft/conf/config.yaml`. Run it again after any change to the schema, its comments or the config groups.
+options of each group are the files of `conf/GROUP/`, its default option the `defaults` list of
+`conf/config.yaml`. Run it again after any change to the schema, its comments or the config groups.
 """
 
 from __future__ import annotations
@@ -292,10 +292,10 @@ HEADER = """\
 to the schema or to the config groups run `python tools/config_reference.py`; tests/test_docs.py fails while this
 page is stale. -->
 
-`llmft/conf/config.yaml` composes one option of each group; override a group with `group=option` and a key with
+`conf/config.yaml` composes one option of each group; override a group with `group=option` and a key with
 `group.key=value` (`+group=option` for a group that is not in the defaults). Every key below is typed: an unknown
 key or a wrong type stops at launch, on the login node, with one line naming it. The defaults are the schema's; a
-group option (a file `llmft/conf/GROUP/OPTION.yaml`) sets its own values over them (`--cfg job` prints the composed
+group option (a file `conf/GROUP/OPTION.yaml`) sets its own values over them (`--cfg job` prints the composed
 result). "required" marks a key that has no default (`???`): the group option or the command line must set it.
 """
 
@@ -304,7 +304,7 @@ def render() -> str:
     sys.path.insert(0, str(REPO))
     module = importlib.import_module(SCHEMA_MODULE)
     root = root_config(module)
-    conf = Path(module.__file__).resolve().parents[1] / "conf"
+    conf = REPO / "conf"
     options, defaults, top_values = group_options(conf) if (conf / "config.yaml").is_file() else ({}, {}, {})
 
     all_tables = tables(root, "")

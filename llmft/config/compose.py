@@ -1,4 +1,4 @@
-"""Composition: `llmft/conf/` + command-line overrides -> a typed `LlmftConfig`, or one sentence saying what is wrong.
+"""Composition: `conf/` + command-line overrides -> a typed `LlmftConfig`, or one sentence saying what is wrong.
 
 `llmft.launch` composes through `@hydra.main` (for `--cfg job`, `-m` and the sweeper plugins); `plan`, `runs` and
 `data` compose through Hydra's compose API with `compose()`. Both turn Hydra's multi-line errors into one line
@@ -6,7 +6,8 @@ with `one_line_error`. Whatever its source (composition, a run directory's confi
 `llmft.rundir.files.read_config`), a config is typed by the schema in one place, `typed_config`: enums are enums after
 it, and every key the schema defaults is there.
 
-The configs are package data (`llmft/conf/`), so a wheel installed anywhere finds them. No torch here.
+The config groups live in the source tree's top-level `conf/`, which a wheel installs as package data under
+`llmft/conf/` (setup.py), so an installed copy finds them anywhere. No torch here.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from llmft.config.schema import LlmftConfig
 from llmft.errors import ConfigError
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
-CONF_DIR = PACKAGE_DIR / "conf"
+# an installed wheel: llmft/conf/; a source tree (editable install, or the checkout on the path): its conf/
+CONF_DIR = PACKAGE_DIR / "conf" if (PACKAGE_DIR / "conf").is_dir() else PACKAGE_DIR.parent / "conf"
 SAMPLES_DIR = PACKAGE_DIR / "data" / "samples"
 # The dataclasses of the schema by name: `from __future__ import annotations` leaves field types as strings.
 SCHEMA_TYPES = {name: value for module in (schema, data_schema) for name, value in vars(module).items()

@@ -321,14 +321,14 @@ def test_a_multimodal_gemma3_folder_trains_its_language_model_only(tmp_path):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_saved_model_loads_on_meta_and_from_its_shards(family, tokenizer, tmp_path):
     """The path of a real model under DDP (rank 0 reads) and FSDP2 (each rank its rows): build_on_meta, then
-    load_shards, gives from_pretrained's logits; GPT-2 and BLOOM also from files saved without the `transformer.`
+    load_weights, gives from_pretrained's logits; GPT-2 and BLOOM also from files saved without the `transformer.`
     prefix (as the original checkpoints are), their tied head read from the embedding."""
     import types
 
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
-    from llmft.training.model import allocate, build_on_meta, load_shards
+    from llmft.training.model import allocate, build_on_meta, load_weights
 
     cfg, model = built(family, tokenizer)
     model.config.tie_word_embeddings = family in ("gpt2", "bloom", "gemma3")
@@ -343,7 +343,7 @@ def test_a_saved_model_loads_on_meta_and_from_its_shards(family, tokenizer, tmp_
     skeleton = build_on_meta(types.SimpleNamespace(path=str(tmp_path), dtype="float32",
                                                    attn_implementation=attention))
     allocate(skeleton, torch.device("cpu"))
-    load_shards(skeleton, tmp_path, rank=0, world_size=1)
+    load_weights(skeleton, tmp_path)
     ids = torch.tensor(PROBE_IDS)
     with torch.no_grad():
         torch.testing.assert_close(skeleton.eval()(input_ids=ids).logits, reference(input_ids=ids).logits,

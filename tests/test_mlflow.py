@@ -15,6 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, read_metrics, run_llmft, wait_for_step
+from llmft.rundir.layout import mlflow_path
 from llmft.training import tracking
 
 SECRET = "sk-do-not-log-me-123"
@@ -86,17 +87,16 @@ def test_a_tracking_error_warns_once_and_never_raises(tmp_path, monkeypatch, cap
     nothing raises into the training loop."""
     config = {"train": {"mlflow": True, "lr": 1e-4}, "runs_root": str(tmp_path)}
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////dev/null/not-a-folder/mlflow.db")
-    unusable = tracking.MlflowTracking(tmp_path, config)
+    unusable = tracking.MlflowTracking(tmp_path, config, "single", 1)
     unusable.log_metrics({"step": 1, "loss": 2.0})
     unusable.end({"status": "completed"})
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("llmft:")]
     assert len(warnings) == 1 and warnings[0].startswith("llmft: MLflow tracking is off for the rest of this run")
-    assert not (tmp_path / tracking.RUN_FILE).exists()
+    assert not mlflow_path(tmp_path).exists()
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
-    monkeypatch.setattr(tracking.MlflowTracking, "_tag_topology", lambda self: None)  # no saved config.yaml here
-    failing = tracking.MlflowTracking(tmp_path, config)
-    assert not failing.off and (tmp_path / tracking.RUN_FILE).exists()
+    failing = tracking.MlflowTracking(tmp_path, config, "single", 1)
+    assert not failing.off and mlflow_path(tmp_path).exists()
 
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device")

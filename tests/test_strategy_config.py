@@ -11,7 +11,8 @@ from conftest import compose
 from llmft.config.validation import validate
 from llmft.errors import ConfigError
 from llmft.training.flops import flops_per_token, peak_flops
-from llmft.training.model import quantization_kwargs, rows_of_rank
+from llmft.training.model import quantization_kwargs
+from llmft.training.strategies.fsdp import rows_of_rank
 from llmft.training.strategies.deepspeed import deepspeed_config
 from llmft.training.topology import Topology
 

@@ -9,6 +9,11 @@
     RUN_DIR/base_model/       model=tiny only: the random-weight base the adapter applies to
     RUN_DIR/final/            the adapter (or full model) with the tokenizer and its chat template
     RUN_DIR/logs/             each rank's output (torchrun)
+    RUN_DIR/tensorboard/      TensorBoard event files
+    RUN_DIR/mlflow.json       train.mlflow=true: the MLflow store and run this run logs to
+    RUN_DIR/reference_logps.pt  DPO/KTO with a precomputed reference: its log-probabilities, made before step 1
+    RUN_DIR/eval/             `llmft eval`'s report.json and answers
+    RUN_DIR/export/<format>/  `llmft export`'s default output
     RUN_DIR/summary.json      status, steps, first/final loss, validation loss, sizes, timing
 
     layout.py       the paths above

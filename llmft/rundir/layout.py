@@ -48,6 +48,30 @@ def logs_dir(run_dir: Path | str) -> Path:
     return Path(run_dir) / "logs"
 
 
+def tensorboard_dir(run_dir: Path | str) -> Path:
+    return Path(run_dir) / "tensorboard"
+
+
+def mlflow_path(run_dir: Path | str) -> Path:
+    """The MLflow store and run this llmft run logs to (train.mlflow=true), so a resume continues the same run."""
+    return Path(run_dir) / "mlflow.json"
+
+
+def reference_logps_path(run_dir: Path | str) -> Path:
+    """DPO/KTO with a precomputed reference: its log-probabilities of every example, made before the first step."""
+    return Path(run_dir) / "reference_logps.pt"
+
+
+def eval_dir(run_dir: Path | str) -> Path:
+    """`llmft eval`'s report (report.json) and detailed answers, unless eval.output_dir says elsewhere."""
+    return Path(run_dir) / "eval"
+
+
+def export_dir(run_dir: Path | str, kind: str) -> Path:
+    """`llmft export`'s default output for one format (merged, gguf...)."""
+    return Path(run_dir) / "export" / kind
+
+
 def is_run_dir(path: Path | str) -> bool:
     """A folder that llmft.launch created (it holds the resolved config)."""
     return config_path(path).is_file()

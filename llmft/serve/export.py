@@ -15,6 +15,7 @@ from typing import Optional
 
 from llmft.config.arguments import UsageError, parse_arguments
 from llmft.errors import missing_extra, run_command
+from llmft.rundir.layout import export_dir
 from llmft.serve.inference import base_model_dir, is_adapter_run, run_config, run_directory, stop_token_ids, torch_dtype
 from llmft.training.final import ExportError, check_adapter
 
@@ -285,7 +286,7 @@ def push_export(run_dir: Path, cfg, out: Path, args: ExportArgs) -> None:
 
 def default_out(run_dir: Path, args: ExportArgs) -> Path:
     kind = "gguf" if args.format == "gguf" else "merged" if args.merge else "adapter"
-    return run_dir / "export" / kind
+    return export_dir(run_dir, kind)
 
 
 def is_export_of(out: Path, run_dir: Path) -> bool:

@@ -28,6 +28,7 @@ from llmft.config.redact import redact_config
 from llmft.config.schema import PeftMethod
 from llmft.errors import UserError
 from llmft.rundir.files import read_config, read_provenance, read_summary
+from llmft.rundir.layout import eval_dir
 
 NOT_UPLOADED = ["llmft_export.json"]  # local paths of this machine: kept beside the export, not shared
 HUB_TIMEOUT_S = 3.0
@@ -103,7 +104,7 @@ def data_summary(run_dir: Path, cfg) -> dict:
 
 def eval_summary(run_dir: Path) -> dict | None:
     """The metric rows of RUN_DIR/eval/report.json (scores only: its samples quote the data and stay here)."""
-    path = run_dir / "eval" / "report.json"
+    path = eval_dir(run_dir) / "report.json"
     if not path.is_file():
         return None
     from llmft.serve.evaluation import metric_rows

@@ -32,16 +32,12 @@ def check_adapter(saved: dict, expected_shapes: dict) -> None:
         raise ExportError("every lora_B tensor is zero: the adapter learned nothing (or was saved before training)")
 
 
-def full_shapes(model) -> dict:
-    """Trainable parameters' global shapes, whatever shards them (FSDP2 DTensor: .shape; ZeRO-3: .ds_shape)."""
-    return {n: tuple(getattr(p, "ds_shape", None) or p.shape) for n, p in model.named_parameters() if p.requires_grad}
-
-
-def save_final(model, tensors, tokenizer, final_dir: Path, base_model_path: Path) -> None:
+def save_final(model, tensors, full_shape, tokenizer, final_dir: Path, base_model_path: Path) -> None:
     """Write the final adapter (or model) from gathered full tensors: into a temporary folder, checked, renamed.
 
     `model` is the PEFT (or HF) model, possibly sharded; `tensors` yields (name, full tensor on the CPU) as the
-    strategy gathers them (`Strategy.export_tensors`). An adapter is small: it is collected, then checked. A whole
+    strategy gathers them (`Strategy.export_tensors`); `full_shape(param)` is a parameter's whole shape
+    (`Strategy.full_shape`). An adapter is small: it is collected, then checked. A whole
     model (peft=full) is written as it comes, in safetensors shards, so rank 0 never holds more than one shard in
     host memory (70B in fp32 is 280 GB). Only rank 0 calls this.
     """
@@ -56,7 +52,7 @@ def save_final(model, tensors, tokenizer, final_dir: Path, base_model_path: Path
         for peft_config in model.peft_config.values():
             peft_config.base_model_name_or_path = str(base_model_path)
         model.save_pretrained(tmp, state_dict=dict(tensors))
-        shapes = full_shapes(model)
+        shapes = {n: full_shape(p) for n, p in model.named_parameters() if p.requires_grad}
         expected = get_peft_model_state_dict(model, state_dict={
             n: torch.empty(shape, device="meta") for n, shape in shapes.items()})
         check_adapter(load_file(tmp / "adapter_model.safetensors"), {n: t.shape for n, t in expected.items()})

@@ -43,7 +43,8 @@ from llmft.rundir import checkpoints, lock
 from llmft.rundir.files import read_config, write_summary as write_summary_file
 from llmft.rundir.layout import checkpoints_dir, metrics_path
 from llmft.rundir.lifetime import die_with_parent
-from llmft.training import objectives, strategies
+from llmft.config.compose import to_container
+from llmft.training import objectives, strategies, tracking
 from llmft.training.final import save_final
 from llmft.training.flops import flops_per_token, peak_flops
 from llmft.training import loss as supervised_loss
@@ -93,6 +94,7 @@ class Trainer:
     def __init__(self, cfg, run_dir: Path):
         self.cfg, self.tcfg, self.run_dir = cfg, cfg.train, Path(run_dir)
         self.started = time.time()
+        self.tracking: tracking.MlflowTracking | None = None  # rank 0 with train.mlflow=true, from train()
         self._setup_process()
         self._setup_data()
         self._setup_model()
@@ -111,7 +113,7 @@ class Trainer:
         self.device = topology.device
         os.umask(int(str(self.cfg.umask), 8))  # every rank writes into the run directory (see llmft.rundir.create)
         topology.init_process_group(self.tcfg.collective_timeout_min)
-        self.bf16 = uses_bf16(self.tcfg.precision.value, topology.device_type)
+        self.bf16 = uses_bf16(self.tcfg.precision, topology.device_type)
         self.strategy = strategies.build(self.cfg, topology, self.bf16)
         random.seed(self.tcfg.seed)
         np.random.seed(self.tcfg.seed)
@@ -149,9 +151,10 @@ class Trainer:
         rss_before_load_mb = resident_mb()
         reset_peak_resident()  # the peak of the load itself, not of the data preparation before it
         model, self.base_model_path = load_model(self.cfg, self.strategy, self.tokenizer, self.run_dir, topology)
-        self.num_params, self.num_trainable = count_parameters(model)
+        self.num_params, self.num_trainable = count_parameters(model, self.strategy.full_shape)
         hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.loss_head = supervised_loss.install(hf_model, tcfg.loss_head.value, topology.device_type)
+        self.loss_head = supervised_loss.install(hf_model, tcfg.loss_head, topology.device_type,
+                                                 self.strategy.partitions_parameters)
         self.log(f"model: {self.num_params:,} parameters, {self.num_trainable:,} trainable; loss head: "
                  f"{self.loss_head}")
         self.micro_batch_across_ranks = tcfg.micro_batch_size * topology.world_size
@@ -181,15 +184,16 @@ class Trainer:
 
     def train(self) -> TrainResult:
         self.resume()
-        if objectives.precomputes_reference(self.cfg):
-            self.objective.fill_reference_table(
-                {"train": self.train_samples, "validation": self.val_samples}, self.tcfg.micro_batch_size,
-                self.topology.rank, self.topology.world_size, self.run_dir, started=self.state.step > 0,
-                is_main=self.topology.is_main, barrier=self.topology.barrier, log=self.log)
+        self.objective.before_training({"train": self.train_samples, "validation": self.val_samples},
+                                       self.tcfg.micro_batch_size, self.topology, self.run_dir,
+                                       resumed=self.state.step > 0, log=self.log)
         if self.topology.is_main:
             forget_metrics_after(metrics_path(self.run_dir), self.state.step)
+        if self.topology.is_main and self.tcfg.mlflow:  # ended with the run's status when summary.json is written
+            self.tracking = tracking.start_run(self.run_dir, to_container(self.cfg), self.strategy.name,
+                                               self.topology.world_size)
         metrics = MetricsLog(metrics_path(self.run_dir), self.total_steps, self.state.step,
-                             enabled=self.topology.is_main, use_wandb=self.tcfg.wandb, use_mlflow=self.tcfg.mlflow)
+                             enabled=self.topology.is_main, use_wandb=self.tcfg.wandb, mlflow=self.tracking)
         with metrics, StopSignals(self.topology) as stop:
             while self.state.step < self.total_steps:
                 self.train_step()
@@ -355,7 +359,8 @@ class Trainer:
         final_dir = self.run_dir / "final"
         tensors = self.strategy.export_tensors()  # gathered one at a time: every rank iterates to the end
         if self.topology.is_main:
-            save_final(self.peft_model, tensors, self.tokenizer, final_dir, self.base_model_path)
+            save_final(self.peft_model, tensors, self.strategy.full_shape, self.tokenizer, final_dir,
+                       self.base_model_path)
         else:
             for _ in tensors:
                 pass
@@ -382,7 +387,7 @@ class Trainer:
             "base_model_path": str(self.base_model_path),
         }
         if self.topology.is_main:
-            write_summary(self.run_dir, summary)
+            write_summary(self.run_dir, summary, self.tracking)
         return TrainResult(summary, self.peft_model, self.tokenizer)
 
     # ------------------------------------------------------------------------------------------------ helpers
@@ -462,11 +467,11 @@ def forget_metrics_after(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def write_summary(run_dir: Path, summary: dict) -> None:
+def write_summary(run_dir: Path, summary: dict, mlflow: "tracking.MlflowTracking | None") -> None:
+    """summary.json, then the MLflow run (if any) ended with the same status."""
     write_summary_file(run_dir, summary)
-    from llmft.training.tracking import end_run  # MLflow (train.mlflow=true): its run ends with this status
-
-    end_run(run_dir, summary)
+    if mlflow is not None:
+        mlflow.end(summary)
 
 
 def train(cfg, run_dir: Path) -> TrainResult:
@@ -477,18 +482,22 @@ def run(run_dir: Path) -> TrainResult:
     """Train from a run directory; whatever stops the run, summary.json says how and why before it propagates."""
     cfg = read_config(run_dir)
     is_main = Topology.from_env().is_main
+    trainer = None
     try:
-        return train(cfg, run_dir)
+        trainer = Trainer(cfg, run_dir)
+        return trainer.train()
     except Interrupted as stop:
         if is_main:
             write_summary(run_dir, {"status": "requeued" if stop.requeued else "interrupted", "step": stop.step,
                                     "signal": stop.signal_name,
-                                    "resume": f"python -m llmft.launch resume={Path(run_dir).resolve()}"})
+                                    "resume": f"python -m llmft.launch resume={Path(run_dir).resolve()}"},
+                          trainer.tracking if trainer else None)
         raise
     except BaseException as error:  # KeyboardInterrupt (a second Ctrl-C) and SystemExit included
         if is_main:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            write_summary(run_dir, {"status": "failed", "error": f"{type(error).__name__}: {reason}".rstrip(": ")})
+            write_summary(run_dir, {"status": "failed", "error": f"{type(error).__name__}: {reason}".rstrip(": ")},
+                          trainer.tracking if trainer else None)
         raise
     finally:
         if is_main:

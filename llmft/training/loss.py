@@ -33,6 +33,7 @@ import types
 import torch
 import torch.nn.functional as F
 
+from llmft.config.schema import LossHead
 from llmft.config.validation import LOGIT_SCALING_KEYS
 from llmft.data.tokenize.templating import IGNORE_INDEX
 from llmft.errors import ConfigError
@@ -93,20 +94,22 @@ def liger_available(device_type: str) -> bool:
     return device_type == "cuda" and importlib.util.find_spec("liger_kernel") is not None
 
 
-def install(hf_model, choice: str, device_type: str, partitioned: bool = False) -> str:
+def install(hf_model, choice: LossHead | str, device_type: str, partitioned: bool = False) -> str:
     """Replace the forward of `hf_model` (the transformers model, under PEFT if any) by the supervised-rows loss
     when called with `labels`; returns the head used. `choice`: train.loss_head (auto, chunked, liger, full_logits).
     `partitioned`: the strategy keeps a parameter whole only inside its module's forward and backward
     (`Strategy.partitions_parameters`, ZeRO-3), so a trainable head's gradient must be made inside its module."""
-    if choice == "full_logits":
+    choice = LossHead(choice)
+    if choice is LossHead.full_logits:
         return "full_logits"
     reason = full_logits_reason(hf_model)
     if reason is not None:
-        if choice != "auto":
-            raise ConfigError(f"train.loss_head={choice} is impossible for this model: {reason}; "
+        if choice is not LossHead.auto:
+            raise ConfigError(f"train.loss_head={choice.value} is impossible for this model: {reason}; "
                              f"use train.loss_head=auto or full_logits")
         return "full_logits"
-    head = "liger" if choice == "liger" or (choice == "auto" and liger_available(device_type)) else "chunked"
+    head = "liger" if choice is LossHead.liger or (choice is LossHead.auto and liger_available(device_type)) \
+        else "chunked"
     original_forward = hf_model.forward
 
     def forward(self, *args, labels=None, loss_index=None, token_loss=False, **kwargs):

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from llmft.training import tracking
+from llmft.rundir.layout import tensorboard_dir
 
 
 class MetricsLog:
     def __init__(self, path: Path, total_steps: int, start_step: int, enabled: bool, use_wandb: bool = False,
-                 use_mlflow: bool = False):
+                 mlflow=None):
         self.enabled = enabled
         self.total_steps = total_steps
         self.start_time = time.time()
@@ -32,7 +32,7 @@ class MetricsLog:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(log_dir=str(path.parent / "tensorboard"))
+            self.tensorboard = SummaryWriter(log_dir=str(tensorboard_dir(path.parent)))
         if enabled and use_wandb:
             try:
                 import wandb
@@ -40,8 +40,7 @@ class MetricsLog:
                 raise RuntimeError("train.wandb=true needs wandb: pip install wandb") from None
             # offline: compute nodes have no internet; `wandb sync RUN_DIR/wandb/offline-run-*` from a login node
             self.wandb_run = wandb.init(mode="offline", dir=str(path.parent), name=path.parent.name)
-        # MLflow (train.mlflow=true), its params from the run's config.yaml; ended when summary.json is written
-        self.mlflow = tracking.start_run(path.parent) if enabled and use_mlflow else None
+        self.mlflow = mlflow  # the run's MlflowTracking (train.mlflow=true, rank 0), else None
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 

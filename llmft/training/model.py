@@ -215,31 +215,32 @@ def check_lora_targets(model, targets: list[str]) -> list:
     return [module for found in matched.values() for module in found]
 
 
-def full_numel(param) -> int:
-    """A parameter's number of weights, however it is stored: a ZeRO-3 partition counts its full size (ds_numel),
-    a bitsandbytes 4-bit tensor packs two weights per byte (numel() counts the bytes)."""
-    if getattr(param, "ds_numel", None):
-        return int(param.ds_numel)
+def full_numel(param, full_shape=None) -> int:
+    """A parameter's number of weights, however it is stored: a bitsandbytes 4-bit tensor packs two weights per byte
+    (numel() counts the bytes); a sharded or partitioned one counts its whole shape (`full_shape`: the strategy's)."""
     quant_state = getattr(param, "quant_state", None)
     if quant_state is not None and getattr(quant_state, "shape", None) is not None:
-        numel = 1
-        for size in quant_state.shape:
-            numel *= int(size)
-        return numel
-    return param.numel()
+        shape = quant_state.shape
+    else:
+        shape = full_shape(param) if full_shape is not None else param.shape
+    numel = 1
+    for size in shape:
+        numel *= int(size)
+    return numel
 
 
-def count_parameters(model) -> tuple[int, int]:
-    """(all, trainable) parameters of a model, sharded, partitioned or quantized alike."""
-    sizes = [(full_numel(p), p.requires_grad) for p in model.parameters()]
+def count_parameters(model, full_shape=None) -> tuple[int, int]:
+    """(all, trainable) parameters of a model, sharded, partitioned or quantized alike (`full_shape`:
+    `Strategy.full_shape`)."""
+    sizes = [(full_numel(p, full_shape), p.requires_grad) for p in model.parameters()]
     return sum(n for n, _ in sizes), sum(n for n, trainable in sizes if trainable)
 
 
 def build_on_meta(model_cfg, peft_cfg=None):
     """The model's skeleton with its parameters on the meta device (no memory); buffers (rotary tables) stay real.
 
-    FSDP2 shards this skeleton, and each rank then reads only its shards from the safetensors files
-    (`load_shards`), so no rank ever holds a full copy of the weights in host RAM.
+    FSDP2 shards this skeleton, and each rank then reads only its shards from the safetensors files (`load_weights`
+    with the rows of its shards, strategies/fsdp.py), so no rank ever holds a full copy of the weights in host RAM.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -292,13 +293,6 @@ def safetensors_index(model_path: Path) -> dict[str, Path]:
         return {name: single for name in handle.keys()}
 
 
-def rows_of_rank(num_rows: int, world_size: int, rank: int) -> tuple[int, int]:
-    """The rows of dim 0 that FSDP2 gives a rank: torch.chunk's split (ceil-sized chunks, the last ones shorter)."""
-    chunk = -(-num_rows // world_size)
-    start = min(num_rows, rank * chunk)
-    return start, min(num_rows, start + chunk)
-
-
 SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64"}
 
 
@@ -335,10 +329,16 @@ def read_rows(file: Path, name: str, start: int, end: int, header_cache: dict):
         torch.empty([0, *shape[1:]], dtype=dtype)
 
 
-def load_shards(model, model_path: Path, rank: int, world_size: int) -> None:
-    """Fill a sharded (FSDP2, DTensor) model that was built on meta: each rank reads only its rows from disk."""
+def whole_rows(param):
+    """(the tensor to fill, first row, end row) of a parameter held whole: all of it. A sharding strategy gives its
+    own (FSDP2: this rank's shard and its rows, strategies/fsdp.py)."""
+    return param, 0, param.shape[0]
+
+
+def load_weights(model, model_path: Path, local_rows=whole_rows) -> None:
+    """Fill a model built on meta (then allocated) from the safetensors files, reading from disk only the rows of
+    each parameter that `local_rows(param)` names, into the tensor it gives."""
     import torch
-    from torch.distributed.tensor import DTensor
 
     index = safetensors_index(Path(model_path))
     hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -359,33 +359,18 @@ def load_shards(model, model_path: Path, rank: int, world_size: int) -> None:
                 source = source.removeprefix(prefix)  # saved without the prefix (the original GPT-2 and BLOOM)
             if source not in index:
                 raise ConfigError(f"{model_path} lacks the tensor {source}: is it the model the config names?")
-            local = param.to_local() if isinstance(param, DTensor) else param
-            start, end = rows_of_rank(param.shape[0], *reversed(dim0_shard(param))) if isinstance(param, DTensor) \
-                else (0, param.shape[0])
+            local, start, end = local_rows(param)
             local.copy_(read_rows(index[source], source, start, end, headers).to(local.dtype))
 
 
-def dim0_shard(param) -> tuple[int, int]:
-    """(this rank's shard index, number of shards) of a DTensor sharded on its rows: its coordinate on the mesh
-    dimension that shards (fsdp: the only one; hsdp: the second, the first replicates)."""
-    from torch.distributed.tensor import Shard
-
-    coordinate = param.device_mesh.get_coordinate()
-    for mesh_dim, placement in enumerate(param.placements):
-        if isinstance(placement, Shard) and placement.dim == 0:
-            return coordinate[mesh_dim], param.device_mesh.size(mesh_dim)
-    return 0, 1
-
-
-def init_lora_weights(model, seed: int) -> None:
+def init_lora_weights(model, seed: int, local_rows=whole_rows) -> None:
     """LoRA's initial values from the seed and each parameter's name: the same on every rank and every strategy,
-    whether the model was built whole or sharded on meta. A: PEFT's Kaiming-uniform; B: zeros (so the adapted
-    model starts equal to the base)."""
+    whether the model was built whole or sharded on meta (`local_rows`: as in `load_weights`). A: PEFT's
+    Kaiming-uniform; B: zeros (so the adapted model starts equal to the base)."""
     import math
     import zlib
 
     import torch
-    from torch.distributed.tensor import DTensor
 
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -397,12 +382,8 @@ def init_lora_weights(model, seed: int) -> None:
                 torch.nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=generator)
             else:
                 full.zero_()
-            if isinstance(param, DTensor):
-                index, count = dim0_shard(param)
-                start, end = rows_of_rank(full.shape[0], count, index)
-                param.to_local().copy_(full[start:end])
-            else:
-                param.copy_(full.to(param.dtype))
+            local, start, end = local_rows(param)
+            local.copy_(full[start:end].to(local.dtype))
 
 
 def allocate(model, device) -> None:
@@ -459,7 +440,7 @@ def load_model(cfg, strategy, tokenizer, run_dir: Path, topology) -> tuple:
     if strategy.broadcasts_from_rank0 and any(p.is_meta for p in model.parameters()):
         allocate(model, topology.device)
         if topology.is_main:  # the other ranks get these values when the strategy wraps
-            load_shards(model, base_model_path, rank=0, world_size=1)
+            load_weights(model, base_model_path)
     if not any(p.is_meta for p in model.parameters()):
         init_lora_weights(model, cfg.train.seed)  # seeded by name: the same LoRA start for every strategy
     if cfg.train.activation_checkpointing:

@@ -1,6 +1,7 @@
 """What the loss optimises, from a batch: supervised fine-tuning, DPO or KTO (`objective=sft|dpo|kto`).
 
-    objective = build(cfg, ...)                      the loop holds one, and learns nothing else about it
+    objective = build(cfg, ...)                      an `Objective`: the loop holds one and learns nothing else
+    objective.before_training(splits, ...)           what it needs first (DPO/KTO: maybe a reference table)
     batch = objective.micro_batch(split, indices)    this rank's share of a micro-batch across ranks (host tensors)
     loss_sum, sums = objective.loss(model, batch)    summed loss (backward), metric sums (device, no sync)
     objective.metrics(reduced sums)                  the metrics of a step or of the validation set
@@ -23,13 +24,17 @@ import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
 
+from llmft.config.schema import DpoLoss, ObjectiveKind, PeftMethod
+from llmft.config.validation import precomputes_reference
 from llmft.data.tokenize.batching import collate
 from llmft.data.tokenize.templating import IGNORE_INDEX
 from llmft.errors import UserError
+from llmft.rundir.layout import reference_logps_path
 from llmft.training.loss import supervised_token_losses, token_losses, with_loss_index
 
 
@@ -46,14 +51,38 @@ class MicroBatch:
         return self
 
 
+class Objective(Protocol):
+    """Every member of an objective that the loop uses (training/loop.py); one class per objective below."""
+
+    name: str
+
+    def before_training(self, splits: dict[str, list], micro_batch_size: int, topology, run_dir: Path,
+                        resumed: bool, log: Callable[[str], None]) -> None:
+        """Whatever must exist before the first step (collective: every rank calls it). `resumed`: the run already
+        trained some steps (a resume)."""
+
+    def micro_batch(self, items: list, indices: list[int], rank: int, world_size: int,
+                    split: str = "train") -> MicroBatch:
+        """This rank's share (every world_size-th of `indices`) of a micro-batch across ranks, on the host."""
+
+    def loss(self, model, batch: MicroBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The summed loss of the batch (divided by the step's global `count` by the loop) and metric sums, on the
+        device: no host sync."""
+
+    def metrics(self, sums: dict[str, float], count: float) -> dict[str, float]:
+        """The logged metrics from the sums reduced over micro-batches and ranks."""
+
+
 class SupervisedFineTuning:
     """Cross-entropy on the assistant tokens; the loss is the token-mean over the global batch."""
 
     name = "sft"
-    needs_reference = False
 
     def __init__(self, pad_token_id: int, bf16: bool, flatten: bool):
         self.pad_token_id, self.bf16, self.flatten = pad_token_id, bf16, flatten
+
+    def before_training(self, splits, micro_batch_size, topology, run_dir, resumed, log) -> None:
+        pass  # nothing: the data is all it needs
 
     def micro_batch(self, items: list, indices: list[int], rank: int, world_size: int, split: str = "train",
                     with_reference: bool = True) -> MicroBatch:
@@ -76,11 +105,10 @@ class _Preference:
     """What DPO and KTO share: rows of prompt + completion, padded (never packed), sequence log-probabilities under
     the policy and the reference."""
 
-    needs_reference = True
-
     def __init__(self, objective_cfg, peft_model, pad_token_id: int, bf16: bool, all_reduce, uses_adapter: bool,
-                 installed_head: bool, device):
+                 installed_head: bool, device, precompute_reference: bool = False):
         self.cfg = objective_cfg
+        self.precompute_reference = precompute_reference
         self.installed_head, self.device = installed_head, device
         self.beta = float(objective_cfg.beta)
         self.peft_model = peft_model  # unwrapped: the reference forward needs no gradient reduction
@@ -129,12 +157,20 @@ class _Preference:
         """[items, rows per item] -> the order of the batch's rows."""
         return per_item.t().reshape(-1)
 
+    def before_training(self, splits: dict[str, list], micro_batch_size: int, topology, run_dir: Path,
+                        resumed: bool, log) -> None:
+        """With a precomputed reference: its table, made or read back (`fill_reference_table`); else nothing (the
+        reference is the model with its adapter disabled, at every step)."""
+        if self.precompute_reference:
+            self.fill_reference_table(splits, micro_batch_size, topology.rank, topology.world_size, run_dir,
+                                      resumed, topology.is_main, topology.barrier, log)
+
     def fill_reference_table(self, splits: dict[str, list], micro_batch_size: int, rank: int, world_size: int,
                              run_dir: Path, started: bool, is_main: bool, barrier, log) -> None:
         """The reference's log-probabilities of every item of every split, computed once (each rank its share of
         each micro-batch, summed over ranks) and saved in the run directory, where a resume finds them. Read from
         there when they exist and match the data."""
-        path = Path(run_dir) / "reference_logps.pt"
+        path = reference_logps_path(run_dir)
         fingerprint = data_fingerprint(splits)
         if path.exists():
             saved = torch.load(path, weights_only=True)
@@ -197,7 +233,7 @@ class DirectPreferenceOptimization(_Preference):
         pairs = policy.shape[0] // 2
         chosen_ratio = policy[:pairs] - reference[:pairs]
         rejected_ratio = policy[pairs:] - reference[pairs:]
-        if self.cfg.loss.value == "ipo":  # TRL: the per-token mean log-ratios
+        if self.cfg.loss is DpoLoss.ipo:  # TRL: the per-token mean log-ratios
             tokens = inputs["row_tokens"].clamp(min=1.0)
             delta = chosen_ratio / tokens[:pairs] - rejected_ratio / tokens[pairs:]
             losses = (delta - 1.0 / (2.0 * self.beta)) ** 2
@@ -279,24 +315,14 @@ def mismatched_row(example, other):
     return type(example.sample)(input_ids=ids, labels=labels)
 
 
-def build(cfg, peft_model, pad_token_id: int, bf16: bool, flatten: bool, all_reduce, loss_head: str, device):
-    objective_cfg = cfg.get("objective")
-    kind = objective_cfg.kind.value if objective_cfg is not None else "sft"
-    if kind == "sft":
+def build(cfg, peft_model, pad_token_id: int, bf16: bool, flatten: bool, all_reduce, loss_head: str,
+          device) -> Objective:
+    kind = cfg.objective.kind
+    if kind is ObjectiveKind.sft:
         return SupervisedFineTuning(pad_token_id, bf16, flatten)
-    uses_adapter = cfg.peft.method.value != "full"
-    cls = DirectPreferenceOptimization if kind == "dpo" else KahnemanTverskyOptimization
-    return cls(objective_cfg, peft_model, pad_token_id, bf16, all_reduce, uses_adapter, loss_head != "full_logits",
-               device)
-
-
-def precomputes_reference(cfg) -> bool:
-    objective_cfg = cfg.get("objective")
-    if objective_cfg is None or objective_cfg.kind.value == "sft":
-        return False
-    if objective_cfg.precompute_reference is None:
-        return cfg.peft.method.value == "full"
-    return bool(objective_cfg.precompute_reference)
+    cls = DirectPreferenceOptimization if kind is ObjectiveKind.dpo else KahnemanTverskyOptimization
+    return cls(cfg.objective, peft_model, pad_token_id, bf16, all_reduce, cfg.peft.method is not PeftMethod.full,
+               loss_head != "full_logits", device, precomputes_reference(cfg))
 
 
 def data_fingerprint(splits: dict[str, list]) -> str:

@@ -11,11 +11,15 @@ from contextlib import nullcontext
 
 import torch
 
+from llmft.config.schema import Precision
 
-def uses_bf16(precision: str, device_type: str) -> bool:
-    if precision == "bf16":
+
+def uses_bf16(precision: Precision | str, device_type: str) -> bool:
+    precision = Precision(precision)
+    if precision is Precision.bf16:
         return True
-    return precision == "auto" and device_type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    return precision is Precision.auto and device_type == "cuda" \
+        and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def autocast(bf16: bool, device_type: str):

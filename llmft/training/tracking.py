@@ -6,7 +6,7 @@ told to). Artifacts of that default store go to RUNS_ROOT/mlartifacts. View with
 sqlite:///RUNS_ROOT/mlflow.db` (the full `mlflow` package, on a login node or a laptop).
 
 What, in the experiment `$MLFLOW_EXPERIMENT_NAME` (default `llmft`), in one MLflow run named after the run directory:
-- params: the resolved config as the run directory saves it (secrets redacted), flattened (`train.lr`, `model.name`);
+- params: the resolved config the Trainer holds (secrets redacted), flattened (`train.lr`, `model.name`);
 - metrics: every metrics.jsonl record, by step (`loss`, `lr`, `tokens_per_s`, `val_loss`, ...);
 - tags: `llmft.run_dir`, `llmft.strategy`, `llmft.world_size` (and `llmft.slurm_job_id` in a job); when the run ends,
   its status, `llmft.final_dir` (the final adapter or model, left where it is: not copied into the store) and the
@@ -29,14 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from llmft.config.redact import redact_config
+from llmft.rundir.layout import config_path, mlflow_path, summary_path
 
-RUN_FILE = "mlflow.json"  # in the run directory: the store and the MLflow run this llmft run logs to
 DEFAULT_EXPERIMENT = "llmft"
 # summary.json's status -> MLflow's run status
 END_STATUS = {"completed": "FINISHED", "failed": "FAILED", "interrupted": "KILLED", "requeued": "KILLED"}
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param's value
-
-_open: "MlflowTracking | None" = None  # this process's tracked run, ended by `end_run` when summary.json is written
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, str]:
@@ -79,9 +77,10 @@ def store_lock(tracking_uri: str):
 class MlflowTracking:
     """The MLflow run of one llmft run. Every call goes through `_guarded`: an error warns once and turns it off."""
 
-    def __init__(self, run_dir: Path, config: dict):
+    def __init__(self, run_dir: Path, config: dict, strategy: str, world_size: int):
         self.run_dir = Path(run_dir)
         self.config = config
+        self.strategy, self.world_size = strategy, world_size  # as the Trainer settled them
         self.client = None
         self.run_id: str | None = None
         self.logged_steps: dict[str, int] = {}  # metric -> the last step MLflow has (a resumed run skips up to it)
@@ -108,7 +107,7 @@ class MlflowTracking:
         for name in ("mlflow", "alembic"):  # their INFO lines (creating the tables...) are noise in a SLURM log
             logging.getLogger(name).setLevel(logging.WARNING)
 
-        saved_path = self.run_dir / RUN_FILE
+        saved_path = mlflow_path(self.run_dir)
         saved = json.loads(saved_path.read_text()) if saved_path.exists() else None
         uri = saved["tracking_uri"] if saved else os.environ.get("MLFLOW_TRACKING_URI") or \
             default_tracking_uri(self.config)
@@ -133,10 +132,11 @@ class MlflowTracking:
         run = self.client.create_run(experiment_id, run_name=self.run_dir.name,
                                      tags={"llmft.run_dir": str(self.run_dir.resolve())})
         self.run_id = run.info.run_id
-        tmp = self.run_dir / f".{RUN_FILE}.tmp"
+        saved_path = mlflow_path(self.run_dir)
+        tmp = saved_path.with_name(f".{saved_path.name}.tmp")
         tmp.write_text(json.dumps({"tracking_uri": uri, "experiment_id": experiment_id, "run_id": self.run_id},
                                   indent=2))
-        os.replace(tmp, self.run_dir / RUN_FILE)
+        os.replace(tmp, saved_path)
         self._log_params({})
 
     def _continue(self, run_id: str) -> None:
@@ -165,13 +165,7 @@ class MlflowTracking:
     def _tag_topology(self) -> None:
         from mlflow.entities import RunTag
 
-        from llmft.rundir.files import read_config
-        from llmft.config.validation import settle_parallelism
-        from llmft.training.topology import Topology
-
-        world_size = Topology.from_env().world_size  # torchrun's, SLURM's or one process
-        tags = {"llmft.world_size": str(world_size),
-                "llmft.strategy": settle_parallelism(read_config(self.run_dir), world_size).value}
+        tags = {"llmft.world_size": str(self.world_size), "llmft.strategy": self.strategy}
         if os.environ.get("SLURM_JOB_ID"):
             tags["llmft.slurm_job_id"] = os.environ["SLURM_JOB_ID"]
         self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
@@ -207,30 +201,13 @@ class MlflowTracking:
         if summary.get("error"):
             tags["llmft.error"] = str(summary["error"])[:8000]
         self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-        for name in ("config.yaml", "summary.json"):
-            if (self.run_dir / name).exists():
-                self.client.log_artifact(self.run_id, str(self.run_dir / name))
+        for path in (config_path(self.run_dir), summary_path(self.run_dir)):
+            if path.exists():
+                self.client.log_artifact(self.run_id, str(path))
         self.client.set_terminated(self.run_id, END_STATUS.get(status, "FAILED"))
 
 
-def start_run(run_dir: Path) -> MlflowTracking | None:
-    """The MLflow run of this llmft run when its config says `train.mlflow: true` (rank 0 calls this), else None."""
-    global _open
-    config_path = Path(run_dir) / "config.yaml"
-    if not config_path.exists():
-        return None
-    from omegaconf import OmegaConf
-
-    config = OmegaConf.to_container(OmegaConf.load(config_path))
-    if not (config.get("train") or {}).get("mlflow"):
-        return None
-    _open = MlflowTracking(Path(run_dir), config)
-    return _open
-
-
-def end_run(run_dir: Path, summary: dict) -> None:
-    """Called when summary.json is written (rank 0): end this run's MLflow run with its status. No-op without one."""
-    global _open
-    if _open is not None and _open.run_dir.resolve() == Path(run_dir).resolve():
-        _open.end(summary)
-        _open = None
+def start_run(run_dir: Path, config: dict, strategy: str, world_size: int) -> MlflowTracking:
+    """The MLflow run of this llmft run (rank 0, `train.mlflow=true`): `config` is the run's resolved config as plain
+    values, `strategy` and `world_size` what the Trainer runs. The caller ends it with `end(summary)`."""
+    return MlflowTracking(Path(run_dir), config, strategy, world_size)

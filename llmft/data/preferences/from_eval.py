@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from omegaconf import OmegaConf
-
 from llmft.config.arguments import UsageError, parse_arguments
 from llmft.data.readers.records import DataError
+from llmft.rundir.files import read_config
+from llmft.rundir.layout import eval_dir, is_run_dir
 
 USAGE = "python -m llmft.data from-eval RUN_DIR [out=FILE] [kto_out=FILE]"
 VERDICTS = ("correct", "partially correct", "incorrect")
@@ -57,9 +57,9 @@ def report_path_of(run: Path) -> Path:
                         f"evaluated.")
     if run.is_file():
         return run
-    candidates = [run / "eval" / "report.json", run / "report.json"]
-    if (run / "config.yaml").is_file():
-        output_dir = OmegaConf.select(OmegaConf.load(run / "config.yaml"), "eval.output_dir", default=None)
+    candidates = [eval_dir(run) / "report.json", run / "report.json"]
+    if is_run_dir(run):
+        output_dir = read_config(run).eval.output_dir
         if output_dir:
             candidates.insert(0, Path(os.path.expandvars(str(output_dir))).expanduser() / "report.json")
     for candidate in candidates:
@@ -134,11 +134,9 @@ def from_eval(argv: list[str], log=print) -> Converted:
         raise UsageError(f"no run directory: {USAGE}.")
     run = Path(os.path.expandvars(bare[0] if bare else args.run)).expanduser()
     path = report_path_of(run)
-    run_dir = path.parent.parent if path.parent.name == "eval" else path.parent
-    if (run_dir / "config.yaml").is_file():  # answers about private tickets: no more readable than the run
-        umask = OmegaConf.select(OmegaConf.load(run_dir / "config.yaml"), "umask", default=None)
-        if umask is not None:
-            os.umask(int(str(umask), 8))
+    run_dir = path.parent.parent if path.parent == eval_dir(path.parent.parent) else path.parent
+    if is_run_dir(run_dir):  # answers about private tickets: no more readable than the run
+        os.umask(int(str(read_config(run_dir).umask), 8))
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as error:

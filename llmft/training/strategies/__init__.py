@@ -22,6 +22,12 @@ class Strategy(Protocol):
     builds_on_meta: bool  # the model loader builds the skeleton on the meta device; wrap() loads this rank's shards
     # wrap() broadcasts rank 0's weights to every replica (DDP, ZeRO-2): the other ranks need not read them from disk
     broadcasts_from_rank0: bool
+    # a parameter is whole only inside its module's forward and backward (ZeRO-3): a gradient made outside them (the
+    # loss head's, training/loss.py) would find it partitioned
+    partitions_parameters: bool
+
+    def full_shape(self, param: torch.nn.Parameter) -> tuple[int, ...]:
+        """A parameter's whole shape, however this strategy shards or partitions it."""
 
     def loading_context(self) -> ContextManager:
         """Around loading a model from disk: ZeRO-3 makes transformers partition it as it loads; else nothing."""

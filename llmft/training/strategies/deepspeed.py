@@ -92,8 +92,13 @@ class DeepSpeedStrategy:
         self.stage3 = cfg.parallelism.strategy in (Parallelism.zero3, Parallelism.zero3_offload)
         # ZeRO-2 broadcasts rank 0's parameters when it wraps (DeepSpeedEngine._broadcast_model); ZeRO-3 partitions
         self.broadcasts_from_rank0 = not self.stage3
+        self.partitions_parameters = self.stage3
         self.engine = None
         self.hf_deepspeed_config = None
+
+    def full_shape(self, param) -> tuple[int, ...]:
+        """ZeRO-3 leaves an empty tensor in the parameter and its whole shape in `ds_shape`."""
+        return tuple(getattr(param, "ds_shape", None) or param.shape)
 
     @contextmanager
     def loading_context(self):

@@ -24,8 +24,39 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from llmft.config.schema import Parallelism, PeftMethod
 from llmft.config.validation import hsdp_mesh_shape
-from llmft.training.model import allocate, decoder_layers, init_lora_weights, load_shards
+from llmft.training.model import allocate, decoder_layers, init_lora_weights, load_weights
 from llmft.training.strategies.single import SingleStrategy
+
+
+def rows_of_rank(num_rows: int, world_size: int, rank: int) -> tuple[int, int]:
+    """The rows of dim 0 that FSDP2 gives a rank: torch.chunk's split (ceil-sized chunks, the last ones shorter)."""
+    chunk = -(-num_rows // world_size)
+    start = min(num_rows, rank * chunk)
+    return start, min(num_rows, start + chunk)
+
+
+def dim0_shard(param) -> tuple[int, int]:
+    """(this rank's shard index, number of shards) of a DTensor sharded on its rows: its coordinate on the mesh
+    dimension that shards (fsdp: the only one; hsdp: the second, the first replicates)."""
+    from torch.distributed.tensor import Shard
+
+    coordinate = param.device_mesh.get_coordinate()
+    for mesh_dim, placement in enumerate(param.placements):
+        if isinstance(placement, Shard) and placement.dim == 0:
+            return coordinate[mesh_dim], param.device_mesh.size(mesh_dim)
+    return 0, 1
+
+
+def shard_rows(param):
+    """(this rank's local tensor, first row, end row) of a parameter FSDP2 sharded on dim 0 (a DTensor), for
+    `load_weights` and `init_lora_weights`: each rank reads and fills only its own rows."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(param, DTensor):
+        return param, 0, param.shape[0]
+    index, count = dim0_shard(param)
+    start, end = rows_of_rank(param.shape[0], count, index)
+    return param.to_local(), start, end
 
 
 @contextmanager
@@ -76,8 +107,8 @@ class FSDPStrategy(SingleStrategy):
     def materialize(self, model) -> None:
         """Allocate this rank's shards of a model built on meta, and fill them from the safetensors files."""
         allocate(model, self.topology.device)
-        load_shards(model, Path(self.cfg.model.path), self.topology.rank, self.topology.world_size)
-        init_lora_weights(model, self.cfg.train.seed)
+        load_weights(model, Path(self.cfg.model.path), local_rows=shard_rows)
+        init_lora_weights(model, self.cfg.train.seed, local_rows=shard_rows)
 
     def no_gradient_sync(self):
         return _no_gradient_sync(self.model)

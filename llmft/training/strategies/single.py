@@ -14,6 +14,7 @@ class SingleStrategy:
     name = "single"
     builds_on_meta = False
     broadcasts_from_rank0 = False
+    partitions_parameters = False
 
     def __init__(self, cfg, topology, bf16: bool):
         self.cfg = cfg
@@ -26,6 +27,9 @@ class SingleStrategy:
 
     def loading_context(self):
         return nullcontext()
+
+    def full_shape(self, param) -> tuple[int, ...]:
+        return tuple(param.shape)  # a replica's own; FSDP2's DTensor says its global shape too
 
     def place(self, model) -> None:
         if self.cfg.peft.method is PeftMethod.qlora:

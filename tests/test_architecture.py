@@ -1,5 +1,5 @@
-"""The layers hold: imports point down (launch -> serve -> training -> data -> rundir -> config -> errors), never in a
-circle, and the login-node commands import no torch, transformers, peft or deepspeed."""
+"""The layers hold: imports point down (launch -> serve -> training -> data -> clients -> rundir -> config -> errors),
+never in a circle, and the login-node commands import no torch, transformers, peft or deepspeed."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from conftest import REPO
 
 PACKAGE = REPO / "llmft"
 # Top to bottom. A module may import from its own layer and the layers below it, never above.
-LAYERS = ["launch", "serve", "training", "data", "rundir", "config", "errors"]
+LAYERS = ["launch", "serve", "training", "data", "clients", "rundir", "config", "errors"]
 ENTRY_POINTS = {"llmft.cli", "llmft.train", "llmft.plan", "llmft.runs", "llmft.eval", "llmft.chat", "llmft.export",
                 "llmft.launch.__main__", "llmft.data.__main__", "llmft"}
 HEAVY = ("torch", "transformers", "peft", "deepspeed")

@@ -1,4 +1,4 @@
-"""The typed schema behind every group in `llmft/conf/`: one tree of dataclasses, `LlmftConfig`.
+"""The typed schema behind every group in `conf/`: one tree of dataclasses, `LlmftConfig`.
 
 Hydra composes `conf/config.yaml` on top of `LlmftConfig` (stored as `base_config` in the ConfigStore), so every
 group file and every command-line override is checked against these dataclasses: an unknown key or a wrong type
@@ -217,7 +217,10 @@ class EvalConfig:
     # LLMFT_JUDGE_URL / LLMFT_JUDGE_MODEL; no URL at all: the judge is skipped.
     judge_url: Optional[str] = None  # e.g. http://localhost:8000/v1
     judge_model: Optional[str] = None
-    judge_api_key: Optional[str] = None  # None: environment LLMFT_JUDGE_API_KEY, then OPENAI_API_KEY; never written
+    # The environment variable holding the judge's key (never the key itself: a config is a file). None:
+    # LLMFT_JUDGE_API_KEY, then OPENAI_API_KEY. Named as data.acronyms.llm_api_key_env (llmft/clients).
+    judge_api_key_env: Optional[str] = None
+    judge_api_key: Optional[str] = None  # deprecated, accepted with a warning: the key itself (redacted when saved)
     judge_timeout_s: float = 60.0  # seconds to wait for an answer before the sample is recorded as timed out
     judge_max_tokens: int = 256
     judge_concurrency: int = 4  # requests in flight

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Optional
@@ -16,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from llmft.config.arguments import parse_arguments
 from llmft.config.compose import one_line_error
+from llmft.config.redact import REDACTED
 from llmft.config.families import EAGER_ATTENTION_ONLY, NO_POSITION_IDS, model_family
 from llmft.config.data_schema import DataFormat
 from llmft.config.schema import DpoLoss, EvalConfig, LlmftConfig, LossHead, ObjectiveKind, Parallelism, PeftMethod
@@ -299,6 +301,10 @@ def check_eval(eval_cfg, check_paths: bool = True) -> EvalConfig:
                           f"(to evaluate other conversations, give them as eval.file=FILE).")
     if settings.judge_url and not re.match(r"https?://", settings.judge_url):
         raise ConfigError(f"eval.judge_url={settings.judge_url} must start with http:// or https://.")
+    if settings.judge_api_key and settings.judge_api_key != REDACTED:
+        print("llmft: warning: eval.judge_api_key (the key itself) is deprecated and still used: put the key in an "
+              "environment variable and name it with eval.judge_api_key_env=VARIABLE (as data.acronyms."
+              "llm_api_key_env).", file=sys.stderr)
     if check_paths and settings.file and not Path(os.path.expandvars(settings.file)).expanduser().exists():
         raise ConfigError(f"eval.file={settings.file} does not exist.")
     model = settings.embedding_model

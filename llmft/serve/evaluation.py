@@ -19,15 +19,11 @@ again here. No torch at import time: the settings are checked in a fraction of a
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import re
-import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +31,7 @@ from typing import Any, Callable, Optional
 
 from omegaconf import OmegaConf
 
+from llmft.clients.openai_compatible import ChatEndpoint, EndpointError, api_key_of
 from llmft.config.arguments import UsageError
 from llmft.config.redact import REDACTED
 from llmft.config.schema import EvalConfig
@@ -48,6 +45,7 @@ from llmft.data.readers.records import DataError, ReadReport
 from llmft.data.tokenize.templating import TemplateError
 from llmft.errors import ConfigError, UserError
 from llmft.rundir.files import read_config, read_summary
+from llmft.rundir.layout import eval_dir
 from llmft import __version__
 from llmft.serve.inference import (
     base_model_dir,
@@ -105,8 +103,8 @@ def eval_settings(run_dir: Path, overrides: list[str]) -> EvalConfig:
         settings = check_eval(with_eval_overrides(saved, overrides))
         settings.judge_url = settings.judge_url or os.environ.get("LLMFT_JUDGE_URL") or None
         settings.judge_model = settings.judge_model or os.environ.get("LLMFT_JUDGE_MODEL") or None
-        settings.judge_api_key = (settings.judge_api_key or os.environ.get("LLMFT_JUDGE_API_KEY")
-                                  or os.environ.get("OPENAI_API_KEY") or None)
+        settings.judge_api_key = settings.judge_api_key or api_key_of(settings.judge_api_key_env,
+                                                                      "LLMFT_JUDGE_API_KEY", "OPENAI_API_KEY")
         check_eval_runtime(settings)
     except ConfigError as error:
         raise EvalError(str(error)) from None
@@ -336,47 +334,15 @@ def parse_verdict(reply: str) -> tuple[str, str]:
     raise JudgeReplyError("no VERDICT in the judge's reply")
 
 
-def chat_completions_url(base_url: str) -> str:
-    url = base_url.rstrip("/")
-    return url if url.endswith("/chat/completions") else url + "/chat/completions"
-
-
 def ask_judge(settings: EvalConfig, messages: list[dict[str, str]]) -> tuple[str | None, str | None, bool]:
     """POST the messages to the judge. Returns (reply text, error, answered): `answered` is False when no HTTP
     answer came back (timeout, connection refused, HTTP error), which counts towards giving up."""
-    body = json.dumps({"model": settings.judge_model, "messages": messages, "temperature": 0,
-                       "max_tokens": settings.judge_max_tokens}).encode()
-    headers = {"Content-Type": "application/json", "Accept": "application/json"}
-    if settings.judge_api_key:
-        headers["Authorization"] = f"Bearer {settings.judge_api_key}"
-    request = urllib.request.Request(chat_completions_url(settings.judge_url), data=body, headers=headers,
-                                     method="POST")
-    timeout = settings.judge_timeout_s
+    endpoint = ChatEndpoint(settings.judge_url, settings.judge_model, settings.judge_api_key, settings.judge_timeout_s,
+                            name="the judge")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            raw = response.read()
-    except urllib.error.HTTPError as error:
-        detail = " ".join(error.read()[:300].decode("utf-8", "replace").split())
-        return None, f"HTTP {error.code} from the judge{': ' + detail if detail else ''}", False
-    except (TimeoutError, socket.timeout):
-        return None, f"timeout: no answer from the judge within {timeout:g} s", False
-    except urllib.error.URLError as error:
-        if isinstance(error.reason, (TimeoutError, socket.timeout)):
-            return None, f"timeout: no answer from the judge within {timeout:g} s", False
-        return None, f"cannot reach the judge at {settings.judge_url}: {error.reason}", False
-    except (OSError, http.client.HTTPException) as error:
-        return None, f"the connection to the judge failed: {type(error).__name__}: {error}", False
-    try:
-        payload = json.loads(raw)
-    except ValueError:
-        return None, f"the judge's reply is not JSON: {raw[:200].decode('utf-8', 'replace')!r}", True
-    try:
-        content = payload["choices"][0]["message"]["content"]
-    except (KeyError, IndexError, TypeError):
-        return None, f"the judge's reply has no choices[0].message.content: {json.dumps(payload)[:200]}", True
-    if not isinstance(content, str):
-        return None, f"the judge's message content is not text: {json.dumps(content)[:200]}", True
-    return content, None, True
+        return endpoint.complete(messages, temperature=0, max_tokens=settings.judge_max_tokens), None, True
+    except EndpointError as error:
+        return None, str(error), error.answered
 
 
 def judge_messages(example: Example, answer: str) -> list[dict[str, str]]:
@@ -518,7 +484,7 @@ def run_eval(run_dir: Path, overrides: list[str], log: Callable[[str], None] = p
         "timing": timing,
         "samples": samples,
     }
-    write_report(report, Path(settings.output_dir).expanduser() if settings.output_dir else run_dir / "eval")
+    write_report(report, Path(settings.output_dir).expanduser() if settings.output_dir else eval_dir(run_dir))
     return report
 
 

@@ -12,13 +12,11 @@ conversations instead; it is never required: when it fails the templates are use
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-import urllib.error
-import urllib.request
 from pathlib import Path
 
+from llmft.clients.openai_compatible import ChatEndpoint, EndpointError, api_key_of
 from llmft.data.readers.records import (Conversation, JsonError, ReadReport, decode_json, input_files, jsonl_records,
                                         line_of, text_problem)
 
@@ -115,15 +113,9 @@ def llm_conversations(acronym: str, definition: str, count: int, cfg) -> list[li
         f"answers using only this definition: {definition!r}. Reply with raw JSON only: a list of {count} lists of "
         f'messages, each message {{"role": "user" or "assistant", "content": "..."}}, each list ending with the assistant.'
     )
-    body = json.dumps({"model": cfg.llm_model, "messages": [{"role": "user", "content": prompt}],
-                       "temperature": 0.7}).encode()
-    headers = {"Content-Type": "application/json"}
-    api_key = os.environ.get(cfg.llm_api_key_env or "", "")
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    request = urllib.request.Request(cfg.llm_url.rstrip("/") + "/chat/completions", data=body, headers=headers)
-    with urllib.request.urlopen(request, timeout=cfg.llm_timeout_s) as response:
-        content = json.loads(response.read())["choices"][0]["message"]["content"]
+    endpoint = ChatEndpoint(cfg.llm_url, cfg.llm_model, api_key_of(cfg.llm_api_key_env), cfg.llm_timeout_s,
+                            name="the acronym writer")
+    content = endpoint.complete([{"role": "user", "content": prompt}], temperature=0.7)
     content = re.sub(r"^```(?:json)?\s*|\s*```$", "", content.strip())
     conversations = json.loads(content)
     valid = [
@@ -198,11 +190,12 @@ def read_acronyms(path: Path, data_cfg, report: ReadReport) -> list[Conversation
                 try:
                     generated = llm_conversations(acronym, definition, cfg.conversations_per_acronym, cfg)
                     report.count("llm_conversations", len(generated))
-                except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError) as error:
+                except (EndpointError, ValueError, KeyError, IndexError, TypeError, AttributeError,
+                        RecursionError) as error:
                     # any answer the endpoint gives, however broken, falls back to the templates
                     report.count("llm_failures_fell_back_to_templates")
-                    if isinstance(error, urllib.error.URLError) and not isinstance(error, urllib.error.HTTPError):
-                        use_llm = False  # the endpoint is unreachable: do not wait for it once per acronym
+                    if isinstance(error, EndpointError) and error.kind in ("unreachable", "timeout", "connection"):
+                        use_llm = False  # no answer at all: do not wait for it once per acronym
             if generated is None:
                 generated = template_conversations(acronym, definition, cfg.conversations_per_acronym)
             conversations += [Conversation(f"acronym:{acronym}", messages, where) for messages in generated]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from llmft.config.data_schema import DataFormat
 from llmft.data.clean.html_text import html_to_text, looks_like_html
 
 # "On Mon, 13 Jan 2025 at 09:05, Sophie <s@x.fr> wrote:", "Le 10/01/2025 à 11:26, Amélie a écrit :", and the
@@ -116,16 +117,16 @@ def strip_signature(text: str, closing_pattern: re.Pattern | None, author_names:
 
 
 class MessageCleaner:
-    def __init__(self, clean_cfg, data_format: str):
+    def __init__(self, clean_cfg, data_format: DataFormat):
         # Text that is already clean (chat_jsonl, acronyms) is not searched for quotes and signatures by default:
         # a `>` line there may be a Markdown quote, a "Thanks," a real sentence.
-        from_mail = data_format in ("tickets_jsonl", "email", "csv")
+        from_mail = data_format in (DataFormat.tickets_jsonl, DataFormat.email, DataFormat.csv)
         self.strip_quotes = from_mail if clean_cfg.strip_quotes is None else clean_cfg.strip_quotes
         self.strip_signatures = from_mail if clean_cfg.strip_signatures is None else clean_cfg.strip_signatures
         self.closing_pattern = _closing_pattern(list(clean_cfg.closings))
         # E-mail bodies are text already: the reader took the text/plain part, or turned the text/html part into
         # text, by MIME type. Guessing again here would flatten a plain-text mail that has `<p.name@host>` in it.
-        self.detect_html = data_format != "email"
+        self.detect_html = data_format is not DataFormat.email
 
     def clean(self, text: str, author_names: list[str]) -> str:
         if self.detect_html and looks_like_html(text):

@@ -41,6 +41,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
+from llmft.config.data_schema import DataFormat, LongConversations
 from llmft.data.clean.dedup import DedupKeys
 from llmft.data.clean.messages import normalize_whitespace
 from llmft.data.readers.chat import checked_message_list
@@ -48,8 +49,8 @@ from llmft.data.readers.records import Conversation, ReadReport, short_repr
 from llmft.data.tokenize.templating import (IGNORE_INDEX, ChatRenderer, Sample, TemplateError, render_pieces,
                                             token_ids, with_system_prompt)
 
-PREFERENCE_FORMATS = ("preference_jsonl", "kto_jsonl")
-SAMPLE_KINDS = {"preference_jsonl": "preference_pairs", "kto_jsonl": "kto_examples"}
+PREFERENCE_FORMATS = (DataFormat.preference_jsonl, DataFormat.kto_jsonl)
+SAMPLE_KINDS = {DataFormat.preference_jsonl: "preference_pairs", DataFormat.kto_jsonl: "kto_examples"}
 
 
 # ------------------------------------------------------------------------------------------------ what training gets
@@ -201,7 +202,7 @@ def _record_id(record: dict, prompt: list[dict[str, str]]) -> str:
     return str(record_id)
 
 
-def preference_records_of(records, data_format: str, report: ReadReport) -> list[Conversation]:
+def preference_records_of(records, data_format: DataFormat, report: ReadReport) -> list[Conversation]:
     """The records of (file:line, raw, JSON) lines in `data_format` (preference_jsonl or kto_jsonl); a bad record is
     skipped with its reason (the first one stops with data.strict)."""
     result: list[Conversation] = []
@@ -210,7 +211,7 @@ def preference_records_of(records, data_format: str, report: ReadReport) -> list
             if not isinstance(record, dict):
                 raise ValueError("not a JSON object")
             prompt = _prompt(record)
-            if data_format == "preference_jsonl":
+            if data_format is DataFormat.preference_jsonl:
                 chosen, rejected = _completion(record, "chosen"), _completion(record, "rejected")
                 item: Conversation = PreferenceRecord.of(_record_id(record, prompt), where, prompt, chosen, rejected)
             else:
@@ -324,7 +325,7 @@ class PreferenceTokenizing:
     system_prompt: str | None
     end_of_turn: str
     max_seq_len: int
-    long_policy: str  # data.long_conversations: `drop` drops a record too long; otherwise its completions are cut
+    long_policy: LongConversations  # data.long_conversations: `drop` drops a record too long; otherwise its completions are cut
 
 
 @dataclass
@@ -380,7 +381,7 @@ def tokenize_preference_chunk(state: PreferenceTokenizing, chunk: list[Conversat
             drop("prompt_longer_than_max_seq_len")
             continue
         if any(len(s.input_ids) > max_seq_len for s in sides):
-            if state.long_policy == "drop":
+            if state.long_policy is LongConversations.drop:
                 drop("longer_than_max_seq_len")
                 continue
             result.num_cut += sum(len(s.input_ids) > max_seq_len for s in sides)
@@ -393,7 +394,7 @@ def tokenize_preference_chunk(state: PreferenceTokenizing, chunk: list[Conversat
     return result
 
 
-def preference_counts(splits: dict[str, list], data_format: str, max_seq_len: int, end_of_turn: str,
+def preference_counts(splits: dict[str, list], data_format: DataFormat, max_seq_len: int, end_of_turn: str,
                       dropped: dict[str, int], num_cut: int) -> dict:
     """What `data prepare` reports and training logs: pairs (examples) per split, tokens, supervised tokens."""
     sequences = {split: samples_of(items) for split, items in splits.items()}
@@ -409,7 +410,7 @@ def preference_counts(splits: dict[str, list], data_format: str, max_seq_len: in
         "completions_cut_to_max_seq_len": num_cut,
         "samples_dropped": {reason: n for reason, n in dropped.items() if n},
     }
-    if data_format == "kto_jsonl":
+    if data_format is DataFormat.kto_jsonl:
         counts["desirable"] = {split: sum(item.desirable for item in items) for split, items in splits.items()}
     train = sequences["train"]
     counts["useful_token_fraction"] = {  # each sequence alone in a row of max_seq_len tokens

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Optional
 
 from llmft.config.arguments import UsageError, parse_arguments
+from llmft.config.data_schema import DataFormat
 from llmft.data.readers.records import DataError
 from llmft.rundir.files import read_config
 from llmft.rundir.layout import eval_dir, is_run_dir
@@ -148,22 +149,22 @@ def from_eval(argv: list[str], log=print) -> Converted:
     verdicts = converted.verdicts
     log(f"read {sum(verdicts.values())} answers of the fine-tuned model from {path}: "
         + ", ".join(f"{verdicts[v]} {v}" for v in (*VERDICTS, "no verdict") if verdicts[v] or v in VERDICTS))
-    for target, records, what, data_format in ((out, converted.pairs, "DPO pairs", "preference_jsonl"),
-                                              (kto_out, converted.examples, "KTO examples", "kto_jsonl")):
+    for target, records, what, data_format in ((out, converted.pairs, "DPO pairs", DataFormat.preference_jsonl),
+                                              (kto_out, converted.examples, "KTO examples", DataFormat.kto_jsonl)):
         if target is None:
             continue
         target_path = Path(os.path.expandvars(target)).expanduser()
         if not records:
-            log(f"no {what} ({'no answer judged incorrect' if data_format == 'preference_jsonl' else 'no answer judged correct or incorrect'}): "
+            log(f"no {what} ({'no answer judged incorrect' if data_format is DataFormat.preference_jsonl else 'no answer judged correct or incorrect'}): "
                 f"{target_path} not written")
             continue
         write_jsonl(target_path, records)
         detail = ""
-        if data_format == "kto_jsonl":
+        if data_format is DataFormat.kto_jsonl:
             desirable = sum(r["label"] for r in records)
             detail = f": {desirable} desirable, {len(records) - desirable} undesirable" + (
                 f" ({converted.cut_correct} correct answers cut at max_new_tokens left out)"
                 if converted.cut_correct else "")
         log(f"wrote {len(records)} {what} to {target_path}{detail}; train on them with "
-            f"data.format={data_format} data.path={target_path}")
+            f"data.format={data_format.value} data.path={target_path}")
     return converted

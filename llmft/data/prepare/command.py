@@ -23,6 +23,7 @@ import json
 import os
 from pathlib import Path
 
+from llmft.config.data_schema import DataFormat
 from llmft.data.preferences.dpo_kto import PREFERENCE_FORMATS, samples_of
 from llmft.data.prepare.data_config import format_of
 from llmft.data.prepare.mixture import with_mixture_settings
@@ -72,7 +73,7 @@ def prepare(cfg) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     data_format = format_of(data_cfg)
     tokenizer = None if cfg.model.path is None else tokenizer_for_run(cfg, None)  # (model=tiny: from the texts)
-    if tokenizer is not None and data_format not in (*PREFERENCE_FORMATS, "mixture") and \
+    if tokenizer is not None and data_format not in (*PREFERENCE_FORMATS, DataFormat.mixture) and \
             not prepared_with(out_dir, tokenizer, data_cfg, max_seq_len):
         (out_dir / "manifest.json").unlink(missing_ok=True)  # incomplete until a new manifest is written
         read_report, tokenized, conversations_part = read_and_tokenize(data_cfg, tokenizer, max_seq_len, out_dir)

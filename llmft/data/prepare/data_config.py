@@ -7,10 +7,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from llmft.config.data_schema import DataFormat
 
-def format_of(data_cfg) -> str:
-    """data.format's name: the data path's readers and tables are keyed by it."""
-    return data_cfg.format.value
+
+def format_of(data_cfg) -> DataFormat:
+    """data.format, the enum (a str enum: the data path's readers and tables are keyed by it)."""
+    return DataFormat(data_cfg.format)
 
 
 def data_path(data_cfg) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmft.config.data_schema import DataFormat
 from llmft.config.validation import check_data
 from llmft.data.clean.dedup import DedupKeys
 from llmft.data.preferences.dpo_kto import PREFERENCE_FORMATS
@@ -63,8 +64,8 @@ def read_and_tokenize(data_cfg, tokenizer, max_seq_len: int, audit_dir: Path | N
     check_data(data_cfg)
     data_cfg = plain(data_cfg)
     data_format, path = format_of(data_cfg), data_path(data_cfg)
-    if data_format == "mixture" or data_format in PREFERENCE_FORMATS:
-        raise ValueError(f"read_and_tokenize does not take data.format={data_format}")
+    if data_format is DataFormat.mixture or data_format in PREFERENCE_FORMATS:
+        raise ValueError(f"read_and_tokenize does not take data.format={data_format.value}")
     num_workers = num_workers_of(data_cfg)
     report = ReadReport(strict=data_cfg.strict)
     cleaning = Cleaning.of(data_cfg, data_format)

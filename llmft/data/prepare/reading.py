@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llmft.config.data_schema import DataFormat
 from llmft.config.validation import check_data
 from llmft.data.clean.dedup import Deduplicator, DedupKeys, dedup_keys
 from llmft.data.clean.messages import MessageCleaner, normalize_whitespace, shape_turns
@@ -35,12 +36,12 @@ from llmft.data.readers.tickets import StaffRule, read_tickets_jsonl, tickets_of
 from llmft.data.readers.transcripts import read_transcripts
 
 READERS = {  # data.format -> reader(path, data_cfg, report) -> conversations
-    "chat_jsonl": read_chat_jsonl,
-    "tickets_jsonl": read_tickets_jsonl,
-    "email": read_email,
-    "csv": read_csv_pairs,
-    "acronyms": read_acronyms,
-    "transcript": read_transcripts,
+    DataFormat.chat_jsonl: read_chat_jsonl,
+    DataFormat.tickets_jsonl: read_tickets_jsonl,
+    DataFormat.email: read_email,
+    DataFormat.csv: read_csv_pairs,
+    DataFormat.acronyms: read_acronyms,
+    DataFormat.transcript: read_transcripts,
 }
 
 
@@ -49,19 +50,19 @@ class Cleaning:
     """What reading and cleaning a chunk of records needs, made once in the parent (a bad setting fails there)."""
 
     data_cfg: object
-    data_format: str
+    data_format: DataFormat
     cleaner: MessageCleaner
     scrubber: Scrubber | None
     staff: StaffRule | None
     ticket_pattern: re.Pattern | None
 
     @classmethod
-    def of(cls, data_cfg, data_format: str) -> Cleaning:
-        with_staff = data_format in ("tickets_jsonl", "email")
+    def of(cls, data_cfg, data_format: DataFormat) -> Cleaning:
+        with_staff = data_format in (DataFormat.tickets_jsonl, DataFormat.email)
         return cls(data_cfg, data_format, MessageCleaner(data_cfg.clean, data_format),
                    Scrubber(data_cfg.scrub) if data_cfg.scrub.enabled else None,
                    StaffRule(data_cfg.tickets) if with_staff else None,
-                   ticket_pattern_of(data_cfg) if data_format == "email" else None)
+                   ticket_pattern_of(data_cfg) if data_format is DataFormat.email else None)
 
 
 @dataclass
@@ -112,7 +113,7 @@ def read_chunk(state: Cleaning, task: tuple) -> CleanedChunk:
         if state.data_format in PREFERENCE_FORMATS:
             raw = preference_records_of(records, state.data_format, chunk.report)
         else:
-            raw = tickets_of(records, state.staff, data_cfg, chunk.report) if state.data_format == "tickets_jsonl" \
+            raw = tickets_of(records, state.staff, data_cfg, chunk.report) if state.data_format is DataFormat.tickets_jsonl \
                 else chats_of(records, chunk.report)
     else:
         raw = task[1]
@@ -139,10 +140,10 @@ def read_tasks(state: Cleaning, path: Path, report: ReadReport, num_workers: int
     """The tasks of `read_chunk` for the input at `path`. The parent reads csv and acronyms files itself (cheap, and a
     CSV row may span lines), and threads e-mail (a thread needs every mail) between parsing and cleaning."""
     data_cfg, data_format = state.data_cfg, state.data_format
-    if data_format in ("tickets_jsonl", "chat_jsonl", *PREFERENCE_FORMATS):
+    if data_format in (DataFormat.tickets_jsonl, DataFormat.chat_jsonl, *PREFERENCE_FORMATS):
         total = sum(file.stat().st_size for file in input_files(path, (".jsonl", ".json")))
         return [("jsonl", *piece) for piece in jsonl_chunks(path, chunk_bytes(total, num_workers))]
-    if data_format == "email":
+    if data_format is DataFormat.email:
         total = sum(file.stat().st_size for file in input_files(path, (".eml", ".mbox", ".mbx")))
         mails = []
         for chunk in in_order(read_chunk, state, mail_pieces(path, chunk_bytes(total, num_workers)), num_workers):
@@ -189,7 +190,7 @@ class ReadTally:
                 f"records skipped{': ' + report.skipped[0] if report.skipped else ''}; dropped: {reasons})."
             )
         return {
-            "format": self.state.data_format,
+            "format": self.state.data_format.value,
             "path": str(path),
             **report.as_dict(),
             "conversations_read": self.num_read,
@@ -208,7 +209,7 @@ def read_conversations(data_cfg) -> tuple[list[Conversation], dict]:
     check_data(data_cfg)  # checked at launch already; again for callers that did not validate
     data_cfg = plain(data_cfg)
     data_format, path = format_of(data_cfg), data_path(data_cfg)
-    if data_format == "mixture":
+    if data_format is DataFormat.mixture:
         return read_mixture(data_cfg)
     num_workers = num_workers_of(data_cfg)
     report = ReadReport(strict=data_cfg.strict)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 
+from llmft.config.data_schema import DataFormat
 from llmft.data.prepare.data_config import format_of, plain
 from llmft.data.prepare.mixture import mixture_splits
 
@@ -31,7 +32,7 @@ def assign_splits(conversation_ids: list[str], data_cfg) -> dict[str, str]:
     the training ids is held out, so a run always has something to evaluate on, unless
     data.validation_fraction=0 asks to train on every ticket (and evaluate on eval.file). A mixture splits each
     source's conversations by their own ids and that source's fractions, as alone."""
-    if format_of(data_cfg) == "mixture":
+    if format_of(data_cfg) is DataFormat.mixture:
         return mixture_splits(conversation_ids, plain(data_cfg), assign_splits)
     validation_fraction, test_fraction = data_cfg.validation_fraction, data_cfg.test_fraction  # (once: OmegaConf)
     splits = {i: split_of(i, validation_fraction, test_fraction) for i in conversation_ids}

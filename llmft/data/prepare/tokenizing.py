@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llmft.config.data_schema import DataFormat, LongConversations
 from llmft.data.prepare.data_config import format_of, plain
 from llmft.data.prepare.mixture import Source, by_source, draw, sample_targets, source_entries, sources_of
 from llmft.data.prepare.splits import bucket_of, split_of
@@ -76,12 +77,12 @@ class Tokenizing:
     system_prompt: str | None
     end_of_turn: str
     max_seq_len: int
-    long_policy: str
+    long_policy: LongConversations
     audit: bool = False  # also render the audit line of each conversation that gives a sample
 
     @classmethod
     def of(cls, tokenizer, data_cfg, end_of_turn: str, max_seq_len: int, audit: bool) -> Tokenizing:
-        long_policy = data_cfg.long_conversations.value
+        long_policy = LongConversations(data_cfg.long_conversations)
         return cls(tokenizer, data_cfg.system_prompt, end_of_turn, max_seq_len, long_policy, audit)
 
 
@@ -109,7 +110,7 @@ def tokenize_chunk(state: Tokenizing, chunk: list[Conversation]) -> TokenizedChu
     for index, (messages, sample) in enumerate(zip(conversations, samples)):
         pieces = [sample]
         if len(sample.input_ids) > max_seq_len:
-            if state.long_policy == "drop":
+            if state.long_policy is LongConversations.drop:
                 dropped.append((index, "longer_than_max_seq_len", 1))
                 continue
             pieces, exchanges_dropped = windows(tokenizer, messages, max_seq_len, state.system_prompt,
@@ -253,7 +254,7 @@ def tokenize_rows(conversations, tokenizer, data_cfg, max_seq_len: int, audit_di
     written there per split (`audit_line`). Tokenizing runs on data.num_workers processes, chunk by chunk; the split
     of each sample, the audit files and the packing are done here, in input order."""
     data_cfg = plain(data_cfg)
-    if format_of(data_cfg) == "mixture":
+    if format_of(data_cfg) is DataFormat.mixture:
         return tokenize_mixture(conversations, tokenizer, data_cfg, max_seq_len, audit_dir)
     end_of_turn, end_of_turn_id = end_of_turn_of(tokenizer, data_cfg)
     state = Tokenizing.of(tokenizer, data_cfg, end_of_turn, max_seq_len, audit_dir is not None)

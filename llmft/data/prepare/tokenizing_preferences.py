@@ -9,6 +9,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from llmft.config.data_schema import DataFormat, LongConversations
 from llmft.data.preferences.dpo_kto import PreferenceTokenizing, preference_counts, samples_of, \
     tokenize_preference_chunk
 from llmft.data.prepare.data_config import format_of, plain
@@ -31,11 +32,11 @@ def tokenize_preferences(records, tokenizer, data_cfg, max_seq_len: int, audit_d
     dropped: Counter = Counter()
     num_cut = 0
     used_ids: set[str] = set()
-    long_policy = data_cfg.long_conversations.value
+    long_policy = LongConversations(data_cfg.long_conversations)
     state = PreferenceTokenizing(tokenizer, data_cfg.system_prompt, end_of_turn, max_seq_len, long_policy)
     num_workers = num_workers_of(data_cfg)
     batches = chunks(records, num_workers)
-    audit_name = "pairs" if data_format == "preference_jsonl" else "examples"
+    audit_name = "pairs" if data_format is DataFormat.preference_jsonl else "examples"
     audit_lines: dict[str, list[str]] = {}
     for chunk, batch in zip(in_order(tokenize_preference_chunk, state, batches, num_workers), batches):
         for reason, n in chunk.dropped.items():

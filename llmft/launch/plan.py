@@ -71,10 +71,11 @@ def estimate_lines(cfg: DictConfig, world: int, gpu_memory_gb: float | None, pea
 def prepared_train_tokens(cfg: DictConfig) -> int | None:
     """Training tokens of one epoch, from the report of `python -m llmft.data prepare` (data.prepared)."""
     import json
-    import os
+
+    from llmft.data.prepare.data_config import prepared_report_path
 
     folder = cfg.data.prepared or cfg.data.output_dir
-    report = Path(os.path.expandvars(str(folder))).expanduser() / "report.json" if folder else None
+    report = prepared_report_path(folder) if folder else None
     if report is None or not report.is_file():
         return None
     tokens = json.loads(report.read_text()).get("tokens")

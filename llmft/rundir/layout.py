@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 CONFIG_FILE = "config.yaml"
@@ -65,6 +66,14 @@ def reference_logps_path(run_dir: Path | str) -> Path:
 def eval_dir(run_dir: Path | str) -> Path:
     """`llmft eval`'s report (report.json) and detailed answers, unless eval.output_dir says elsewhere."""
     return Path(run_dir) / "eval"
+
+
+def eval_report_path(run_dir: Path | str, output_dir: str | None = None) -> Path:
+    """The evaluation's report.json: in `output_dir` (eval.output_dir, environment variables expanded) when set,
+    else in the run's eval/ folder. Its report.md is beside it (`with_suffix(".md")`)."""
+    if output_dir:
+        return Path(os.path.expandvars(str(output_dir))).expanduser() / "report.json"
+    return eval_dir(run_dir) / "report.json"
 
 
 def export_dir(run_dir: Path | str, kind: str) -> Path:

@@ -45,7 +45,7 @@ from llmft.data.readers.records import DataError, ReadReport
 from llmft.data.tokenize.templating import TemplateError
 from llmft.errors import ConfigError, UserError
 from llmft.rundir.files import read_config, read_summary
-from llmft.rundir.layout import eval_dir
+from llmft.rundir.layout import eval_report_path
 from llmft import __version__
 from llmft.serve.inference import (
     base_model_dir,
@@ -484,7 +484,7 @@ def run_eval(run_dir: Path, overrides: list[str], log: Callable[[str], None] = p
         "timing": timing,
         "samples": samples,
     }
-    write_report(report, Path(settings.output_dir).expanduser() if settings.output_dir else eval_dir(run_dir))
+    write_report(report, eval_report_path(run_dir, settings.output_dir))
     return report
 
 
@@ -536,14 +536,15 @@ def generate_answers(run_dir: Path, cfg, settings: EvalConfig, examples: list[Ex
 # ------------------------------------------------------------------------------------------------ the report
 
 
-def write_report(report: dict, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in (("report.json", json.dumps(report, indent=2, ensure_ascii=False)),
-                       ("report.md", report_markdown(report))):
-        tmp = out_dir / f".{name}.tmp"
+def write_report(report: dict, path: Path) -> None:
+    """report.json at `path` (rundir.layout.eval_report_path) and report.md beside it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    markdown = path.with_suffix(".md")
+    for target, text in ((path, json.dumps(report, indent=2, ensure_ascii=False)), (markdown, report_markdown(report))):
+        tmp = target.with_name(f".{target.name}.tmp")
         tmp.write_text(text + "\n")
-        os.replace(tmp, out_dir / name)
-    report["paths"] = {"json": str(out_dir / "report.json"), "markdown": str(out_dir / "report.md")}
+        os.replace(tmp, target)
+    report["paths"] = {"json": str(path), "markdown": str(markdown)}
 
 
 def _number(value: Any, digits: int) -> str:

@@ -28,7 +28,8 @@ from llmft.config.redact import redact_config
 from llmft.config.schema import PeftMethod
 from llmft.errors import UserError
 from llmft.rundir.files import read_config, read_provenance, read_summary
-from llmft.rundir.layout import eval_dir
+from llmft.data.prepare.data_config import prepared_report_path
+from llmft.rundir.layout import eval_report_path
 
 NOT_UPLOADED = ["llmft_export.json"]  # local paths of this machine: kept beside the export, not shared
 HUB_TIMEOUT_S = 3.0
@@ -75,7 +76,7 @@ def data_summary(run_dir: Path, cfg) -> dict:
     report = None
     output_dir = cfg.data.output_dir
     if output_dir:
-        path = Path(os.path.expandvars(str(output_dir))).expanduser() / "report.json"
+        path = prepared_report_path(output_dir)
         if path.is_file():
             report = json.loads(path.read_text())
     if report is None:
@@ -104,7 +105,7 @@ def data_summary(run_dir: Path, cfg) -> dict:
 
 def eval_summary(run_dir: Path) -> dict | None:
     """The metric rows of RUN_DIR/eval/report.json (scores only: its samples quote the data and stay here)."""
-    path = eval_dir(run_dir) / "report.json"
+    path = eval_report_path(run_dir)
     if not path.is_file():
         return None
     from llmft.serve.evaluation import metric_rows

@@ -32,7 +32,7 @@ from llmft.config.arguments import UsageError, parse_arguments
 from llmft.config.data_schema import DataFormat
 from llmft.data.readers.records import DataError
 from llmft.rundir.files import read_config
-from llmft.rundir.layout import eval_dir, is_run_dir
+from llmft.rundir.layout import eval_dir, eval_report_path, is_run_dir
 
 USAGE = "python -m llmft.data from-eval RUN_DIR [out=FILE] [kto_out=FILE]"
 VERDICTS = ("correct", "partially correct", "incorrect")
@@ -58,11 +58,11 @@ def report_path_of(run: Path) -> Path:
                         f"evaluated.")
     if run.is_file():
         return run
-    candidates = [eval_dir(run) / "report.json", run / "report.json"]
+    candidates = [eval_report_path(run), run / "report.json"]  # a run directory, or the folder of a report
     if is_run_dir(run):
         output_dir = read_config(run).eval.output_dir
         if output_dir:
-            candidates.insert(0, Path(os.path.expandvars(str(output_dir))).expanduser() / "report.json")
+            candidates.insert(0, eval_report_path(run, output_dir))
     for candidate in candidates:
         if candidate.is_file():
             return candidate

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from llmft.config.data_schema import DataFormat
 from llmft.data.preferences.dpo_kto import PREFERENCE_FORMATS, samples_of
-from llmft.data.prepare.data_config import format_of
+from llmft.data.prepare.data_config import format_of, prepared_manifest_path, prepared_report_path
 from llmft.data.prepare.mixture import with_mixture_settings
 from llmft.data.prepare.one_pass import read_and_tokenize
 from llmft.data.prepare.prepared_dir import fingerprint_parts, load_samples, save_samples, settings_fingerprint, \
@@ -75,7 +75,7 @@ def prepare(cfg) -> dict:
     tokenizer = None if cfg.model.path is None else tokenizer_for_run(cfg, None)  # (model=tiny: from the texts)
     if tokenizer is not None and data_format not in (*PREFERENCE_FORMATS, DataFormat.mixture) and \
             not prepared_with(out_dir, tokenizer, data_cfg, max_seq_len):
-        (out_dir / "manifest.json").unlink(missing_ok=True)  # incomplete until a new manifest is written
+        prepared_manifest_path(out_dir).unlink(missing_ok=True)  # incomplete until a new manifest is written
         read_report, tokenized, conversations_part = read_and_tokenize(data_cfg, tokenizer, max_seq_len, out_dir)
         end_of_turn, _ = end_of_turn_of(tokenizer, data_cfg)
         parts = fingerprint_parts(conversations_part, tokenizer, data_cfg, max_seq_len, end_of_turn)
@@ -86,9 +86,9 @@ def prepare(cfg) -> dict:
     end_of_turn, _ = end_of_turn_of(tokenizer, data_cfg)
     parts = with_mixture_settings(fingerprint_parts(conversations, tokenizer, data_cfg, max_seq_len, end_of_turn),
                                   data_cfg)
-    if not isinstance(load_samples(out_dir, parts), str) and (out_dir / "report.json").is_file():
-        return {**json.loads((out_dir / "report.json").read_text()), "reused_prepared": True}
-    (out_dir / "manifest.json").unlink(missing_ok=True)
+    if not isinstance(load_samples(out_dir, parts), str) and prepared_report_path(out_dir).is_file():
+        return {**json.loads(prepared_report_path(out_dir).read_text()), "reused_prepared": True}
+    prepared_manifest_path(out_dir).unlink(missing_ok=True)
     if data_format in PREFERENCE_FORMATS:
         tokenized = tokenize_preferences(conversations, tokenizer, data_cfg, max_seq_len, audit_dir=out_dir)
     else:
@@ -99,7 +99,7 @@ def prepare(cfg) -> dict:
 def prepared_with(out_dir: Path, tokenizer, data_cfg, max_seq_len: int) -> bool:
     """Whether out_dir holds a dataset prepared with this tokenizer and these settings (its conversations unknown)."""
     try:
-        manifest = json.loads((out_dir / "manifest.json").read_text())
+        manifest = json.loads(prepared_manifest_path(out_dir).read_text())
     except (OSError, ValueError):
         return False
     end_of_turn, _ = end_of_turn_of(tokenizer, data_cfg)
@@ -142,6 +142,6 @@ def write_prepared(cfg, out_dir: Path, tokenizer, tokenized, read_report: dict, 
     }
     if "sources" in read_report:  # a mixture: per source what was read, then what was drawn from it
         report["sources"] = [{**read, **drawn} for read, drawn in zip(read_report["sources"], counts["sources"])]
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    prepared_report_path(out_dir).write_text(json.dumps(report, indent=2, ensure_ascii=False))
     write_manifest(out_dir, parts, counts)
     return report

@@ -15,6 +15,16 @@ def format_of(data_cfg) -> DataFormat:
     return DataFormat(data_cfg.format)
 
 
+def prepared_manifest_path(folder: Path | str) -> Path:
+    """A prepared folder (data.output_dir) is complete when its manifest.json exists (prepared_dir.py writes it last)."""
+    return Path(os.path.expandvars(str(folder))).expanduser() / "manifest.json"
+
+
+def prepared_report_path(folder: Path | str) -> Path:
+    """`prepare`'s report.json in a prepared folder: counts, drops, tokens (read by plan and the model card)."""
+    return Path(os.path.expandvars(str(folder))).expanduser() / "report.json"
+
+
 def data_path(data_cfg) -> Path:
     return Path(os.path.expandvars(str(data_cfg.path))).expanduser()
 

@@ -19,6 +19,7 @@ import json
 import shutil
 from pathlib import Path
 
+from llmft.data.prepare.data_config import prepared_manifest_path
 from llmft.data.preferences.dpo_kto import COLUMNS, PROMPT_RECORDS, columns_of, items_of
 from llmft.data.tokenize.rows import Rows
 from llmft.data.tokenize.templating import Sample
@@ -107,7 +108,7 @@ def save_samples(out_dir: Path, splits: dict[str, Rows] | dict[str, list], sampl
                            fingerprint=rows.fingerprint())  # (else datasets hashes a pickled copy of the whole table)
             for split, rows in splits.items()
         })
-    (out_dir / "manifest.json").unlink(missing_ok=True)  # the folder is incomplete until a new manifest is written
+    prepared_manifest_path(out_dir).unlink(missing_ok=True)  # the folder is incomplete until a new manifest is written
     staging = out_dir / "dataset.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     dataset.save_to_disk(str(staging))
@@ -116,15 +117,16 @@ def save_samples(out_dir: Path, splits: dict[str, Rows] | dict[str, list], sampl
 
 
 def write_manifest(out_dir: Path, parts: dict[str, str], counts: dict) -> None:
-    staging = out_dir / "manifest.json.tmp"
+    manifest = prepared_manifest_path(out_dir)
+    staging = manifest.with_name(manifest.name + ".tmp")
     staging.write_text(json.dumps({"fingerprint": parts, "counts": counts}, indent=2))
-    staging.rename(out_dir / "manifest.json")
+    staging.rename(manifest)
 
 
 def load_samples(prepared_dir: Path, parts: dict[str, str]) -> tuple[dict[str, list[Sample]], dict] | str:
     """The saved samples and counts when the fingerprint matches; otherwise why not, as a sentence. Preference
     data (counts["sample_kind"]) comes back as lists of `PreferencePair` / `KtoExample`."""
-    manifest_path = prepared_dir / "manifest.json"
+    manifest_path = prepared_manifest_path(prepared_dir)
     if not manifest_path.is_file():
         return f"{prepared_dir} holds no prepared dataset (no manifest.json)"
     manifest = json.loads(manifest_path.read_text())

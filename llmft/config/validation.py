@@ -432,8 +432,8 @@ def model_path_problem(cfg: DictConfig) -> Optional[str]:
 # cluster.gpus_per_node): the checks the launcher runs before anything starts.
 
 # Strategies whose checkpoints are the same files: a resumed run may move between single and ddp, and between fsdp and
-# hsdp (DCP reshards between any two meshes: tests/test_hsdp.py); any other strategy reads only its own checkpoints
-# (on any number of ranks).
+# hsdp (DCP reshards between any two meshes: tests/training/test_hsdp.py); any other strategy reads only its own
+# checkpoints (on any number of ranks).
 CHECKPOINT_FORMATS = {Parallelism.single: "replica", Parallelism.ddp: "replica", Parallelism.fsdp: "dcp",
                       Parallelism.hsdp: "dcp"}
 

@@ -197,7 +197,7 @@ def model_state_bytes(total: int, trainable: int, largest: int, strategy: Parall
 
 
 # One chunk of the loss's fp32 logits, in elements: the value of llmft/training/loss.py's CHUNK_ELEMENTS (that module
-# imports torch; tests/test_estimate.py checks the two agree).
+# imports torch; tests/launch/test_estimate.py checks the two agree).
 LOSS_CHUNK_ELEMENTS = 2**26
 
 

@@ -14,7 +14,8 @@ The reference model of DPO and KTO is the model before this run: with LoRA / QLo
 disabled (no second copy in memory); with full fine-tuning (or `objective.precompute_reference=true`), its sequence
 log-probabilities computed once before the first step and stored in the run directory (`reference_logps.pt`), so a
 resume finds them. The log-probability of a completion is the sum over its supervised tokens (the completion and its
-end-of-turn token), as in TRL's DPOTrainer; tests/test_dpo.py checks the loss and LoRA gradients against TRL's.
+end-of-turn token), as in TRL's DPOTrainer; tests/training/test_preference_tuning.py checks the loss and LoRA
+gradients against TRL's.
 """
 
 from __future__ import annotations

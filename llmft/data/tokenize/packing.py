@@ -4,7 +4,7 @@ Samples are placed longest first, each into the row whose free space fits it mos
 does): on chat data this fills rows to well over 95% where padding each sample to the sequence length wastes most
 of the batch. A row remembers the lengths of its samples; `batching.collate` turns them into position ids that
 restart at each sample, from which the model builds a block-diagonal causal mask, so no token attends across
-samples (tests/test_data_packing.py checks that a sample's logits are the same packed and alone).
+samples (tests/data/test_packing.py checks that a sample's logits are the same packed and alone).
 """
 
 from __future__ import annotations

@@ -1,0 +1,140 @@
+"""The GPU-only paths, checked on the CPU where they can be (issue 17): what each asks of torch and DeepSpeed is
+recorded through stand-ins for the CUDA calls. What only a GPU can confirm is in tools/gpu-check.sh."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from llmft.config.compose import compose
+from llmft.errors import ConfigError
+from llmft.launch.estimate import inference_gpus
+from llmft.training import precision, strategies
+from llmft.training.loop import rng_state, set_rng_state
+from llmft.training.metrics import MemoryMeter
+from llmft.training.model import full_numel
+from llmft.training.strategies.deepspeed import deepspeed_config
+from llmft.training.topology import Topology
+
+
+def test_bf16_only_where_the_gpu_has_it_natively(monkeypatch):
+    # a V100: bf16 only by emulation, which is_bf16_supported() counts unless told not to
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert precision.uses_bf16("auto", "cuda") is False
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100
+    assert precision.uses_bf16("auto", "cuda") is True
+    assert precision.uses_bf16("auto", "cpu") is False and precision.uses_bf16("bf16", "cpu") is True
+
+
+def test_deepspeed_reduces_and_accumulates_in_fp32_like_fsdp():
+    cfg = compose(["parallelism=zero3", "launch.nproc=2"])
+    config = deepspeed_config(cfg, 2, bf16=True)
+    assert config["bf16"]["enabled"] and config["communication_data_type"] == "fp32"
+    assert config["data_types"]["grad_accum_dtype"] == "fp32"
+    assert "communication_data_type" not in deepspeed_config(cfg, 2, bf16=False)
+
+
+def test_four_bit_weights_count_their_real_size():
+    packed = torch.nn.Parameter(torch.empty(4096 * 4096 // 2, 1, dtype=torch.uint8), requires_grad=False)
+    packed.quant_state = types.SimpleNamespace(shape=torch.Size([4096, 4096]))  # what bitsandbytes' Params4bit has
+    assert full_numel(packed) == 4096 * 4096
+    assert full_numel(torch.nn.Parameter(torch.empty(3, 5))) == 15
+
+
+def isolate_rank_variables(monkeypatch) -> None:
+    """What export_env writes is put back after the test (set, then deleted: monkeypatch restores the absence)."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)
+
+
+def test_the_rank_variables_are_set_from_srun_alone(monkeypatch):
+    isolate_rank_variables(monkeypatch)
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("RANK", "0")  # inherited from the submitting shell: srun's variables win inside a step
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_NNODES", "2")
+    topology = Topology.from_env()
+    topology.export_env()
+    import os
+
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("5", "8", "1")
+    assert os.environ["LOCAL_WORLD_SIZE"] == "4"
+
+
+def test_the_gpu_is_bound_before_the_process_group_and_given_to_it(monkeypatch):
+    isolate_rank_variables(monkeypatch)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: calls.append(("init", kwargs)))
+    Topology(world_size=8, rank=3, local_rank=3, num_nodes=1, device_type="cuda").init_process_group(7)
+    assert calls[0] == ("set_device", 3)
+    init = calls[1][1]
+    assert init["backend"] == "nccl" and init["device_id"] == torch.device("cuda:3")
+    assert init["timeout"].total_seconds() == 7 * 60
+
+
+def test_the_cuda_rng_state_is_this_ranks_device_only(monkeypatch):
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: asked.append(device) or torch.tensor([7]))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: asked.append(("set", device)))
+    state = rng_state(torch.device("cuda:3"))
+    assert asked == [torch.device("cuda:3")] and torch.equal(state["cuda"], torch.tensor([7]))
+    set_rng_state(state, torch.device("cuda:1"))  # resumed on a node with fewer GPUs: its own device, no index error
+    assert asked[-1] == ("set", torch.device("cuda:1"))
+    set_rng_state({**state, "cuda": [torch.tensor([1])] * 8}, torch.device("cuda:1"))  # an old all-GPU state: skipped
+    assert asked[-1] == ("set", torch.device("cuda:1"))
+
+
+def test_peak_memory_is_per_interval(monkeypatch):
+    peaks = iter([5 * 2**30, 2 * 2**30, 3 * 2**30])
+    resets = []
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: next(peaks))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: resets.append(device))
+    meter = MemoryMeter(torch.device("cuda:0"))  # the first interval starts here (5 GiB before: forgotten)
+    assert meter.interval_peak_gb() == 2.0 and meter.interval_peak_gb() == 3.0 and len(resets) == 3
+
+
+def test_the_strategy_is_settled_from_the_ranks_real_number():
+    cfg = compose(["parallelism=auto"])  # what an sbatch template's prepare_only run writes
+    assert strategies.build(cfg, Topology(2, 0, 0, 1, "cpu"), bf16=False).name == "ddp"
+    assert strategies.build(cfg, Topology(1, 0, 0, 1, "cpu"), bf16=False).name == "single"
+    with pytest.raises(ConfigError, match="need a distributed strategy"):
+        strategies.build(compose(["parallelism=single"]), Topology(2, 0, 0, 1, "cpu"), bf16=False)
+
+
+def test_the_evaluation_job_asks_for_the_gpus_the_model_needs():
+    assert inference_gpus(compose(["model=tiny"]), 80, 8) == 1
+    assert inference_gpus(compose(["model=llama3_8b"]), 80, 8) == 1  # 16 GB of bf16 weights
+    seventy_b = ["model=llama3_8b", "model.arch.hidden_size=8192", "model.arch.intermediate_size=28672",
+                 "model.arch.num_hidden_layers=80", "model.arch.num_attention_heads=64"]
+    assert inference_gpus(compose(seventy_b), 80, 8) == 3  # 141 GB of bf16 weights, x1.3, over 72 GB usable
+    assert inference_gpus(compose(seventy_b), 80, 2) == 2  # never more than a node has
+
+
+def test_a_whole_model_is_written_shard_by_shard_and_reloads(tmp_path):
+    """peft=full export streams the gathered tensors into safetensors shards (rank 0 never holds the whole model);
+    the folder reloads with stock from_pretrained and gives the same logits."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from llmft.training.final import write_sharded
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    gathered = ((name, param.detach().cpu()) for name, param in model.named_parameters())
+    write_sharded(gathered, tmp_path, max_shard_bytes=64 * 1024)
+    model.config.save_pretrained(tmp_path)
+    shards = sorted(p.name for p in tmp_path.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 3 and (tmp_path / "model.safetensors.index.json").exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)

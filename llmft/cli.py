@@ -5,6 +5,8 @@ from __future__ import annotations
 import runpy
 import sys
 
+from llmft.errors import closed_pipe_ends_quietly
+
 SUBCOMMANDS = {
     "launch": "compose, validate and run locally or submit to a cluster",
     "train": "run the config saved in a run directory (one process per rank)",
@@ -24,6 +26,10 @@ def available() -> dict[str, str]:
 
 
 def main() -> None:
+    sys.exit(closed_pipe_ends_quietly(_main))  # `llmft runs | head` ends quietly
+
+
+def _main() -> int:
     commands = available()
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         asked_help = len(sys.argv) >= 2 and sys.argv[1] in ("-h", "--help")
@@ -37,6 +43,7 @@ def main() -> None:
     name = sys.argv[1]
     sys.argv = [f"llmft {name}", *sys.argv[2:]]
     runpy.run_module(f"llmft.{name}", run_name="__main__", alter_sys=True)
+    return 0
 
 
 if __name__ == "__main__":

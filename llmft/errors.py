@@ -2,18 +2,21 @@
 
 A user mistake (a bad config key, a bad input file, a run directory that cannot be resumed, a missing extra) is a
 `UserError`, or one of its subclasses that say which layer found it. Every `python -m llmft.X` turns it into one line
-on stderr, `llmft: <sentence naming the key, file or line and the fix>`, and exit code 2. Anything else is a bug in
-llmft and keeps its traceback.
+on stderr, `llmft: <sentence naming the key, file or line and the fix>`, and exit code 2; so does a file the user
+may not read or write (PermissionError). Anything else is a bug in llmft and keeps its traceback. Output piped into
+a command that stops reading (`| head`) ends the command quietly (`closed_pipe_ends_quietly`).
 
-This module imports nothing: every layer, the login node's included, depends on it.
+This module imports nothing of llmft: every layer, the login node's included, depends on it.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
 USER_ERROR_EXIT_CODE = 2
+BROKEN_PIPE_EXIT_CODE = 128 + 13  # as a process that SIGPIPE ended: the shell's code for "the reader went away"
 
 
 class UserError(Exception):
@@ -33,15 +36,52 @@ def report(error: UserError) -> int:
 def run_command(command: Callable[[list[str]], int | None], argv: list[str] | None = None,
                 help_text: str | None = None) -> int:
     """Run a command on its arguments (sys.argv's by default): `-h` / `--help` prints `help_text`; a UserError becomes
-    one line and exit code 2; anything else (a bug in llmft) propagates with its traceback."""
+    one line and exit code 2, and so does a file or folder the user cannot read or write (PermissionError, e.g. on a
+    shared project space); output piped into a command that stops reading (`| head`) ends quietly
+    (`closed_pipe_ends_quietly`); anything else (a bug in llmft) propagates with its traceback."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if help_text is not None and any(a in ("-h", "--help") for a in argv):
-        print(help_text.strip())
-        return 0
+
+    def run() -> int:
+        if help_text is not None and any(a in ("-h", "--help") for a in argv):
+            print(help_text.strip())
+            return 0
+        try:
+            return command(argv) or 0
+        except UserError as error:
+            return report(error)
+        except PermissionError as error:
+            return report(UserError(permission_denied(error)))
+
+    return closed_pipe_ends_quietly(run)
+
+
+def permission_denied(error: PermissionError) -> str:
+    """The sentence for a file or folder this user may not read or write."""
+    where = error.filename if error.filename is not None else "a file"
+    return (f"{where}: permission denied (ask its owner to open it to you, e.g. chmod g+r, or copy it to a folder of "
+            f"yours).")
+
+
+def closed_pipe_ends_quietly(main: Callable[[], int | None]) -> int:
+    """`main()`'s exit code, or BROKEN_PIPE_EXIT_CODE without a word when what reads its output stopped reading
+    (`python -m llmft.data inspect ... | head`): Python would print a BrokenPipeError traceback, then "Exception
+    ignored ... BrokenPipeError" when it flushes stdout on exit. Every entry point's main goes through this."""
     try:
-        return command(argv) or 0
-    except UserError as error:
-        return report(error)
+        try:
+            code = main()
+        except SystemExit:
+            sys.stdout.flush()  # what was printed before the exit reaches the pipe now, or fails here
+            raise
+        sys.stdout.flush()
+        return code or 0
+    except BrokenPipeError:
+        try:  # stdout's buffer cannot be written: point stdout at /dev/null so Python's exit does not try again
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):  # stdout is no file (a test's capture): nothing to redirect
+            pass
+        return BROKEN_PIPE_EXIT_CODE
 
 
 def missing_extra(package: str, extra: str, what: str) -> UserError:

@@ -20,7 +20,7 @@ from omegaconf.errors import MissingMandatoryValue
 from llmft.config.compose import compose
 from llmft.config.validation import validate
 from llmft.data.preferences.dpo_kto import summary_line
-from llmft.errors import ConfigError, run_command
+from llmft.errors import ConfigError, closed_pipe_ends_quietly, run_command
 
 USAGE = __doc__.split("\n\n")[0].strip()
 
@@ -54,6 +54,10 @@ def summary_lines(report: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return closed_pipe_ends_quietly(lambda: _main(argv))  # `--help | head` too
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m llmft.data", usage=USAGE, add_help=True)
     parser.add_argument("command", choices=["prepare", "inspect", "from-eval"])

@@ -23,7 +23,7 @@ from llmft.config.compose import CONF_DIR, error_chain, one_line_error, register
 from llmft.config.schema import Parallelism
 from llmft.config.validation import (check_installed, check_resume_strategy, grad_accum_keeping_global_batch,
                                      requested_world_size, settle_parallelism, validate, world_size_keys)
-from llmft.errors import ConfigError, UserError, report
+from llmft.errors import ConfigError, UserError, closed_pipe_ends_quietly, report
 from llmft.launch import slurm, sweep
 from llmft.rundir import checkpoints, lock
 from llmft.rundir.create import apply_umask
@@ -262,7 +262,12 @@ def with_saved_cluster(argv: list[str]) -> list[str]:
     return [*argv, f"+cluster={name}"] if name else argv
 
 
-def main() -> None:
+def main() -> int:
+    """python -m llmft.launch: its exit code (output piped into `head` that stops reading ends it quietly)."""
+    return closed_pipe_ends_quietly(_main)
+
+
+def _main() -> None:
     # Hydra prints composition errors as several lines plus a hint about HYDRA_FULL_ERROR. Hold stderr while it
     # composes; if it exits before our task starts, print the error as one line instead.
     # With HYDRA_FULL_ERROR=1 a bug in llmft shows its traceback; composition errors are caught here.
@@ -277,6 +282,8 @@ def main() -> None:
         except SystemExit as exit_:
             if not _task_started and exit_.code not in (0, None):
                 print(f"llmft: {one_line_error(_hydra_stderr.getvalue())}", file=sys.__stderr__)
+            raise
+        except BrokenPipeError:  # what reads our output stopped reading: no error of the launch
             raise
         except Exception as error:
             explained = sweep.explain_error(error)  # a sweep's bad search-space key, or no trial completed

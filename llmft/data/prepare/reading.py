@@ -28,10 +28,10 @@ from llmft.data.prepare.workers import chunk_bytes, chunks, in_order, num_worker
 from llmft.data.readers.acronyms import read_acronyms
 from llmft.data.readers.chat import chats_of, read_chat_jsonl
 from llmft.data.readers.csv_pairs import read_csv_pairs
-from llmft.data.readers.email_threads import conversations_of, mail_pieces, number_mails, parse_mails, read_email, \
-    ticket_pattern_of
-from llmft.data.readers.records import Conversation, DataError, ReadReport, input_files, jsonl_chunk_records, \
-    jsonl_chunks
+from llmft.data.readers.email_threads import attachment_chars_of, conversations_of, mail_pieces, number_mails, \
+    parse_mails, read_email, ticket_pattern_of, with_attachments
+from llmft.data.readers.records import Conversation, DataError, ReadReport, file_size, input_files, \
+    jsonl_chunk_records, jsonl_chunks
 from llmft.data.readers.tickets import StaffRule, read_tickets_jsonl, tickets_of
 from llmft.data.readers.transcripts import read_transcripts
 
@@ -84,6 +84,8 @@ def clean_conversation(conversation: Conversation, cleaner: MessageCleaner, scru
     messages = []
     for message in conversation.messages:
         text = cleaner.clean(message["content"], [message["author"]] if message.get("author") else [])
+        if message.get("attachments"):  # e-mail: a job script, a log, after the cleaned text (never cut as a quote)
+            text = with_attachments(text, message["attachments"])
         if scrubber is not None:
             text = scrubber.scrub(text, names)
         messages.append({"role": message["role"], "content": text})
@@ -106,7 +108,8 @@ def read_chunk(state: Cleaning, task: tuple) -> CleanedChunk:
         chunk.report.skip(task[1], task[2])
         return chunk
     if kind == "mails":
-        chunk.mails = parse_mails(task[1], state.ticket_pattern, data_cfg.clean.strip_quotes is not False, chunk.report)
+        chunk.mails = parse_mails(task[1], state.ticket_pattern, data_cfg.clean.strip_quotes is not False,
+                                  attachment_chars_of(data_cfg), chunk.report)
         return chunk
     if kind == "jsonl":
         records = jsonl_chunk_records(*task[1:], chunk.report)
@@ -141,16 +144,16 @@ def read_tasks(state: Cleaning, path: Path, report: ReadReport, num_workers: int
     CSV row may span lines), and threads e-mail (a thread needs every mail) between parsing and cleaning."""
     data_cfg, data_format = state.data_cfg, state.data_format
     if data_format in (DataFormat.tickets_jsonl, DataFormat.chat_jsonl, *PREFERENCE_FORMATS):
-        total = sum(file.stat().st_size for file in input_files(path, (".jsonl", ".json")))
-        return [("jsonl", *piece) for piece in jsonl_chunks(path, chunk_bytes(total, num_workers))]
+        total = sum(file_size(file) for file in input_files(path, (".jsonl", ".json")))
+        return jsonl_chunks(path, chunk_bytes(total, num_workers))
     if data_format is DataFormat.email:
-        total = sum(file.stat().st_size for file in input_files(path, (".eml", ".mbox", ".mbx")))
+        total = sum(file_size(file) for file in input_files(path, (".eml", ".mbox", ".mbx")))
         mails = []
         for chunk in in_order(read_chunk, state, mail_pieces(path, chunk_bytes(total, num_workers)), num_workers):
             report.merge(chunk.report)
             number_mails(chunk.mails, len(mails))
             mails += chunk.mails
-        raw = conversations_of(mails, state.staff, data_cfg)
+        raw = conversations_of(mails, state.staff, data_cfg, report)  # each mail once, from all the files
     else:
         raw = READERS[data_format](path, data_cfg, report)
     return [("conversations", part) for part in chunks(raw, num_workers)]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from llmft.clients.openai_compatible import ChatEndpoint, EndpointError, api_key_of
 from llmft.data.readers.records import (Conversation, JsonError, ReadReport, decode_json, input_files, jsonl_records,
-                                        line_of, text_problem)
+                                        line_of, text_problem, unreadable)
 
 QUESTIONS = {
     "en": [
@@ -135,10 +135,15 @@ def _entries(file: Path, report: ReadReport) -> list[tuple[str, object]]:
     """(file:line, entry) for each element of a JSON list (or each line of a JSONL file), each counted as read; one
     that is no JSON, or holds no valid text, is skipped with its reason. Bytes that are not UTF-8 spoil only the
     entry they are in: they are read as surrogates, which `text_problem` finds."""
-    text = file.read_bytes().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")  # (Notepad's BOM)
-    found = []
     if file.suffix == ".jsonl":  # one entry a line: the JSONL reader every format shares
         return [(where, entry) for where, _, entry in jsonl_records(file, report)]
+    try:
+        raw = file.read_bytes()
+    except OSError as error:
+        report.skip(str(file), unreadable(file, error))
+        return []
+    text = raw.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")  # (Notepad's BOM)
+    found = []
     position = len(text) - len(text.lstrip())
     if not text.startswith("[", position):
         if text.strip():

@@ -12,7 +12,7 @@ import hashlib
 import re
 from pathlib import Path
 
-from llmft.data.readers.records import Conversation, DataError, ReadReport, input_files, short_repr
+from llmft.data.readers.records import Conversation, DataError, ReadReport, input_files, short_repr, unreadable
 
 _SURROGATE = re.compile("[\udc80-\udcff]")
 
@@ -23,7 +23,12 @@ def read_csv_pairs(path: Path, data_cfg, report: ReadReport) -> list[Conversatio
     csv.field_size_limit(1 << 26)  # long answers with pasted logs exceed the default 128 KiB
     conversations = []
     for file in input_files(path, (".csv", ".tsv")):
-        with open(file, encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
+        try:
+            handle = open(file, encoding="utf-8-sig", errors="surrogateescape", newline="")
+        except OSError as error:
+            report.skip(str(file), unreadable(file, error))
+            continue
+        with handle:
             reader = csv.reader(handle, delimiter=cfg.delimiter)
             rows = _rows(reader, file, report)
             first = next(rows, None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import io
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,15 +66,62 @@ class ReadReport:
 
 
 def input_files(path: Path, suffixes: tuple[str, ...]) -> list[Path]:
-    """`path` itself, or the files with one of `suffixes` in the folder `path`, sorted for determinism."""
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(suffixes))
-        if not files:
-            raise DataError(f"{path} holds no {' or '.join(suffixes)} file.")
-        return files
-    if not path.exists():
+    """`path` itself, or the files with one of `suffixes` in the folder `path`, sorted for determinism. A folder in it
+    that cannot be listed is in the list too, at its place: its reader reports it as it reports a file it cannot
+    read (`unreadable`), so the files it hides are never silently missing."""
+    try:
+        is_dir = path.is_dir()
+        exists = is_dir or path.exists()
+    except OSError:  # a parent folder that cannot be searched: the reader says why when it opens the path
+        return [path]
+    if not exists:
         raise DataError(f"{path} does not exist: point data.path at your data file or folder.")
-    return [path]
+    if not is_dir:
+        return [path]
+    found: list[Path] = []
+    unlistable: list[Path] = []
+    for folder, _, names in os.walk(path, onerror=lambda error: unlistable.append(Path(error.filename))):
+        for name in names:
+            if name.lower().endswith(suffixes):
+                file = Path(folder, name)
+                try:
+                    is_file = file.is_file()
+                except OSError:
+                    is_file = True  # (its reader reports why it cannot be read)
+                if is_file:
+                    found.append(file)
+    if not found and not unlistable:
+        raise DataError(f"{path} holds no {' or '.join(suffixes)} file.")
+    return sorted(found + unlistable)
+
+
+def unreadable(file: Path, error: OSError) -> str:
+    """Why an input file (or a folder of the input) cannot be read, as the report says it after its name:
+    "permission denied" for a file on a shared project space that its owner did not open to the group."""
+    try:
+        is_folder = file.is_dir()
+    except OSError:
+        is_folder = False
+    if is_folder:  # a folder of the input that os.walk could not list
+        try:
+            os.scandir(file).close()
+        except OSError as listing:
+            error = listing
+        else:
+            return "a folder, not a file"
+        reason = "permission denied" if isinstance(error, PermissionError) else (error.strerror or "error").lower()
+        return f"{reason} (a folder that cannot be listed: its files are not read)"
+    if isinstance(error, PermissionError):
+        return "permission denied"
+    return (error.strerror or type(error).__name__).lower()
+
+
+def file_size(file: Path) -> int:
+    """The size of an input file, 0 when it cannot be read (its reader reports it)."""
+    try:
+        return file.stat().st_size
+    except OSError:
+        return 0
 
 
 def line_of(text: str, offset: int) -> int:
@@ -145,20 +193,31 @@ def jsonl_records(path: Path, report: ReadReport):
     """(file:line, raw bytes, parsed JSON) of every non-blank line of the .jsonl/.json files at `path`, counted as
     read; a line that is not UTF-8 or not JSON is skipped here with its reason, so readers check only their fields."""
     for file in input_files(path, (".jsonl", ".json")):
-        with open(file, "rb") as handle:
+        try:
+            handle = open(file, "rb")
+        except OSError as error:
+            report.skip(str(file), unreadable(file, error))
+            continue
+        with handle:
             yield from jsonl_lines(file, handle, 1, report)
 
 
-def jsonl_chunks(path: Path, chunk_bytes) -> list[tuple[Path, int, int, int]]:
+def jsonl_chunks(path: Path, chunk_bytes) -> list[tuple]:
     """The .jsonl/.json files at `path` cut at line ends into pieces of `chunk_bytes.next()` bytes or a little more
-    (workers.ChunkSizes): (file, offset, size, number of the first line), for `jsonl_chunk_records` in workers."""
-    pieces = []
+    (workers.ChunkSizes): ("jsonl", file, offset, size, number of the first line), for `jsonl_chunk_records` in
+    workers, or ("skip", file, reason) for a file that cannot be read."""
+    pieces: list[tuple] = []
     for file in input_files(path, (".jsonl", ".json")):
-        with open(file, "rb") as handle:
+        try:
+            handle = open(file, "rb")
+        except OSError as error:
+            pieces.append(("skip", str(file), unreadable(file, error)))
+            continue
+        with handle:
             offset, line = 0, 1
             while block := handle.read(chunk_bytes.next()):
                 block += handle.readline()  # to the end of the line the block stops in
-                pieces.append((file, offset, len(block), line))
+                pieces.append(("jsonl", file, offset, len(block), line))
                 chunk_bytes.took(len(block))
                 offset, line = offset + len(block), line + block.count(b"\n")
     return pieces

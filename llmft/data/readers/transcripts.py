@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmft.data.readers.records import Conversation, ReadReport, input_files
+from llmft.data.readers.records import Conversation, ReadReport, input_files, unreadable
 
 TRANSCRIPT_SUFFIXES = (".txt", ".md", ".markdown")
 TURN_ROLES = ("user", "assistant", "drop")  # drop: turns that never reach the model (internal notes)
@@ -90,7 +90,11 @@ class TranscriptReader:
         self.report = report
 
     def read(self, file: Path) -> list[Conversation]:
-        raw = file.read_bytes()
+        try:
+            raw = file.read_bytes()
+        except OSError as error:
+            self.report.skip(str(file), unreadable(file, error))
+            return []
         if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # Notepad's "Unicode"
             text = raw.decode("utf-16", errors="surrogateescape")
         else:  # bytes that are not UTF-8 become surrogates: only the tickets they are in are skipped

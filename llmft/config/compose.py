@@ -19,6 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from llmft.config import data_schema, schema
+from llmft.config.known_models import model_folder
 from llmft.config.schema import LlmftConfig
 from llmft.errors import ConfigError
 
@@ -45,6 +46,10 @@ def _samples_resolver(name: str) -> str:
 if not OmegaConf.has_resolver("llmft_samples"):
     # `${llmft_samples:tickets_sample.chat.jsonl}`: a file bundled with llmft, wherever it is installed.
     OmegaConf.register_new_resolver("llmft_samples", _samples_resolver)
+if not OmegaConf.has_resolver("llmft_model_folder"):
+    # `${llmft_model_folder:smollm2-135m-instruct}`: where `python -m llmft.models get NAME` puts a known model
+    # ($LLMFT_MODELS/NAME, else the user's cache: config/known_models.py).
+    OmegaConf.register_new_resolver("llmft_model_folder", lambda name: str(model_folder(name)))
 
 
 def one_line_error(hydra_output: str) -> str:

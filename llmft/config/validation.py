@@ -19,6 +19,7 @@ from llmft.config.arguments import parse_arguments
 from llmft.config.compose import one_line_error
 from llmft.config.redact import REDACTED
 from llmft.config.families import EAGER_ATTENTION_ONLY, NO_POSITION_IDS, model_family
+from llmft.config.known_models import known_model_of_folder
 from llmft.config.data_schema import DataFormat
 from llmft.config.schema import DpoLoss, EvalConfig, LlmftConfig, LossHead, ObjectiveKind, Parallelism, PeftMethod
 from llmft.errors import ConfigError, missing_extra
@@ -424,6 +425,10 @@ def model_path_problem(cfg: DictConfig) -> Optional[str]:
     path = cfg.model.path
     if path is None or (Path(os.path.expandvars(path)).expanduser() / "config.json").is_file():
         return None
+    known = known_model_of_folder(path)
+    if known is not None:
+        return (f"model.path={path} has no model yet (no config.json there): make it with `python -m llmft.models get "
+                f"{known.name}`, or set model.path=/path/to/model")
     return (f"model.path={path} is not a local Hugging Face model folder (no config.json there): "
             f"copy the model there or set model.path=/path/to/model")
 

@@ -10,7 +10,7 @@ import pytest
 from support.runs import REPO, run_llmft
 
 
-@pytest.mark.parametrize("module", ["launch", "train", "data", "plan", "runs", "eval", "chat", "export"])
+@pytest.mark.parametrize("module", ["launch", "train", "data", "plan", "runs", "eval", "chat", "export", "models"])
 def test_every_command_has_help(module):
     result = run_llmft(module, "--help", timeout=120)
     assert result.returncode == 0 and result.stdout.strip() and not result.stderr.strip(), result.stderr

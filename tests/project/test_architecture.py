@@ -16,7 +16,7 @@ PACKAGE = REPO / "llmft"
 # Top to bottom. A module may import from its own layer and the layers below it, never above.
 LAYERS = ["launch", "serve", "training", "data", "clients", "rundir", "config", "errors"]
 ENTRY_POINTS = {"llmft.cli", "llmft.train", "llmft.plan", "llmft.runs", "llmft.eval", "llmft.chat", "llmft.export",
-                "llmft.launch.__main__", "llmft.data.__main__", "llmft"}
+                "llmft.models", "llmft.launch.__main__", "llmft.data.__main__", "llmft"}
 HEAVY = ("torch", "transformers", "peft", "deepspeed")
 
 
@@ -118,10 +118,12 @@ def heavy_imports(*command: str, cwd: Path = REPO) -> list[str]:
     ["-m", "llmft.plan"],
     ["-m", "llmft.launch", "--cfg", "job"],
     ["-m", "llmft.runs", "/nonexistent-runs-root"],
+    ["-m", "llmft.models", "list"],
     ["-c", "import llmft.launch.command, llmft.launch.plan, llmft.launch.runs, llmft.launch.slurm, "
-           "llmft.launch.estimate, llmft.config.validation, llmft.rundir.create, llmft.rundir.files, "
-           "llmft.rundir.status, llmft.rundir.lock, llmft.rundir.checkpoints, llmft.rundir.lifetime"],
-], ids=["plan-jeanzay", "plan-local", "launch-cfg-job", "runs", "import-launch-layer"])
+           "llmft.launch.estimate, llmft.launch.models, llmft.launch.model_import, llmft.config.validation, "
+           "llmft.config.known_models, llmft.rundir.create, llmft.rundir.files, llmft.rundir.status, "
+           "llmft.rundir.lock, llmft.rundir.checkpoints, llmft.rundir.lifetime"],
+], ids=["plan-jeanzay", "plan-local", "launch-cfg-job", "runs", "models-list", "import-launch-layer"])
 def test_the_login_node_commands_import_no_torch(command):
     assert heavy_imports(*command) == []
 

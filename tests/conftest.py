@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from llmft.config.compose import compose
+from support.order import RUN_ORDER
 from support.early import EARLY, EarlyCommand
 
 TESTS = Path(__file__).resolve().parent
@@ -19,61 +20,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 sys.dont_write_bytecode = False
 
-# The order the files run in: the one the suite's time was measured and tuned in (when the tests were one folder,
-# run alphabetically). The early commands (support/early.py) and test_families.py's background torchrun use the core
-# that the single-process tests before their own tests leave idle, and the heaviest multi-rank files are spread
-# among lighter ones; pytest's own order (folders alphabetically) would start with the SLURM jobs of cluster/ while
-# the early commands run, and put the multi-rank files of training/ together. A file not listed here runs after
-# these, in pytest's order.
-RUN_ORDER = [
-    "project/test_architecture.py",
-    "serve/test_chat_export.py",
-    "training/test_checkpoint_agreement.py",
-    "training/test_checkpoint_layout.py",
-    "clients/test_openai_compatible.py",
-    "launch/test_config.py",
-    "project/test_constraints.py",
-    "data/test_clean.py",
-    "data/test_readers_fuzzing.py",
-    "data/test_masks.py",
-    "data/test_mixture.py",
-    "data/test_packing.py",
-    "data/test_num_workers.py",
-    "data/test_preferences.py",
-    "data/test_prepare.py",
-    "data/test_privacy.py",
-    "data/test_readers.py",
-    "data/test_transcripts.py",
-    "training/test_distributed.py",
-    "project/test_docs.py",
-    "training/test_preference_tuning.py",
-    "launch/test_estimate.py",
-    "serve/test_eval.py",
-    "serve/test_export_gguf.py",
-    "serve/test_export_push.py",
-    "training/test_families.py",
-    "training/test_gpu_paths.py",
-    "launch/test_launch_errors.py",
-    "launch/test_cli.py",
-    "launch/test_run_lock_and_ctrl_c.py",
-    "training/test_requeue.py",
-    "training/test_hsdp.py",
-    "training/test_lean_step.py",
-    "training/test_load_memory.py",
-    "training/test_loss.py",
-    "training/test_loss_strategies.py",
-    "training/test_mlflow.py",
-    "launch/test_plan.py",
-    "training/test_resume.py",
-    "training/test_resume_world_size.py",
-    "launch/test_runs.py",
-    "cluster/test_slurm.py",
-    "training/test_strategy_config.py",
-    "launch/test_sweep.py",
-    "training/test_train.py",
-    "cluster/test_two_nodes.py",
-    "project/test_wheel.py",
-]
 
 
 def pytest_collection_modifyitems(items):

@@ -11,6 +11,7 @@ from llmft.data.prepare.samples_for_run import build_splits
 from llmft.data.readers.records import Conversation
 from llmft.data.tokenize.templating import IGNORE_INDEX, TemplateError, tokenize_conversation, windows
 from llmft.data.tokenize.tokenizer import train_tiny_tokenizer
+from support.masks import supervised_runs
 
 # A Llama-3-style template: a header before each turn, <|eot_id|> after it, nothing between turns.
 LLAMA3_STYLE = (
@@ -30,21 +31,6 @@ CONVERSATION = [
 def tokenizer():
     texts = [m["content"] for m in CONVERSATION] * 20 + ["system user assistant header eot"]
     return train_tiny_tokenizer(texts, vocab_size=400)
-
-
-def supervised_runs(tokenizer, sample) -> list[str]:
-    """The decoded runs of consecutive supervised tokens."""
-    runs, current = [], []
-    for token, label in zip(sample.input_ids, sample.labels):
-        if label != IGNORE_INDEX:
-            assert label == token
-            current.append(token)
-        elif current:
-            runs.append(current)
-            current = []
-    if current:
-        runs.append(current)
-    return [tokenizer.decode(run, skip_special_tokens=False) for run in runs]
 
 
 def test_chatml_supervises_each_reply_and_its_end_token_and_nothing_else(tokenizer):

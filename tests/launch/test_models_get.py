@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from llmft.config.known_models import KNOWN_MODELS
+from support.masks import supervised_runs
 from support.runs import REPO, read_metrics, run_llmft
 
 MODEL = KNOWN_MODELS["smollm2-135m-instruct"]
@@ -172,7 +173,7 @@ def test_get_twice_keeps_the_folder_without_importing_torch(converted):
 
 @pytest.mark.slow
 def test_masks_are_exact_with_the_real_template_and_its_default_system_prompt(converted):
-    from llmft.data.tokenize.templating import IGNORE_INDEX, tokenize_conversation, windows
+    from llmft.data.tokenize.templating import tokenize_conversation, windows
     from llmft.data.tokenize.tokenizer import load_tokenizer
 
     folder, _, _ = converted
@@ -180,23 +181,13 @@ def test_masks_are_exact_with_the_real_template_and_its_default_system_prompt(co
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert tokenizer.eos_token == "<|im_end|>"
 
-    def supervised_runs(sample) -> list[str]:
-        runs, current = [], []
-        for token, label in zip(sample.input_ids, sample.labels):
-            if label != IGNORE_INDEX:
-                assert label == token
-                current.append(token)
-            elif current:
-                runs, current = runs + [current], []
-        return [tokenizer.decode(run, skip_special_tokens=False) for run in runs + ([current] if current else [])]
-
     replies = [m["content"] + "<|im_end|>" for m in CONVERSATION if m["role"] == "assistant"]
     # no system message: the template's default one is there, as context
     sample = tokenize_conversation(tokenizer, CONVERSATION)
     text = tokenizer.decode(sample.input_ids, skip_special_tokens=False)
     assert text == tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
     assert text.startswith(f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n")
-    assert supervised_runs(sample) == replies
+    assert supervised_runs(tokenizer, sample) == replies
     # exactly two <|im_end|> supervised (the replies'), not the system's or the users'
     assert [i for i, label in enumerate(sample.labels) if label == end] == \
         [i for i, token in enumerate(sample.input_ids) if token == end][2::2]
@@ -204,14 +195,14 @@ def test_masks_are_exact_with_the_real_template_and_its_default_system_prompt(co
     own = tokenize_conversation(tokenizer, CONVERSATION, system_prompt="You are the HPC support assistant.")
     own_text = tokenizer.decode(own.input_ids, skip_special_tokens=False)
     assert DEFAULT_SYSTEM not in own_text and own_text.startswith("<|im_start|>system\nYou are the HPC support")
-    assert supervised_runs(own) == replies
+    assert supervised_runs(tokenizer, own) == replies
     # windows of a long conversation: each rendered with the default system prompt, each supervising its replies
     parts, dropped = windows(tokenizer, CONVERSATION, len(sample.input_ids) - 5, None, None)
     assert len(parts) == 2 and dropped == 0
     for part, reply in zip(parts, replies):
         window = tokenizer.decode(part.input_ids, skip_special_tokens=False)
         assert window.startswith(f"<|im_start|>system\n{DEFAULT_SYSTEM}")
-        assert supervised_runs(part) == [reply]
+        assert supervised_runs(tokenizer, part) == [reply]
 
 
 @pytest.mark.slow

@@ -137,6 +137,13 @@ class ScrubConfig:
         }
     )
     keep_ips: list[str] = field(default_factory=lambda: ["0.0.0.0", "127.0.0.1", "::1"])  # not personal data
+    # The names a text writes as names are replaced by <NAME> too, in every format (CSV and chat JSONL have no
+    # authors): after a greeting ("Bonjour Marie,", "Dear Dr Dupont,"), in a signature ("Cordialement,\nMarie
+    # Curie", "-- \nMarie Curie"), in a reply header ("Marie Curie <...> a écrit :") or a quoted "From:" line.
+    names_in_text: bool = True
+    # Words and phrases that no pattern replaces, a name or anything else (case-sensitive, whole words): the site's
+    # own names, which a participant's first name or an organisation's display name would otherwise hide.
+    keep: list[str] = field(default_factory=lambda: ["Jean Zay", "Jean-Zay", "IDRIS", "GENCI", "CNRS"])
 
 
 @dataclass

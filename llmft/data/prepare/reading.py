@@ -81,6 +81,8 @@ class CleanedChunk:
 def clean_conversation(conversation: Conversation, cleaner: MessageCleaner, scrubber: Scrubber | None, data_cfg):
     """The conversation's turns cleaned, scrubbed and shaped for a chat template (clean.Shaped)."""
     names = conversation.participants if data_cfg.scrub.names_from_headers else []
+    if scrubber is not None and not names:  # no From (CSV, chat): the names its texts write ("Bonjour Marie,", ...)
+        names = scrubber.names_in(message["content"] for message in conversation.messages)
     messages = []
     for message in conversation.messages:
         text = cleaner.clean(message["content"], [message["author"]] if message.get("author") else [])

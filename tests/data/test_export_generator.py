@@ -1,5 +1,6 @@
 """tools/make_helpdesk_exports.py (the realistic helpdesk export of bench/bench_data_quality.py): deterministic, its
-overlap and personal data really in the files, every mbox readable by Python's own mail packages."""
+overlap and personal data really in the files, every mbox readable by Python's own mail packages; and docs/data.md's
+commands on it: prepare counts what was planted, and the quality figures are all zero, on another seed too."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import html
 import importlib.util
 import json
 import mailbox
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from support.runs import REPO
 
 
 def generator():
@@ -112,3 +115,27 @@ def test_cards_and_ibans_check_and_decoys_do_not(export):
         assert int("".join(str(int(c, 36)) for c in compact[4:] + compact[:4])) % 97 == 1
     serial = next(s for s in variant["must_appear"]["sentence"] if "serial number" in s).rstrip(".").split()[-1]
     assert len(serial) == 16 and not module.luhn_ok(serial)
+
+
+@pytest.mark.slow
+def test_the_docs_commands_prepare_a_generated_export_as_planted(tmp_path):
+    """docs/data.md's three commands, from a scratch folder: the export, `prepare` on its mbox files (each repeated
+    mail, auto-reply and bounce counted as planted), then the quality bench: every figure 0, for the docs' seed and
+    for an export the docs do not show (another seed, more tickets)."""
+    def run(*args: str) -> subprocess.CompletedProcess:
+        result = subprocess.run([sys.executable, *args], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        return result
+
+    run(str(REPO / "tools" / "make_helpdesk_exports.py"), "exports", "--seed", "1", "--tickets", "60")
+    run("-m", "llmft.data", "prepare", "data=tickets", "data.format=email", "data.path=exports/mbox",
+        "data.tickets.staff_domains=[idris.fr]", "data.output_dir=prepared")
+    expected = json.loads((tmp_path / "exports" / "expected.json").read_text())["variants"]["email"]
+    dropped = json.loads((tmp_path / "prepared" / "report.json").read_text())["reader_dropped"]
+    assert dropped["duplicate_mails"] == expected["duplicates"]["total"] > 0
+    assert dropped["auto_replies"] + dropped.get("bounces", 0) == expected["auto_replies"]["total"] > 0
+    assert (tmp_path / "prepared" / "train.conversations.jsonl").stat().st_size > 0
+    for seed, tickets in (("1", "60"), ("7", "90")):
+        last = run(str(REPO / "bench" / "bench_data_quality.py"), "--seed", seed, "--tickets", tickets).stdout
+        assert last.strip().splitlines()[-1] == ("quality: quotes_left=0 signatures_left=0 autoreplies_trained=0 "
+                                                 "duplicate_mails=0 pii_left=0 lines_broken=0"), last[-3000:]

@@ -176,6 +176,17 @@ DIRECT: dict[str, Direct] = {
 DEMO = ('EARLY["tests/training/test_train.py::test_the_readme_demo_command"] = EarlyCommand(  # one process, a '
         'minute and more\n    lambda folder: [sys.executable, "-m", "llmft.launch", f"run_dir={folder / \'demo\'}"]')
 TESTED: dict[str, tuple[str, list[str]]] = {
+    # docs/data.md: a generated realistic export, prepared and measured
+    "python tools/make_helpdesk_exports.py exports --seed 1 --tickets 60":
+        ("tests/data/test_export_generator.py::test_the_docs_commands_prepare_a_generated_export_as_planted",
+         ['"make_helpdesk_exports.py"), "exports", "--seed", "1", "--tickets", "60"']),
+    "python -m llmft.data prepare data=tickets data.format=email data.path=exports/mbox "
+    "'data.tickets.staff_domains=[idris.fr]' data.output_dir=prepared":
+        ("tests/data/test_export_generator.py::test_the_docs_commands_prepare_a_generated_export_as_planted",
+         ['"data.path=exports/mbox"', '"data.tickets.staff_domains=[idris.fr]", "data.output_dir=prepared"']),
+    "python bench/bench_data_quality.py --seed 1":
+        ("tests/data/test_export_generator.py::test_the_docs_commands_prepare_a_generated_export_as_planted",
+         ['"bench_data_quality.py"), "--seed", seed', '("1", "60")']),
     # README command 1: the demo, started with nothing but run_dir (to find it); its install is command 2's
     "python -m llmft.launch": ("tests/training/test_train.py", [DEMO]),
     "python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && pip install -e . && "

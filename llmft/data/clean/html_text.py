@@ -197,11 +197,15 @@ class _TextExtractor(HTMLParser):
             return True
         return bool(_QUOTE_MARKERS.search(_markers(attrs)))
 
-    def handle_starttag(self, tag, attrs):
-        if self.cut:
-            return
+    def _cuts_here(self, attrs) -> bool:
+        """Whether this element starts the quoted previous mail that runs to the end of the document (Outlook on the
+        web's header, Zimbra's rule...): then nothing more is kept."""
         if self.drop_quotes and self.hidden_depth is None and _CUT_MARKERS.search(_markers(attrs)):
             self.cut = True
+        return self.cut
+
+    def handle_starttag(self, tag, attrs):
+        if self._cuts_here(attrs):
             return
         if tag in _BLOCKS:
             self.parts.append("\n")
@@ -221,10 +225,7 @@ class _TextExtractor(HTMLParser):
             self.parts.append(_PRE_LINE)
 
     def handle_startendtag(self, tag, attrs):
-        if self.cut:
-            return
-        if self.drop_quotes and self.hidden_depth is None and _CUT_MARKERS.search(_markers(attrs)):
-            self.cut = True
+        if self._cuts_here(attrs):
             return
         if tag in _BLOCKS:
             self.parts.append("\n")

@@ -190,8 +190,8 @@ class Trainer:
         if self.topology.is_main:
             forget_metrics_after(metrics_path(self.run_dir), self.state.step)
         if self.topology.is_main and self.tcfg.mlflow:  # ended with the run's status when summary.json is written
-            self.tracking = tracking.start_run(self.run_dir, to_container(self.cfg), self.strategy.name,
-                                               self.topology.world_size)
+            self.tracking = tracking.MlflowTracking(self.run_dir, to_container(self.cfg), self.strategy.name,
+                                                    self.topology.world_size)
         metrics = MetricsLog(metrics_path(self.run_dir), self.total_steps, self.state.step,
                              enabled=self.topology.is_main, use_wandb=self.tcfg.wandb, mlflow=self.tracking)
         with metrics, StopSignals(self.topology) as stop:

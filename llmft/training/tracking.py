@@ -206,8 +206,3 @@ class MlflowTracking:
                 self.client.log_artifact(self.run_id, str(path))
         self.client.set_terminated(self.run_id, END_STATUS.get(status, "FAILED"))
 
-
-def start_run(run_dir: Path, config: dict, strategy: str, world_size: int) -> MlflowTracking:
-    """The MLflow run of this llmft run (rank 0, `train.mlflow=true`): `config` is the run's resolved config as plain
-    values, `strategy` and `world_size` what the Trainer runs. The caller ends it with `end(summary)`."""
-    return MlflowTracking(Path(run_dir), config, strategy, world_size)

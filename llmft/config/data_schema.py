@@ -26,6 +26,13 @@ class DataFormat(str, Enum):
     mixture = "mixture"  # `data.sources`: several data configs, each drawn at its `weight` share of training
 
 
+class AcronymSplit(str, Enum):
+    # every conversation of an acronym in one split, by a hash of it: does the model explain acronyms it never saw?
+    by_acronym = "by_acronym"
+    # every acronym trained, other phrasings of its question held out: does the model remember what it was taught?
+    by_phrasing = "by_phrasing"
+
+
 class LongConversations(str, Enum):
     window = "window"  # cut into windows of whole exchanges (user turn + assistant reply) that fit
     drop = "drop"  # drop the conversation, counted in the report
@@ -64,6 +71,10 @@ class CsvConfig:
 @dataclass
 class AcronymsConfig:
     conversations_per_acronym: int = 4  # distinct synthetic conversations generated for each acronym
+    # by_phrasing also holds out `held_out_phrasings` other questions per acronym (single question and answer), and
+    # a glossary entry with "control": true is never trained, whatever the split: what the model guesses unaided.
+    split: AcronymSplit = AcronymSplit.by_acronym
+    held_out_phrasings: int = 2
     # Optional: an OpenAI-compatible endpoint writes the conversations instead of the templates. Never required:
     # when it fails, the templates are used and the report counts the failures.
     llm_url: Optional[str] = None  # base URL, e.g. http://localhost:8000/v1 (POST {llm_url}/chat/completions)

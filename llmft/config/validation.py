@@ -180,6 +180,9 @@ def check_data(data, complete: bool = True) -> None:
         raise ConfigError("data.clean.min_assistant_chars must be >= 0 and data.clean.max_message_chars positive.")
     if data.acronyms.conversations_per_acronym < 1:
         raise ConfigError("data.acronyms.conversations_per_acronym must be at least 1.")
+    if not 1 <= data.acronyms.held_out_phrasings <= 7:  # of the 8 question templates of a language, one trains
+        raise ConfigError(f"data.acronyms.held_out_phrasings={data.acronyms.held_out_phrasings}: give 1 to 7 "
+                          f"(questions held out per acronym, of the 8 phrasings of its language).")
     if data_format is DataFormat.mixture:
         check_mixture(data, complete)
     elif list(getattr(data, "sources", None) or []):

@@ -4,7 +4,8 @@
     python -m llmft.eval run=RUN_DIR eval.max_new_tokens=128 eval.limit=50
     python -m llmft.eval run=RUN_DIR eval.file=questions.jsonl eval.judge_url=http://node12:8000/v1 eval.judge_model=M
 
-Writes RUN_DIR/eval/report.json and report.md (ROUGE-L, BLEU, embedding similarity, LLM judge; every answer).
+Writes RUN_DIR/eval/report.json and report.md (expected phrase found, answer loss, ROUGE-L, BLEU, embedding
+similarity, LLM judge; every answer).
 The keys and their defaults are `EvalConfig` in llmft/config/schema.py; the work is `run_eval` in
 llmft/serve/evaluation.py.
 """
@@ -36,6 +37,9 @@ def evaluate_run(argv: list[str]) -> int:
     print(f"eval: {report['num_samples']} examples ({report['source'].get('split') or report['source'].get('file')})")
     for metric, values in rows:
         print(f"  {metric:<{width}}  " + "  ".join(f"{v:>12}" if len(v) <= 12 else v for v in values))
+    losses = [report["metrics"][m].get("answer_loss") for m in ("base", "finetuned")]
+    if all(losses) and losses[0] > 0:
+        print(f"  answer loss, fine-tuned / base: {losses[1] / losses[0]:.3f}")
     for metric, reason in report["skipped_metrics"].items():
         print(f"  {metric}: {reason}")
     print(f"report: {report['paths']['markdown']}")

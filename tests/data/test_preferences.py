@@ -291,7 +291,8 @@ def evaluated_run(tmp_path, monkeypatch):
         texts = [e.reference if i % 3 == 0 else f"partly: {e.reference[:30]}" if i % 3 == 1 else "Just reboot."
                  for i, e in enumerate(examples)]
         generations = [Generation(text, 20, i != 3) for i, text in enumerate(texts)]
-        return {"finetuned": generations}, [(50, 0)] * len(examples), Path("base"), {}
+        losses = {"finetuned": [(2.0, 4)] * len(examples)}  # (summed nats, tokens) of each reference
+        return {"finetuned": generations}, losses, [(50, 0)] * len(examples), Path("base"), {}
 
     def judge(settings, messages):
         answer = messages[-1]["content"].split("Answer to grade:\n", 1)[1].rsplit("\n\nGrade the answer", 1)[0]

@@ -136,7 +136,7 @@ def read_chunk(state: Cleaning, task: tuple) -> CleanedChunk:
             chunk.dropped[shaped.drop_reason] = chunk.dropped.get(shaped.drop_reason, 0) + 1
             continue
         chunk.truncated += shaped.truncated_user_messages
-        kept = Conversation(conversation.id, shaped.messages, conversation.source)
+        kept = Conversation(conversation.id, shaped.messages, conversation.source, expected=conversation.expected)
         chunk.kept.append((kept, dedup_keys(kept.messages, threshold)))
     return chunk
 

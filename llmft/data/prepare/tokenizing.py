@@ -22,7 +22,7 @@ import numpy as np
 from llmft.config.data_schema import DataFormat, LongConversations
 from llmft.data.prepare.data_config import format_of, plain
 from llmft.data.prepare.mixture import Source, by_source, draw, sample_targets, source_entries, sources_of
-from llmft.data.prepare.splits import bucket_of, split_of
+from llmft.data.prepare.splits import split_of, validation_fallback
 from llmft.data.prepare.workers import chunks, in_order, num_workers_of
 from llmft.data.readers.records import Conversation, DataError
 from llmft.data.tokenize.packing import pack_rows
@@ -206,8 +206,7 @@ class SampleTally:
         """The id `assign_splits` moves to validation when no id hashed there, else None."""
         if self.data_cfg.validation_fraction <= 0 or 1 in self.split_of_id.values():
             return None
-        candidates = [i for i, number in self.split_of_id.items() if number == 0]
-        return min(candidates, key=bucket_of) if len(candidates) > 1 else None
+        return validation_fallback([i for i, number in self.split_of_id.items() if number == 0])
 
     def finish(self, data_cfg, max_seq_len: int, end_of_turn: str, end_of_turn_id: int) -> Tokenized:
         self.close()

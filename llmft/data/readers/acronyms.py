@@ -2,8 +2,16 @@
 
 Each acronym gives `data.acronyms.conversations_per_acronym` conversations, in the language of its definition
 (French or English), from varied question and answer phrasings, some with a follow-up turn. The choice is seeded
-by the acronym, so the same glossary always gives the same conversations. All conversations of one acronym share
-its id, so they land in one split: validation never asks about an acronym training has seen.
+by the acronym, so the same glossary always gives the same conversations. Two ways to hold some out
+(`data.acronyms.split`):
+
+- by_acronym (default): all conversations of one acronym share its id, so they land in one split: validation never
+  asks about an acronym training has seen (does the model generalise?);
+- by_phrasing: every acronym is trained, and `held_out_phrasings` other questions about it (single exchanges, the
+  question templates training does not use for that acronym) are held out (does the model remember?).
+
+A glossary entry with `"control": true` is never trained, in either mode: its held-out questions measure what the
+model guesses unaided. Each conversation's `expected` is the acronym's expansion, which `llmft eval` looks for.
 
 Optionally an LLM behind an OpenAI-compatible endpoint (`data.acronyms.llm_url`, `llm_model`) writes the
 conversations instead; it is never required: when it fails the templates are used and the report counts it.
@@ -17,8 +25,9 @@ import re
 from pathlib import Path
 
 from llmft.clients.openai_compatible import ChatEndpoint, EndpointError, api_key_of
-from llmft.data.readers.records import (Conversation, JsonError, ReadReport, decode_json, input_files, jsonl_records,
-                                        line_of, text_problem, unreadable)
+from llmft.config.data_schema import AcronymSplit
+from llmft.data.readers.records import (PINNED_HELD_OUT, PINNED_TO_TRAIN, Conversation, JsonError, ReadReport,
+                                        decode_json, input_files, jsonl_records, line_of, text_problem, unreadable)
 
 QUESTIONS = {
     "en": [
@@ -83,11 +92,14 @@ def split_definition(definition: str) -> tuple[str | None, str]:
     return expansion.strip(), explanation[:1].upper() + explanation[1:]
 
 
-def template_conversations(acronym: str, definition: str, count: int) -> list[list[dict[str, str]]]:
+def template_conversations(acronym: str, definition: str, count: int, questions: list[str] | None = None
+                           ) -> list[list[dict[str, str]]]:
+    """`count` conversations asking `questions` (default: the definition's language's) in turn."""
     language = language_of(definition)
     expansion, explanation = split_definition(definition)
     rng = random.Random(f"llmft-acronym:{acronym}")
-    questions = rng.sample(QUESTIONS[language], k=min(count, len(QUESTIONS[language])))
+    questions = questions or QUESTIONS[language]
+    questions = rng.sample(questions, k=min(count, len(questions)))
     answers = ANSWERS[language] if expansion else ANSWERS_WITHOUT_EXPANSION[language]
     values = {"a": acronym, "e": expansion, "x": explanation, "xl": explanation[:1].lower() + explanation[1:]}
     conversations = []
@@ -103,6 +115,21 @@ def template_conversations(acronym: str, definition: str, count: int) -> list[li
                          {"role": "assistant", "content": follow_answer.format(**values)}]
         conversations.append(messages)
     return conversations
+
+
+def held_out_phrasings(acronym: str, definition: str, count: int) -> tuple[list[str], list[list[dict[str, str]]]]:
+    """(the questions left for training, `count` single-exchange conversations asking the others): the test of
+    `data.acronyms.split=by_phrasing`. The reference answer gives the expansion."""
+    language = language_of(definition)
+    expansion, explanation = split_definition(definition)
+    questions = QUESTIONS[language]
+    held = random.Random(f"llmft-acronym-held-out:{acronym}").sample(questions, k=min(count, len(questions) - 1))
+    answers = ANSWERS[language] if expansion else ANSWERS_WITHOUT_EXPANSION[language]
+    values = {"a": acronym, "e": expansion, "x": explanation, "xl": explanation[:1].lower() + explanation[1:]}
+    conversations = [[{"role": "user", "content": question.format(**values)},
+                      {"role": "assistant", "content": answers[index % len(answers)].format(**values).strip()}]
+                     for index, question in enumerate(held)]
+    return [q for q in questions if q not in held], conversations
 
 
 def llm_conversations(acronym: str, definition: str, count: int, cfg) -> list[list[dict[str, str]]]:
@@ -190,6 +217,16 @@ def read_acronyms(path: Path, data_cfg, report: ReadReport) -> list[Conversation
                 report.skip(where, 'missing field "definition"' if definition is None else '"definition" is not a non-empty string')
                 continue
             acronym, definition = acronym.strip(), definition.strip()
+            expansion = split_definition(definition)[0] or ""
+            control = entry.get("control") is True
+            questions = None
+            if control or cfg.split is AcronymSplit.by_phrasing:
+                questions, asked = held_out_phrasings(acronym, definition, cfg.held_out_phrasings)
+                kind = "acronym-control" if control else "acronym"
+                conversations += [Conversation(f"{kind}:{acronym}{PINNED_HELD_OUT}", messages, where, expected=expansion)
+                                  for messages in asked]
+                if control:  # never trained: what the model answers unaided
+                    continue
             generated = None
             if use_llm:
                 try:
@@ -201,7 +238,11 @@ def read_acronyms(path: Path, data_cfg, report: ReadReport) -> list[Conversation
                     report.count("llm_failures_fell_back_to_templates")
                     if isinstance(error, EndpointError) and error.kind in ("unreachable", "timeout", "connection"):
                         use_llm = False  # no answer at all: do not wait for it once per acronym
+            written_by = "llm" if generated is not None else "templates"
             if generated is None:
-                generated = template_conversations(acronym, definition, cfg.conversations_per_acronym)
-            conversations += [Conversation(f"acronym:{acronym}", messages, where) for messages in generated]
+                generated = template_conversations(acronym, definition, cfg.conversations_per_acronym, questions)
+            pin = PINNED_TO_TRAIN if cfg.split is AcronymSplit.by_phrasing else ""
+            conversations += [Conversation(f"acronym:{acronym}{pin}", messages, where,
+                                           expected=expansion if written_by == "templates" else "")
+                              for messages in generated]
     return conversations

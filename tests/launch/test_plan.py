@@ -129,3 +129,18 @@ def test_plan_prints_the_sbatch_script_without_slurm(tmp_path):
     result = run_llmft("plan", "+cluster=jeanzay", "cluster.account=abc", "model=llama3_8b", env=env)
     assert result.returncode == 0, result.stderr
     assert "#SBATCH --account=abc@a100" in result.stdout and "--kill-on-bad-exit=1" in result.stdout
+    # srun passes the task's cores itself: from Slurm 22.05 it no longer inherits --cpus-per-task
+    cpus = next(line for line in result.stdout.splitlines() if line.startswith("#SBATCH --cpus-per-task="))
+    srun = next(line for line in result.stdout.splitlines() if line.startswith("srun "))
+    assert f"--cpus-per-task={cpus.split('=')[1]}" in srun.split(), srun
+
+
+def test_the_sbatch_templates_pass_the_cores_to_srun_and_take_a_free_port():
+    from support.runs import REPO
+
+    for template in sorted((REPO / "slurm").glob("*.sbatch")):
+        text = template.read_text()
+        srun = [line for line in text.splitlines() if line.startswith("srun ")]
+        assert srun and all('--cpus-per-task="$SLURM_CPUS_PER_TASK"' in line for line in srun), template
+        port = next(line for line in text.splitlines() if line.startswith("export MASTER_PORT="))
+        assert "SLURM_JOB_ID" not in port and "s.bind((\"\", 0))" in port, (template, port)

@@ -174,8 +174,10 @@ class DataConfig:
     transcript: TranscriptConfig = field(default_factory=TranscriptConfig)
     clean: CleanConfig = field(default_factory=CleanConfig)
     scrub: ScrubConfig = field(default_factory=ScrubConfig)
-    # Pack samples into rows of model.max_seq_len tokens (best fit), attention never crossing samples.
-    packing: bool = True
+    # Pack samples into rows of model.max_seq_len tokens (best fit), attention never crossing samples. None (auto):
+    # pack, unless the model cannot tell packed samples apart (BLOOM's ALiBi has no position ids): then unpacked, said
+    # in one line at launch. true on such a model is refused.
+    packing: Optional[bool] = None
     long_conversations: LongConversations = LongConversations.window  # longer than model.max_seq_len
     # The token that closes an assistant turn in the chat template, supervised so the model learns to stop.
     # None: the tokenizer's eos_token (right for ChatML, Llama 3 Instruct, Mistral, Qwen; Gemma needs <end_of_turn>).

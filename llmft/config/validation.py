@@ -416,11 +416,21 @@ def check_loss_head(cfg: DictConfig) -> None:
 
 
 def check_packing(cfg: DictConfig) -> None:
-    """A model that takes no position ids (BLOOM: ALiBi) cannot tell packed samples apart: refused at launch, where the
-    model's config.json is at hand (plan shows the job: a profile alone composes with the data group's packing)."""
-    if cfg.data.packing and model_family(cfg.model) in NO_POSITION_IDS:
-        raise ConfigError(f"model={cfg.model.name} is a {model_family(cfg.model).value} model (ALiBi: no position "
-                          "ids), so packed samples would attend to each other: set data.packing=false.")
+    """A model that takes no position ids (BLOOM: ALiBi) cannot tell packed samples apart. data.packing=null (auto,
+    the default) is settled here, where the model's config.json is at hand: unpacked on such a model, said in one
+    line, packed otherwise; data.packing=true on it is refused."""
+    family = model_family(cfg.model)
+    if family not in NO_POSITION_IDS:
+        if cfg.data.packing is None:
+            cfg.data.packing = True
+        return
+    if cfg.data.packing:
+        raise ConfigError(f"model={cfg.model.name} is a {family.value} model (ALiBi: no position ids), so packed "
+                          "samples would attend to each other: set data.packing=false.")
+    if cfg.data.packing is None:
+        cfg.data.packing = False
+        print(f"llmft: model={cfg.model.name} is a {family.value} model (ALiBi: no position ids): training unpacked, "
+              f"one sample a row (data.packing=false).")
 
 
 def model_path_problem(cfg: DictConfig) -> Optional[str]:

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from llmft.config.compose import compose
 from llmft.config.validation import validate
+from llmft.data.prepare.data_config import packs
 from llmft.data.prepare.mixture import draw, drawn_indices, sample_targets, sources_of
 from llmft.data.prepare.reading import read_conversations
 from llmft.data.prepare.splits import assign_splits
@@ -66,7 +67,7 @@ def test_sources_take_the_mixtures_keys_they_leave_unset():
     assert (tickets.name, tickets.weight, acronyms.weight) == ("tickets", 0.8 / 1.4, 0.6 / 1.4)  # normalised
     assert tickets.cfg.system_prompt == "Be brief." and acronyms.cfg.system_prompt.startswith("You are the user-")
     assert tickets.cfg.strict and acronyms.cfg.strict and tickets.cfg.num_workers == 3
-    assert not tickets.cfg.packing and data.packing  # packed after the draw
+    assert tickets.cfg.packing is False and packs(data)  # packed after the draw (packing: auto)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,7 @@ def test_shares_in_the_report_match_the_weights_and_validation_stays_per_source(
     validation = Rows.concatenate([alone["tickets"].splits["validation"], alone["acronyms"].splits["validation"]])
     assert [s["validation_samples"] for s in sources] == [alone[n].splits["validation"].num_samples
                                                           for n in ("tickets", "acronyms")]
-    assert cfg.data.packing and tokenized.counts["packed_rows"]["validation"] < validation.num_samples
+    assert packs(cfg.data) and tokenized.counts["packed_rows"]["validation"] < validation.num_samples
     assert tokenized.counts["tokens"]["validation"] == validation.num_tokens
     assert sorted(tokenized.splits["validation"].sample_lengths.tolist()) == \
         sorted(validation.sample_lengths.tolist())  # the same samples, packed after the draw

@@ -113,7 +113,7 @@ def test_a_family_name_is_checked_and_bloom_refuses_packing():
                                 "gemma3, phi3, gpt2, bloom, deepseek_v3.")
     with pytest.raises(ConfigError, match=r"^model=tiny is a bloom model \(ALiBi: no position ids\), so packed "
                                           r"samples would attend to each other: set data.packing=false\.$"):
-        validate(compose(["model.tiny.family=bloom"]))
+        validate(compose(["model.tiny.family=bloom", "data.packing=true"]))  # asked for: auto trains unpacked
     with pytest.raises(ConfigError, match="eager attention only: set model.attn_implementation=eager"):
         validate(compose(["model=bloom_7b1", "data.packing=false", "model.attn_implementation=sdpa"]),
                  check_paths=False)

@@ -25,6 +25,12 @@ def prepared_report_path(folder: Path | str) -> Path:
     return Path(os.path.expandvars(str(folder))).expanduser() / "report.json"
 
 
+def packs(data_cfg) -> bool:
+    """Whether the samples are packed: data.packing, where None (auto) packs; the launch settles auto to false for a
+    model that cannot pack (validation.check_packing)."""
+    return data_cfg.packing is not False
+
+
 def data_path(data_cfg) -> Path:
     return Path(os.path.expandvars(str(data_cfg.path))).expanduser()
 

@@ -19,7 +19,7 @@ import json
 import shutil
 from pathlib import Path
 
-from llmft.data.prepare.data_config import prepared_manifest_path
+from llmft.data.prepare.data_config import packs, prepared_manifest_path
 from llmft.data.preferences.dpo_kto import COLUMNS, PROMPT_RECORDS, columns_of, items_of
 from llmft.data.tokenize.rows import Rows
 from llmft.data.tokenize.templating import Sample
@@ -71,7 +71,7 @@ def settings_fingerprint(data_cfg, max_seq_len: int) -> str:
     return _sha({
         "version": SAMPLES_FORMAT_VERSION,
         "max_seq_len": max_seq_len,
-        "packing": bool(data_cfg.packing),
+        "packing": packs(data_cfg),
         "long_conversations": data_cfg.long_conversations.value,
         "system_prompt": data_cfg.system_prompt,
         "validation_fraction": data_cfg.validation_fraction,

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from llmft.config.data_schema import DataFormat, LongConversations
-from llmft.data.prepare.data_config import format_of, plain
+from llmft.data.prepare.data_config import format_of, packs, plain
 from llmft.data.prepare.mixture import Source, by_source, draw, sample_targets, source_entries, sources_of
 from llmft.data.prepare.splits import split_of, validation_fallback
 from llmft.data.prepare.workers import chunks, in_order, num_workers_of
@@ -277,7 +277,7 @@ def finish_rows(splits: dict[str, Rows], data_cfg, max_seq_len: int, end_of_turn
                         f"raise model.max_seq_len or add data.")
     counts = {
         "max_seq_len": max_seq_len,
-        "packing": bool(data_cfg.packing),
+        "packing": packs(data_cfg),
         "end_of_turn_token": end_of_turn,
         "samples": {split: rows.num_samples for split, rows in splits.items()},
         "tokens": {split: rows.num_tokens for split, rows in splits.items()},
@@ -285,7 +285,7 @@ def finish_rows(splits: dict[str, Rows], data_cfg, max_seq_len: int, end_of_turn
         "conversations_windowed": num_windowed,
         "samples_dropped": {reason: n for reason, n in dropped.items() if n},
     }
-    if data_cfg.packing:
+    if packs(data_cfg):
         for split in list(splits):  # one split at a time: the unpacked rows go as the packed ones come
             splits[split] = splits[split].packed(max_seq_len)
         counts["packed_rows"] = {split: len(rows) for split, rows in splits.items()}

@@ -166,7 +166,7 @@ class DataConfig:
     # Split by a hash of the ticket id: deterministic, no ticket in two splits, adding tickets never moves old ones.
     validation_fraction: float = 0.1
     test_fraction: float = 0.0  # > 0 adds a `test` split, held out from training and validation
-    strict: bool = False  # stop at the first malformed record instead of skipping and counting it
+    strict: bool = False  # stop at the first malformed record (read at launch: before a run directory exists)
     tickets: TicketsConfig = field(default_factory=TicketsConfig)
     email: EmailConfig = field(default_factory=EmailConfig)
     csv: CsvConfig = field(default_factory=CsvConfig)
@@ -185,8 +185,11 @@ class DataConfig:
     # `python -m llmft.data prepare` writes the tokenized dataset, report.json, the length histogram and the
     # audited conversations here.
     output_dir: Optional[str] = None
-    # A folder written by `prepare` that training reuses when its fingerprint (conversations, tokenizer, template,
-    # config) matches; otherwise training tokenizes in memory and says why. None: `output_dir`, if set.
+    # A folder written by `prepare`: training takes its samples and tokenizer as they are, never re-reading the input.
+    # Given alone, the run takes DIR's own data settings (its manifest.json); data settings given with it must agree
+    # with them, the model's tokenizer and max_seq_len too, and the input files must be unchanged since (their size,
+    # time and content hash): otherwise the launch is refused, saying which. None: `output_dir` is reused when its
+    # fingerprint (conversations, tokenizer, settings) matches; otherwise training tokenizes in memory and says why.
     prepared: Optional[str] = None
     # Processes that read, clean, scrub and tokenize (chunks of tickets; the outputs are the same for any number).
     # None: the CPUs this process may use (os.sched_getaffinity: SLURM's binding counts), at most 16, shared by the

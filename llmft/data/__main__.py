@@ -20,6 +20,7 @@ from omegaconf.errors import MissingMandatoryValue
 from llmft.config.compose import compose
 from llmft.config.validation import validate
 from llmft.data.preferences.dpo_kto import summary_line
+from llmft.data.readers.records import skipped_lines
 from llmft.errors import ConfigError, closed_pipe_ends_quietly, run_command
 
 USAGE = __doc__.split("\n\n")[0].strip()
@@ -31,8 +32,7 @@ def summary_lines(report: dict) -> list[str]:
         f"read {report['records_read']} records from {report['path']} ({report['format']}): "
         f"{report['conversations_read']} {noun}, {report['num_conversations']} kept",
     ]
-    if report.get("num_skipped"):
-        lines.append(f"skipped {report['num_skipped']} bad records, e.g. {report['skipped'][0]}")
+    lines += skipped_lines(report.get("skipped", []), report.get("num_skipped"))
     dropped = {**report.get("reader_dropped", {}), **report.get("dropped", {}), **report.get("samples_dropped", {})}
     if dropped:
         lines.append("dropped: " + ", ".join(f"{n} {reason}" for reason, n in dropped.items()))
@@ -76,6 +76,10 @@ def run(args, overrides: list[str]) -> int:
         from_eval(overrides)
         return 0
     cfg = compose(overrides)
+    if args.command == "inspect" and cfg.data.prepared:  # DIR's own data settings, or those given checked
+        from llmft.data.prepare.prepared_source import prepared_for_launch
+
+        cfg = prepared_for_launch(cfg, overrides)
     if args.cfg:
         print(OmegaConf.to_yaml(cfg.data, resolve=True))
         return 0
@@ -88,7 +92,7 @@ def run(args, overrides: list[str]) -> int:
         from llmft.data.prepare.command import prepare
 
         os.umask(int(str(cfg.umask), 8))  # prepared tickets are no more readable than a run (default 027)
-        report = prepare(cfg)
+        report = prepare(cfg, overrides)
         if report.get("reused_prepared"):
             print(f"llmft: {report['output_dir']} is up to date (same conversations, tokenizer and settings).")
         else:

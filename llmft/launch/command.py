@@ -66,6 +66,12 @@ def prepare_run(cfg: DictConfig) -> tuple[DictConfig, Path]:
     if cfg.resume:
         run_dir = resumable_run_dir(cfg.resume)
         cfg, changes = config_for_resume(run_dir, cfg)
+    else:  # data.prepared=DIR alone: DIR's own data settings; data.strict=true: the records read now (a bad one stops)
+        from hydra.core.hydra_config import HydraConfig
+
+        from llmft.data.prepare.prepared_source import data_for_launch
+
+        cfg = data_for_launch(cfg, list(HydraConfig.get().overrides.task))
     validate(cfg)
     check_installed(cfg, local=cfg.cluster is None)
     if cfg.cluster is not None:

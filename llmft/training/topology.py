@@ -17,6 +17,9 @@ class Topology:
     local_rank: int
     num_nodes: int
     device_type: str  # "cuda" or "cpu"
+    # This rank's GPU among those the process sees: its local rank where it sees the node's GPUs (--gres), 0 where
+    # SLURM binds one GPU per task (--gpus-per-task=1, --gpu-bind, CUDA_VISIBLE_DEVICES of one device).
+    gpu_index: int | None = None
 
     @property
     def is_main(self) -> bool:
@@ -30,7 +33,9 @@ class Topology:
     def device(self):
         import torch
 
-        return torch.device(f"cuda:{self.local_rank}" if self.device_type == "cuda" else "cpu")
+        if self.device_type != "cuda":
+            return torch.device("cpu")
+        return torch.device("cuda", self.local_rank if self.gpu_index is None else self.gpu_index)
 
     @staticmethod
     def from_env() -> "Topology":
@@ -52,13 +57,19 @@ class Topology:
         else:
             world_size, rank, local_rank, num_nodes = 1, 0, 0, 1
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
-        return Topology(world_size, rank, local_rank, num_nodes, device_type)
+        gpu_index = None
+        if device_type == "cuda":
+            ranks_per_node = max(1, world_size // max(1, num_nodes))
+            gpu_index = visible_gpu_index(local_rank, ranks_per_node, torch.cuda.device_count())
+        return Topology(world_size, rank, local_rank, num_nodes, device_type, gpu_index)
 
     def export_env(self) -> None:
         """RANK, WORLD_SIZE and LOCAL_RANK in the environment, whatever started the rank (torchrun, submitit, a bare
-        srun that only sets SLURM_*): DeepSpeed's zero.Init and engine read LOCAL_RANK from there."""
+        srun that only sets SLURM_*): DeepSpeed's zero.Init and engine read LOCAL_RANK from there, and bind that GPU
+        index: on a GPU it is this rank's GPU among the visible ones (0 where one GPU is bound per task)."""
         os.environ["RANK"], os.environ["WORLD_SIZE"] = str(self.rank), str(self.world_size)
-        os.environ["LOCAL_RANK"], os.environ["LOCAL_WORLD_SIZE"] = str(self.local_rank), str(self.ranks_per_node)
+        local = self.device.index if self.device_type == "cuda" else self.local_rank
+        os.environ["LOCAL_RANK"], os.environ["LOCAL_WORLD_SIZE"] = str(local), str(self.ranks_per_node)
 
     @property
     def ranks_per_node(self) -> int:
@@ -78,7 +89,7 @@ class Topology:
         self.export_env()
         extra = {}
         if self.device_type == "cuda":
-            torch.cuda.set_device(self.local_rank)
+            torch.cuda.set_device(self.device)
             extra["device_id"] = self.device
         dist.init_process_group(backend="nccl" if self.device_type == "cuda" else "gloo", rank=self.rank,
                                 world_size=self.world_size, timeout=datetime.timedelta(minutes=timeout_min), **extra)
@@ -99,3 +110,15 @@ class Topology:
         values: list = [None] * self.world_size
         dist.all_gather_object(values, value)
         return values
+
+
+def visible_gpu_index(local_rank: int, ranks_per_node: int, visible: int) -> int:
+    """The index, among the GPUs this process sees, of the GPU of the rank `local_rank` of a node running
+    `ranks_per_node` ranks (one GPU each). RuntimeError in one sentence when the binding fits neither way."""
+    if visible >= ranks_per_node:
+        return local_rank  # every task sees the node's GPUs (--gres=gpu:N): one each, by local rank
+    if visible == 1:
+        return 0  # SLURM (or the user) bound one GPU to this task
+    raise RuntimeError(f"this rank sees {visible} GPUs for {ranks_per_node} ranks on its node: give each task one GPU "
+                       f"(--gpus-per-task=1) or every task all of them (--gres=gpu:{ranks_per_node}), one rank per GPU.")
+

@@ -14,7 +14,7 @@ from llmft.data.tokenize.tokenizer import tokenizer_for_run
 from llmft.data.prepare.reading import read_conversations
 from llmft.data.prepare.samples_for_run import build_splits
 from llmft.data.prepare.command import prepare
-from llmft.data.readers.records import ReadReport
+from llmft.data.readers.records import DataError, ReadReport
 from support.runs import run_llmft
 
 
@@ -79,11 +79,10 @@ def test_training_reuses_the_prepared_dataset_by_fingerprint(prepared, capsys):
     cfg.data.prepared = None
     fresh, fresh_counts = build_splits(conversations, tokenizer, cfg.data, cfg.model.max_seq_len)
     assert fresh_counts["reused_prepared"] is False and fresh == splits  # the same samples, loaded or made
-    # another sequence length: not reused, and the run says why
+    # another sequence length: refused, saying why (never another data set instead; issue 26)
     cfg.data.prepared = str(out_dir)
-    _, counts = build_splits(conversations, tokenizer, cfg.data, 128)
-    assert counts["reused_prepared"] is False
-    assert "was prepared with other settings" in capsys.readouterr().err
+    with pytest.raises(DataError, match="was prepared with other settings than this run's"):
+        build_splits(conversations, tokenizer, cfg.data, 128)
 
 
 def test_prepare_again_with_the_same_inputs_does_nothing(prepared):

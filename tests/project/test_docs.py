@@ -237,9 +237,9 @@ TESTED: dict[str, tuple[str, list[str]]] = {
     "python -m llmft.data inspect data=tickets_sample_jsonl data.prepared=$WORK/tickets-v1 --num 2":
         ("tests/data/test_prepare.py::test_inspect_brackets_the_supervised_tokens",
          ['run_llmft("data", "inspect", "data=tickets_sample_jsonl", f"data.prepared={out_dir}", "--num", "2"']),
-    "python -m llmft.launch data=tickets_sample_jsonl data.prepared=$WORK/tickets-v1":
-        ("tests/data/test_prepare.py::test_training_reuses_the_prepared_dataset_by_fingerprint",
-         ['"data=tickets_sample_jsonl", f"data.prepared={out_dir}"']),
+    "python -m llmft.launch data.prepared=$WORK/tickets-v1":
+        ("tests/data/test_prepared_data_journey.py::test_prepared_dir_alone_trains_on_what_was_prepared",
+         ['run_llmft("launch", f"data.prepared={prepared}"']),
     "python -m llmft.data prepare data=mixture_sample data.output_dir=$WORK/mix-v1":
         ("tests/data/test_mixture.py::test_prepare_reports_sources_and_reuses_only_the_same_mixture",
          ['"data=mixture_sample", f"data.output_dir={out_dir}"']),

@@ -27,6 +27,7 @@ RUN_ORDER = [
     "data/test_num_workers.py",
     "data/test_preferences.py",
     "data/test_prepare.py",
+    "data/test_prepared_data_journey.py",
     "data/test_privacy.py",
     "data/test_scrub_checksums_and_names.py",
     "data/test_readers.py",

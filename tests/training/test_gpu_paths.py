@@ -75,10 +75,42 @@ def test_the_gpu_is_bound_before_the_process_group_and_given_to_it(monkeypatch):
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: calls.append(("init", kwargs)))
     Topology(world_size=8, rank=3, local_rank=3, num_nodes=1, device_type="cuda").init_process_group(7)
-    assert calls[0] == ("set_device", 3)
+    assert calls[0] == ("set_device", torch.device("cuda:3"))
     init = calls[1][1]
     assert init["backend"] == "nccl" and init["device_id"] == torch.device("cuda:3")
     assert init["timeout"].total_seconds() == 7 * 60
+
+
+@pytest.mark.parametrize("visible, local_rank, expected", [
+    (4, 3, 3),  # --gres=gpu:4: every task sees the node's 4 GPUs
+    (8, 3, 3),  # more GPUs than ranks on the node (a partial node)
+    (1, 3, 0),  # --gpus-per-task=1 / --gpu-bind: CUDA_VISIBLE_DEVICES holds this task's GPU alone
+    (2, 3, None),  # two GPUs for four ranks: no binding gives each rank its own GPU
+])
+def test_the_gpu_is_chosen_among_the_visible_devices(monkeypatch, visible, local_rank, expected):
+    isolate_rank_variables(monkeypatch)
+    for name, value in (("SLURM_PROCID", "7"), ("SLURM_NTASKS", "8"), ("SLURM_LOCALID", str(local_rank)),
+                        ("SLURM_NNODES", "2"), ("SLURM_STEP_ID", "0")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    if expected is None:
+        with pytest.raises(RuntimeError, match="sees 2 GPUs for 4 ranks on its node: give each task one GPU"):
+            Topology.from_env()
+        return
+    topology = Topology.from_env()
+    assert topology.local_rank == local_rank and topology.device == torch.device("cuda", expected)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(device))
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: calls.append(kwargs["device_id"]))
+    topology.init_process_group()
+    assert calls == [torch.device("cuda", expected)] * 2  # bound, then given to the process group
+    import os
+
+    assert os.environ["LOCAL_RANK"] == str(expected)  # the index DeepSpeed's engine binds
 
 
 def test_the_cuda_rng_state_is_this_ranks_device_only(monkeypatch):

@@ -7,7 +7,9 @@
                                       records, in their own format, with the system prompt the model sees
     DIR/report.json                   what was read, dropped (and why), replaced, built
     DIR/lengths.png                   the histogram of sample lengths against model.max_seq_len
-    DIR/manifest.json                 the fingerprint; written last, so a folder without it is incomplete
+    DIR/manifest.json                 the fingerprint, and what the samples are made from (data settings, model,
+                                      input files: prepared_source.py); written last, so a folder without it is
+                                      incomplete
 
 Preparing again with the same conversations, tokenizer and settings finds the manifest and does nothing.
 
@@ -30,7 +32,8 @@ from llmft.data.prepare.mixture import with_mixture_settings
 from llmft.data.prepare.one_pass import read_and_tokenize
 from llmft.data.prepare.prepared_dir import fingerprint_parts, load_samples, save_samples, settings_fingerprint, \
     tokenizer_fingerprint, write_manifest
-from llmft.data.prepare.reading import read_conversations
+from llmft.data.prepare.prepared_source import manifest_record, same_record
+from llmft.data.prepare.reading import read_input
 from llmft.data.prepare.tokenizing import end_of_turn_of, tokenize_rows
 from llmft.data.prepare.tokenizing_preferences import tokenize_preferences
 from llmft.data.readers.records import DataError
@@ -66,12 +69,14 @@ def write_length_histogram(path: Path, lengths_by_split: dict[str, list[int]], m
     return True
 
 
-def prepare(cfg) -> dict:
-    """Prepare cfg.data for cfg.model into data.output_dir; returns the report (also in report.json)."""
+def prepare(cfg, overrides: list[str] | None = None) -> dict:
+    """Prepare cfg.data for cfg.model into data.output_dir; returns the report (also in report.json). `overrides`:
+    the command's, recorded in the manifest to say how to prepare again."""
     data_cfg, max_seq_len = cfg.data, cfg.model.max_seq_len
     out_dir = output_dir_of(data_cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     data_format = format_of(data_cfg)
+    record = manifest_record(cfg, overrides)  # the input files as they are before reading them
     tokenizer = None if cfg.model.path is None else tokenizer_for_run(cfg, None)  # (model=tiny: from the texts)
     if tokenizer is not None and data_format not in (*PREFERENCE_FORMATS, DataFormat.mixture) and \
             not prepared_with(out_dir, tokenizer, data_cfg, max_seq_len):
@@ -79,21 +84,24 @@ def prepare(cfg) -> dict:
         read_report, tokenized, conversations_part = read_and_tokenize(data_cfg, tokenizer, max_seq_len, out_dir)
         end_of_turn, _ = end_of_turn_of(tokenizer, data_cfg)
         parts = fingerprint_parts(conversations_part, tokenizer, data_cfg, max_seq_len, end_of_turn)
-        return write_prepared(cfg, out_dir, tokenizer, tokenized, read_report, parts)
+        return write_prepared(cfg, out_dir, tokenizer, tokenized, read_report, parts, record)
 
-    conversations, read_report = read_conversations(data_cfg)
+    conversations, read_report = read_input(data_cfg)
     tokenizer = tokenizer or tokenizer_for_run(cfg, conversations)
     end_of_turn, _ = end_of_turn_of(tokenizer, data_cfg)
     parts = with_mixture_settings(fingerprint_parts(conversations, tokenizer, data_cfg, max_seq_len, end_of_turn),
                                   data_cfg)
     if not isinstance(load_samples(out_dir, parts), str) and prepared_report_path(out_dir).is_file():
+        manifest = json.loads(prepared_manifest_path(out_dir).read_text())
+        if not same_record(manifest, record):  # the same samples: say what they are made from now (a touched file)
+            write_manifest(out_dir, manifest["fingerprint"], manifest["counts"], record)
         return {**json.loads(prepared_report_path(out_dir).read_text()), "reused_prepared": True}
     prepared_manifest_path(out_dir).unlink(missing_ok=True)
     if data_format in PREFERENCE_FORMATS:
         tokenized = tokenize_preferences(conversations, tokenizer, data_cfg, max_seq_len, audit_dir=out_dir)
     else:
         tokenized = tokenize_rows(conversations, tokenizer, data_cfg, max_seq_len, audit_dir=out_dir)
-    return write_prepared(cfg, out_dir, tokenizer, tokenized, read_report, parts)
+    return write_prepared(cfg, out_dir, tokenizer, tokenized, read_report, parts, record)
 
 
 def prepared_with(out_dir: Path, tokenizer, data_cfg, max_seq_len: int) -> bool:
@@ -108,8 +116,9 @@ def prepared_with(out_dir: Path, tokenizer, data_cfg, max_seq_len: int) -> bool:
         fingerprint.get("settings") == settings_fingerprint(data_cfg, max_seq_len)
 
 
-def write_prepared(cfg, out_dir: Path, tokenizer, tokenized, read_report: dict, parts: dict) -> dict:
-    """The dataset, tokenizer, histogram, report and (last) manifest of a `prepare`; returns the report."""
+def write_prepared(cfg, out_dir: Path, tokenizer, tokenized, read_report: dict, parts: dict, record: dict) -> dict:
+    """The dataset, tokenizer, histogram, report and (last) manifest of a `prepare`; returns the report. `record`:
+    what the samples are made from (prepared_source.manifest_record)."""
     data_cfg, max_seq_len = cfg.data, cfg.model.max_seq_len
     counts = tokenized.counts
     if format_of(data_cfg) in PREFERENCE_FORMATS:  # pairs or KTO examples, one a row: no packing
@@ -143,5 +152,5 @@ def write_prepared(cfg, out_dir: Path, tokenizer, tokenized, read_report: dict, 
     if "sources" in read_report:  # a mixture: per source what was read, then what was drawn from it
         report["sources"] = [{**read, **drawn} for read, drawn in zip(read_report["sources"], counts["sources"])]
     prepared_report_path(out_dir).write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    write_manifest(out_dir, parts, counts)
+    write_manifest(out_dir, parts, counts, record)
     return report

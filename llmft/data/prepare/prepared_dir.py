@@ -116,10 +116,12 @@ def save_samples(out_dir: Path, splits: dict[str, Rows] | dict[str, list], sampl
     staging.rename(out_dir / "dataset")
 
 
-def write_manifest(out_dir: Path, parts: dict[str, str], counts: dict) -> None:
+def write_manifest(out_dir: Path, parts: dict[str, str], counts: dict, record: dict | None = None) -> None:
+    """The manifest: the fingerprint, the counts, and `record`, what the samples are made from (data settings, model,
+    command, input files: prepared_source.manifest_record)."""
     manifest = prepared_manifest_path(out_dir)
     staging = manifest.with_name(manifest.name + ".tmp")
-    staging.write_text(json.dumps({"fingerprint": parts, "counts": counts}, indent=2))
+    staging.write_text(json.dumps({"fingerprint": parts, "counts": counts, **(record or {})}, indent=2, ensure_ascii=False))
     staging.rename(manifest)
 
 

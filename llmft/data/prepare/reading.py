@@ -11,7 +11,10 @@ is the same for any number of workers. The readers of each format are in readers
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +34,8 @@ from llmft.data.readers.csv_pairs import read_csv_pairs
 from llmft.data.readers.email_threads import attachment_chars_of, conversations_of, mail_pieces, number_mails, \
     parse_mails, read_email, ticket_pattern_of, with_attachments
 from llmft.data.readers.records import Conversation, DataError, ReadReport, file_size, input_files, \
-    jsonl_chunk_records, jsonl_chunks
-from llmft.data.readers.tickets import StaffRule, read_tickets_jsonl, tickets_of
+    jsonl_chunk_records, jsonl_chunks, skipped_lines
+from llmft.data.readers.tickets import StaffRule, read_tickets_jsonl, staff_rule_hint, tickets_of
 from llmft.data.readers.transcripts import read_transcripts
 
 READERS = {  # data.format -> reader(path, data_cfg, report) -> conversations
@@ -55,6 +58,7 @@ class Cleaning:
     scrubber: Scrubber | None
     staff: StaffRule | None
     ticket_pattern: re.Pattern | None
+    records_only: bool = False  # read the records, clean nothing (`scan_records`)
 
     @classmethod
     def of(cls, data_cfg, data_format: DataFormat) -> Cleaning:
@@ -120,6 +124,8 @@ def read_chunk(state: Cleaning, task: tuple) -> CleanedChunk:
         else:
             raw = tickets_of(records, state.staff, data_cfg, chunk.report) if state.data_format is DataFormat.tickets_jsonl \
                 else chats_of(records, chunk.report)
+        if state.records_only:
+            return chunk
     else:
         raw = task[1]
     chunk.conversations_read = len(raw)
@@ -190,9 +196,10 @@ class ReadTally:
         dropped.update({reason: n for reason, n in self.deduplicator.dropped.items() if n})
         if not self.num_kept:
             reasons = ", ".join(f"{n} {reason}" for reason, n in (dropped + Counter(report.counts)).items()) or "none"
+            staff = staff_rule_hint(self.state.staff, report) if self.state.staff is not None else ""
             raise DataError(
                 f"no usable conversation in {path} ({report.records_read} records read, {len(report.skipped)} bad "
-                f"records skipped{': ' + report.skipped[0] if report.skipped else ''}; dropped: {reasons})."
+                f"records skipped{': ' + report.skipped[0] if report.skipped else ''}; dropped: {reasons}){staff}."
             )
         return {
             "format": self.state.data_format.value,
@@ -206,8 +213,26 @@ class ReadTally:
         }
 
 
-def read_conversations(data_cfg) -> tuple[list[Conversation], dict]:
-    """Clean, scrubbed conversations ready for a chat template, and the report of what was read and dropped.
+def read_conversations(data_cfg, print_skipped: bool = True) -> tuple[list[Conversation], dict]:
+    """Clean, scrubbed conversations ready for a chat template, and the report of what was read and dropped; the bad
+    records skipped, on the console (rank 0's). With data.prepared=DIR, DIR's report, and the conversations read from
+    data.path only if something goes through them (prepared_source.PreparedConversations): training takes DIR's
+    samples and never does."""
+    if getattr(data_cfg, "prepared", None):
+        from llmft.data.prepare.prepared_source import prepared_conversations
+
+        conversations, report = prepared_conversations(data_cfg)
+    else:
+        conversations, report = read_input(data_cfg)
+    if print_skipped and report.get("num_skipped") and os.environ.get("RANK", "0") == "0":
+        print("llmft: " + "\n".join(skipped_lines(report["skipped"], report["num_skipped"],
+                                                  listed_in="report.json, or a run's summary.json")),
+              file=sys.stderr)
+    return conversations, report
+
+
+def read_input(data_cfg) -> tuple[list[Conversation], dict]:
+    """data.path read, cleaned, scrubbed and deduplicated (data.prepared aside), and the report.
 
     Reading, cleaning and scrubbing run on data.num_workers processes, chunk by chunk; dedup and the report take
     the chunks in input order, so the result does not depend on the number of workers."""
@@ -228,12 +253,32 @@ def read_conversations(data_cfg) -> tuple[list[Conversation], dict]:
     return conversations, tally.finish(path)
 
 
+def scan_records(data_cfg) -> None:
+    """Read the records of data.path without cleaning them (data.strict=true at launch): the first bad record raises
+    its DataError here, before a run directory exists. Acronym glossaries are not read (their reader may call an
+    LLM); a mixture's sources are, each."""
+    data_cfg = plain(data_cfg)
+    data_format = format_of(data_cfg)
+    if data_format is DataFormat.mixture:
+        for source in sources_of(data_cfg):
+            scan_records(source.cfg)
+        return
+    if data_format is DataFormat.acronyms:
+        return
+    report = ReadReport(strict=True)
+    state = dataclasses.replace(Cleaning.of(data_cfg, data_format), records_only=True)
+    tasks = read_tasks(state, data_path(data_cfg), report, num_workers_of(data_cfg))
+    for _ in in_order(read_chunk, state, [task for task in tasks if task[0] != "conversations"],
+                      num_workers_of(data_cfg)):
+        pass
+
+
 def read_mixture(data_cfg) -> tuple[list[Conversation], dict]:
     """data.format=mixture: each source read as alone (`read_conversations`), its ids prefixed with its name."""
     conversations, reports = [], []
     sources = sources_of(data_cfg)
     for source in sources:
-        found, report = read_conversations(source.cfg)
+        found, report = read_input(source.cfg)
         conversations += with_source(found, source.name)
         reports.append(report)
     return conversations, merged_read_report(sources, reports)

@@ -1,12 +1,14 @@
-"""The samples a run trains on: from the prepared dataset when its fingerprint matches, else tokenized here.
+"""The samples a run trains on: a prepared folder's (data.prepared), or tokenized here.
 
     conversations, report = read_conversations(cfg.data)                  # text: no tokenizer needed
     tokenizer = tokenizer_for_run(cfg, conversations)                     # model=tiny trains its own on the texts
     splits, counts = build_splits(conversations, tokenizer, cfg.data, cfg.model.max_seq_len)
 
-`python -m llmft.data prepare` and training run this same code. `build_splits` first looks for a prepared
-dataset whose fingerprint matches (`data.prepared`, else `data.output_dir`; prepared_dir.py) and loads it instead of
-tokenizing (tokenizing.py, tokenizing_preferences.py).
+`python -m llmft.data prepare` and training run this same code. With `data.prepared=DIR`, `read_conversations` reads
+nothing but DIR's report, `tokenizer_for_run` (model=tiny) loads DIR's tokenizer and `build_splits` DIR's samples,
+once the settings, input files and tokenizer are checked to be DIR's (prepared_source.py). Otherwise `build_splits`
+loads `data.output_dir`'s samples when their fingerprint matches (prepared_dir.py), or tokenizes (tokenizing.py,
+tokenizing_preferences.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from llmft.data.preferences.dpo_kto import PREFERENCE_FORMATS
 from llmft.data.prepare.data_config import format_of
 from llmft.data.prepare.mixture import with_mixture_settings
 from llmft.data.prepare.prepared_dir import fingerprint_parts, load_samples
+from llmft.data.prepare.prepared_source import prepared_samples
 from llmft.data.prepare.tokenizing import end_of_turn_of, tokenize_rows
 from llmft.data.prepare.tokenizing_preferences import tokenize_preferences
 from llmft.data.tokenize.templating import Sample
@@ -41,12 +44,15 @@ def build_splits(conversations, tokenizer, data_cfg, max_seq_len: int) -> tuple[
     For data.format=preference_jsonl / kto_jsonl: lists of `PreferencePair` / `KtoExample` (preferences/dpo_kto.py), and
     counts["samples"] counts pairs / examples.
 
-    Reuses the prepared dataset when its fingerprint matches; otherwise tokenizes here and says why.
+    data.prepared=DIR: DIR's samples, or a DataError saying what differs (never other data instead). Otherwise reuses
+    data.output_dir when its fingerprint matches, or tokenizes here and says why.
     """
+    if data_cfg.prepared:
+        return prepared_samples(tokenizer, data_cfg, max_seq_len)
     end_of_turn, _ = end_of_turn_of(tokenizer, data_cfg)
     parts = with_mixture_settings(fingerprint_parts(conversations, tokenizer, data_cfg, max_seq_len, end_of_turn),
                                   data_cfg)
-    prepared_dir = data_cfg.prepared or data_cfg.output_dir
+    prepared_dir = data_cfg.output_dir
     if prepared_dir:
         loaded = load_samples(Path(os.path.expandvars(str(prepared_dir))).expanduser(), parts)
         if not isinstance(loaded, str):

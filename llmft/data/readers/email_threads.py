@@ -37,7 +37,7 @@ from typing import Iterator, NamedTuple
 from llmft.data.clean.html_text import html_to_text
 from llmft.data.prepare.workers import ChunkSizes
 from llmft.data.readers.records import Conversation, DataError, ReadReport, input_files, unreadable
-from llmft.data.readers.tickets import StaffRule, parse_address, person_name
+from llmft.data.readers.tickets import StaffRule, parse_address, person_name, sender_domain
 
 _REPLY_PREFIX = re.compile(r"^\s*((re|fwd?|tr|aw|wg|rv|sv|antw)\s*(\[\d+\])?\s*:\s*)+", re.I)
 _MESSAGE_ID = re.compile(r"<[^<>\s]+>")
@@ -484,6 +484,8 @@ def conversations_of(mails: list[Mail], staff: StaffRule, data_cfg, report: Read
             if attachments:
                 message["attachments"] = attachments  # added to the text once it is cleaned (`with_attachments`)
             messages.append(message)
+        report.count_senders([sender_domain(mail.author) for mail in thread],
+                             sum(message["role"] == "assistant" for message in messages))
         subject = _REPLY_PREFIX.sub("", re.sub(data_cfg.email.ticket_id_pattern, "", thread[0].subject, flags=re.I))
         conversation = Conversation(conversation_id, messages, thread[0].where, participants, subject.strip())
         conversations.append((thread[0].order, conversation))

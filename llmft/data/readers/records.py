@@ -51,10 +51,20 @@ class ReadReport:
         self.records_read = 0
         self.skipped: list[str] = []
         self.counts: dict[str, int] = {}  # what readers dropped on purpose (internal notes, auto-replies), by reason
+        # tickets_jsonl and email: the tickets each sender domain wrote in, and the messages the staff rule made
+        # answers (a rule that matches no sender says which domains it saw). Not in the report: only in that error.
+        self.sender_domains: dict[str, int] = {}
+        self.staff_messages = 0
 
     def count(self, reason: str, n: int = 1) -> None:
         if n:
             self.counts[reason] = self.counts.get(reason, 0) + n
+
+    def count_senders(self, domains: list[str], num_staff_messages: int) -> None:
+        """One ticket's senders: the domains of its messages' authors, and how many messages are staff's."""
+        for domain in set(domains):
+            self.sender_domains[domain] = self.sender_domains.get(domain, 0) + 1
+        self.staff_messages += num_staff_messages
 
     def skip(self, where: str, reason: str) -> None:
         if self.strict:
@@ -68,10 +78,28 @@ class ReadReport:
         self.skipped += part.skipped
         for reason, n in part.counts.items():
             self.count(reason, n)
+        for domain, n in part.sender_domains.items():
+            self.sender_domains[domain] = self.sender_domains.get(domain, 0) + n
+        self.staff_messages += part.staff_messages
 
     def as_dict(self) -> dict:
         return {"records_read": self.records_read, "num_skipped": len(self.skipped), "skipped": self.skipped,
                 "reader_dropped": dict(self.counts)}
+
+
+def skipped_lines(skipped: list[str], num_skipped: int | None = None, shown: int = 5,
+                  listed_in: str = "report.json") -> list[str]:
+    """The console's account of the bad records: a heading, the first `shown` as `file:line: reason` in full, and
+    how many more (every one of them is listed in `listed_in`)."""
+    num_skipped = len(skipped) if num_skipped is None else num_skipped
+    if not num_skipped:
+        return []
+    lines = [f"skipped {num_skipped} bad record{'s' if num_skipped > 1 else ''} (data.strict=true stops at the "
+             f"first):"]
+    lines += [f"  {where}" for where in skipped[:shown]]
+    if num_skipped > min(shown, len(skipped)):
+        lines.append(f"  ... and {num_skipped - min(shown, len(skipped))} more (all in {listed_in})")
+    return lines
 
 
 def input_files(path: Path, suffixes: tuple[str, ...]) -> list[Path]:

@@ -29,6 +29,11 @@ class StaffRule:
                 " so llmft knows which messages are the support team's answers."
             )
 
+    def describe(self) -> str:
+        """The rule as the user wrote it, for messages: `data.tickets.staff_domains=[a.org]`."""
+        keys = [("staff_domains", self.domains), ("staff_addresses", sorted(self.addresses))]
+        return " ".join(f"data.tickets.{key}=[{','.join(values)}]" for key, values in keys if values)
+
     def role_of(self, author: str) -> str:
         name, address = parse_address(author)
         address = address.lower()
@@ -43,6 +48,25 @@ class StaffRule:
 @lru_cache(maxsize=65536)
 def parse_address(author: str) -> tuple[str, str]:
     return email.utils.parseaddr(author)
+
+
+def sender_domain(author: str) -> str:
+    """The domain of a From header's address (`hpc.example.fr`), or `(no address)`."""
+    address = parse_address(author)[1].lower()
+    return address.rpartition("@")[2] if "@" in address else "(no address)"
+
+
+def staff_rule_hint(staff: StaffRule, report: ReadReport) -> str:
+    """When the staff rule made no message an answer: the sender domains seen most and the keys that would fix it,
+    as a clause of the "no usable conversation" sentence; "" otherwise."""
+    if report.staff_messages or not report.sender_domains:
+        return ""
+    top = sorted(report.sender_domains.items(), key=lambda item: (-item[1], item[0]))[:5]
+    seen = ", ".join(f"{domain} ({n} ticket{'s' if n > 1 else ''})" for domain, n in top)
+    example = next((domain for domain, _ in top if domain != "(no address)"), "support.example.org")
+    return (f"; the staff rule {staff.describe()} matched no sender, and the senders' domains found in most tickets "
+            f"are {seen}: set data.tickets.staff_domains=[{example}] if that is the support team's domain (or list "
+            f"its members in data.tickets.staff_addresses=[...])")
 
 
 def person_name(author: str) -> str | None:
@@ -93,7 +117,8 @@ def _ticket(record: object, staff: StaffRule, tickets_cfg) -> tuple[str, str, li
         name = person_name(author)
         if name and name not in participants:
             participants.append(name)
-        messages.append({"role": staff.role_of(author), "content": body, "author": name or ""})
+        messages.append({"role": staff.role_of(author), "content": body, "author": name or "",
+                         "from": author})
     return str(record["id"]), subject.strip(), messages, participants, num_internal
 
 
@@ -111,5 +136,7 @@ def tickets_of(records, staff: StaffRule, data_cfg, report: ReadReport) -> list[
             report.skip(where, str(error))
         else:
             report.count("internal_notes", num_internal)
+            report.count_senders([sender_domain(message.pop("from")) for message in messages],
+                                 sum(message["role"] == "assistant" for message in messages))
             conversations.append(Conversation(ticket_id, messages, where, participants, subject))
     return conversations

@@ -82,7 +82,13 @@ def load_tokenizer(model_path: str, fallback_chat_template: str | None):
 
 def tokenizer_for_run(cfg, conversations):
     """The run's tokenizer: the model's, or for model=tiny a BPE trained on these conversations' texts (preference
-    records: their prompts and every completion, rejected ones included)."""
+    records: their prompts and every completion, rejected ones included), or the one data.prepared=DIR was made with."""
+    if cfg.model.path is None and cfg.data.prepared:  # (build_splits checks it is the one DIR's samples were made with)
+        from pathlib import Path
+
+        from llmft.data.prepare.prepared_source import prepared_dir_of
+
+        return load_tokenizer(str(Path(prepared_dir_of(cfg.data)) / "tokenizer"), None)
     if cfg.model.path is None:
         return train_tiny_tokenizer(training_texts(conversations), cfg.model.tiny.vocab_size)
     return load_tokenizer(cfg.model.path, cfg.model.fallback_chat_template)

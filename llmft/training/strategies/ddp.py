@@ -15,7 +15,7 @@ class DDPStrategy(SingleStrategy):
     broadcasts_from_rank0 = True  # DistributedDataParallel broadcasts rank 0's parameters and buffers when it wraps
 
     def wrap(self, model, trainable, lr_lambda):
-        device_ids = [self.topology.local_rank] if self.topology.device_type == "cuda" else None
+        device_ids = [self.topology.device] if self.topology.device_type == "cuda" else None
         self.ddp_model = DistributedDataParallel(model, device_ids=device_ids)
         super().wrap(model, trainable, lr_lambda)  # self.model: the unwrapped model, for checkpoints and export
         return self.ddp_model

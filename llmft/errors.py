@@ -86,5 +86,14 @@ def closed_pipe_ends_quietly(main: Callable[[], int | None]) -> int:
 
 def missing_extra(package: str, extra: str, what: str) -> UserError:
     """The error for an optional dependency that is not installed, naming the pip command that installs it."""
-    return UserError(f"{what} needs {package}, which is not installed: pip install 'llmft[{extra}]' "
-                     f"(from a clone: pip install -e '.[{extra}]').")
+    return missing_extras([(package, extra, what)])
+
+
+def missing_extras(needs: list[tuple[str, str, str]]) -> UserError:
+    """One error for every optional dependency a command needs and lacks, so that one pip command installs them all:
+    `needs` holds (package, extra, what needs it), e.g. ("deepspeed", "deepspeed", "parallelism=zero3")."""
+    clauses = [f"{what} needs {package}" for package, _, what in needs]
+    said = clauses[0] if len(clauses) == 1 else f"{', '.join(clauses[:-1])} and {clauses[-1]}"
+    extras = ",".join(dict.fromkeys(extra for _, extra, _ in needs))
+    return UserError(f"{said}, which {'is' if len(needs) == 1 else 'are'} not installed: pip install "
+                     f"'llmft[{extras}]' (from a clone: pip install -e '.[{extras}]').")

@@ -22,7 +22,7 @@ from llmft.config.families import EAGER_ATTENTION_ONLY, NO_POSITION_IDS, model_f
 from llmft.config.known_models import known_model_of_folder
 from llmft.config.data_schema import DataFormat
 from llmft.config.schema import DpoLoss, EvalConfig, LlmftConfig, LossHead, ObjectiveKind, Parallelism, PeftMethod
-from llmft.errors import ConfigError, missing_extra
+from llmft.errors import ConfigError, missing_extras
 
 DTYPES = ("float32", "bfloat16", "float16")
 QUANT_TYPES = ("nf4", "fp4")
@@ -325,40 +325,51 @@ DEEPSPEED_STRATEGIES = (Parallelism.zero2, Parallelism.zero3, Parallelism.zero3_
 
 def check_installed(cfg: DictConfig, local: bool) -> None:
     """The optional packages this run needs, and a GPU where one is needed and the run is on this machine: one
-    sentence naming the pip command, before a run directory is created."""
+    sentence naming every missing package and the one pip command that installs them, before a run directory is
+    created."""
     strategy = cfg.parallelism.strategy
+    missing = []  # (package, extra, what needs it)
     if strategy in DEEPSPEED_STRATEGIES and find_spec("deepspeed") is None:
-        raise missing_extra("deepspeed", "deepspeed", f"parallelism={strategy.value}")
+        missing.append(("deepspeed", "deepspeed", f"parallelism={strategy.value}"))
     if cfg.peft.method is PeftMethod.qlora:
         if local and not Path("/proc/driver/nvidia/version").exists():
             raise ConfigError("peft=qlora needs a CUDA GPU (bitsandbytes 4-bit) and this machine has none: use "
                               "peft=lora here, or submit to a GPU cluster with +cluster=NAME.")
         if find_spec("bitsandbytes") is None:
-            raise missing_extra("bitsandbytes", "qlora", "peft=qlora")
+            missing.append(("bitsandbytes", "qlora", "peft=qlora"))
     if cfg.train.loss_head is LossHead.liger:
         if local and not Path("/proc/driver/nvidia/version").exists():
             raise ConfigError("train.loss_head=liger needs a CUDA GPU (Triton kernels) and this machine has none: use "
                               "train.loss_head=auto (the chunked loss here, Liger on GPUs where it is installed).")
         if find_spec("liger_kernel") is None:
-            raise missing_extra("liger-kernel", "liger", "train.loss_head=liger")
+            missing.append(("liger-kernel", "liger", "train.loss_head=liger"))
     if cfg.eval.after_train:
-        check_eval_runtime(check_eval(cfg.eval, check_paths=False), judge_env=False)
+        missing += missing_eval_packages(check_eval(cfg.eval, check_paths=False), "eval.after_train=true")
     if cfg.train.mlflow:
-        missing = [name for module, name in (("mlflow", "mlflow-skinny"), ("sqlalchemy", "sqlalchemy"),
-                                             ("alembic", "alembic")) if find_spec(module) is None]
-        if missing:  # sqlalchemy and alembic: the default store, RUNS_ROOT/mlflow.db (SQLite)
-            raise missing_extra(" and ".join(missing), "mlflow", "train.mlflow=true")
+        # sqlalchemy and alembic: the default store, RUNS_ROOT/mlflow.db (SQLite)
+        names = [name for module, name in (("mlflow", "mlflow-skinny"), ("sqlalchemy", "sqlalchemy"),
+                                           ("alembic", "alembic")) if find_spec(module) is None]
+        if names:
+            missing.append((" and ".join(names), "mlflow", "train.mlflow=true"))
+    if missing:
+        raise missing_extras(missing)
+
+
+def missing_eval_packages(settings: EvalConfig, what: str = "llmft.eval") -> list[tuple[str, str, str]]:
+    """What the evaluation needs and is not installed, as (packages, extra, what needs them)."""
+    names = [name for module, name in (("rouge_score", "rouge-score"), ("sacrebleu", "sacrebleu"))
+             if find_spec(module) is None]
+    model = settings.embedding_model
+    if model and model.lower() != "off" and find_spec("sentence_transformers") is None:
+        names.append("sentence-transformers")  # eval.embedding_model
+    return [(" and ".join(names), "eval", what)] if names else []
 
 
 def check_eval_runtime(settings: EvalConfig, judge_env: bool = True) -> None:
     """What the evaluation needs installed, and a judge that can be asked (env vars filled in by then)."""
-    missing = [name for module, name in (("rouge_score", "rouge-score"), ("sacrebleu", "sacrebleu"))
-               if find_spec(module) is None]
+    missing = missing_eval_packages(settings)
     if missing:
-        raise missing_extra(" and ".join(missing), "eval", "llmft.eval")
-    model = settings.embedding_model
-    if model and model.lower() != "off" and find_spec("sentence_transformers") is None:
-        raise missing_extra("sentence-transformers", "eval", "eval.embedding_model")
+        raise missing_extras(missing)
     if judge_env and settings.judge_url and not settings.judge_model:
         raise ConfigError("eval.judge_url is set but not eval.judge_model: name the model the endpoint serves "
                           "(eval.judge_model=NAME or LLMFT_JUDGE_MODEL).")

@@ -1,6 +1,7 @@
-"""python -m llmft.export run=RUN_DIR out=DIR [merge=true | format=gguf] [push=ORG/NAME]: a run's adapter for stock
+"""python -m llmft.export run=RUN_DIR [out=DIR] [merge=true | format=gguf] [push=ORG/NAME]: a run's adapter for stock
 PEFT and vLLM, one merged model for any tool that reads Hugging Face folders, or one GGUF file for llama.cpp and
-Ollama; checked before anything is written. push=ORG/NAME adds a model card and uploads the export to the Hub."""
+Ollama; checked before anything is written. out= defaults to RUN_DIR/export/<adapter|merged|gguf>. push=ORG/NAME adds
+a model card and uploads the export to the Hub."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from llmft.serve.inference import base_model_dir, is_adapter_run, run_config, ru
 from llmft.training.final import ExportError, check_adapter
 
 
-USAGE = ("python -m llmft.export run=RUN_DIR out=DIR [merge=true | format=gguf [gguf.dtype=f16|bf16|q8_0|f32]] "
+USAGE = ("python -m llmft.export run=RUN_DIR [out=DIR] [merge=true | format=gguf [gguf.dtype=f16|bf16|q8_0|f32]] "
          "[push=ORG/NAME [private=true] [license=ID]] [base=DIR] [dtype=float32|bfloat16|float16]")
 
 # What the merged model is checked on: conversations rendered with the run's chat template.
@@ -40,7 +41,7 @@ class GGUFArgs:
 @dataclass
 class ExportArgs:
     run: Optional[str] = None
-    out: Optional[str] = None  # the folder to create (new or empty); with push=, default RUN_DIR/export/<kind>
+    out: Optional[str] = None  # the folder to create (new or empty); default RUN_DIR/export/<adapter|merged|gguf>
     merge: bool = False  # true: one merged model instead of the adapter alone
     format: str = "hf"  # hf: Hugging Face folders (adapter or merge=true); gguf: one GGUF file, merged
     gguf: GGUFArgs = field(default_factory=GGUFArgs)
@@ -295,20 +296,32 @@ def is_export_of(out: Path, run_dir: Path) -> bool:
     return record.is_file() and json.loads(record.read_text()).get("run_dir") == str(run_dir)
 
 
+HELP = f"""
+usage: {USAGE}
+
+merge=false (default): the adapter alone, for stock PEFT or vLLM --enable-lora.
+merge=true: base + adapter merged into one model, checked against base + adapter.
+format=gguf: the merged model as one GGUF file for llama.cpp and Ollama (with a Modelfile), read back and checked
+  (needs the gguf extra: pip install 'llmft[gguf]').
+push=ORG/NAME: a model card beside the export, uploaded to the Hugging Face Hub (offline: the command to upload it
+  from a login node).
+out=DIR: a new or empty folder; default RUN_DIR/export/adapter, RUN_DIR/export/merged or RUN_DIR/export/gguf.
+
+Examples:
+  python -m llmft.export run=RUN_DIR                                  # the adapter, in RUN_DIR/export/adapter
+  python -m llmft.export run=RUN_DIR format=gguf                      # RUN_DIR/export/gguf/model.gguf
+  python -m llmft.export run=RUN_DIR out=$WORK/models/tickets-merged merge=true
+  python -m llmft.export run=RUN_DIR push=my-lab/tickets-lora
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_command(export, argv, f"usage: {USAGE}\n\nmerge=false (default): the adapter alone, for stock PEFT or "
-                                     "vLLM --enable-lora.\nmerge=true: base + adapter merged into one model, checked "
-                                     "against base + adapter.\nformat=gguf: the merged model as one GGUF file for "
-                                     "llama.cpp and Ollama (with a Modelfile), read back and checked.\npush=ORG/NAME: "
-                                     "a model card beside the export, uploaded to the Hugging Face Hub (offline: the "
-                                     "command to upload it from a login node).")
+    return run_command(export, argv, HELP)
 
 
 def export(argv: list[str]) -> int:
     args = parse_arguments(argv, ExportArgs, USAGE)
     run_dir = run_directory(args.run, USAGE)
-    if not args.out and not args.push:
-        raise UsageError(f"say where to write: {USAGE}")
     if args.dtype not in (None, "float32", "bfloat16", "float16"):
         raise UsageError(f"dtype={args.dtype} must be float32, bfloat16 or float16.")
     if args.format not in ("hf", "gguf"):
@@ -320,6 +333,9 @@ def export(argv: list[str]) -> int:
     cfg = run_config(run_dir)
     os.umask(int(str(cfg.umask), 8))  # a model trained on private tickets is no more readable than its run
     out = Path(os.path.expandvars(args.out)).expanduser().resolve() if args.out else default_out(run_dir, args)
+    if not args.out and not (args.push and is_export_of(out, run_dir)) and out.exists() and any(out.iterdir()):
+        raise UsageError(f"{out} holds an earlier export of this run: remove it (rm -r {out}) or give another folder "
+                         f"with out=DIR.")
     if args.push and is_export_of(out, run_dir):
         print(f"export: {out} already holds an export of this run; sharing it as it is")
     elif args.format == "gguf":

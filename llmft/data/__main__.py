@@ -6,6 +6,13 @@
 
 Options: --cfg (print the resolved data config and stop); inspect: --num N (3), --split NAME (train), --no-color.
 Overrides are Hydra's, as for `python -m llmft.launch`: data=tickets_sample data.output_dir=$WORK/tickets-v1 ...
+
+Examples:
+  python -m llmft.data prepare data=tickets_sample_jsonl data.output_dir=$WORK/tickets-v1
+  python -m llmft.data prepare data=tickets data.format=email data.path=export.mbox \\
+      data.tickets.staff_domains=support.example.org model=mistral_7b data.output_dir=$WORK/tickets-v1
+  python -m llmft.data inspect data=tickets_sample_jsonl data.prepared=$WORK/tickets-v1 --num 2
+  python -m llmft.data from-eval RUN_DIR out=pairs.jsonl kto_out=kto.jsonl
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import sys
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from llmft.config.compose import compose
+from llmft.config.compose import compose, config_help
 from llmft.config.validation import validate
 from llmft.data.preferences.dpo_kto import summary_line
 from llmft.data.readers.records import skipped_lines
@@ -59,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="python -m llmft.data", usage=USAGE, add_help=True)
+    parser = argparse.ArgumentParser(prog="python -m llmft.data", usage=USAGE, add_help=True,
+                                     description=__doc__.split("\n\n", 1)[1].strip(), epilog=config_help(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["prepare", "inspect", "from-eval"])
     parser.add_argument("--cfg", action="store_true", help="print the resolved data config and stop")
     parser.add_argument("--num", type=int, default=3, help="inspect: how many samples")

@@ -19,7 +19,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from llmft.config.compose import CONF_DIR, error_chain, one_line_error, register_configs, typed_config
+from llmft.config.compose import (CONF_DIR, bracket_lists, config_help, error_chain, one_line_error, register_configs,
+                                  typed_config)
 from llmft.config.schema import Parallelism
 from llmft.config.validation import (check_installed, check_resume_strategy, grad_accum_keeping_global_batch,
                                      requested_world_size, settle_parallelism, validate, world_size_keys)
@@ -34,6 +35,25 @@ from llmft.rundir.lifetime import die_with_parent
 
 register_configs()
 
+HELP = """
+usage: python -m llmft.launch [group=option ...] [group.key=value ...] [-m] [--cfg job] [--hydra-help]
+
+Compose conf/ with the overrides, check everything (one sentence per mistake, before anything exists), create the run
+directory, then train in this process (no +cluster: a local run) or submit to SLURM (+cluster=NAME) and return.
+It prints `run dir: PATH` last.
+
+Examples:
+  python -m llmft.launch                                        # the demo: tiny model, bundled tickets, LoRA
+  python -m llmft.launch data=chat_jsonl data.path=my.jsonl train.lr=1e-4 peft.r=8
+  python -m llmft.launch model=llama3_2_1b model.path=/models/Llama-3.2-1B-Instruct train.max_steps=200
+  python -m llmft.launch +cluster=jeanzay cluster.account=abc model=llama7b    # submit (plan first: llmft.plan)
+  python -m llmft.launch -m train.lr=1e-4,2e-4 peft.r=8,16      # a grid sweep, 4 runs: python -m llmft.runs
+  python -m llmft.launch resume=RUN_DIR                         # continue a stopped run
+  python -m llmft.launch --cfg job model=llama7b                # print the composed config and exit
+
+Hydra's flags: --cfg job|hydra|all, -m (a sweep: key=a,b or hydra/sweeper=optuna), --info, --hydra-help (Hydra's
+own help). More: README.md, docs/configuration.md, docs/sweeps-and-tracking.md.
+"""
 
 _hydra_stderr = io.StringIO()
 _task_started = False
@@ -278,8 +298,12 @@ def _main() -> None:
     # composes; if it exits before our task starts, print the error as one line instead.
     # With HYDRA_FULL_ERROR=1 a bug in llmft shows its traceback; composition errors are caught here.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):  # llmft's own; Hydra's is --hydra-help
+        print(f"{HELP.strip()}\n\n{config_help()}")
+        return
     try:
-        sys.argv[1:] = sweep.sweep_argv(with_saved_cluster(sys.argv[1:]))  # plugins installed, a trial fails alone
+        # the sweep's plugins installed, a trial fails alone; a list key's bare value (a.org or a.org,b.org) a list
+        sys.argv[1:] = bracket_lists(sweep.sweep_argv(with_saved_cluster(sys.argv[1:])))
     except UserError as error:
         sys.exit(report(error))
     with contextlib.redirect_stderr(_hydra_stderr):

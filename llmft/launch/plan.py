@@ -1,7 +1,12 @@
-"""python -m llmft.plan [overrides]: what a launch would do, without doing it.
+"""python -m llmft.plan [group=option ...] [group.key=value ...]: what a launch would do, without doing it.
 
-Prints the resolved resources and the exact sbatch script `llmft.launch` would submit with the same overrides.
+Takes the overrides of `python -m llmft.launch` and prints the resources, parameters, memory per GPU with the verdict
+(fits or not, and what to change), FLOPs, GPU-hours and requeues, and the exact sbatch script launch would submit.
 Submits nothing, creates nothing but a scratch folder for submitit's renderer. Imports no torch.
+
+    python -m llmft.plan model=llama3_8b +cluster=jeanzay cluster.account=abc
+    python -m llmft.plan +cluster=jeanzay cluster.gpu=h100 cluster.nodes=2 model=llama3_8b peft=full parallelism=fsdp
+    python -m llmft.plan model=smollm2_135m                      # a local run: parameters and memory
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from llmft.config.compose import compose
+from llmft.config.compose import compose, config_help
 from llmft.config.validation import model_path_problem, settle_parallelism, validate
 from llmft.errors import run_command
 from llmft.launch import slurm
@@ -115,7 +120,7 @@ def describe(cfg: DictConfig) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(plan, argv, __doc__)
+    return run_command(plan, argv, f"{__doc__.strip()}\n\n{config_help()}")
 
 
 def plan(overrides: list[str]) -> int:

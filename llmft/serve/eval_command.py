@@ -5,16 +5,17 @@
     python -m llmft.eval run=RUN_DIR eval.file=questions.jsonl eval.judge_url=http://node12:8000/v1 eval.judge_model=M
 
 Writes RUN_DIR/eval/report.json and report.md (expected phrase found, answer loss, ROUGE-L, BLEU, embedding
-similarity, LLM judge; every answer).
-The keys and their defaults are `EvalConfig` in llmft/config/schema.py; the work is `run_eval` in
-llmft/serve/evaluation.py.
+similarity, LLM judge; every answer). Needs the eval extra: pip install 'llmft[eval]'.
+The keys, their defaults and meanings are `EvalConfig` in llmft/config/schema.py (docs/configuration.md); the run's
+own `eval` keys are the defaults. The work is `run_eval` in llmft/serve/evaluation.py.
 """
 
 from __future__ import annotations
 
 import sys
+import textwrap
 
-from llmft.config.arguments import UsageError, parse_arguments
+from llmft.config.arguments import UsageError, parse_arguments, valid_keys
 from llmft.errors import run_command
 from llmft.serve.evaluation import EvalArgs, metric_rows, run_eval
 
@@ -22,7 +23,8 @@ USAGE = "python -m llmft.eval run=RUN_DIR [eval.KEY=VALUE ...]"
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(evaluate_run, argv, __doc__)
+    keys = textwrap.fill(" ".join(valid_keys(EvalArgs)), 118, initial_indent="  ", subsequent_indent="  ")
+    return run_command(evaluate_run, argv, f"{__doc__.strip()}\n\nKeys (key=value):\n{keys}")
 
 
 def evaluate_run(argv: list[str]) -> int:

@@ -159,6 +159,7 @@ DIRECT: dict[str, Direct] = {
     "python -m llmft.launch data=chat_jsonl data.path=my_conversations.jsonl":
         Direct(append="launch.prepare_only=true", files={"my_conversations.jsonl": "tickets_sample.jsonl"}),
     "python -m llmft.launch train.warmup_step=3": Direct(returncode=2),
+    "python -m llmft.launch train.learning_rate=1e-4": Direct(returncode=2),
     "python -m llmft.launch train.lr=abc": Direct(returncode=2),
     "python -m llmft.data prepare data=transcript data.path=$WORK/tickets/ data.output_dir=$WORK/transcripts-v1":
         Direct(prints=["report"], files={"work/tickets/course.md": "transcripts_sample.md"}),

@@ -323,6 +323,30 @@ def check_eval(eval_cfg, check_paths: bool = True) -> EvalConfig:
 DEEPSPEED_STRATEGIES = (Parallelism.zero2, Parallelism.zero3, Parallelism.zero3_offload)
 
 
+# ZeRO-3 with frozen parameters (LoRA's base) and activation checkpointing fails in backward before this release
+# ("CheckpointError ... saved [N] vs recomputed [0]": the recompute found the frozen weights partitioned again;
+# DeepSpeed PR 8148, in 0.19.3). A site's module may ship an older one.
+ZERO3_FROZEN_CHECKPOINTING_FIXED = (0, 19, 3)
+
+
+def check_deepspeed_release(cfg: DictConfig) -> None:
+    """Refuse, in one sentence, a DeepSpeed release known to fail with this run's settings."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    zero3 = cfg.parallelism.strategy in (Parallelism.zero3, Parallelism.zero3_offload)
+    if not (zero3 and cfg.peft.method is not PeftMethod.full and cfg.train.activation_checkpointing):
+        return
+    try:
+        installed = version("deepspeed")
+    except PackageNotFoundError:
+        return
+    release = tuple(int(part) for part in re.findall(r"\d+", installed)[:3])
+    if release < ZERO3_FROZEN_CHECKPOINTING_FIXED:
+        raise ConfigError(f"deepspeed {installed} fails in backward with parallelism={cfg.parallelism.strategy.value}, "
+                          f"peft={cfg.peft.method.value} and train.activation_checkpointing=true (fixed in 0.19.3): "
+                          f"pip install 'deepspeed>=0.19.3', or set train.activation_checkpointing=false.")
+
+
 def check_installed(cfg: DictConfig, local: bool) -> None:
     """The optional packages this run needs, and a GPU where one is needed and the run is on this machine: one
     sentence naming every missing package and the one pip command that installs them, before a run directory is
@@ -331,6 +355,8 @@ def check_installed(cfg: DictConfig, local: bool) -> None:
     missing = []  # (package, extra, what needs it)
     if strategy in DEEPSPEED_STRATEGIES and find_spec("deepspeed") is None:
         missing.append(("deepspeed", "deepspeed", f"parallelism={strategy.value}"))
+    elif strategy in DEEPSPEED_STRATEGIES:
+        check_deepspeed_release(cfg)
     if cfg.peft.method is PeftMethod.qlora:
         if local and not Path("/proc/driver/nvidia/version").exists():
             raise ConfigError("peft=qlora needs a CUDA GPU (bitsandbytes 4-bit) and this machine has none: use "

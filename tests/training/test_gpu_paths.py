@@ -170,3 +170,28 @@ def test_a_whole_model_is_written_shard_by_shard_and_reloads(tmp_path):
     ids = torch.tensor([[5, 17, 42, 99, 7]])
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("installed, overrides, refused", [
+    ("0.19.2", ["parallelism=zero3", "train.activation_checkpointing=true"], True),
+    ("0.18.9", ["parallelism=zero3_offload", "train.activation_checkpointing=true"], True),
+    ("0.19.3", ["parallelism=zero3", "train.activation_checkpointing=true"], False),  # the fixed release
+    ("0.19.2", ["parallelism=zero3", "train.activation_checkpointing=false"], False),
+    ("0.19.2", ["parallelism=zero3", "train.activation_checkpointing=true", "peft=full"], False),  # nothing frozen
+    ("0.16.0", ["parallelism=zero2", "train.activation_checkpointing=true"], False),  # parameters not partitioned
+])
+def test_a_deepspeed_release_that_fails_zero3_lora_with_checkpointing_is_refused(monkeypatch, installed, overrides,
+                                                                               refused):
+    import importlib.metadata
+
+    from llmft.config.compose import typed_config
+    from llmft.config.validation import check_installed
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: installed if name == "deepspeed" else "1.0")
+    cfg = typed_config(compose(overrides))
+    if refused:
+        with pytest.raises(ConfigError, match=rf"deepspeed {installed} fails in backward .* pip install "
+                                              r"'deepspeed>=0.19.3', or set train.activation_checkpointing=false"):
+            check_installed(cfg, local=False)
+    else:
+        check_installed(cfg, local=False)

@@ -29,6 +29,7 @@ from llmft.launch import slurm, sweep
 from llmft.rundir import checkpoints, lock
 from llmft.rundir.create import apply_umask
 from llmft.rundir.create import create as create_run_dir
+from llmft.rundir.create import new_run_dir
 from llmft.rundir.files import mark_failed, read_config, read_summary, record_job, record_resume, write_config
 from llmft.rundir.layout import checkpoints_dir, final_dir, is_run_dir, logs_dir, summary_path
 from llmft.rundir.lifetime import die_with_parent
@@ -97,7 +98,13 @@ def prepare_run(cfg: DictConfig) -> tuple[DictConfig, Path]:
     if cfg.cluster is not None:
         slurm.resolve(cfg)  # every resource check before anything is created or submitted
     if run_dir is None:
-        return cfg, create_run_dir(cfg)  # takes the lock before writing anything into an existing folder
+        swept = sweep.swept_values()  # a job of a sweep (-m): its run directory's name says its values
+        if swept and not cfg.run_dir:
+            cfg.run_dir = str(sweep.job_run_dir(new_run_dir(cfg), swept))
+        run_dir = create_run_dir(cfg)  # takes the lock before writing anything into an existing folder
+        if swept:
+            sweep.record_job(run_dir, swept)
+        return cfg, run_dir
     apply_umask(cfg)  # the run's umask for everything the resumed run writes, as when it was created
     lock.acquire(run_dir)
     write_config(cfg, run_dir)

@@ -1,9 +1,15 @@
-"""python -m llmft.runs [ROOT]: the runs under the runs root, one line each.
-python -m llmft.runs show RUN: one run's summary, and its loss curve as RUN/loss.png.
-python -m llmft.runs sweep DIR: one Optuna sweep (RUNS_ROOT/multirun/<date-time>): every trial, its value and run.
+"""python -m llmft.runs [ROOT | runs_root=DIR]: the runs under the runs root, one line each, then the sweeps.
+python -m llmft.runs show RUN_DIR: one run's summary, and its loss curve as RUN_DIR/loss.png.
+python -m llmft.runs sweep DIR: one sweep (RUNS_ROOT/multirun/<date-time>, a grid of `-m` or an Optuna search): its
+runs side by side, with the values each took, final loss, best and final validation loss and wall time.
 
-Each run's status comes from `llmft.rundir.status` (SLURM while a job is pending or running, else the run directory).
-No torch here.
+    python -m llmft.runs                                      # every run under runs_root (default ./runs)
+    python -m llmft.runs $SCRATCH/llmft/runs                  # another runs root
+    python -m llmft.runs show runs/20261207-101500-tiny-lora
+    python -m llmft.runs sweep runs/multirun/20261207-101500
+
+A run of a sweep shows the values it took (`lr=0.0001,r=8`, also in its directory's name). Each run's status comes
+from `llmft.rundir.status` (SLURM while a job is pending or running, else the run directory). No torch here.
 """
 
 from __future__ import annotations
@@ -15,22 +21,27 @@ from pathlib import Path
 from llmft.config.compose import compose
 from llmft.errors import run_command
 from llmft.launch import sweep
-from llmft.rundir.files import read_metrics
+from llmft.rundir.files import read_metrics, read_provenance
 from llmft.rundir.layout import is_run_dir, metrics_path, summary_path
 from llmft.rundir.status import RunStatus, run_status
 
 
-def format_table(rows: list[RunStatus]) -> str:
+def format_table(rows: list[RunStatus], swept: dict[str, str] | None = None) -> str:
+    """One line per run; `swept`: the values a run of a sweep took, by run name (a last column)."""
     def number(value, digits=4):
         return "-" if value is None else f"{value:.{digits}g}"
 
-    header = f"{'run':40} {'status':11} {'jobs':12} {'requeues':>8} {'step':>11} {'loss':>8} {'val_loss':>8} {'tok/s':>8}"
+    swept = swept or {}
+    width = min(72, max([40] + [len(row.name) for row in rows]))  # a sweep's run names hold their values
+    header = (f"{'run':{width}} {'status':11} {'jobs':12} {'requeues':>8} {'step':>11} {'loss':>8} {'val_loss':>8} "
+              f"{'tok/s':>8}" + ("  swept" if swept else ""))
     lines = [header]
     for row in rows:
         jobs, total = ",".join(row.job_ids) or "-", "?" if row.total_steps is None else row.total_steps
-        lines.append(f"{row.name[:40]:40} {row.status[:11]:11} {jobs[:12]:12} {row.requeues:>8} "
+        lines.append(f"{row.name[:width]:{width}} {row.status[:11]:11} {jobs[:12]:12} {row.requeues:>8} "
                      f"{str(row.step) + '/' + str(total):>11} {number(row.loss):>8} "
-                     f"{number(row.val_loss):>8} {number(row.tokens_per_s, 3):>8}")
+                     f"{number(row.val_loss):>8} {number(row.tokens_per_s, 3):>8}"
+                     + (f"  {swept.get(row.name, '')}" if swept else ""))
         if row.rewards:
             lines.append("  rewards: " + " ".join(f"{k}={v:.4g}" for k, v in row.rewards.items()))
         if row.status == "failed" and row.error:  # why, on the line below: the reason is what one acts on
@@ -41,10 +52,12 @@ def format_table(rows: list[RunStatus]) -> str:
 def list_runs(root: Path) -> str:
     run_dirs = sorted((p for p in root.iterdir() if is_run_dir(p)), key=lambda p: p.name) \
         if root.is_dir() else []
-    sweeps = sweep.find_sweeps(root)  # Optuna sweeps: RUNS_ROOT/multirun/<date-time>
+    sweeps = sweep.find_sweeps(root)  # grids and Optuna searches: RUNS_ROOT/multirun/<date-time>
     if not run_dirs and not sweeps:
         return f"no run under {root}"
-    table = format_table([run_status(d) for d in run_dirs]) if run_dirs else f"no run under {root}"
+    swept = {d.name: sweep.values_label(read_provenance(d)["sweep"]["values"]) for d in run_dirs
+             if read_provenance(d).get("sweep")}
+    table = format_table([run_status(d) for d in run_dirs], swept) if run_dirs else f"no run under {root}"
     if sweeps:
         table += ("\n\nsweeps (python -m llmft.runs sweep DIR):\n"
                   + sweep.format_sweeps([sweep.read_sweep(path) for path in sweeps]))

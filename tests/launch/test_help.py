@@ -46,6 +46,7 @@ def test_launch_help_has_examples_and_hydras_help_is_one_flag_away():
     ("eval", ["eval.max_new_tokens", "eval.judge_url", "pip install 'llmft[eval]'"]),
     ("export", ["RUN_DIR/export/gguf", "format=gguf", "pip install 'llmft[gguf]'"]),
     ("chat", ["max_new_tokens", "prompt"]),
+    ("runs", ["python -m llmft.runs sweep", "final loss, best and final validation loss and wall time"]),
 ])
 def test_the_other_commands_name_their_keys_and_examples(module, says):
     result = run_llmft(module, "--help", timeout=120)

@@ -261,6 +261,13 @@ TESTED: dict[str, tuple[str, list[str]]] = {
     "python -m llmft.runs sweep runs/multirun/20261201-101500":
         ("tests/launch/test_sweep.py::test_a_sweep_still_running_is_read_from_its_trial_files",
          ['runs.main(["sweep", str(sweep_dir)])', '"20261201-101500"']),
+    # docs/sweeps-and-tracking.md, a grid: runs named after their values, compared side by side
+    "python -m llmft.launch -m train.lr=1e-3,2e-3 peft.r=4 train.max_steps=2":
+        ("tests/launch/test_grid_sweep.py::test_a_local_grid_names_each_run_after_its_values_and_compares_them",
+         ['"-m", "train.lr=1e-3,2e-3", "peft.r=4"', '"train.max_steps=2"']),
+    "python -m llmft.runs sweep runs/multirun/20261207-070025":
+        ("tests/launch/test_grid_sweep.py::test_a_local_grid_names_each_run_after_its_values_and_compares_them",
+         ['runs.main(["sweep", str(sweep_dir)])']),
     "python -m llmft.export run=RUN_DIR format=gguf":  # no out=: RUN_DIR/export/gguf
         ("tests/serve/test_export_defaults.py::test_an_export_without_out_goes_to_the_run_directory",
          ['export_main([f"run={run_copy}", "format=gguf"])']),

@@ -62,6 +62,7 @@ RUN_ORDER = [
     "cluster/test_slurm.py",
     "training/test_strategy_config.py",
     "launch/test_sweep.py",
+    "launch/test_grid_sweep.py",
     "training/test_train.py",
     "cluster/test_two_nodes.py",
     "project/test_wheel.py",

@@ -157,7 +157,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile each decoder layer (after activation checkpointing, before sharding)
     log_every: int = 10
     eval_every: int = 50
-    save_every: int = 100  # checkpoint every N optimizer steps (0: only at the end)
+    save_every: int = 100  # checkpoint every N optimizer steps, and the last one (0: the last one only)
     keep_last: int = 2  # checkpoints kept (plus the best by validation loss)
     wandb: bool = False  # also log to wandb, offline (pip install wandb)
     # also log to MLflow: $MLFLOW_TRACKING_URI, else RUNS_ROOT/mlflow.db (pip install 'llmft[mlflow]'; training/tracking.py)
@@ -287,6 +287,9 @@ class LlmftConfig:
     runs_root: str = "runs"  # where timestamped run directories are created
     run_dir: Optional[str] = None  # set it to choose the run directory yourself
     resume: Optional[str] = None  # a run directory: continue it with its saved config (locally or on its cluster)
+    # A run directory to start from: its final adapter (LoRA / QLoRA) or weights (full fine-tuning), on its base
+    # model, for any objective (DPO after SFT; the reference is that model). Its model and peft settings come with it.
+    init_from: Optional[str] = None
     umask: str = "027"  # run directories and checkpoints: group-readable, never world-readable
 
 

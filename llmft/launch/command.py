@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import math
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -31,6 +33,7 @@ from llmft.rundir.create import apply_umask
 from llmft.rundir.create import create as create_run_dir
 from llmft.rundir.create import new_run_dir
 from llmft.rundir.files import mark_failed, read_config, read_summary, record_job, record_resume, write_config
+from llmft.rundir.init_from import starting_config
 from llmft.rundir.layout import checkpoints_dir, final_dir, is_run_dir, logs_dir, summary_path
 from llmft.rundir.lifetime import die_with_parent
 
@@ -84,6 +87,11 @@ def prepare_run(cfg: DictConfig) -> tuple[DictConfig, Path]:
     """Every check, then the run directory (created, or the one to resume) with its lock taken."""
     cfg = typed_config(cfg)  # Hydra composed it on the schema; `+group.key=value` additions are refused here
     run_dir = None
+    started_from = ""  # init_from=RUN_DIR: the line that says what this run starts from
+    if cfg.init_from and not cfg.resume:  # another run's final model (llmft/rundir/init_from.py): its model, peft
+        from hydra.core.hydra_config import HydraConfig
+
+        cfg, started_from = starting_config(cfg, list(HydraConfig.get().overrides.task))
     if cfg.resume:
         run_dir = resumable_run_dir(cfg.resume)
         cfg, changes = config_for_resume(run_dir, cfg)
@@ -97,6 +105,8 @@ def prepare_run(cfg: DictConfig) -> tuple[DictConfig, Path]:
     check_installed(cfg, local=cfg.cluster is None)
     if cfg.cluster is not None:
         slurm.resolve(cfg)  # every resource check before anything is created or submitted
+    if started_from:  # every check passed: what the new run starts from
+        print(started_from)
     if run_dir is None:
         swept = sweep.swept_values()  # a job of a sweep (-m): its run directory's name says its values
         if swept and not cfg.run_dir:
@@ -114,6 +124,8 @@ def prepare_run(cfg: DictConfig) -> tuple[DictConfig, Path]:
           f"resume: {run_dir} has no complete checkpoint: training starts over from step 0")
     if changes["line"]:
         print(changes["line"])
+    if changes["extension"]:  # a completed run trained on: how far, and its LR schedule re-planned
+        print(changes["extension"])
     record_resume(run_dir, from_step, changes["changed"])
     return cfg, run_dir
 
@@ -166,8 +178,59 @@ def config_for_resume(run_dir: Path, composed: DictConfig) -> tuple[DictConfig, 
         OmegaConf.update(saved, key, OmegaConf.select(composed, key), merge=False)
     explicit_accum = any(o.lstrip("+~").startswith("train.grad_accum_steps=") for o in overrides)
     changes = keep_global_batch(run_dir, before, saved, explicit_accum)
+    changes["extension"] = longer_run(run_dir, before, saved, overrides) \
+        if read_summary(run_dir).get("status") == "completed" else ""
     saved.resume = str(run_dir)
     return saved, changes
+
+
+def longer_run(run_dir: Path, before: DictConfig, cfg: DictConfig, overrides: list[str]) -> str:
+    """A completed run resumed with more steps (a larger train.max_steps or train.epochs) trains on from its last
+    checkpoint (the loop checkpoints the last step), its LR schedule re-planned over the new length: the line that
+    says so. Without more steps, ConfigError naming the command that gives some. The steps are counted as the loop
+    counts them, from the samples and world size summary.json recorded (the global batch stays the run's)."""
+    summary, run = read_summary(run_dir), f"resume={run_dir}"
+    steps, num_train = summary.get("steps") or 0, summary.get("num_train_samples")
+    latest, _ = checkpoints.find_latest(checkpoints_dir(run_dir))
+    if latest is None:
+        raise ConfigError(f"{run} has completed already and kept no checkpoint to train on from (runs before llmft "
+                          f"checkpointed their last step): start a new run from its final model instead, with "
+                          f"init_from={run_dir}.")
+    if not num_train:  # a summary without the counts: the loop plans the steps
+        return ""
+    global_batch = before.train.micro_batch_size * before.train.grad_accum_steps * (summary.get("world_size") or 1)
+
+    def epoch_steps(epochs: int) -> int:
+        return math.ceil(epochs * num_train / global_batch)
+
+    total = epoch_steps(cfg.train.epochs)
+    total = min(total, cfg.train.max_steps) if cfg.train.max_steps > 0 else total
+    given = [o for o in overrides if o.startswith(("train.max_steps=", "train.epochs="))]
+    if total > steps:
+        from_step = checkpoints.read_manifest(latest)["step"]
+        return (f"resume: {run_dir} had completed {steps} steps; {' '.join(given) or 'its config'} trains it on to "
+                f"step {total} from {latest.name}" + (f" (steps {from_step + 1}-{steps} again)" if from_step < steps
+                                                      else "")
+                + f", its LR schedule re-planned over {total} steps (warmup, then cosine down at step {total}).")
+    max_steps, epochs = cfg.train.max_steps, cfg.train.epochs
+    if any(o.startswith("train.max_steps=") for o in given) and max_steps > steps:
+        target = max_steps
+        ends = f"{epochs} epoch{' ends' if epochs == 1 else 's end'} at step {epoch_steps(epochs)}"
+        why = f"train.max_steps={max_steps} but {ends}"
+    elif any(o.startswith("train.epochs=") for o in given) and epoch_steps(epochs) > steps:
+        target = epoch_steps(epochs)
+        why = f"train.epochs={epochs} but train.max_steps={max_steps} stops it at step {max_steps}"
+    else:
+        target, why = 2 * steps, (f"{' '.join(given)} gives it no more steps" if given else "")
+    fix = [f"train.max_steps={target}"]
+    if epoch_steps(epochs) < target:
+        fix.append(f"train.epochs={math.ceil(target * global_batch / num_train)}")
+    elif any(o.startswith("train.epochs=") for o in given):
+        fix.append(f"train.epochs={epochs}")
+    others = [shlex.quote(o) for o in overrides if not o.startswith(("train.max_steps=", "train.epochs="))]
+    command = " ".join(["python -m llmft.launch", run, *others, *fix])
+    raise ConfigError(f"{run} has completed already ({steps} steps{': ' + why if why else ''}); to train it on: "
+                      f"{command}")
 
 
 def keep_global_batch(run_dir: Path, before: DictConfig, cfg: DictConfig, explicit_accum: bool) -> dict:
@@ -192,7 +255,7 @@ def keep_global_batch(run_dir: Path, before: DictConfig, cfg: DictConfig, explic
         check_resume_strategy(manifest["strategy"], latest.name, cfg, world_size, run)
     changed = {}
     for key in ("launch.nproc", "cluster.nodes", "cluster.gpus_per_node", "cluster.gpu", "train.micro_batch_size",
-                "train.grad_accum_steps", "parallelism.strategy"):
+                "train.grad_accum_steps", "parallelism.strategy", "train.max_steps", "train.epochs"):
         old, new = OmegaConf.select(before, key), OmegaConf.select(cfg, key)
         if old != new:
             changed[key] = [old, new]  # (an enum is written to provenance.json as its name)
@@ -216,8 +279,9 @@ def keep_global_batch(run_dir: Path, before: DictConfig, cfg: DictConfig, explic
 
 def resumable_run_dir(path: str) -> Path:
     run_dir = Path(os.path.expandvars(path)).expanduser().resolve()
-    if read_summary(run_dir).get("status") == "completed":
-        raise ConfigError(f"resume={path}: this run has completed already (see {summary_path(run_dir)}).")
+    if not is_run_dir(run_dir) and read_summary(run_dir).get("status") == "completed":  # (else: longer_run says)
+        raise ConfigError(f"resume={path}: this run has completed already, and {run_dir} holds no config.yaml to "
+                          f"train it on from (see {summary_path(run_dir)}).")
     if not is_run_dir(run_dir):
         raise ConfigError(f"resume={path} does not exist or is not a run directory (no config.yaml): give a run "
                           f"directory created by llmft.launch.")

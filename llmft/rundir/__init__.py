@@ -1,7 +1,8 @@
 """The run directory: the unit of reproducibility, and the one package that spells its file names.
 
     RUN_DIR/config.yaml       the resolved config (re-run with `python -m llmft.train RUN_DIR`)
-    RUN_DIR/provenance.json   llmft version, git commit (and whether the tree was dirty), command, host, time, resumes
+    RUN_DIR/provenance.json   llmft version, git commit (and whether the tree was dirty), command, host, time, resumes,
+                              the run it started from (init_from)
     RUN_DIR/metrics.jsonl     one line per logging step / evaluation
     RUN_DIR/jobs.jsonl        every SLURM job submitted for the run (training and evaluation)
     RUN_DIR/.llmft.lock       the process or job that trains into it (`lock.py`)
@@ -23,6 +24,7 @@
     status.py       a run's status (summary, metrics, SLURM), for `llmft.runs` and the sweeps
     lock.py         one writer per run directory
     checkpoints.py  the checkpoints' layout, manifests and listing (the files inside come from the strategy)
+    init_from.py    a run that starts from another run's final model: the config it takes, the adapter it loads
     lifetime.py     processes that die with their parent (the launcher's torchrun, each rank)
 
 No torch here: the launcher and `llmft.runs` use it on the login node.

@@ -21,6 +21,7 @@ from llmft.config.redact import redact_argv
 from llmft.errors import ConfigError
 from llmft.rundir import lock
 from llmft.rundir.files import write_config, write_provenance
+from llmft.rundir.init_from import origin
 
 
 def new_run_dir(cfg: DictConfig) -> Path:
@@ -73,5 +74,7 @@ def create(cfg: DictConfig) -> Path:
         "python": platform.python_version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if cfg.get("init_from"):  # where the run started: another run's final model (llmft/rundir/init_from.py)
+        provenance["init_from"] = origin(cfg)
     write_provenance(run_dir, provenance)
     return run_dir

@@ -40,6 +40,11 @@ def final_dir(run_dir: Path | str) -> Path:
     return Path(run_dir) / "final"
 
 
+def final_adapter_path(run_dir: Path | str) -> Path:
+    """LoRA / QLoRA: the final adapter's weights (PEFT's file name; its adapter_config.json is beside it)."""
+    return final_dir(run_dir) / "adapter_model.safetensors"
+
+
 def tiny_base_dir(run_dir: Path | str) -> Path:
     """model=tiny: the random-weight base model the adapter applies to."""
     return Path(run_dir) / "base_model"

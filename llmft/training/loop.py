@@ -41,6 +41,7 @@ from llmft.data.tokenize.tokenizer import load_tokenizer, tokenizer_for_run
 from llmft.errors import UserError, report
 from llmft.rundir import checkpoints, lock
 from llmft.rundir.files import read_config, write_summary as write_summary_file
+from llmft.rundir.init_from import starting_adapter
 from llmft.rundir.layout import checkpoints_dir, metrics_path
 from llmft.rundir.lifetime import die_with_parent
 from llmft.config.compose import to_container
@@ -157,11 +158,10 @@ class Trainer:
                                                  self.strategy.partitions_parameters)
         self.log(f"model: {self.num_params:,} parameters, {self.num_trainable:,} trainable; loss head: "
                  f"{self.loss_head}")
+        if starting_adapter(self.cfg) is not None:
+            self.log(f"model: the LoRA starts from the final adapter of {self.cfg.init_from} (init_from)")
         self.micro_batch_across_ranks = tcfg.micro_batch_size * topology.world_size
-        samples_per_step = self.micro_batch_across_ranks * tcfg.grad_accum_steps
-        self.total_steps = math.ceil(tcfg.epochs * len(self.train_samples) / samples_per_step)
-        if tcfg.max_steps > 0:
-            self.total_steps = min(self.total_steps, tcfg.max_steps)
+        self.total_steps = self.plan_steps(self.micro_batch_across_ranks * tcfg.grad_accum_steps)
         self.peft_model = model  # the PEFT (or HF) model, for export; `self.model` is the wrapped one
         self.model = self.strategy.wrap(
             model, [p for p in model.parameters() if p.requires_grad],
@@ -179,6 +179,22 @@ class Trainer:
         self.memory = MemoryMeter(self.device)
         self.objective = objectives.build(self.cfg, self.peft_model, self.tokenizer.pad_token_id, self.bf16,
                                           self.flatten, self.all_reduce, self.loss_head, self.device)
+
+    def plan_steps(self, samples_per_step: int) -> int:
+        """The run's optimizer steps: as many as train.epochs take, capped by train.max_steps; a cap from the epochs
+        that stops the run before train.max_steps is said, with the train.epochs that would reach it."""
+        tcfg = self.tcfg
+        num_train = len(self.train_samples)
+        epoch_steps = math.ceil(tcfg.epochs * num_train / samples_per_step)
+        if tcfg.max_steps <= 0:
+            return epoch_steps
+        if 0 < epoch_steps < tcfg.max_steps:
+            epochs = f"{tcfg.epochs} epoch{' ends' if tcfg.epochs == 1 else 's end'}"
+            reach = math.ceil(tcfg.max_steps * samples_per_step / num_train)
+            self.log(f"train.max_steps={tcfg.max_steps} but {epochs} at step {epoch_steps} ({num_train} samples, "
+                     f"{samples_per_step} a step): stopping there; raise train.epochs (train.epochs={reach} reaches "
+                     f"step {tcfg.max_steps}).")
+        return min(epoch_steps, tcfg.max_steps)
 
     # ------------------------------------------------------------------------------------------------ the loop
 
@@ -202,7 +218,8 @@ class Trainer:
                     self.log_metrics(metrics)
                 if step % self.tcfg.eval_every == 0 or last:
                     self.validate(metrics)
-                saved = self.tcfg.save_every > 0 and step % self.tcfg.save_every == 0 and not last
+                # the last step too: a completed run trains on from it (resume= with a larger train.max_steps)
+                saved = last or (self.tcfg.save_every > 0 and step % self.tcfg.save_every == 0)
                 if saved:
                     self.save_checkpoint()
                 stop_signal = stop.agreed()
@@ -313,7 +330,8 @@ class Trainer:
 
         # a checkpoint is ranked by the validation loss of its own step, never by an older one
         own_val_loss = self.progress.val_loss if self.progress.val_loss_step == state.step else None
-        meta = {"world_size": self.topology.world_size, "strategy": self.strategy.name, "val_loss": own_val_loss}
+        meta = {"world_size": self.topology.world_size, "strategy": self.strategy.name, "val_loss": own_val_loss,
+                "total_steps": self.total_steps}  # the steps its LR schedule was planned for
         path = checkpoints.save(checkpoints_dir(self.run_dir), state.step, write, meta, self.tcfg.keep_last,
                                barrier=self.topology.barrier, is_main=self.topology.is_main,
                                gather=self.topology.gather, rank=self.topology.rank)
@@ -330,7 +348,8 @@ class Trainer:
             self.log(f"checkpoint: ignoring incomplete {folder}")
         if latest is None:
             return
-        saved_world_size = checkpoints.read_manifest(latest)["world_size"]
+        manifest = checkpoints.read_manifest(latest)
+        saved_world_size = manifest["world_size"]
         own = latest / f"state_rank{self.topology.rank}.pt"  # a rank the checkpoint did not have starts from rank 0's
         saved = torch.load(own if own.exists() else latest / "state_rank0.pt", weights_only=False)
         samples_per_step = self.micro_batch_across_ranks * self.tcfg.grad_accum_steps
@@ -346,6 +365,11 @@ class Trainer:
         self.state = TrainState(step=saved["step"], samples_consumed=saved["samples_consumed"])
         self.log(f"resume: from {latest} (step {self.state.step}, saved with world size {saved_world_size}"
                  + (f", now {self.topology.world_size}" if saved_world_size != self.topology.world_size else "") + ")")
+        planned = manifest.get("total_steps")  # (checkpoints older than this record: not known)
+        if planned is not None and planned != self.total_steps:  # the strategy re-planned the LR at load: say so
+            self.log(f"resume: the LR schedule is re-planned over {self.total_steps} steps instead of {planned} "
+                     f"(warmup {self.tcfg.warmup_steps}, then cosine to {self.tcfg.min_lr_ratio} x train.lr): step "
+                     f"{self.state.step + 1} trains at lr {self.strategy.lr():.3g}")
 
     def stop_at_signal(self, stop_signal: int, saved: bool) -> None:
         if not saved:
@@ -385,6 +409,7 @@ class Trainer:
             "wall_time_s": time.time() - self.started,
             "final_dir": str(final_dir),
             "base_model_path": str(self.base_model_path),
+            "init_from": self.cfg.init_from,  # the run whose final model this one started from (or None)
         }
         if self.topology.is_main:
             write_summary(self.run_dir, summary, self.tracking)

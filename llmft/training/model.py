@@ -1,7 +1,8 @@
 """The model of a run, from nothing to ready to wrap: `load_model` applies the fixed order
 
     load (built for model=tiny; on the meta device for FSDP2; under the strategy's loading context, which for ZeRO-3
-    partitions while loading) -> PEFT -> seeded LoRA init -> activation checkpointing -> compile -> device
+    partitions while loading) -> PEFT -> LoRA init (seeded, or the adapter of the run it starts from: init_from)
+    -> activation checkpointing -> compile -> device
 
 and the strategy then shards or replicates it (`Strategy.wrap`). Every model-specific case (the tiny model, QLoRA's
 4-bit load, the meta skeleton and its shards read from safetensors) lives here, not in the loop.
@@ -15,6 +16,7 @@ from pathlib import Path
 from llmft.config.families import FIXED_MLP_RATIO, MULTI_HEAD_ONLY, ModelFamily, family_of, mla_dims, size_key
 from llmft.config.schema import PeftMethod
 from llmft.errors import ConfigError, missing_extra
+from llmft.rundir.init_from import starting_adapter
 
 
 # Each family's transformers classes (config, causal LM), for model=tiny and the tests' models of published shapes.
@@ -386,6 +388,51 @@ def init_lora_weights(model, seed: int, local_rows=whole_rows) -> None:
             local.copy_(full[start:end].to(local.dtype))
 
 
+def load_adapter_weights(model, adapter_file: Path, local_rows=whole_rows) -> None:
+    """Another run's LoRA adapter (init_from) as this run's starting point, trained on: each LoRA parameter
+    (`...q_proj.lora_A.default.weight`) filled from the file's tensor of its module under PEFT's saved name
+    (`...q_proj.lora_A.weight`), only the rows `local_rows(param)` names (as in `load_weights`). Every LoRA parameter
+    must find its tensor, of its shape, and every tensor its parameter: ConfigError in one sentence otherwise (the
+    launcher checks the same from the configs, llmft/rundir/init_from.py; this catches a file changed since)."""
+    import re
+
+    import torch
+    from safetensors.torch import load_file
+
+    if not Path(adapter_file).is_file():
+        raise ConfigError(f"init_from: {adapter_file} is gone since the launch: put the run's final adapter back, or "
+                          f"start a new run.")
+    saved = load_file(str(adapter_file))
+    used = set()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" not in name:
+                continue
+            key = re.sub(r"\.(lora_[A-Za-z]+)\.[^.]+\.weight$", r".\1.weight", name)  # without the adapter's name
+            if key not in saved or tuple(saved[key].shape) != tuple(param.shape):
+                found = f"has {key} of shape {tuple(saved[key].shape)}" if key in saved else f"has no {key}"
+                raise ConfigError(f"init_from: {adapter_file} {found}, which this run's LoRA needs of shape "
+                                  f"{tuple(param.shape)}: start from an adapter of the same peft.r and targets.")
+            local, start, end = local_rows(param)
+            local.copy_(saved[key][start:end].to(local.dtype))
+            used.add(key)
+    unused = sorted(set(saved) - used)
+    if unused:
+        more = f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""
+        raise ConfigError(f"init_from: {adapter_file} holds {unused[0]}{more} that this run's LoRA has no place for: "
+                          f"start from an adapter of the same targets.")
+
+
+def init_lora(model, cfg, local_rows=whole_rows) -> None:
+    """The LoRA's starting values: another run's final adapter with init_from (`starting_adapter`), else seeded
+    (`init_lora_weights`). Nothing for full fine-tuning."""
+    adapter = starting_adapter(cfg)
+    if adapter is not None:
+        load_adapter_weights(model, adapter, local_rows)
+    else:
+        init_lora_weights(model, cfg.train.seed, local_rows)
+
+
 def allocate(model, device) -> None:
     """Memory for a skeleton built on meta, on `device`, values left undefined; the computed buffers (rotary
     tables), real since `build_on_meta`, are kept."""
@@ -442,7 +489,7 @@ def load_model(cfg, strategy, tokenizer, run_dir: Path, topology) -> tuple:
         if topology.is_main:  # the other ranks get these values when the strategy wraps
             load_weights(model, base_model_path)
     if not any(p.is_meta for p in model.parameters()):
-        init_lora_weights(model, cfg.train.seed)  # seeded by name: the same LoRA start for every strategy
+        init_lora(model, cfg)  # seeded by name (the same LoRA start for every strategy), or init_from's adapter
     if cfg.train.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # PEFT and transformers' checkpointing make the embeddings' output require grad (what reentrant checkpointing

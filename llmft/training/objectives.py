@@ -11,7 +11,8 @@ token-mean), pairs for DPO, examples for KTO (the example-mean TRL takes), so ev
 gives the loss of the whole global batch.
 
 The reference model of DPO and KTO is the model before this run: with LoRA / QLoRA the same model with its adapter
-disabled (no second copy in memory); with full fine-tuning (or `objective.precompute_reference=true`), its sequence
+disabled (no second copy in memory); with full fine-tuning, a LoRA that starts from another run's adapter (init_from:
+disabling it would give that run's base, not its model) or `objective.precompute_reference=true`, its sequence
 log-probabilities computed once before the first step and stored in the run directory (`reference_logps.pt`), so a
 resume finds them. The log-probability of a completion is the sum over its supervised tokens (the completion and its
 end-of-turn token), as in TRL's DPOTrainer; tests/training/test_preference_tuning.py checks the loss and LoRA
@@ -35,6 +36,7 @@ from llmft.config.validation import precomputes_reference
 from llmft.data.tokenize.batching import collate
 from llmft.data.tokenize.templating import IGNORE_INDEX
 from llmft.errors import UserError
+from llmft.rundir.init_from import starting_adapter
 from llmft.rundir.layout import reference_logps_path
 from llmft.training.loss import supervised_token_losses, token_losses, with_loss_index
 
@@ -114,7 +116,7 @@ class _Preference:
         self.beta = float(objective_cfg.beta)
         self.peft_model = peft_model  # unwrapped: the reference forward needs no gradient reduction
         self.pad_token_id, self.bf16, self.all_reduce = pad_token_id, bf16, all_reduce
-        self.uses_adapter = uses_adapter
+        self.uses_adapter = uses_adapter  # the reference is this model with its adapter disabled
         self.reference_table: dict[str, torch.Tensor] | None = None  # split -> [items, rows per item]
 
     # ---------------------------------------------------------------------------------------------- batches
@@ -180,11 +182,11 @@ class _Preference:
                 log(f"reference: log-probabilities read from {path}")
                 return
             if started and not self.uses_adapter:
-                raise UserError(f"{path} was computed on other data and the reference model is gone (full "
-                                f"fine-tuning has trained past it): start a new run.")
+                raise UserError(f"{path} was computed on other data and the reference model is gone (training "
+                                f"has moved past the model it started from): start a new run.")
         if started and not self.uses_adapter:
-            raise UserError(f"{path} is missing and the reference model is gone (full fine-tuning has trained past "
-                            f"it): start a new run.")
+            raise UserError(f"{path} is missing and the reference model is gone (training has moved "
+                            f"past the model it started from): start a new run.")
         was_training = self.peft_model.training
         self.peft_model.eval()
         table = {}
@@ -322,8 +324,13 @@ def build(cfg, peft_model, pad_token_id: int, bf16: bool, flatten: bool, all_red
     if kind is ObjectiveKind.sft:
         return SupervisedFineTuning(pad_token_id, bf16, flatten)
     cls = DirectPreferenceOptimization if kind is ObjectiveKind.dpo else KahnemanTverskyOptimization
-    return cls(cfg.objective, peft_model, pad_token_id, bf16, all_reduce, cfg.peft.method is not PeftMethod.full,
-               loss_head != "full_logits", device, precomputes_reference(cfg))
+    # The reference is the model the run starts from. A LoRA that starts from another run's adapter (init_from) is
+    # that model only before the first step, and disabling it would give the base: its log-probabilities are
+    # computed then, with the adapter on, as for full fine-tuning.
+    from_adapter = starting_adapter(cfg) is not None
+    return cls(cfg.objective, peft_model, pad_token_id, bf16, all_reduce,
+               cfg.peft.method is not PeftMethod.full and not from_adapter, loss_head != "full_logits", device,
+               precomputes_reference(cfg) or from_adapter)
 
 
 def data_fingerprint(splits: dict[str, list]) -> str:

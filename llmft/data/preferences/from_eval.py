@@ -13,8 +13,9 @@ A `partially correct` answer goes to neither file: half right is neither an answ
 away, and a KTO label is a plain yes or no. An answer without a verdict (the judge failed on it) is skipped, and
 so is a correct answer cut at eval.max_new_tokens (as a desirable completion it would teach stopping mid-sentence).
 Every record keeps the example's id (the ticket) behind the prefix `eval:`, so the records of one ticket stay in
-one split (see ID_PREFIX). Naming neither file writes both,
-as RUN_DIR/eval/preferences.jsonl and RUN_DIR/eval/kto.jsonl; naming one writes that one.
+one split (see ID_PREFIX). Naming neither file writes both, as RUN_DIR/eval/preferences.jsonl and
+RUN_DIR/eval/kto.jsonl; naming one writes that one. For each file written it prints the whole command that trains on
+it from the evaluated run (`init_from=RUN_DIR`: DPO after SFT starts from the SFT model, which is also its reference).
 
 This module reads the report's JSON and imports nothing from llmft.serve (data sits below serve).
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,6 +167,22 @@ def from_eval(argv: list[str], log=print) -> Converted:
             detail = f": {desirable} desirable, {len(records) - desirable} undesirable" + (
                 f" ({converted.cut_correct} correct answers cut at max_new_tokens left out)"
                 if converted.cut_correct else "")
-        log(f"wrote {len(records)} {what} to {target_path}{detail}; train on them with "
-            f"data.format={data_format.value} data.path={target_path}")
+        log(f"wrote {len(records)} {what} to {target_path}{detail}; "
+            f"{training_command(run if is_run_dir(run) else run_dir, data_format, target_path)}")
     return converted
+
+
+def training_command(run_dir: Path, data_format: DataFormat, path: Path) -> str:
+    """How to train on the written file: the whole command, starting from the evaluated run (init_from: its adapter
+    or weights, on its model, so DPO's reference is that model), on its cluster when it ran on one. Without a run
+    directory (a report given alone), the keys to add."""
+    objective = "dpo" if data_format is DataFormat.preference_jsonl else "kto"
+    data = [f"objective={objective}", f"data={data_format.value}", f"data.path={shlex.quote(str(path.resolve()))}"]
+    if not is_run_dir(run_dir):
+        return f"train on them with {' '.join(data)} init_from=RUN_DIR (the run that was evaluated)"
+    cfg = read_config(run_dir)
+    model = [] if cfg.model.name == "tiny" else [f"model={cfg.model.name}"]  # tiny: the default
+    cluster = [] if cfg.cluster is None else [f"+cluster={cfg.cluster.name}", f"cluster.gpu={cfg.cluster.gpu}"] + \
+        ([f"cluster.account={shlex.quote(cfg.cluster.account)}"] if cfg.cluster.account else [])
+    command = ["python -m llmft.launch", *model, *data, f"init_from={shlex.quote(str(run_dir.resolve()))}", *cluster]
+    return f"train on them from this run with: {' '.join(command)}"

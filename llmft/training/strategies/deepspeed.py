@@ -27,6 +27,7 @@ import torch
 from llmft.config.schema import Parallelism, PeftMethod
 from llmft.rundir import checkpoints
 from llmft.rundir.checkpoints import CheckpointError
+from llmft.training.strategies.single import replan_lr
 
 CHECKPOINT_TAG = "deepspeed"
 UNIVERSAL_TAG = "universal"  # step_<N>/universal/: the universal form of step_<N>/deepspeed/, made on demand
@@ -171,6 +172,7 @@ class DeepSpeedStrategy:
             self.engine._config.load_universal_checkpoint = False
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {folder / tag}")
+        replan_lr(self.engine.lr_scheduler)
 
     def sharding_report(self) -> dict:
         """ZeRO-3 parameters carry `ds_tensor` (this rank's partition) and `ds_numel` (the full size)."""

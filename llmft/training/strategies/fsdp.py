@@ -24,8 +24,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from llmft.config.schema import Parallelism, PeftMethod
 from llmft.config.validation import hsdp_mesh_shape
-from llmft.training.model import allocate, decoder_layers, init_lora_weights, load_weights
-from llmft.training.strategies.single import SingleStrategy
+from llmft.training.model import allocate, decoder_layers, init_lora, load_weights
+from llmft.training.strategies.single import SingleStrategy, replan_lr
 
 
 def rows_of_rank(num_rows: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -108,7 +108,7 @@ class FSDPStrategy(SingleStrategy):
         """Allocate this rank's shards of a model built on meta, and fill them from the safetensors files."""
         allocate(model, self.topology.device)
         load_weights(model, Path(self.cfg.model.path), local_rows=shard_rows)
-        init_lora_weights(model, self.cfg.train.seed, local_rows=shard_rows)
+        init_lora(model, self.cfg, local_rows=shard_rows)  # seeded, or the adapter of init_from
 
     def no_gradient_sync(self):
         return _no_gradient_sync(self.model)
@@ -137,6 +137,7 @@ class FSDPStrategy(SingleStrategy):
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"], options=self._options(strict=False))
         self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False)["scheduler"])
+        replan_lr(self.scheduler)
 
     def sharding_report(self) -> dict:
         from torch.distributed.tensor import DTensor

@@ -89,6 +89,7 @@ class SingleStrategy:
         state = torch.load(folder / "optimizer.pt", weights_only=False, map_location=self.topology.device)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        replan_lr(self.scheduler)
 
     def sharding_report(self) -> dict:
         """How many parameter elements this rank holds, against the model's total (a full replica here)."""
@@ -100,3 +101,13 @@ class SingleStrategy:
         if self.topology.is_main:
             for name, param in self._trainable_named().items():
                 yield name, param.detach().cpu()
+
+
+def replan_lr(scheduler) -> None:
+    """After a checkpoint's LR schedule state is loaded: the next step's learning rate from this run's schedule (its
+    lr_lambda), which plans another number of steps when a resume changes train.max_steps or train.epochs (a
+    completed run trained on). LambdaLR's own formula: bitwise the loaded value when the schedule is the same."""
+    lrs = [base_lr * lmbda(scheduler.last_epoch) for lmbda, base_lr in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs

@@ -98,7 +98,7 @@ def prepare_run(cfg: DictConfig) -> tuple[DictConfig, Path]:
     else:  # data.prepared=DIR alone: DIR's own data settings; data.strict=true: the records read now (a bad one stops)
         from hydra.core.hydra_config import HydraConfig
 
-        from llmft.data.prepare.prepared_source import data_for_launch
+        from llmft.data.prepare.at_launch import data_for_launch
 
         cfg = data_for_launch(cfg, list(HydraConfig.get().overrides.task))
     validate(cfg)

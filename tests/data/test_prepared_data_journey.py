@@ -25,7 +25,7 @@ from llmft.config.compose import SAMPLES_DIR, compose
 from llmft.config.validation import validate
 from llmft.data.prepare import prepared_source, reading
 from llmft.data.prepare.command import prepare
-from llmft.data.prepare.prepared_source import data_for_launch
+from llmft.data.prepare.at_launch import data_for_launch
 from llmft.data.prepare.reading import read_conversations, read_input
 from llmft.data.prepare.samples_for_run import build_splits
 from llmft.data.prepare.tokenizing import tokenize_rows

@@ -7,7 +7,7 @@
     command   prepare's overrides, to say how to prepare again
     inputs    each input file's path, size, modification time and SHA-256
 
-At launch, before the run directory exists (`data_for_launch`), `data.prepared=DIR` alone takes DIR's data settings
+At launch, before the run directory exists (`prepared_for_launch`, called by at_launch.data_for_launch), `data.prepared=DIR` alone takes DIR's data settings
 (the saved config.yaml records them); data settings given with it must agree with them, and so must the model and
 its max_seq_len; the input files must be those DIR was made from. Each refusal is one sentence with the command that
 prepares again. A rank then loads DIR's samples and tokenizer and never reads the input (`read_conversations`,
@@ -287,21 +287,6 @@ def prepared_dir_of(data_cfg) -> Path:
     return Path(absolute(data_cfg.prepared))
 
 
-def data_for_launch(cfg, overrides: list[str]):
-    """The run's config with its data settled before the run directory exists: with data.prepared=DIR, DIR's own data
-    settings when none are given (else they must agree), its model and inputs checked, and what it holds printed;
-    with data.strict=true, the records read once here, so a bad one stops the launch. DataError otherwise."""
-    if cfg.data.prepared:
-        return prepared_for_launch(cfg, overrides)
-    if cfg.data.strict:
-        from llmft.config.validation import validate
-        from llmft.data.prepare.reading import scan_records
-
-        validate(cfg)  # (the scan needs a complete data config; the launcher validates again, as for any run)
-        scan_records(cfg.data)
-    return cfg
-
-
 def prepared_for_launch(cfg, overrides: list[str]):
     prepared_dir = prepared_dir_of(cfg.data)
     manifest = read_manifest(prepared_dir)
@@ -348,15 +333,14 @@ class PreparedConversations(Sequence):
     held-out split). Training takes DIR's samples and tokenizer (`build_splits`, `tokenizer_for_run`) and never
     does."""
 
-    def __init__(self, data_cfg, prepared_dir: Path, num_conversations: int):
+    def __init__(self, data_cfg, prepared_dir: Path, num_conversations: int, read_input):
         self.data_cfg, self.prepared_dir, self.num_conversations = data_cfg, prepared_dir, num_conversations
+        self.read_input = read_input  # reading.read_input, given by its caller (reading imports this module)
         self._read: list | None = None
 
     def conversations(self) -> list:
         if self._read is None:
-            from llmft.data.prepare.reading import read_input
-
-            self._read, _ = read_input(self.data_cfg)
+            self._read, _ = self.read_input(self.data_cfg)
         return self._read
 
     def __len__(self) -> int:
@@ -369,15 +353,16 @@ class PreparedConversations(Sequence):
         return iter(self.conversations())
 
 
-def prepared_conversations(data_cfg) -> tuple[PreparedConversations, dict]:
-    """`read_conversations` on data.prepared=DIR: the conversations (read only if asked) and DIR's read report."""
+def prepared_conversations(data_cfg, read_input) -> tuple[PreparedConversations, dict]:
+    """`read_conversations` on data.prepared=DIR: the conversations (read by `read_input` only if asked) and DIR's read
+    report."""
     prepared_dir = prepared_dir_of(data_cfg)
     read_manifest(prepared_dir)
     report = read_report(prepared_dir)
     check_strict(data_cfg, report, prepared_dir)
     kept = {key: value for key, value in report.items()
             if key not in ("files", "fingerprint", "reused_prepared", "output_dir")}
-    return PreparedConversations(data_cfg, prepared_dir, int(report.get("num_conversations") or 0)), kept
+    return PreparedConversations(data_cfg, prepared_dir, int(report.get("num_conversations") or 0), read_input), kept
 
 
 def prepared_samples(tokenizer, data_cfg, max_seq_len: int):

@@ -221,7 +221,7 @@ def read_conversations(data_cfg, print_skipped: bool = True) -> tuple[list[Conve
     if getattr(data_cfg, "prepared", None):
         from llmft.data.prepare.prepared_source import prepared_conversations
 
-        conversations, report = prepared_conversations(data_cfg)
+        conversations, report = prepared_conversations(data_cfg, read_input)
     else:
         conversations, report = read_input(data_cfg)
     if print_skipped and report.get("num_skipped") and os.environ.get("RANK", "0") == "0":

@@ -71,9 +71,10 @@ class CsvConfig:
 @dataclass
 class AcronymsConfig:
     conversations_per_acronym: int = 4  # distinct synthetic conversations generated for each acronym
-    # by_phrasing also holds out `held_out_phrasings` other questions per acronym (single question and answer), and
-    # a glossary entry with "control": true is never trained, whatever the split: what the model guesses unaided.
+    # What is held out. A glossary entry with "control": true is never trained, whatever the split: its questions
+    # are held out, to show what the model guesses unaided.
     split: AcronymSplit = AcronymSplit.by_acronym
+    # by_phrasing: questions held out per taught acronym (single exchanges, in phrasings training does not use for it)
     held_out_phrasings: int = 2
     # Optional: an OpenAI-compatible endpoint writes the conversations instead of the templates. Never required:
     # when it fails, the templates are used and the report counts the failures.

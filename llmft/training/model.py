@@ -124,7 +124,7 @@ def weights_dtype(model_cfg, peft_cfg) -> str:
     return model_cfg.dtype
 
 
-def load_pretrained_model(model_cfg, peft_cfg=None, local_rank: int = 0):
+def load_pretrained_model(model_cfg, peft_cfg=None, gpu_index: int = 0):
     """A local Hugging Face folder, read with `local_files_only` (compute nodes are offline)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -141,7 +141,7 @@ def load_pretrained_model(model_cfg, peft_cfg=None, local_rank: int = 0):
 
         require_qlora_runtime()
         extra = {"quantization_config": BitsAndBytesConfig(**quantization_kwargs(peft_cfg)),
-                 "device_map": {"": local_rank}}
+                 "device_map": {"": gpu_index}}
     model = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=getattr(torch, weights_dtype(model_cfg, peft_cfg)),
@@ -480,7 +480,7 @@ def load_model(cfg, strategy, tokenizer, run_dir: Path, topology) -> tuple:
         base_model_path = Path(cfg.model.path)
     else:
         with strategy.loading_context():
-            model = load_pretrained_model(cfg.model, cfg.peft, topology.local_rank)
+            model = load_pretrained_model(cfg.model, cfg.peft, topology.device.index or 0)
         base_model_path = Path(cfg.model.path)
     model.config.use_cache = False
     model = apply_peft(model, cfg.peft, cfg.model)

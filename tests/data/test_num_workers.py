@@ -27,6 +27,7 @@ from llmft.data.prepare.one_pass import read_and_tokenize
 from llmft.data.prepare.samples_for_run import build_splits
 from llmft.data.prepare.prepared_dir import conversations_fingerprint
 from llmft.data.prepare.command import prepare
+from llmft.data.prepare.prepared_source import FREE_KEYS
 from llmft.data.readers.records import DataError
 from llmft.data.tokenize.rows import Rows
 from llmft.data.tokenize.templating import IGNORE_INDEX, Sample
@@ -165,9 +166,22 @@ def worker_lines(log: Path) -> set[str]:
 
 
 def prepared_files(overrides: list[str], out_dir: Path) -> dict[str, bytes]:
+    """Every file of the prepared folder, the manifest as what it says of the samples (samples_part)."""
     shutil.rmtree(out_dir, ignore_errors=True)
     prepare(compose(overrides + [f"data.output_dir={out_dir}"]))
-    return {str(p.relative_to(out_dir)): p.read_bytes() for p in sorted(out_dir.rglob("*")) if p.is_file()}
+    files = {str(p.relative_to(out_dir)): p.read_bytes() for p in sorted(out_dir.rglob("*")) if p.is_file()}
+    files["manifest.json"] = samples_part(files["manifest.json"])
+    return files
+
+
+def samples_part(manifest: bytes) -> bytes:
+    """A manifest less what records the command rather than the samples: the command line, the data keys that do
+    not change the samples (data.num_workers, data.output_dir...) and the model's entry (its path)."""
+    record = json.loads(manifest)
+    record.pop("command")
+    record.pop("model")
+    record["data"] = {key: value for key, value in record["data"].items() if key not in FREE_KEYS}
+    return json.dumps(record, indent=2).encode()
 
 
 @pytest.mark.parametrize("name", INPUTS)
@@ -358,6 +372,7 @@ def test_prepare_with_a_model_tokenizer_reads_and_tokenizes_in_one_pass(tmp_path
     monkeypatch.setattr(tokenizing, "tokenize_chunk", spied(tokenizing.tokenize_chunk, log))  # (called by prepare_chunk)
     one_pass = prepared_files(overrides + ["data.num_workers=2", f"model.path={model}"], tmp_path / "one")
     assert worker_lines(log)
+    assert json.loads((tmp_path / "one" / "manifest.json").read_text())["model"]["path"] == str(model.resolve())
     one_pass["report.json"] = one_pass["report.json"].replace(str(tmp_path / "one").encode(),
                                                               str(tmp_path / "tiny").encode())
     assert {f: b for f, b in one_pass.items() if not f.startswith("tokenizer")} == \

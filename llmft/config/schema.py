@@ -165,6 +165,10 @@ class TrainConfig:
     # A collective that waits longer than this fails the run (a dead or stuck rank must not hold the GPUs for hours);
     # also covers rank 0's slow work (saving, the final gather) while the others wait.
     collective_timeout_min: float = 10.0
+    # A rank whose part of a checkpoint (writing, fsync, reading back its checksums) takes longer than this (> 0)
+    # ends the run with one sentence naming the rank, the file and the seconds waited: a stalled file system fails the
+    # job instead of hanging it (docs/checkpoints-and-resuming.md).
+    save_timeout_min: float = 30.0
     seed: int = 0
 
 

@@ -1,5 +1,6 @@
 """python -m llmft.runs [ROOT | runs_root=DIR]: the runs under the runs root, one line each, then the sweeps.
-python -m llmft.runs show RUN_DIR: one run's summary, and its loss curve as RUN_DIR/loss.png.
+python -m llmft.runs show RUN_DIR: one run's summary, its checkpoints and their state (complete and verified against
+their checksums, damaged and why, or a save that did not finish), and its loss curve as RUN_DIR/loss.png.
 python -m llmft.runs sweep DIR: one sweep (RUNS_ROOT/multirun/<date-time>, a grid of `-m` or an Optuna search): its
 runs side by side, with the values each took, final loss, best and final validation loss and wall time.
 
@@ -21,8 +22,9 @@ from pathlib import Path
 from llmft.config.compose import compose
 from llmft.errors import run_command
 from llmft.launch import sweep
+from llmft.rundir import checkpoints
 from llmft.rundir.files import read_metrics, read_provenance
-from llmft.rundir.layout import is_run_dir, metrics_path, summary_path
+from llmft.rundir.layout import checkpoints_dir, is_run_dir, metrics_path, summary_path
 from llmft.rundir.status import RunStatus, run_status
 
 
@@ -95,6 +97,9 @@ def show(run_dir: Path) -> str:
         lines.append(summary_path(run_dir).read_text())  # as written: every key, in its order
     if row.error:
         lines.append(f"error: {row.error}")
+    listed = checkpoints.describe(checkpoints_dir(run_dir))  # the newest read through against its checksums
+    if listed:
+        lines += [f"checkpoints ({checkpoints_dir(run_dir)}):", *(f"  {line}" for line in listed)]
     if metrics_path(run_dir).exists():
         lines.append(f"loss curve: {write_loss_curve(run_dir)}")
     return "\n".join(lines)

@@ -11,6 +11,7 @@ RUN_ORDER = [
     "serve/test_chat_export.py",
     "training/test_checkpoint_agreement.py",
     "training/test_checkpoint_layout.py",
+    "training/test_checkpoint_durability.py",
     "clients/test_openai_compatible.py",
     "launch/test_config.py",
     "launch/test_models_get.py",

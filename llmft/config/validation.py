@@ -440,8 +440,14 @@ LOGIT_SCALING_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling"
 
 def check_loss_head(cfg: DictConfig) -> None:
     """train.loss_head=chunked or liger on a model whose head scales its logits (Gemma 2/3, Cohere): refused here,
-    where `auto` would quietly use full logits."""
+    where `auto` would quietly use full logits; liger for a trainable head under ZeRO-3 too, where `auto` takes the
+    chunked head (loss.install)."""
     head = cfg.train.loss_head
+    if head is LossHead.liger and cfg.peft.method is PeftMethod.full \
+            and cfg.parallelism.strategy in (Parallelism.zero3, Parallelism.zero3_offload):
+        raise ConfigError(f"train.loss_head=liger cannot train the LM head under parallelism="
+                          f"{cfg.parallelism.strategy.value} with peft=full (Liger computes the head's gradient "
+                          f"outside its partitioned module): use train.loss_head=auto or chunked.")
     if head not in (LossHead.chunked, LossHead.liger) or cfg.model.path is None:
         return
     config = json.loads((Path(os.path.expandvars(cfg.model.path)).expanduser() / "config.json").read_text())

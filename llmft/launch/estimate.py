@@ -7,8 +7,9 @@ BLOOM have a plain two-matrix MLP, the others a gated one): no weights are loade
 
 Model-state bytes per parameter follow DeepSpeed's accounting for mixed-precision AdamW, so that full fine-tuning
 matches DeepSpeed's own estimators: 2 (bf16 weights) + 18 (2 bf16 grads + 4 fp32 grads + 4 fp32 master weights +
-8 Adam moments). With LoRA the frozen weights cost only their storage (2 bytes, or ~0.56 in 4 bits for QLoRA) and
-only the adapter (fp32 in PEFT) has gradients and optimizer states: 4 + 4 + 8 = 16 bytes per trainable parameter.
+8 Adam moments). With LoRA the frozen weights cost only their storage (2 bytes; QLoRA: ~0.56 for the layers'
+weights in 4 bits, 4 for the rest, which PEFT upcasts) and only the adapter (fp32 in PEFT) has gradients and
+optimizer states: 4 + 4 + 8 = 16 bytes per trainable parameter.
 """
 
 from __future__ import annotations
@@ -170,13 +171,25 @@ def arch_parameter_counts(arch: Arch, lora_targets: list[str] | None, rank: int)
     return total + lora, lora, largest
 
 
+def quantized_parameters(arch: Arch) -> int:
+    """The weights bitsandbytes stores in 4 bits for QLoRA: the decoder layers' linear projections (not the
+    embeddings, the head, the norms or the biases)."""
+    return arch.num_hidden_layers * sum(i * o for _, i, o in arch.linear_shapes())
+
+
 def model_state_bytes(total: int, trainable: int, largest: int, strategy: Parallelism | str, method: PeftMethod | str,
-                      world: int) -> dict:
+                      world: int, quantized: int = 0) -> dict:
     """Bytes per GPU of weights, gradients and optimizer states (`strategy` settled: not auto; hsdp counts as fsdp
-    within its shard group). The strategy and the method may be given by name."""
+    within its shard group). The strategy and the method may be given by name. `quantized`: for QLoRA, the frozen
+    parameters stored in 4 bits (the decoder layers' linear weights, `quantized_parameters`)."""
     strategy, method = Parallelism(strategy), PeftMethod(method)
     frozen = total - trainable if method is not PeftMethod.full else 0
-    weight_bytes = 0.5625 if method is PeftMethod.qlora else 2.0  # 4 bits + block scales
+    if method is PeftMethod.qlora:
+        # 4 bits + block scales for the layers' linear weights; PEFT's prepare_model_for_kbit_training upcasts every
+        # other frozen weight (embeddings, an untied head, norms) to fp32: 4.2 GB for Llama-3-8B, not 0.6
+        frozen_bytes = 0.5625 * quantized + 4.0 * (frozen - quantized)
+    else:
+        frozen_bytes = 2.0 * frozen
     if method is PeftMethod.full:  # DeepSpeed's estimators, component by component
         if strategy in (Parallelism.single, Parallelism.ddp):
             return {"weights": 2 * total, "gradients_and_optimizer": 18 * total}
@@ -187,7 +200,7 @@ def model_state_bytes(total: int, trainable: int, largest: int, strategy: Parall
             return {"weights": gathered_layer + 2 * total / world, "gradients_and_optimizer": 0.0}
         return {"weights": gathered_layer + 2 * total / world, "gradients_and_optimizer": 16 * total / world}
     sharded = strategy in (Parallelism.fsdp, Parallelism.zero3, Parallelism.zero3_offload)
-    weights = weight_bytes * frozen / (world if sharded else 1) + (2 * largest if sharded else 0)
+    weights = frozen_bytes / (world if sharded else 1) + (2 * largest if sharded else 0)
     adapter = 16 * trainable
     if strategy in (Parallelism.zero2, Parallelism.zero3, Parallelism.fsdp):
         adapter = 4 * trainable + 12 * trainable / world
@@ -267,7 +280,7 @@ def estimate(cfg, world: int, gpu_memory_gb: float | None, ranks_per_node: int |
     strategy = cfg.parallelism.strategy
     if strategy is Parallelism.hsdp:  # FSDP within a shard group, replicas across groups
         strategy, world = Parallelism.fsdp, min(world, cfg.parallelism.shard_size or ranks_per_node or world)
-    memory = model_state_bytes(total, trainable, largest, strategy, method, world)
+    memory = model_state_bytes(total, trainable, largest, strategy, method, world, quantized_parameters(arch))
     # DPO and KTO: two sequences per example (chosen and rejected; the answer and its mismatched KL row)
     sequences = cfg.train.micro_batch_size * (2 if preference_objective(cfg) else 1)
     memory["activations"] = activation_bytes(arch, sequences, cfg.model.max_seq_len,

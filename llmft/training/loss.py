@@ -108,8 +108,15 @@ def install(hf_model, choice: LossHead | str, device_type: str, partitioned: boo
             raise ConfigError(f"train.loss_head={choice.value} is impossible for this model: {reason}; "
                              f"use train.loss_head=auto or full_logits")
         return "full_logits"
-    head = "liger" if choice is LossHead.liger or (choice is LossHead.auto and liger_available(device_type)) \
-        else "chunked"
+    # Liger reads the head's weight outside the head module: under ZeRO-3 a trainable head (full fine-tuning) is then
+    # a partitioned parameter whose gradient has nowhere to go (module_cross_entropy_sum's docstring), so it takes
+    # the chunked head through its module; a frozen head (LoRA) is gathered as an external parameter and is fine.
+    head_in_module = partitioned and any(p.requires_grad for p in hf_model.get_output_embeddings().parameters())
+    if choice is LossHead.liger and head_in_module:
+        raise ConfigError("train.loss_head=liger cannot train the LM head under ZeRO-3 (its gradient would be "
+                          "computed outside the partitioned module): use train.loss_head=auto or chunked")
+    head = "liger" if choice is LossHead.liger or (choice is LossHead.auto and liger_available(device_type)
+                                                    and not head_in_module) else "chunked"
     original_forward = hf_model.forward
 
     def forward(self, *args, labels=None, loss_index=None, token_loss=False, **kwargs):
@@ -265,11 +272,21 @@ class _LinearCrossEntropyTokens(torch.autograd.Function):
         return grad_rows * grad_output.to(grad_rows.dtype)[:, None], None, None, None
 
 
+def frozen_in_rows_dtype(weight, rows):
+    """A frozen head kept in fp32 (QLoRA: PEFT upcasts it) under bf16 autocast, cast to the rows' dtype once for
+    the whole loss: autocast caches the casts of trainable weights only, so each chunk's F.linear and gradient
+    matmul would cast the [vocab, hidden] weight again (1 GB of bf16 for Llama 3's head, per chunk)."""
+    if weight.requires_grad or weight.dtype == rows.dtype or rows.dtype not in (torch.bfloat16, torch.float16):
+        return weight
+    return weight.to(rows.dtype)
+
+
 def linear_cross_entropy_sum(rows, weight, bias, targets) -> torch.Tensor:
     """sum_i CE(rows[i] @ weight.T + bias, targets[i]) in fp32, one chunk of rows at a time."""
     if torch.is_grad_enabled() and (rows.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return _LinearCrossEntropy.apply(rows, weight, bias, targets)
+    weight = frozen_in_rows_dtype(weight, rows)
     total = torch.zeros((), dtype=torch.float32, device=rows.device)
     step = chunk_rows(weight.shape[0])
     for start in range(0, rows.shape[0], step):
@@ -285,6 +302,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, rows, weight, bias, targets):
         needs_rows, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         needs_bias = bias is not None and ctx.needs_input_grad[2]
+        ctx.weight_dtype = weight.dtype
+        if not needs_weight:
+            weight = frozen_in_rows_dtype(weight, rows)
         accumulate = torch.float32 if weight.dtype != torch.float64 else torch.float64
         grad_rows = torch.empty_like(rows) if needs_rows else None
         grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if needs_weight else None
@@ -306,7 +326,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_weight += (grad_logits.t() @ chunk).to(accumulate)
             if needs_bias:
                 grad_bias += grad_logits.sum(0).to(accumulate)
-        ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (grad_rows, grad_weight, grad_bias)))
         ctx.has = (needs_rows, needs_weight, needs_bias)

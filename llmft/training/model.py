@@ -486,6 +486,11 @@ def load_model(cfg, strategy, tokenizer, run_dir: Path, topology) -> tuple:
     model = apply_peft(model, cfg.peft, cfg.model)
     if strategy.broadcasts_from_rank0 and any(p.is_meta for p in model.parameters()):
         allocate(model, topology.device)
+        # to_empty gives each module a Parameter of its own (a meta tensor cannot take a real `.data`): a tied head
+        # and embedding became two tensors, which full fine-tuning would train apart. Tied again before loading.
+        hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if getattr(hf_model.config, "tie_word_embeddings", False):
+            hf_model.tie_weights()
         if topology.is_main:  # the other ranks get these values when the strategy wraps
             load_weights(model, base_model_path)
     if not any(p.is_meta for p in model.parameters()):

@@ -84,3 +84,41 @@ def test_advice_names_a_micro_batch_that_fits_and_keeps_the_samples_per_step():
     assert estimate(cfg, 4, 80).fits
     cfg.train.loss_head = "auto"  # the chunked loss: a larger micro-batch fits than with full logits
     assert largest_micro_batch(cfg, 4, 80) > fitting
+
+
+def test_qlora_counts_the_weights_peft_upcasts_to_fp32():
+    """plan's QLoRA weights against what PEFT's prepare_model_for_kbit_training (which the QLoRA load calls) really
+    leaves: Llama-3-8B built on meta in bf16, its layers' linear weights standing for bitsandbytes' Params4bit (the
+    class name is what PEFT tests), then prepared: every other weight is upcast to fp32 (embeddings, head, norms:
+    about 4.2 GB, where plan counted them at 0.56 bytes)."""
+    import torch
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmft.launch.estimate import quantized_parameters
+
+    class Params4bit(torch.nn.Parameter):  # (bitsandbytes' class, by name)
+        pass
+
+    cfg = compose(["model=llama3_8b", "peft=qlora", "parallelism=single", "model.path=/nowhere"])
+    arch = arch_of(cfg.model)
+    config = AutoConfig.for_model("llama", vocab_size=arch.vocab_size, hidden_size=arch.hidden_size,
+                                  intermediate_size=arch.intermediate_size, num_hidden_layers=arch.num_hidden_layers,
+                                  num_attention_heads=arch.num_attention_heads,
+                                  num_key_value_heads=arch.num_key_value_heads, tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    for layer in model.model.layers:
+        for module in layer.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight = Params4bit(module.weight.data, requires_grad=False)
+    model.is_loaded_in_4bit = True
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    four_bit = sum(p.numel() for p in model.parameters() if type(p).__name__ == "Params4bit")
+    peft_bytes = sum(0.5625 * p.numel() if type(p).__name__ == "Params4bit" else p.numel() * p.element_size()
+                     for p in model.parameters())
+    assert four_bit == quantized_parameters(arch)
+    total, trainable, largest = arch_parameter_counts(arch, None, 16)
+    ours = model_state_bytes(total, 0, largest, "single", "qlora", 1, quantized_parameters(arch))["weights"]
+    assert ours == pytest.approx(peft_bytes, rel=1e-6)
+    assert peft_bytes - 0.5625 * four_bit > 4.2e9  # the fp32 embeddings, head and norms

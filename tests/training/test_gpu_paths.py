@@ -195,3 +195,31 @@ def test_a_deepspeed_release_that_fails_zero3_lora_with_checkpointing_is_refused
             check_installed(cfg, local=False)
     else:
         check_installed(cfg, local=False)
+
+
+def test_liger_is_not_taken_for_a_trainable_head_under_zero3(monkeypatch):
+    """Liger computes the head's gradient outside the head module: under ZeRO-3 a trainable head (full fine-tuning)
+    is partitioned there, so auto takes the chunked head through its module and an explicit liger is refused (at
+    launch, and at install); a frozen head (LoRA) and the other strategies keep Liger."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmft.config.validation import check_loss_head
+    from llmft.training import loss
+
+    monkeypatch.setattr(loss, "liger_available", lambda device_type: True)  # CUDA with liger-kernel installed
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    expected = {(True, True): "chunked", (True, False): "liger", (False, True): "liger", (False, False): "liger"}
+    for (partitioned, head_trains), head in expected.items():
+        model = LlamaForCausalLM(config)
+        model.lm_head.weight.requires_grad_(head_trains)
+        assert loss.install(model, "auto", "cuda", partitioned) == head, (partitioned, head_trains)
+    model = LlamaForCausalLM(config)
+    with pytest.raises(ConfigError, match="train.loss_head=liger cannot train the LM head under ZeRO-3"):
+        loss.install(model, "liger", "cuda", partitioned=True)
+    for strategy in ("zero3", "zero3_offload"):
+        with pytest.raises(ConfigError, match=f"loss_head=liger cannot train the LM head under parallelism={strategy}"):
+            check_loss_head(compose([f"parallelism={strategy}", "peft=full", "train.loss_head=liger"]))
+    for overrides in (["parallelism=zero3", "train.loss_head=liger"], ["parallelism=zero2", "peft=full",
+                                                                        "train.loss_head=liger"]):
+        check_loss_head(compose(overrides))  # LoRA's frozen head, or a strategy that keeps the head whole

@@ -24,7 +24,8 @@ LLMFT = str(REPO / "llmft")
 SIGNAL_MODULE = os.path.join("llmft", "training", "signals.py")
 
 
-RUNS = [("ddp", 1), ("ddp", 4), ("fsdp", 1), ("fsdp", 4)]  # (strategy, micro-batches per optimizer step)
+# (strategy, micro-batches per optimizer step); "fsdp-full": full fine-tuning under FSDP2
+RUNS = [("ddp", 1), ("ddp", 4), ("fsdp", 1), ("fsdp", 4), ("fsdp-full", 1), ("fsdp-full", 4)]
 
 
 def rank_main(rank: int, world_size: int, port: int, root: str, out: str) -> None:
@@ -41,12 +42,25 @@ def count_one_run(run_dir: str, strategy: str, accum: int) -> dict:
     from llmft.config.compose import compose
     from llmft.training.loop import Trainer
 
+    full = strategy.endswith("-full")
+    strategy = strategy.removesuffix("-full")
     cfg = compose([f"parallelism={strategy}", f"train.grad_accum_steps={accum}", "train.max_steps=3",
                    "train.micro_batch_size=1", "train.log_every=100", "train.eval_every=100", "train.save_every=0",
-                   "peft.dropout=0", "launch.nproc=2", f"run_dir={run_dir}"])
+                   "peft.dropout=0", "launch.nproc=2", f"run_dir={run_dir}"] + (["peft=full"] if full else []))
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, Path(run_dir))
-    counts = {"reductions": 0, "syncs": [], "steps": 0}
+    counts = {"reductions": 0, "syncs": [], "steps": 0, "held_gradient_elements": [],
+              "sharded_elements": sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+                                      for p in trainer.model.parameters() if p.requires_grad)}
+    if strategy == "fsdp":  # the gradient elements this rank holds after each micro-batch's backward
+        real_forward_backward = trainer.forward_backward
+
+        def measured(batch, count):
+            result = real_forward_backward(batch, count)
+            counts["held_gradient_elements"].append(held_gradient_elements(trainer.model))
+            return result
+
+        trainer.forward_backward = measured
     restore = lambda: None  # noqa: E731
 
     if strategy == "ddp":
@@ -102,6 +116,21 @@ def count_one_run(run_dir: str, strategy: str, accum: int) -> dict:
     return counts
 
 
+def held_gradient_elements(model) -> int:
+    """Gradient elements held by FSDP2 on this rank: the sharded gradients, and the unsharded ones it keeps while
+    gradient sync is off (its parameters' unsharded .grad, or their upcast copy for a reduce dtype)."""
+    held = 0
+    for module in model.modules():
+        group = module._get_fsdp_state()._fsdp_param_group if hasattr(module, "_get_fsdp_state") else None
+        for fsdp_param in group.fsdp_params if group is not None else []:
+            unsharded = getattr(fsdp_param, "_unsharded_param", None)
+            for grad in (getattr(fsdp_param, "unsharded_accumulated_grad", None),
+                         unsharded.grad if unsharded is not None else None, fsdp_param.sharded_param.grad):
+                if grad is not None:
+                    held += (grad.to_local() if hasattr(grad, "to_local") else grad).numel()
+    return held
+
+
 @pytest.fixture(scope="module")
 def counted(tmp_path_factory) -> dict:
     """Rank 0's counts of every run of RUNS, all in one mp.spawn of 2 ranks: {(strategy, accum): counts}."""
@@ -121,3 +150,14 @@ def test_one_gradient_reduction_per_optimizer_step_and_no_host_sync(counted, str
     # the same reductions for 4 micro-batches a step as for 1: once per bucket (DDP) or per layer group (FSDP2)
     assert four["reductions"] == one["reductions"] > 0, (one, four)
     assert four["syncs"] == [] and one["syncs"] == [], four["syncs"]
+
+
+def test_fsdp_full_fine_tuning_accumulates_sharded_gradients(counted):
+    """Full fine-tuning under FSDP2 reduce-scatters every micro-batch (issue 28 item 1): with sync off it would hold
+    every gradient unsharded (and, in bf16, upcast to fp32) until the last micro-batch: 4 bytes per parameter on
+    every GPU, which plan does not count. LoRA keeps one reduction per step (its gradients are small)."""
+    one, four = counted["fsdp-full", 1], counted["fsdp-full", 4]
+    assert four["reductions"] == 4 * one["reductions"] > 0, (one, four)
+    assert max(four["held_gradient_elements"]) == four["sharded_elements"], four  # never more than this rank's shards
+    lora = counted["fsdp", 4]  # LoRA: the unsharded adapter gradients are held between micro-batches, by design
+    assert max(lora["held_gradient_elements"]) > lora["sharded_elements"]

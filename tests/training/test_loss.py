@@ -211,3 +211,36 @@ def test_packed_rows_forward_reads_nothing_back_from_the_device(attention, monke
     monkeypatch.undo()
     assert reads == []
     assert float(loss_sum) == pytest.approx(float(reference), rel=1e-6)
+
+
+def test_a_frozen_fp32_head_is_cast_once_under_bf16_autocast(monkeypatch):
+    """QLoRA's head stays fp32 (PEFT upcasts it) while the rows are bf16: autocast casts a frozen weight again at each
+    use, so each chunk cast the whole [vocab, hidden] head (twice with gradients). Cast once now, the same values."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    vocab, hidden, tokens = 300, 16, 40
+    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 8 * vocab)  # 5 chunks
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(vocab, hidden, generator=generator)  # frozen, fp32
+    rows = torch.randn(tokens, hidden, generator=generator).bfloat16().requires_grad_()
+    targets = torch.randint(0, vocab, (tokens,), generator=generator)
+
+    class HeadCasts(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].shape == weight.shape:
+                HeadCasts.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), HeadCasts():
+        total = loss.linear_cross_entropy_sum(rows, weight, None, targets)
+    total.backward()
+    assert HeadCasts.count == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the plain computation: full logits, autocast's casts
+        reference_rows = rows.detach().clone().requires_grad_()
+        reference = torch.nn.functional.cross_entropy(
+            torch.nn.functional.linear(reference_rows, weight).float(), targets, reduction="sum")
+    reference.backward()
+    assert torch.allclose(total, reference, rtol=1e-5)
+    assert torch.allclose(rows.grad.float(), reference_rows.grad.float(), atol=1e-2)

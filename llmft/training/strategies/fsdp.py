@@ -60,14 +60,26 @@ def shard_rows(param):
 
 
 @contextmanager
-def _no_gradient_sync(model):
-    """FSDP2's way to accumulate without a reduce-scatter per micro-batch: the last micro-batch, outside this context,
-    reduces the accumulated (unsharded) gradients once."""
-    model.set_requires_gradient_sync(False)
+def _no_gradient_sync(model, full_fine_tuning: bool = False, hsdp: bool = False):
+    """Accumulation across micro-batches. With sync off FSDP2 keeps each gradient unsharded (and upcast to the fp32
+    reduce dtype) until the last micro-batch reduces them once: right for LoRA, whose gradients are small, but for
+    full fine-tuning that is 4 bytes per parameter on every GPU (32 GB for 8B), which `plan` does not count. So full
+    fine-tuning reduce-scatters every micro-batch (its gradients accumulate sharded), and HSDP only defers the
+    all-reduce across replicas (torchtitan's choice; pytorch PR 126166)."""
+    if full_fine_tuning and not hsdp:
+        yield
+        return
+    if full_fine_tuning:
+        model.set_requires_all_reduce(False)
+    else:
+        model.set_requires_gradient_sync(False)
     try:
         yield
     finally:
-        model.set_requires_gradient_sync(True)
+        if full_fine_tuning:
+            model.set_requires_all_reduce(True)
+        else:
+            model.set_requires_gradient_sync(True)
 
 
 class FSDPStrategy(SingleStrategy):
@@ -111,7 +123,7 @@ class FSDPStrategy(SingleStrategy):
         init_lora(model, self.cfg, local_rows=shard_rows)  # seeded, or the adapter of init_from
 
     def no_gradient_sync(self):
-        return _no_gradient_sync(self.model)
+        return _no_gradient_sync(self.model, self.cfg.peft.method is PeftMethod.full, self.name == "hsdp")
 
     def step(self) -> torch.Tensor:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.train.max_grad_norm)

@@ -81,6 +81,7 @@ def check_train(cfg: DictConfig) -> None:
         "model.max_seq_len": cfg.model.max_seq_len,
         "peft.r": cfg.peft.r,
         "launch.nproc": cfg.launch.nproc,
+        "train.save_timeout_min": train.save_timeout_min,
     }
     for key, value in positive.items():
         if value <= 0:

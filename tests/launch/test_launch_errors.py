@@ -20,6 +20,7 @@ from support.runs import run_llmft
     ("parallelism.strategy=fsdp2", "expected one of auto, single, ddp, fsdp"),
     ("+train.foo=1", "llmft: bad config: train.foo: Key 'foo' not in 'TrainConfig'"),
     ("data=tickets", "llmft: data.path is not set: add data.path=... to the command"),
+    ("train.save_timeout_min=0", "llmft: train.save_timeout_min=0.0 must be positive."),
 ])
 def test_a_user_error_is_one_line_exit_2_and_creates_nothing(tmp_path, override, message):
     result = run_llmft("launch", override, f"run_dir={tmp_path / 'run'}", timeout=120)

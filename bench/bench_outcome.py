@@ -8,7 +8,7 @@ bundled tickets, evaluated against itself before tuning.
 2. The acronym experiment, as docs/real-model.md shows it: `python -m llmft.launch model=smollm2_135m
    data=acronyms_memorization`, then `python -m llmft.eval run=RUN`: base and tuned answer the held-out phrasings
    of the 30 taught acronyms and the 4 control acronyms never taught.
-3. The tickets: `python -m llmft.launch model=smollm2_135m data=tickets_sample train.epochs=1`, then
+3. The tickets: `python -m llmft.launch model=smollm2_135m data=tickets_sample train.epochs=2`, then
    `python -m llmft.eval run=RUN eval.limit=4`: every held-out ticket's answer loss under base and tuned
    (teacher-forced, per token), four generated answers (ROUGE-L, embedding similarity).
 4. Prints what the tuned model answers to three held-out acronym questions, then as its last line
@@ -35,7 +35,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ACRONYMS = ["model=smollm2_135m", "data=acronyms_memorization"]
-TICKETS = ["model=smollm2_135m", "data=tickets_sample", "train.epochs=1"]
+TICKETS = ["model=smollm2_135m", "data=tickets_sample", "train.epochs=2"]
 ACRONYM_EVAL = ["eval.max_new_tokens=40"]
 TICKET_EVAL = ["eval.limit=4", "eval.max_new_tokens=96"]
 

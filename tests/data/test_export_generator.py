@@ -7,7 +7,6 @@ from __future__ import annotations
 import email
 import email.policy
 import html
-import importlib.util
 import json
 import mailbox
 import subprocess
@@ -16,14 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from support.helpdesk import generator
 from support.runs import REPO
-
-
-def generator():
-    spec = importlib.util.spec_from_file_location("make_helpdesk_exports", REPO / "tools" / "make_helpdesk_exports.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -32,7 +31,8 @@ from llmft.data.prepare.tokenizing import tokenize_rows
 from llmft.data.readers.records import DataError
 from llmft.data.tokenize.tokenizer import tokenizer_for_run
 from llmft.errors import ConfigError
-from support.runs import REPO, run_llmft
+from support.helpdesk import generator
+from support.runs import run_llmft
 
 BAD_LINES = [  # (line, reason the report gives)
     "{not json",
@@ -213,13 +213,6 @@ def test_a_folder_without_manifest_or_from_an_earlier_llmft_says_so(prepared, tm
 
 
 # ------------------------------------------------------------------------------------------------ the staff rule
-
-def generator():
-    spec = importlib.util.spec_from_file_location("make_helpdesk_exports", REPO / "tools" / "make_helpdesk_exports.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
 def helpdesk(tmp_path_factory) -> Path:

@@ -6,19 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmft.config.compose import compose
-from llmft.rundir import create as rundir
-from llmft.training.loop import train
+from support.runs import trained_in_process
 
 
 @pytest.fixture(scope="package")
 def gguf_tiny_run(tmp_path_factory):
     """Six LoRA steps on the tiny random-weight Llama: its adapter moves the logits by about 1.8."""
-    cfg = compose(["train.max_steps=6", "train.eval_every=6", "train.save_every=0",
-                   f"run_dir={tmp_path_factory.mktemp('gguf') / 'run'}"])
-    run_dir = rundir.create(cfg)
-    train(cfg, run_dir)
-    return run_dir
+    return trained_in_process(["train.max_steps=6", "train.eval_every=6", "train.save_every=0"],
+                              tmp_path_factory.mktemp("gguf") / "run")
 
 
 @pytest.fixture(scope="package")

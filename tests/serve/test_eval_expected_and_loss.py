@@ -9,21 +9,16 @@ import pytest
 import torch
 
 from llmft.config.compose import compose
-from llmft.rundir import create as rundir
 from llmft.serve.evaluation import has_expected, metric_rows, run_eval
-from llmft.training.loop import train
-from support.runs import run_llmft
+from support.runs import run_llmft, trained_in_process
 
 FAST = ["eval.max_new_tokens=10", "eval.batch_size=4", "eval.embedding_model=off"]
 
 
 @pytest.fixture(scope="module")
 def acronyms_run(tmp_path_factory):
-    cfg = compose(["data=acronyms_memorization", "train.max_steps=12", "train.eval_every=12", "train.save_every=0",
-                   f"run_dir={tmp_path_factory.mktemp('acronyms') / 'run'}"])
-    run_dir = rundir.create(cfg)
-    train(cfg, run_dir)
-    return run_dir
+    return trained_in_process(["data=acronyms_memorization", "train.max_steps=12", "train.eval_every=12",
+                               "train.save_every=0"], tmp_path_factory.mktemp("acronyms") / "run")
 
 
 @pytest.fixture(scope="module")

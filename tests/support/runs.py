@@ -40,3 +40,15 @@ def write_chat_jsonl(path: Path, conversations: list[list[tuple[str, str]]]) -> 
         for conversation in conversations:
             handle.write(json.dumps({"messages": [{"role": r, "content": c} for r, c in conversation]}) + "\n")
     return path
+
+
+def trained_in_process(overrides: list[str], run_dir: Path) -> Path:
+    """A run of `overrides` into `run_dir`, trained in this process (one rank): its run directory."""
+    from llmft.config.compose import compose
+    from llmft.rundir import create as rundir
+    from llmft.training.loop import train
+
+    cfg = compose([*overrides, f"run_dir={run_dir}"])
+    created = rundir.create(cfg)
+    train(cfg, created)
+    return created

@@ -2,7 +2,10 @@
 
 import sys
 
-from llmft.launch.command import main
+from llmft.training import signals  # torch-free: stop signals recorded before the imports of the launch (a second)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with signals.recording(signals.LAUNCHER_SIGNALS):
+        from llmft.launch.command import main
+
+        sys.exit(main())

@@ -13,8 +13,10 @@ import io
 import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -32,10 +34,12 @@ from llmft.rundir import checkpoints, lock
 from llmft.rundir.create import apply_umask
 from llmft.rundir.create import create as create_run_dir
 from llmft.rundir.create import new_run_dir
-from llmft.rundir.files import mark_failed, read_config, read_summary, record_job, record_resume, write_config
+from llmft.rundir.files import (mark_failed, read_config, read_summary, record_job, record_resume, write_config,
+                                write_summary)
 from llmft.rundir.init_from import starting_config
 from llmft.rundir.layout import checkpoints_dir, final_dir, is_run_dir, logs_dir, summary_path
-from llmft.rundir.lifetime import die_with_parent
+from llmft.rundir.lifetime import LAUNCHER_PID_ENV, catches, child_pids, die_with_parent
+from llmft.training import signals
 
 register_configs()
 
@@ -131,6 +135,8 @@ def prepare_run(cfg: DictConfig) -> tuple[DictConfig, Path]:
 
 
 def start_run(cfg: DictConfig, run_dir: Path) -> int:
+    if signals.received():  # recorded since this process started (llmft/launch/__main__.py), before the run starts
+        return stopped_before_start(run_dir, signals.received())
     if cfg.launch.prepare_only:
         print(f"run dir: {run_dir}")
         return 0
@@ -141,6 +147,19 @@ def start_run(cfg: DictConfig, run_dir: Path) -> int:
 
         return train_main([str(run_dir)])
     return run_local_ranks(run_dir, cfg.launch.nproc)
+
+
+def stopped_before_start(run_dir: Path, signum: int) -> int:
+    """A stop signal came before the run started: summary.json says so, one line with the resume command, exit 3."""
+    latest, _ = checkpoints.find_latest(checkpoints_dir(run_dir))
+    step = checkpoints.read_manifest(latest)["step"] if latest else 0
+    stop = signals.Interrupted(step, signal.Signals(signum).name, requeued=False, phase="starting")
+    resume = f"python -m llmft.launch resume={run_dir}"
+    write_summary(run_dir, {"status": "interrupted", "step": step, "signal": stop.signal_name, "phase": stop.phase,
+                            "resume": resume, "message": stop.sentence(resume)})
+    lock.release(run_dir)
+    print(f"llmft: {stop.sentence(resume)}", file=sys.stderr)
+    return 3
 
 
 # What a resumed run may change: how long, where and on how many ranks it runs, never what it trains (that would be
@@ -309,6 +328,8 @@ def submit_to_cluster(cfg: DictConfig, run_dir: Path) -> int:
     print(f"run dir: {run_dir}")
     if not cfg.launch.wait:
         return 0
+    for signum in signals.LAUNCHER_SIGNALS:  # only waiting now: a stop signal ends the wait, as it would any command
+        signal.signal(signum, signal.SIG_DFL)
     try:
         job.results()  # one result per task (rank)
     except Exception as error:  # submitit raises with the job's own error: report it as one line with the log
@@ -325,23 +346,63 @@ def run_local_ranks(run_dir: Path, nproc: int) -> int:
 
     torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT, stops every rank when one fails, and
     keeps each rank's output in RUN_DIR/logs while showing it here. It runs as a subprocess, so this process
-    never imports torch.
+    never imports torch. Stop signals sent to this launcher (SIGUSR2, SIGTERM, Ctrl-C) go to the ranks
+    (`wait_forwarding_stop_signals`); torchrun ignores SIGUSR2 and SIGINT (their default would end it, and with it
+    the ranks, without a checkpoint) and handles SIGTERM, which reaches it when this launcher dies.
     """
     threads = max(1, (os.cpu_count() or 1) // nproc)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads)),
+           LAUNCHER_PID_ENV: str(os.getpid()),  # each rank checks that torchrun's parent is this launcher
+           "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGHUP,SIGQUIT"}  # torchrun's default adds SIGINT
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                f"--log-dir={logs_dir(run_dir)}", "--tee=3", "-m", "llmft.train", str(run_dir)]
-    code = subprocess.call(command, env=env, preexec_fn=die_with_parent)  # torchrun dies with this launcher
-    status = read_summary(run_dir).get("status")
+    torchrun = subprocess.Popen(command, env=env, preexec_fn=start_torchrun)
+    code = wait_forwarding_stop_signals(torchrun)
+    summary = read_summary(run_dir)
     if code == 0:
         print(f"run dir: {run_dir}")
-    elif status == "interrupted":  # a rank was signalled: every rank checkpointed and stopped
-        print(f"llmft: interrupted; the checkpoint is saved. Continue with: python -m llmft.launch resume={run_dir}",
+    elif summary.get("status") in ("interrupted", "requeued"):  # every rank stopped at a signal, together
+        print(f"llmft: {summary.get('message') or 'interrupted; continue with: ' + summary.get('resume', '')}",
               file=sys.stderr)
         return 3
     else:
         print(f"llmft: the run failed (exit code {code}); each rank's output is in {logs_dir(run_dir)}", file=sys.stderr)
     return code
+
+
+def start_torchrun() -> None:
+    """torchrun's process before it runs (preexec_fn): it dies with this launcher, and ignores SIGUSR2 and SIGINT;
+    its ranks inherit that until their first instructions record both (llmft/train.py)."""
+    die_with_parent()
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def wait_forwarding_stop_signals(torchrun: subprocess.Popen) -> int:
+    """torchrun's exit code. Meanwhile each stop signal this launcher receives (or recorded before torchrun started)
+    is sent to every rank, in order, as soon as the rank has its handler for it: a rank still starting would ignore
+    it. A second Ctrl-C reaches the ranks as a second SIGINT (they abort)."""
+    if threading.current_thread() is not threading.main_thread():  # (a sweep's launcher thread: no handlers)
+        return torchrun.wait()
+    pending = [signals.received()] if signals.received() else []
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in signals.STOP_SIGNALS}
+    sent: dict[int, int] = {}  # rank pid -> how many of `pending` it was sent
+    try:
+        while True:
+            try:
+                return torchrun.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                pass
+            if not pending:
+                continue
+            for pid in child_pids(torchrun.pid):
+                while sent.get(pid, 0) < len(pending) and catches(pid, pending[sent.get(pid, 0)]):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, pending[sent.get(pid, 0)])
+                    sent[pid] = sent.get(pid, 0) + 1
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def with_saved_cluster(argv: list[str]) -> list[str]:
@@ -377,7 +438,7 @@ def _main() -> None:
         sys.argv[1:] = bracket_lists(sweep.sweep_argv(with_saved_cluster(sys.argv[1:])))
     except UserError as error:
         sys.exit(report(error))
-    with contextlib.redirect_stderr(_hydra_stderr):
+    with signals.recording(signals.LAUNCHER_SIGNALS), contextlib.redirect_stderr(_hydra_stderr):
         try:
             _launch()
         except SystemExit as exit_:

@@ -41,13 +41,24 @@ def save_final(model, tensors, full_shape, tokenizer, final_dir: Path, base_mode
     model (peft=full) is written as it comes, in safetensors shards, so rank 0 never holds more than one shard in
     host memory (70B in fp32 is 280 GB). Only rank 0 calls this.
     """
+    final_dir = Path(final_dir)
+    tmp = final_dir.with_name(final_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write(model, tensors, full_shape, tokenizer, tmp, base_model_path)
+    except BaseException:  # a bad adapter, a full disk, an export abandoned at a stop signal: no half folder left
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    os.replace(tmp, final_dir)
+
+
+def _write(model, tensors, full_shape, tokenizer, tmp: Path, base_model_path: Path) -> None:
     import torch
     from peft import PeftModel, get_peft_model_state_dict
     from safetensors.torch import load_file
 
-    final_dir = Path(final_dir)
-    tmp = final_dir.with_name(final_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     if isinstance(model, PeftModel):
         for peft_config in model.peft_config.values():
             peft_config.base_model_name_or_path = str(base_model_path)
@@ -63,9 +74,6 @@ def save_final(model, tensors, full_shape, tokenizer, final_dir: Path, base_mode
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    os.replace(tmp, final_dir)
 
 
 def write_sharded(tensors, folder: Path, max_shard_bytes: int = 5 * 2**30) -> None:

@@ -5,7 +5,8 @@
 `llmft.launch` creates the run directory and starts this (in-process for one rank, else torchrun or SLURM tasks).
 
     Trainer(cfg, run_dir)   setup: process group -> strategy -> data and tokenizer -> model -> wrap (optimizer)
-    Trainer.train()         resume, then per step: train_step -> log -> validate -> checkpoint -> stop signals
+    Trainer.train()         resume, then per step: train_step -> log -> validate -> checkpoint -> stop signals,
+                            then the final export
       train_step()            the micro-batches of one optimizer step, one gradient reduction, the optimizer
         forward_backward()    one micro-batch: the objective's loss (sft, dpo, kto: training/objectives.py), backward
 
@@ -21,6 +22,7 @@ import math
 import os
 import random
 import signal
+import subprocess
 import sys
 import time
 import warnings
@@ -43,7 +45,7 @@ from llmft.rundir import checkpoints, lock
 from llmft.rundir.files import read_config, write_summary as write_summary_file
 from llmft.rundir.init_from import starting_adapter
 from llmft.rundir.layout import checkpoints_dir, metrics_path
-from llmft.rundir.lifetime import die_with_parent
+from llmft.rundir.lifetime import LAUNCHER_PID_ENV, die_with_launcher
 from llmft.config.compose import to_container
 from llmft.training import objectives, strategies, tracking
 from llmft.training.final import save_final
@@ -53,7 +55,8 @@ from llmft.training.metrics import (MemoryMeter, MetricsLog, peak_resident_mb, q
                                     reset_peak_resident, resident_mb)
 from llmft.training.model import count_parameters, load_model
 from llmft.training.precision import uses_bf16
-from llmft.training.signals import Interrupted, StopSignals, requeue_slurm_job
+from llmft.training import signals
+from llmft.training.signals import EXPORT_GRACE_S, Interrupted, StopSignals, requeue_slurm_job
 from llmft.training.topology import Topology
 
 
@@ -70,6 +73,7 @@ class Progress:
     """What the run has seen so far, for the log, the checkpoints' manifests and summary.json."""
 
     first_loss: float | None = None
+    logged_first_loss: float | None = None  # a resumed run's first loss, from metrics.jsonl (rank 0)
     last_loss: float | None = None
     val_loss: float | None = None
     val_loss_step: int | None = None  # the step `val_loss` was measured at
@@ -96,10 +100,14 @@ class Trainer:
         self.cfg, self.tcfg, self.run_dir = cfg, cfg.train, Path(run_dir)
         self.started = time.time()
         self.tracking: tracking.MlflowTracking | None = None  # rank 0 with train.mlflow=true, from train()
-        self._setup_process()
-        self._setup_data()
-        self._setup_model()
         self.state, self.progress = TrainState(), Progress()
+        # a stop signal recorded since the process started is honoured at each boundary before the first step
+        self._setup_process()
+        self.stop_before_training("starting")
+        self._setup_data()
+        self.stop_before_training("reading the data")
+        self._setup_model()
+        self.stop_before_training("loading the model")
 
     # ------------------------------------------------------------------------------------------------ setup
 
@@ -107,13 +115,13 @@ class Trainer:
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # transformers 5, through PEFT
         self.topology = topology = Topology.from_env()
         quiet_progress_bars()
-        if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank under torchrun: stop (with a checkpoint) if torchrun dies
-            die_with_parent(signal.SIGTERM)
+        die_with_launcher()  # under torchrun: SIGKILL if torchrun dies before training (python -m llmft.train asks first)
         if topology.is_main:  # one writer per run directory: this rank holds it until the run ends
             lock.acquire(self.run_dir, log=self.log)
         self.device = topology.device
         os.umask(int(str(self.cfg.umask), 8))  # every rank writes into the run directory (see llmft.rundir.create)
         topology.init_process_group(self.tcfg.collective_timeout_min)
+        self.stop = StopSignals(topology)
         self.bf16 = uses_bf16(self.tcfg.precision, topology.device_type)
         self.strategy = strategies.build(self.cfg, topology, self.bf16)
         random.seed(self.tcfg.seed)
@@ -200,9 +208,12 @@ class Trainer:
 
     def train(self) -> TrainResult:
         self.resume()
+        self.stop_before_training("resuming")
         self.objective.before_training({"train": self.train_samples, "validation": self.val_samples},
                                        self.tcfg.micro_batch_size, self.topology, self.run_dir,
                                        resumed=self.state.step > 0, log=self.log)
+        self.stop_before_training("preparing the objective")
+        die_with_launcher(signal.SIGTERM)  # from here torchrun's death stops the run at the next step, checkpointed
         if self.topology.is_main:
             forget_metrics_after(metrics_path(self.run_dir), self.state.step)
         if self.topology.is_main and self.tcfg.mlflow:  # ended with the run's status when summary.json is written
@@ -210,7 +221,7 @@ class Trainer:
                                                     self.topology.world_size)
         metrics = MetricsLog(metrics_path(self.run_dir), self.total_steps, self.state.step,
                              enabled=self.topology.is_main, use_wandb=self.tcfg.wandb, mlflow=self.tracking)
-        with metrics, StopSignals(self.topology) as stop:
+        with metrics:
             while self.state.step < self.total_steps:
                 self.train_step()
                 step, last = self.state.step, self.state.step == self.total_steps
@@ -222,7 +233,7 @@ class Trainer:
                 saved = last or (self.tcfg.save_every > 0 and step % self.tcfg.save_every == 0)
                 if saved:
                     self.save_checkpoint()
-                stop_signal = stop.agreed()
+                stop_signal = self.stop.agreed()
                 if stop_signal:
                     self.stop_at_signal(stop_signal, saved)
         return self.finish()
@@ -363,6 +374,7 @@ class Trainer:
         self.strategy.load(latest)
         set_rng_state(saved["rng"], self.device)
         self.state = TrainState(step=saved["step"], samples_consumed=saved["samples_consumed"])
+        self.progress_until(self.state.step)
         self.log(f"resume: from {latest} (step {self.state.step}, saved with world size {saved_world_size}"
                  + (f", now {self.topology.world_size}" if saved_world_size != self.topology.world_size else "") + ")")
         planned = manifest.get("total_steps")  # (checkpoints older than this record: not known)
@@ -371,29 +383,71 @@ class Trainer:
                      f"(warmup {self.tcfg.warmup_steps}, then cosine to {self.tcfg.min_lr_ratio} x train.lr): step "
                      f"{self.state.step + 1} trains at lr {self.strategy.lr():.3g}")
 
-    def stop_at_signal(self, stop_signal: int, saved: bool) -> None:
+    def progress_until(self, step: int) -> None:
+        """The losses the run had logged by `step` (metrics.jsonl), for rank 0's summary.json: a resumed run reports
+        its first loss, and its last ones even when nothing is left to train (a run stopped during its final
+        export). Not `first_loss`, which every rank reads at the first step (a collective)."""
+        path = metrics_path(self.run_dir)
+        if not self.topology.is_main or not path.exists():
+            return
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a crash
+            if record.get("step", 0) > step:
+                continue
+            if "loss" in record:
+                if self.progress.logged_first_loss is None:
+                    self.progress.logged_first_loss = record["loss"]
+                self.progress.last_loss = record["loss"]
+            if "val_loss" in record:
+                self.progress.val_loss, self.progress.val_loss_step = record["val_loss"], record["step"]
+
+    def stop_at_signal(self, stop_signal: int, saved: bool, phase: str | None = None) -> None:
+        """Stop every rank together (they agreed on `stop_signal`): the checkpoint of this step unless `saved`
+        (before the first step there is nothing new to save, during the export the last step's is saved), then
+        rank 0 requeues the SLURM job."""
         if not saved:
             self.save_checkpoint()
         self.topology.barrier()
         max_requeues = self.cfg.cluster.max_requeues if self.cfg.cluster is not None else 3  # templates: no profile
         raise Interrupted(self.state.step, signal.Signals(stop_signal).name,
-                          requeue_slurm_job(max_requeues, self.topology))
+                          requeue_slurm_job(max_requeues, self.topology), phase)
+
+    def stop_before_training(self, phase: str) -> None:
+        """A phase boundary before the first step: the ranks agree on a stop signal recorded so far, and stop."""
+        stop_signal = self.stop.agreed()
+        if stop_signal:
+            self.stop_at_signal(stop_signal, saved=True, phase=phase)
 
     def finish(self) -> TrainResult:
+        """The final model, then summary.json. A stop signal does not cut the export (a collective under fsdp and
+        zero3, seconds for an adapter; final/ appears whole or not at all): one that came before it stopped the loop
+        at the last step, with its checkpoint. An export still running `EXPORT_GRACE_S` after a signal (a whole
+        model) gets the SLURM job requeued and goes on: it finishes, or SLURM ends it and the next attempt, with
+        nothing left to train, writes final/ from the last step's checkpoint."""
         final_dir = self.run_dir / "final"
+        export_started, self.export_requeued = time.time(), False
         tensors = self.strategy.export_tensors()  # gathered one at a time: every rank iterates to the end
         if self.topology.is_main:
-            save_final(self.peft_model, tensors, self.strategy.full_shape, self.tokenizer, final_dir,
-                       self.base_model_path)
+            save_final(self.peft_model, self.requeued_when_late(tensors), self.strategy.full_shape, self.tokenizer,
+                       final_dir, self.base_model_path)
         else:
             for _ in tensors:
                 pass
         self.topology.barrier()
+        late_signal = self.stop.agreed()
+        if late_signal:
+            self.log(f"llmft: {signal.Signals(late_signal).name} came during the final export, which finished in "
+                     f"{time.time() - export_started:.1f} s: the run is complete"
+                     + (" (the requeued job finds it so)" if self.export_requeued else ""))
         summary = {
             "status": "completed",
             "steps": self.state.step,
             "total_steps": self.total_steps,
-            "first_loss": self.progress.first_loss,
+            "first_loss": self.progress.logged_first_loss if self.progress.logged_first_loss is not None
+            else self.progress.first_loss,
             "final_loss": self.progress.last_loss,
             "final_val_loss": self.progress.val_loss,
             "num_parameters": self.num_params,
@@ -414,6 +468,37 @@ class Trainer:
         if self.topology.is_main:
             write_summary(self.run_dir, summary, self.tracking)
         return TrainResult(summary, self.peft_model, self.tokenizer)
+
+    def requeued_when_late(self, tensors):
+        """Rank 0's `tensors`, as they come; once this rank's stop signal is EXPORT_GRACE_S old, the SLURM job is
+        requeued (once), summary.json and one line say so, and the export goes on (no collective: under single and
+        ddp the other ranks wait at the barrier)."""
+        asked = False
+        for item in tensors:
+            yield item
+            waited = signals.seconds_since_received()
+            if not asked and waited is not None and waited >= EXPORT_GRACE_S:
+                asked = True
+                self.export_requeued = self.requeue_during_export(waited)
+
+    def requeue_during_export(self, waited: float) -> bool:
+        max_requeues = self.cfg.cluster.max_requeues if self.cfg.cluster is not None else 3  # templates: no profile
+        try:
+            if not requeue_slurm_job(max_requeues, self.topology):
+                return False  # not a SLURM job (or no requeue left): the export goes on to its end
+        except (OSError, subprocess.SubprocessError) as error:  # the export goes on, whatever SLURM says
+            self.log(f"llmft: the final export still runs {waited:.0f} s after a stop signal, and the SLURM job could "
+                     f"not be requeued: {error}")
+            return False
+        name = signal.Signals(signals.received()).name
+        resume = f"python -m llmft.launch resume={self.run_dir.resolve()}"
+        message = (f"{name} came while writing the final model after step {self.state.step}, which still runs "
+                   f"{waited:.0f} s later: the SLURM job is requeued; if this attempt ends first, the next one writes "
+                   f"final/ from the checkpoint of step {self.state.step}")
+        write_summary_file(self.run_dir, {"status": "requeued", "step": self.state.step, "signal": name,
+                                          "phase": "writing the final model", "resume": resume, "message": message})
+        self.log(f"llmft: {message}")
+        return True
 
     # ------------------------------------------------------------------------------------------------ helpers
 
@@ -504,7 +589,13 @@ def train(cfg, run_dir: Path) -> TrainResult:
 
 
 def run(run_dir: Path) -> TrainResult:
-    """Train from a run directory; whatever stops the run, summary.json says how and why before it propagates."""
+    """Train from a run directory; whatever stops the run, summary.json says how and why before it propagates. Stop
+    signals are recorded from here (for submitit's tasks; `python -m llmft.train` records them from its start)."""
+    with signals.recording():
+        return _run(run_dir)
+
+
+def _run(run_dir: Path) -> TrainResult:
     cfg = read_config(run_dir)
     is_main = Topology.from_env().is_main
     trainer = None
@@ -513,10 +604,7 @@ def run(run_dir: Path) -> TrainResult:
         return trainer.train()
     except Interrupted as stop:
         if is_main:
-            write_summary(run_dir, {"status": "requeued" if stop.requeued else "interrupted", "step": stop.step,
-                                    "signal": stop.signal_name,
-                                    "resume": f"python -m llmft.launch resume={Path(run_dir).resolve()}"},
-                          trainer.tracking if trainer else None)
+            write_summary(run_dir, interrupted_summary(stop, run_dir), trainer.tracking if trainer else None)
         raise
     except BaseException as error:  # KeyboardInterrupt (a second Ctrl-C) and SystemExit included
         if is_main:
@@ -531,6 +619,13 @@ def run(run_dir: Path) -> TrainResult:
             dist.destroy_process_group()
 
 
+def interrupted_summary(stop: Interrupted, run_dir: Path) -> dict:
+    """summary.json of a run stopped by a signal: how, where, and the line that says it (the launcher prints it)."""
+    resume = f"python -m llmft.launch resume={Path(run_dir).resolve()}"
+    return {"status": "requeued" if stop.requeued else "interrupted", "step": stop.step, "signal": stop.signal_name,
+            "phase": stop.phase or "training", "resume": resume, "message": stop.sentence(resume)}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or argv[0] in ("-h", "--help"):
@@ -542,9 +637,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         return report(error)
     except Interrupted as stop:
-        if Topology.from_env().is_main:
-            print(f"llmft: {stop}; the checkpoint is saved. Continue with: "
-                  f"python -m llmft.launch resume={Path(argv[0]).resolve()}", file=sys.stderr)
+        if Topology.from_env().is_main and LAUNCHER_PID_ENV not in os.environ:  # llmft.launch's torchrun: it prints
+            print(f"llmft: {stop.sentence(f'python -m llmft.launch resume={Path(argv[0]).resolve()}')}",
+                  file=sys.stderr)
         return 3
     if Topology.from_env().is_main and "TORCHELASTIC_RUN_ID" not in os.environ:  # torchrun: launch prints it
         print(f"run dir: {Path(argv[0]).resolve()}")

@@ -1,5 +1,6 @@
 """On the real SLURM of tools/local-slurm.sh (two nodes; these jobs use one): submission through submitit,
-sbatch --test-only of every template and rendered script, a USR2 mid-run (checkpoint, requeue, resume), and a failing job."""
+sbatch --test-only of every template and rendered script, a USR2 mid-run (checkpoint, requeue, resume) and while a
+template job loads (nothing to save, requeue), and a failing job."""
 
 from __future__ import annotations
 
@@ -236,3 +237,35 @@ def test_the_sbatch_templates_train_one_synchronised_model(slurm_env, local_two_
         assert result["status"] == "completed" and result["world_size"] == 2, (name, result, logs[-3000:])
         assert result["strategy"] == {"auto": "ddp"}.get(name.split("-")[1], name.split("-")[1]), (name, result)
         assert losses(tmp_path / name) == pytest.approx(losses(local), abs=1e-4), name
+
+
+def test_usr2_while_a_template_job_loads_requeues_it_and_the_next_attempt_completes(slurm_env, tmp_path):
+    """USR2 before the first step (the ranks of an sbatch template job are loading the data and the model), sent to the
+    batch shell, which passes it on: nothing to save, one line, the job requeues itself, and its next attempt trains
+    from step 0 to the end."""
+    env = {**os.environ, **slurm_env, "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RUN_DIR": str(tmp_path / "run")}
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", "--ntasks-per-node=2", "--nodes=1", "--cpus-per-task=1", "--time=00:20:00",
+         "--partition=debug", str(REPO / "slurm/generic.sbatch"), *SHORT, "parallelism=ddp"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().split(";")[0]
+    log = tmp_path / f"llmft-{job_id}.out"
+    deadline = time.time() + 300
+    while time.time() < deadline and "llmft: model=" not in (log.read_text() if log.exists() else ""):
+        time.sleep(0.1)  # the ranks have joined; the data and the model load next
+    # to the batch shell only (as --signal=B:USR2 would): the template passes it on to the ranks
+    subprocess.run(["scancel", "--batch", "--signal=USR2", job_id], env=env, check=True, timeout=30)
+    summary = tmp_path / "run/summary.json"
+    while time.time() < deadline and not (summary.exists() and json.loads(summary.read_text())["status"] in
+                                          ("completed", "failed")):
+        time.sleep(1)
+    result = json.loads(summary.read_text())
+    assert result["status"] == "completed" and result["steps"] == 6, (result, log.read_text()[-3000:])
+    stopped = [line for line in log.read_text().splitlines() if "llmft: stopped by SIGUSR2" in line]
+    assert len(stopped) == 1 and "before training: nothing new to save; the SLURM job is requeued" in stopped[0], \
+        log.read_text()[-3000:]
+    attempts = subprocess.run(["sacct", "-j", job_id, "--duplicates", "-X", "-n", "-P", "-o", "State"], env=env,
+                              capture_output=True, text=True, timeout=30).stdout.split()
+    assert len(attempts) >= 2 and attempts[0] == "REQUEUED", attempts

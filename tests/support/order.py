@@ -56,6 +56,7 @@ RUN_ORDER = [
     "launch/test_help.py",
     "launch/test_run_lock_and_ctrl_c.py",
     "training/test_requeue.py",
+    "training/test_signals_anywhere.py",
     "training/test_hsdp.py",
     "training/test_lean_step.py",
     "training/test_load_memory.py",

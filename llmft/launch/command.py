@@ -166,7 +166,7 @@ def stopped_before_start(run_dir: Path, signum: int) -> int:
 # another run). The batch layout may change, the global batch may not: see `keep_global_batch`.
 RESUMABLE_KEYS = ("train.max_steps", "train.epochs", "train.log_every", "train.eval_every", "train.save_every",
                   "train.keep_last", "train.wandb", "train.mlflow", "train.collective_timeout_min",
-                  "train.micro_batch_size", "train.grad_accum_steps", "launch.", "cluster.", "eval.", "umask")
+                  "train.save_timeout_min", "train.micro_batch_size", "train.grad_accum_steps", "launch.", "cluster.", "eval.", "umask")
 STRATEGY_KEYS = ("parallelism", "parallelism.strategy")  # only where the checkpoint's files stay readable
 
 

@@ -345,7 +345,8 @@ class Trainer:
                 "total_steps": self.total_steps}  # the steps its LR schedule was planned for
         path = checkpoints.save(checkpoints_dir(self.run_dir), state.step, write, meta, self.tcfg.keep_last,
                                barrier=self.topology.barrier, is_main=self.topology.is_main,
-                               gather=self.topology.gather, rank=self.topology.rank)
+                               gather=self.topology.gather, rank=self.topology.rank,
+                               timeout_min=self.tcfg.save_timeout_min)
         self.log(f"checkpoint: {path}")
 
     def resume(self) -> None:
@@ -355,8 +356,8 @@ class Trainer:
         checkpoint's steps did (`llmft.launch resume=` adjusts train.grad_accum_steps to keep it), else the data
         position and the LR schedule would mean something else: refused."""
         latest, incomplete = checkpoints.find_latest(checkpoints_dir(self.run_dir))
-        for folder in incomplete:
-            self.log(f"checkpoint: ignoring incomplete {folder}")
+        for skipped in incomplete:  # each says what is wrong and what is resumed from instead
+            self.log(f"checkpoint: skipping {skipped}")
         if latest is None:
             return
         manifest = checkpoints.read_manifest(latest)

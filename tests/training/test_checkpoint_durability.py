@@ -345,7 +345,7 @@ def test_a_run_whose_disk_fills_mid_save_stops_then_resumes_past_a_torn_checkpoi
                 f"  step_1       complete (verified, resume takes it), ") in shown, shown
         train(cfg, run_dir)  # the run directory's own process resumes: as llmft.train RUN_DIR does
         out = capsys.readouterr().out
-        assert (f"checkpoint: ignoring incomplete {run_dir}/checkpoints/step_2: trainable.safetensors's checksum "
+        assert (f"checkpoint: skipping {run_dir}/checkpoints/step_2: trainable.safetensors's checksum "
                 f"differs from the manifest's (a torn write?): resuming from step_1\n") in out, out
         assert f"resume: from {run_dir}/checkpoints/step_1 (step 1" in out
         expected = load_file(tmp_path / "whole" / "final" / "adapter_model.safetensors")

@@ -154,11 +154,10 @@ def stopped_before_start(run_dir: Path, signum: int) -> int:
     latest, _ = checkpoints.find_latest(checkpoints_dir(run_dir))
     step = checkpoints.read_manifest(latest)["step"] if latest else 0
     stop = signals.Interrupted(step, signal.Signals(signum).name, requeued=False, phase="starting")
-    resume = f"python -m llmft.launch resume={run_dir}"
-    write_summary(run_dir, {"status": "interrupted", "step": step, "signal": stop.signal_name, "phase": stop.phase,
-                            "resume": resume, "message": stop.sentence(resume)})
+    summary = stop.summary(run_dir)
+    write_summary(run_dir, summary)
     lock.release(run_dir)
-    print(f"llmft: {stop.sentence(resume)}", file=sys.stderr)
+    print(f"llmft: {summary['message']}", file=sys.stderr)
     return 3
 
 
@@ -166,7 +165,8 @@ def stopped_before_start(run_dir: Path, signum: int) -> int:
 # another run). The batch layout may change, the global batch may not: see `keep_global_batch`.
 RESUMABLE_KEYS = ("train.max_steps", "train.epochs", "train.log_every", "train.eval_every", "train.save_every",
                   "train.keep_last", "train.wandb", "train.mlflow", "train.collective_timeout_min",
-                  "train.save_timeout_min", "train.micro_batch_size", "train.grad_accum_steps", "launch.", "cluster.", "eval.", "umask")
+                  "train.save_timeout_min", "train.micro_batch_size", "train.grad_accum_steps", "launch.", "cluster.",
+                  "eval.", "umask")
 STRATEGY_KEYS = ("parallelism", "parallelism.strategy")  # only where the checkpoint's files stay readable
 
 

@@ -412,9 +412,11 @@ class Trainer:
         if not saved:
             self.save_checkpoint()
         self.topology.barrier()
-        max_requeues = self.cfg.cluster.max_requeues if self.cfg.cluster is not None else 3  # templates: no profile
         raise Interrupted(self.state.step, signal.Signals(stop_signal).name,
-                          requeue_slurm_job(max_requeues, self.topology), phase)
+                          requeue_slurm_job(self.max_requeues(), self.topology), phase)
+
+    def max_requeues(self) -> int:
+        return self.cfg.cluster.max_requeues if self.cfg.cluster is not None else 3  # templates: no cluster profile
 
     def stop_before_training(self, phase: str) -> None:
         """A phase boundary before the first step: the ranks agree on a stop signal recorded so far, and stop."""
@@ -483,9 +485,8 @@ class Trainer:
                 self.export_requeued = self.requeue_during_export(waited)
 
     def requeue_during_export(self, waited: float) -> bool:
-        max_requeues = self.cfg.cluster.max_requeues if self.cfg.cluster is not None else 3  # templates: no profile
         try:
-            if not requeue_slurm_job(max_requeues, self.topology):
+            if not requeue_slurm_job(self.max_requeues(), self.topology):
                 return False  # not a SLURM job (or no requeue left): the export goes on to its end
         except (OSError, subprocess.SubprocessError) as error:  # the export goes on, whatever SLURM says
             self.log(f"llmft: the final export still runs {waited:.0f} s after a stop signal, and the SLURM job could "
@@ -605,7 +606,7 @@ def _run(run_dir: Path) -> TrainResult:
         return trainer.train()
     except Interrupted as stop:
         if is_main:
-            write_summary(run_dir, interrupted_summary(stop, run_dir), trainer.tracking if trainer else None)
+            write_summary(run_dir, stop.summary(run_dir), trainer.tracking if trainer else None)
         raise
     except BaseException as error:  # KeyboardInterrupt (a second Ctrl-C) and SystemExit included
         if is_main:
@@ -618,13 +619,6 @@ def _run(run_dir: Path) -> TrainResult:
             lock.release(run_dir)
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def interrupted_summary(stop: Interrupted, run_dir: Path) -> dict:
-    """summary.json of a run stopped by a signal: how, where, and the line that says it (the launcher prints it)."""
-    resume = f"python -m llmft.launch resume={Path(run_dir).resolve()}"
-    return {"status": "requeued" if stop.requeued else "interrupted", "step": stop.step, "signal": stop.signal_name,
-            "phase": stop.phase or "training", "resume": resume, "message": stop.sentence(resume)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ import subprocess
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -58,6 +59,13 @@ class Interrupted(Exception):
         """The one line printed (and kept in summary.json's `message`)."""
         return self.what() + ("; the SLURM job is requeued and resumes" if self.requeued else
                               f"; continue with: {resume_command}")
+
+    def summary(self, run_dir) -> dict:
+        """summary.json of the run stopped: how, where, and the line that says it (the launcher prints it)."""
+        resume = f"python -m llmft.launch resume={Path(run_dir).resolve()}"
+        return {"status": "requeued" if self.requeued else "interrupted", "step": self.step,
+                "signal": self.signal_name, "phase": self.phase or "training", "resume": resume,
+                "message": self.sentence(resume)}
 
 
 # The process's recorded stop signal, the first one (a later one, such as SLURM's SIGTERM after the requeue USR2 led

@@ -372,7 +372,12 @@ class Trainer:
                 f"{self.topology.world_size} ranks x train.grad_accum_steps={self.tcfg.grad_accum_steps}): resume it "
                 f"with python -m llmft.launch resume={self.run_dir}, which keeps the global batch on any number of "
                 f"ranks by adjusting train.grad_accum_steps.")
-        self.strategy.load(latest)
+        try:
+            self.strategy.load(latest)
+        except signals.StoppedEarly as stopped:  # a rank recorded a stop signal: the ranks agree on it and stop
+            self.state = TrainState(step=saved["step"], samples_consumed=saved["samples_consumed"])  # the last saved
+            self.stop_before_training(stopped.phase)
+            raise
         set_rng_state(saved["rng"], self.device)
         self.state = TrainState(step=saved["step"], samples_consumed=saved["samples_consumed"])
         self.progress_until(self.state.step)

@@ -68,6 +68,16 @@ class Interrupted(Exception):
                 "message": self.sentence(resume)}
 
 
+class StoppedEarly(Exception):
+    """A long part of the start (the universal-checkpoint conversion of a ZeRO checkpoint) left off at a recorded stop
+    signal, keeping what it finished for the next attempt: the ranks then agree on the signal and stop (the Trainer's
+    resume). `phase`: what was left off."""
+
+    def __init__(self, phase: str):
+        self.phase = phase
+        super().__init__(phase)
+
+
 # The process's recorded stop signal, the first one (a later one, such as SLURM's SIGTERM after the requeue USR2 led
 # to, changes nothing): a process (a rank, the launcher) stops once, whoever asks.
 _received = 0

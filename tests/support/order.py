@@ -67,6 +67,7 @@ RUN_ORDER = [
     "training/test_resume.py",
     "training/test_resume_completed.py",
     "training/test_resume_world_size.py",
+    "training/test_universal_conversion.py",
     "launch/test_runs.py",
     "cluster/test_slurm.py",
     "training/test_strategy_config.py",

@@ -7,7 +7,9 @@ excluded); the adapter is exported by gathering the partitioned LoRA tensors on 
 DeepSpeed's own checkpoint loads on the world size that wrote it only. On another one, rank 0 first converts it
 once into DeepSpeed's universal checkpoint (`deepspeed.checkpoint.ds_to_universal`: one file per parameter and
 optimizer moment, whole), written beside the original in the same checkpoint folder under a temporary name and
-renamed when complete, and every rank loads that (`load_universal`), taking its own partition.
+renamed when complete, and every rank loads that (`load_universal`), taking its own partition. The conversion can
+take longer than the collective timeout for a full fine-tuning: it has its own limit, logs its progress, and one
+interrupted (a kill, a stop signal, its limit) continues at the next attempt where it stopped (`universal_checkpoint`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import contextlib
 import io
 import json
 import os
-import shutil
+import sys
+import threading
+import time
 import traceback
 from argparse import Namespace
 from contextlib import contextmanager, nullcontext
@@ -25,8 +29,10 @@ from pathlib import Path
 import torch
 
 from llmft.config.schema import Parallelism, PeftMethod
+from llmft.errors import USER_ERROR_EXIT_CODE
 from llmft.rundir import checkpoints
 from llmft.rundir.checkpoints import CheckpointError
+from llmft.training import signals
 from llmft.training.strategies.single import replan_lr
 
 CHECKPOINT_TAG = "deepspeed"
@@ -160,7 +166,8 @@ class DeepSpeedStrategy:
         the LR schedule and DeepSpeed's step counters come from the saved model-states file as usual."""
         saved_world_size = checkpoints.read_manifest(folder)["world_size"]
         universal = saved_world_size != self.topology.world_size
-        tag = universal_checkpoint(folder, saved_world_size, self.topology).name if universal else CHECKPOINT_TAG
+        tag = universal_checkpoint(folder, saved_world_size, self.topology, self.cfg.train.save_timeout_min).name \
+            if universal else CHECKPOINT_TAG
         # DeepSpeed reads `checkpoint.load_universal` from the engine's config at load time only: set it for this one
         # load instead of in the config, so that a run started on its own world size never depends on it.
         self.engine._config.load_universal_checkpoint = universal
@@ -198,49 +205,348 @@ class DeepSpeedStrategy:
                     yield full_name, param.detach().cpu().clone() if self.topology.is_main else None
 
 
-def universal_checkpoint(folder: Path, saved_world_size: int, topology) -> Path:
-    """`folder/universal`, DeepSpeed's universal form of `folder/deepspeed` (collective: every rank calls it).
+# ------------------------------------------------------------------------------------------ the universal checkpoint
 
-    Rank 0 converts if it is not there yet, into `folder/.tmp-universal`, renamed when whole: a conversion killed
-    half-way leaves only the temporary folder, which the next attempt starts again; the original files are never
-    touched, so the checkpoint stays loadable on its own world size. The other ranks wait (up to
-    `train.collective_timeout_min`); if rank 0 fails, every rank stops with its error."""
-    target = folder / UNIVERSAL_TAG
-    problem = None
-    if topology.is_main and not target.is_dir():
-        print(f"resume: {folder.name} was saved by {saved_world_size} rank(s) and this run has {topology.world_size}: "
-              f"converting it to DeepSpeed's universal checkpoint in {target} (once; the other ranks wait, up to "
-              f"train.collective_timeout_min)", flush=True)
-        tmp = folder / f"{checkpoints.TMP_PREFIX}{UNIVERSAL_TAG}"
-        try:
-            _convert_to_universal(folder / CHECKPOINT_TAG, tmp)
-            os.replace(tmp, target)
-        except OSError as error:
-            problem = f"{type(error).__name__}: {error}"
-            shutil.rmtree(tmp, ignore_errors=True)
-        except Exception as error:  # a DeepSpeed conversion failure: every rank must stop, not wait at the gather
-            shutil.rmtree(tmp, ignore_errors=True)
-            if not topology.is_distributed:
-                raise
-            traceback.print_exc()  # a bug here or in DeepSpeed: its traceback, then every rank stops together
-            problem = f"{type(error).__name__}: {error}"
-    problems = [p for p in topology.gather(problem) if p is not None]
-    if problems:
+# The conversion's own time limit: the larger of train.save_timeout_min and the checkpoint's size at this rate.
+# DeepSpeed's conversion reads the ZeRO files, writes them split per parameter, reads those back and writes them
+# merged: about four passes over the optimizer state, one file per parameter and moment. 25 MB/s of checkpoint is
+# ten times slower than measured here (the tiny model's files, a local disk): a limit for a stall, not for the work.
+CONVERSION_BYTES_PER_S = 25e6
+# The waiting ranks give rank 0 this much more, so that its own sentence (which says what it was doing) comes first.
+WAIT_GRACE_S = 60.0
+POLL_S = 1.0  # how often a waiting rank asks the store whether rank 0 is done
+PROGRESS_EVERY_S = 30.0  # at most one progress line this often within a phase of the conversion
+JOURNAL = ".progress.jsonl"  # in the conversion's temporary folder: the work items finished, with their files' sizes
+
+
+def conversion_limit_s(source: Path, timeout_min: float) -> float:
+    """How long the conversion of the ZeRO checkpoint folder `source` may take (see CONVERSION_BYTES_PER_S)."""
+    size = sum(path.stat().st_size for path in source.rglob("*") if path.is_file())
+    return max(timeout_min * 60, size / CONVERSION_BYTES_PER_S)
+
+
+def universal_checkpoint(folder: Path, saved_world_size: int, topology, timeout_min: float) -> Path:
+    """`folder/universal`, DeepSpeed's universal form of `folder/deepspeed` (every rank calls it).
+
+    Rank 0 converts it if it is not there yet, into `folder/.tmp-universal`, renamed when whole; the checkpoint's own
+    files are never touched, so it stays loadable on its own world size. The conversion continues where a previous
+    attempt stopped (`_ResumableConversion`), and a stop signal on any rank leaves it off after the part under way:
+    every rank then raises `signals.StoppedEarly`. Its time is bounded by its own limit (`conversion_limit_s`), not
+    by the collective timeout: the other ranks poll the process group's store for the outcome instead of waiting in
+    a collective, and rank 0 ends itself past the limit (`_Watchdog`). If rank 0 fails, every rank stops with its
+    error."""
+    limit_s = conversion_limit_s(folder / CHECKPOINT_TAG, timeout_min)
+    # The default store of the process group: a key-value server, no collective, so no collective timeout (and with
+    # it NCCL's watchdog) while rank 0 works. torch has no public accessor for it.
+    store = None
+    if topology.is_distributed:
+        import torch.distributed as dist
+
+        store = dist.distributed_c10d._get_default_store()
+    keys = {"outcome": f"llmft/universal/{folder}/outcome", "stop": f"llmft/universal/{folder}/stop"}
+    if topology.is_main:
+        outcome = _convert_on_rank0(folder, saved_world_size, topology, limit_s, store, keys)
+    else:
+        outcome = _wait_for_rank0(folder, topology, limit_s, store, keys)
+    if outcome["stopped"]:
+        raise signals.StoppedEarly(f"converting {folder.name} to DeepSpeed's universal checkpoint (what it finished "
+                                   f"is kept for the next attempt)")
+    if outcome["problem"]:
         raise CheckpointError(f"converting {folder} to DeepSpeed's universal checkpoint (to resume on "
                               f"{topology.world_size} ranks instead of {saved_world_size}) failed on rank 0: "
-                              f"{problems[0]}; resume with the original number of ranks, or free space and retry.")
-    return target
+                              f"{outcome['problem']}; resume with the original number of ranks, or free space and "
+                              f"retry (the conversion continues where it stopped).")
+    return folder / UNIVERSAL_TAG
 
 
-def _convert_to_universal(source: Path, output: Path) -> None:
-    """deepspeed.checkpoint.ds_to_universal in this process (no worker processes), its progress output hidden."""
-    from deepspeed.checkpoint import ds_to_universal
+def _convert_on_rank0(folder: Path, saved_world_size: int, topology, limit_s: float, store, keys: dict) -> dict:
+    """Rank 0's part: convert unless done before, and publish the outcome for the others ({problem, stopped})."""
+    target, tmp = folder / UNIVERSAL_TAG, folder / f"{checkpoints.TMP_PREFIX}{UNIVERSAL_TAG}"
+    outcome = {"problem": None, "stopped": False}
+    try:
+        if not target.is_dir():
+            print(f"resume: {folder.name} was saved by {saved_world_size} rank(s) and this run has "
+                  f"{topology.world_size}: converting it to DeepSpeed's universal checkpoint in {target} (once, "
+                  f"continued where it stopped if interrupted; its limit: {limit_s:.0f} s, from "
+                  f"train.save_timeout_min and the checkpoint's size)", flush=True)
+            conversion = _ResumableConversion(
+                folder / CHECKPOINT_TAG, tmp, folder.name,
+                should_stop=lambda: bool(signals.received()) or (store is not None and store.check([keys["stop"]])))
+            with _Watchdog(folder.name, limit_s, conversion):
+                conversion.run()
+            os.replace(tmp, target)
+            _fsync_folder(folder)
+    except _LeftOff:
+        outcome["stopped"] = True
+    except OSError as error:  # a full disk, a quota: what is finished stays in `tmp` for the next attempt
+        outcome["problem"] = f"{type(error).__name__}: {error}"
+    except Exception as error:  # a DeepSpeed conversion failure: every rank must stop, not wait for ever
+        if not topology.is_distributed:
+            raise
+        traceback.print_exc()  # a bug here or in DeepSpeed: its traceback, then every rank stops together
+        outcome["problem"] = f"{type(error).__name__}: {error}"
+    except BaseException as error:  # a second Ctrl-C, a SystemExit: the others stop too, then this one goes on
+        if store is not None:
+            store.set(keys["outcome"], json.dumps({"problem": f"rank 0 ended: {type(error).__name__}",
+                                                   "stopped": False}))
+        raise
+    if store is not None:
+        store.set(keys["outcome"], json.dumps(outcome))
+    return outcome
 
-    shutil.rmtree(output, ignore_errors=True)
-    args = Namespace(input_folder=str(source), output_folder=str(output), num_extract_workers=1,
-                     num_merge_workers=1, keep_temp_folder=False, strict=True,
-                     inject_missing_state=True)  # ZeRO-2 checkpoints lack the universal-info record: add it
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        ds_to_universal.main(args)
-    # ds_to_universal also points `latest_universal` in the parent folder at its output: we name the tag ourselves
-    (output.parent / "latest_universal").unlink(missing_ok=True)
+
+def _wait_for_rank0(folder: Path, topology, limit_s: float, store, keys: dict) -> dict:
+    """The other ranks' part: wait for rank 0's outcome in the store (no collective, so no collective timeout),
+    pass on a stop signal this rank recorded meanwhile, and give up past the conversion's limit."""
+    started = time.monotonic()
+    passed_on = False
+    while not store.check([keys["outcome"]]):
+        if signals.received() and not passed_on:
+            store.set(keys["stop"], str(signals.received()))
+            passed_on = True
+        waited = time.monotonic() - started
+        if waited > limit_s + WAIT_GRACE_S:
+            raise CheckpointError(f"rank {topology.rank} waited {waited:.0f} s for rank 0 to convert {folder} to "
+                                  f"DeepSpeed's universal checkpoint, longer than its limit of {limit_s:.0f} s: see "
+                                  f"rank 0's log; resume to continue the conversion where it stopped, with a larger "
+                                  f"train.save_timeout_min if it is this slow.")
+        time.sleep(POLL_S)
+    return json.loads(store.get(keys["outcome"]))
+
+
+def _fsync_folder(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+class _LeftOff(Exception):
+    """A stop signal: the conversion left off after its last finished work item."""
+
+
+class _Watchdog:
+    """Ends rank 0 if the conversion outlives its limit: a thread cannot interrupt a read or write blocked on a
+    stalled file system, so it says what rank 0 was doing, on stderr, and calls os._exit; torchrun then ends the
+    other ranks (they would give up WAIT_GRACE_S later anyway). What was finished is kept for the next attempt."""
+
+    def __init__(self, label: str, limit_s: float, conversion: "_ResumableConversion"):
+        self.label, self.limit_s, self.conversion = label, limit_s, conversion
+        self.done = threading.Event()
+
+    def __enter__(self) -> "_Watchdog":
+        threading.Thread(target=self._watch, name="llmft-conversion-watchdog", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+
+    def _watch(self) -> None:
+        if self.done.wait(self.limit_s):
+            return
+        message = (f"llmft: rank 0 has converted {self.label} to DeepSpeed's universal checkpoint for "
+                   f"{self.limit_s:.0f} s, its limit (train.save_timeout_min, or longer for a large checkpoint), "
+                   f"and is {self.conversion.doing}: its file system seems stalled, so this rank ends now instead of "
+                   f"hanging; resume to continue the conversion where it stopped, with a larger "
+                   f"train.save_timeout_min if it is this slow.\n")
+        try:
+            os.write(2, message.encode())  # not sys.stderr: its lock may be held by the blocked thread
+        finally:
+            os._exit(USER_ERROR_EXIT_CODE)
+
+
+class _ResumableConversion:
+    """deepspeed.checkpoint.ds_to_universal.main, run so that an interrupted conversion continues where it stopped.
+
+    DeepSpeed converts in three phases: 1. each rank's optimizer shard is split into one file per parameter, moment
+    and rank (`tmp/<parameter>/<tp>/<moment>.<rank>`); 2. each parameter's files are merged into
+    `zero/<parameter>/<moment>.pt`; 3. the optimizer's common state and the model-states files are written. Phases 1
+    and 2 are lists of independent work items run by `_do_parallel_work`, and every tensor is written by
+    `_save_checkpoint`. Its main() and its per-item functions are used as they are; those two helpers are replaced
+    while it runs, because they are what it does badly here:
+
+    - `_save_checkpoint` writes in place (a file cut by a kill looks like a whole one): here under a hidden name,
+      renamed when whole, and recorded for the work item under way;
+    - `_do_parallel_work` runs every item again on every attempt, and reports through tqdm only: here each item a
+      previous attempt finished is skipped, the others are run one by one (as DeepSpeed does with one worker), their
+      files fsynced and appended with their sizes to the journal (JOURNAL), the progress logged, and a stop asked for
+      (`should_stop`) honoured between two items.
+
+    At the start, a journal entry is trusted only if its files are all there with the sizes it recorded (a file lost
+    or cut by a node crash gets its item redone), and every file no trusted entry lists is removed. Phase 3 is
+    short and always redone. Once phase 2 is complete, phase 1 is not needed again (DeepSpeed removes its files)."""
+
+    EXTRACT = ("extract_zero_shards", "extract_zero_shards_stage3")
+    MERGE = ("merge_tp_slices", "merge_zero3_slices")
+
+    def __init__(self, source: Path, output: Path, label: str, should_stop):
+        self.source, self.output, self.label, self.should_stop = source, output, label, should_stop
+        self.journal_path = output / JOURNAL
+        self.written: list[str] | None = None  # the files the work item under way wrote
+        self.done: dict[tuple[str, str], dict] = {}  # (phase, item) -> its journal entry, for the finished items
+        self.merge_complete = False
+        self.doing = "reading the checkpoint's metadata"  # what it is doing now (the watchdog says it)
+        self.started = self.last_line = time.monotonic()
+        self.out = sys.stdout  # DeepSpeed's own output is hidden while it runs, not this class's
+
+    def run(self) -> None:
+        import deepspeed
+        from deepspeed.checkpoint import ds_to_universal
+
+        self._resume_journal(deepspeed.__version__)
+        args = Namespace(input_folder=str(self.source), output_folder=str(self.output), num_extract_workers=1,
+                         num_merge_workers=1, keep_temp_folder=False, strict=True,
+                         inject_missing_state=True)  # ZeRO-2 checkpoints lack the universal-info record: add it
+        replaced = {"_do_parallel_work": self._work, "_save_checkpoint": self._save}
+        originals = {name: getattr(ds_to_universal, name) for name in replaced}
+        try:
+            for name, function in replaced.items():
+                setattr(ds_to_universal, name, function)
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                ds_to_universal.main(args)
+        finally:
+            for name, function in originals.items():
+                setattr(ds_to_universal, name, function)
+            self.journal.close()
+        # ds_to_universal also points `latest_universal` in the parent folder at its output: we name the tag ourselves
+        (self.output.parent / "latest_universal").unlink(missing_ok=True)
+        self.journal_path.unlink()
+        self.log(f"done in {self.elapsed()}")
+
+    # -------------------------------------------------------------------------------------------- the journal
+
+    def _resume_journal(self, deepspeed_version: str) -> None:
+        """Take over what a previous attempt finished (`done`, `merge_complete`), remove everything else from the
+        output, and open the journal for this attempt's items."""
+        header = {"deepspeed": deepspeed_version}  # another DeepSpeed may write other files: then start afresh
+        entries = []
+        if self.journal_path.is_file():
+            lines = self.journal_path.read_text().splitlines()
+            for number, line in enumerate(lines):
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    break  # the line a kill cut, and nothing after it
+                if number == 0 and record != header:
+                    break
+                if number > 0:
+                    entries.append(record)
+        merged_count = None
+        for entry in entries:
+            if "complete" in entry:
+                merged_count = entry["complete"]
+            elif all((self.output / name).is_file() and (self.output / name).stat().st_size == size
+                     for name, size in entry["files"].items()):
+                self.done[(entry["phase"], entry["item"])] = entry
+        self.merge_complete = merged_count is not None and \
+            merged_count == sum(phase == "merge" for phase, _ in self.done)
+        trusted = {name for entry in self.done.values() for name in entry["files"]}
+        if self.output.is_dir():
+            for path in self.output.rglob("*"):
+                if path.is_file() and str(path.relative_to(self.output)) not in trusted:
+                    path.unlink()
+        self.output.mkdir(parents=True, exist_ok=True)
+        kept = [header, *self.done.values()] + ([{"phase": "merge", "complete": merged_count}]
+                                                if self.merge_complete else [])
+        rewritten = self.output / f"{JOURNAL}.partial"
+        rewritten.write_text("".join(json.dumps(record) + "\n" for record in kept))
+        os.replace(rewritten, self.journal_path)
+        self.journal = open(self.journal_path, "a")
+
+    def _append(self, record: dict) -> None:
+        self.journal.write(json.dumps(record) + "\n")
+        self.journal.flush()
+        os.fsync(self.journal.fileno())
+
+    # ---------------------------------------------------------------------------- what replaces DeepSpeed's
+
+    def _save(self, file_path: str, state) -> None:
+        """DeepSpeed's `_save_checkpoint`, written whole or not at all, and recorded for the item under way."""
+        folder, name = os.path.split(file_path)
+        os.makedirs(folder, exist_ok=True)
+        partial = os.path.join(folder, f".{name}.partial")  # hidden: DeepSpeed's globs of `<moment>.*` skip it
+        torch.save(state, partial)
+        os.replace(partial, file_path)
+        if self.written is not None:
+            self.written.append(file_path)
+
+    def _work(self, do_work, work_chunks, num_workers) -> list:
+        """DeepSpeed's `_do_parallel_work` for phases 1 and 2: the finished items skipped, the others run and
+        journaled one by one. Another function (a part this class does not know, such as AutoEP's experts) runs as
+        DeepSpeed would run it, not resumable: its files are redone by the next attempt."""
+        function = getattr(do_work, "func", do_work).__name__
+        phase = "extract" if function in self.EXTRACT else "merge" if function in self.MERGE else None
+        items = list(work_chunks)
+        if phase is None:
+            return [do_work(item) for item in items]
+        if phase == "extract" and self.merge_complete:
+            self.log("1/3 splitting the optimizer shards: not needed, every parameter was merged before")
+            return [None] * len(items)
+        keys = [self._key(phase, item) for item in items]
+        reused = sum((phase, key) in self.done for key in keys)
+        self.log((f"1/3 splitting the optimizer shards of {len(items)} rank(s) into per-parameter files"
+                  if phase == "extract" else f"2/3 merging {len(items)} parameters") + f" ({reused} done before)")
+        results = []
+        for index, (key, item) in enumerate(zip(keys, items)):
+            entry = self.done.get((phase, key))
+            if entry is None:
+                if self.should_stop():
+                    self.log(f"left off at a stop signal, after {index} of {len(items)} "
+                             + ("rank shards" if phase == "extract" else "parameters"))
+                    raise _LeftOff()
+                self.doing = (f"splitting the optimizer shard of rank {item[-1]}" if phase == "extract" else
+                              f"merging parameter {key} ({index + 1} of {len(items)})")
+                entry = self._run_item(phase, key, do_work, item)
+            results.append(entry["result"])
+            self._progress(phase, index + 1, len(items), reused)
+        if phase == "merge":
+            self._append({"phase": "merge", "complete": len(items)})
+            self.doing = "writing the optimizer's common state and the model states"
+            self.log(f"3/3 {self.doing}")
+        return results
+
+    def _run_item(self, phase: str, key: str, do_work, item) -> dict:
+        """One work item: DeepSpeed's function, then its files fsynced and journaled with their sizes."""
+        self.written = []
+        result = do_work(item)
+        files = {}
+        for path in self.written:
+            descriptor = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+                files[str(Path(path).relative_to(self.output))] = os.fstat(descriptor).st_size
+            finally:
+                os.close(descriptor)
+        for folder in {os.path.dirname(path) for path in self.written}:
+            _fsync_folder(Path(folder))  # the renames
+        self.written = None
+        # merge_tp_slices returns the name patterns it did not use (DeepSpeed's strict check): a set, kept as a list
+        entry = {"phase": phase, "item": key, "files": files,
+                 "result": sorted(result) if isinstance(result, set) else result}
+        self._append(entry)
+        return entry
+
+    @staticmethod
+    def _key(phase: str, item) -> str:
+        """A work item's name in the journal: the rank indices of a shard, or the parameter's name."""
+        if phase == "extract":
+            return "-".join(map(str, item))
+        return item if isinstance(item, str) else item[0]
+
+    # ---------------------------------------------------------------------------------------------- progress
+
+    def _progress(self, phase: str, finished: int, total: int, reused: int) -> None:
+        now = time.monotonic()
+        if finished < total and now - self.last_line < PROGRESS_EVERY_S:
+            return
+        self.log((f"1/3 split {finished} of {total} rank shards" if phase == "extract" else
+                  f"2/3 merged {finished} of {total} parameters") + f" ({reused} done before), {self.elapsed()}")
+
+    def elapsed(self) -> str:
+        seconds = time.monotonic() - self.started
+        return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+    def log(self, message: str) -> None:
+        self.last_line = time.monotonic()
+        print(f"resume: converting {self.label}: {message}", file=self.out, flush=True)

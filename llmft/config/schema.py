@@ -98,6 +98,9 @@ class ArchConfig:
     position_embeddings: int = 0  # a learned position table's rows (GPT-2's n_positions); 0 for rotary or ALiBi
 
 
+ATTENTION_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+
+
 @dataclass
 class ModelConfig:
     name: str = MISSING
@@ -106,7 +109,9 @@ class ModelConfig:
     dtype: str = "bfloat16"  # dtype of the frozen weights: float32 | bfloat16 | float16
     max_seq_len: int = 2048
     lora_target_modules: list[str] = field(default_factory=list)
-    attn_implementation: str = "sdpa"
+    # auto: flash-attention on a GPU that has it, else flex attention on a GPU, SDPA on a CPU, eager for BLOOM
+    # (docs/models.md#attention-kernels); or by name: sdpa, eager, flex_attention, flash_attention_2 or _3
+    attn_implementation: str = "auto"
     # Jinja chat template used when the tokenizer has none (base models). None: a ChatML-style fallback.
     fallback_chat_template: Optional[str] = None
     tiny: Optional[TinyArchConfig] = None  # model=tiny only: the architecture to build

@@ -21,7 +21,8 @@ from llmft.config.redact import REDACTED
 from llmft.config.families import EAGER_ATTENTION_ONLY, NO_POSITION_IDS, model_family
 from llmft.config.known_models import known_model_of_folder
 from llmft.config.data_schema import DataFormat
-from llmft.config.schema import DpoLoss, EvalConfig, LlmftConfig, LossHead, ObjectiveKind, Parallelism, PeftMethod
+from llmft.config.schema import (ATTENTION_IMPLEMENTATIONS, DpoLoss, EvalConfig, LlmftConfig, LossHead, ObjectiveKind,
+                                 Parallelism, PeftMethod)
 from llmft.errors import ConfigError, missing_extras
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -106,7 +107,11 @@ def check_model_and_peft(cfg: DictConfig) -> None:
         raise ConfigError(f"model.path is not set for model={model.name}: set model.path=/path/to/a/local/hf/folder.")
     if peft.method is not PeftMethod.full and not (peft.target_modules or model.lora_target_modules):
         raise ConfigError("No LoRA target modules: set peft.target_modules=[q_proj,v_proj] or model.lora_target_modules.")
-    if model.path is not None and model_family(model) in EAGER_ATTENTION_ONLY and model.attn_implementation != "eager":
+    if model.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ConfigError(f"model.attn_implementation={model.attn_implementation} is not one of "
+                          f"{', '.join(ATTENTION_IMPLEMENTATIONS)}; auto chooses per device.")
+    if model.path is not None and model_family(model) in EAGER_ATTENTION_ONLY \
+            and model.attn_implementation not in ("auto", "eager"):
         raise ConfigError(f"model={model.name} is a {model_family(model).value} model, which transformers runs with "
                           f"eager attention only: set model.attn_implementation=eager.")
     if peft.method is PeftMethod.qlora:

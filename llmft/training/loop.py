@@ -35,6 +35,7 @@ import peft  # noqa: F401  (imported here, not inside the load: the load's memor
 import torch
 import torch.distributed as dist
 
+from llmft.config.families import model_family
 from llmft.config.schema import PeftMethod
 from llmft.data.tokenize.batching import epoch_order
 from llmft.data.prepare.reading import read_conversations
@@ -47,13 +48,13 @@ from llmft.rundir.init_from import starting_adapter
 from llmft.rundir.layout import checkpoints_dir, metrics_path
 from llmft.rundir.lifetime import LAUNCHER_PID_ENV, die_with_launcher
 from llmft.config.compose import to_container
-from llmft.training import objectives, strategies, tracking
+from llmft.training import attention, objectives, strategies, tracking
 from llmft.training.final import save_final
 from llmft.training.flops import flops_per_token, peak_flops
 from llmft.training import loss as supervised_loss
 from llmft.training.metrics import (MemoryMeter, MetricsLog, peak_resident_mb, quiet_progress_bars,
                                     reset_peak_resident, resident_mb)
-from llmft.training.model import count_parameters, load_model
+from llmft.training.model import causal_lm_class, count_parameters, load_model
 from llmft.training.precision import uses_bf16
 from llmft.training import signals
 from llmft.training.signals import EXPORT_GRACE_S, Interrupted, StopSignals, requeue_slurm_job
@@ -145,21 +146,25 @@ class Trainer:
             self.tokenizer = load_tokenizer(cfg.model.path, cfg.model.fallback_chat_template)
         splits, self.prep_counts = build_splits(conversations, self.tokenizer, cfg.data, cfg.model.max_seq_len)
         self.train_samples, self.val_samples = splits["train"], splits["validation"]
-        # flash-attention finds sample boundaries from restarting positions only in a single row: lay packed rows
-        # end to end (SDPA and eager get a block-diagonal mask from the positions of each row)
-        self.flatten = cfg.model.attn_implementation.startswith("flash")
+        on_gpu = self.device.type == "cuda"
+        self.attention = attention.choose(
+            cfg.model.attn_implementation, model_family(cfg.model), self.device.type, self.bf16,
+            "packed_rows" in self.prep_counts, causal_lm_class(cfg.model) if on_gpu else None,
+            torch.cuda.get_device_capability(self.device) if on_gpu else None)
+        self.flatten = attention.lays_rows_end_to_end(self.attention)
         samples = self.prep_counts["samples"]  # the same counts as summary.json's data.samples / data.packed_rows
         rows = self.prep_counts.get("packed_rows")
         self.log(f"data: {len(conversations)} conversations ({len(self.read_report['skipped'])} bad records skipped),"
                  f" {samples['train']} train / {samples['validation']} validation samples"
                  + (f", packed into {rows['train']} / {rows['validation']} rows of {cfg.model.max_seq_len} tokens"
-                    if rows else ""))
+                    if rows else "") + f"; attention: {self.attention}")
 
     def _setup_model(self) -> None:
         tcfg, topology = self.tcfg, self.topology
         rss_before_load_mb = resident_mb()
         reset_peak_resident()  # the peak of the load itself, not of the data preparation before it
-        model, self.base_model_path = load_model(self.cfg, self.strategy, self.tokenizer, self.run_dir, topology)
+        model, self.base_model_path = load_model(self.cfg, self.strategy, self.tokenizer, self.run_dir, topology,
+                                                self.attention)
         self.num_params, self.num_trainable = count_parameters(model, self.strategy.full_shape)
         hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.loss_head = supervised_loss.install(hf_model, tcfg.loss_head, topology.device_type,

@@ -37,6 +37,7 @@ from llmft.config.schema import LossHead
 from llmft.config.validation import LOGIT_SCALING_KEYS
 from llmft.data.tokenize.templating import IGNORE_INDEX
 from llmft.errors import ConfigError
+from llmft.training import attention
 from llmft.training.precision import autocast
 
 # Elements of one chunk's fp32 logits: 2**26 is 256 MB (523 rows of a 128,256-id vocabulary; one chunk for a small one).
@@ -133,13 +134,13 @@ def supervised_loss(hf_model, labels, loss_index, head: str, partitioned: bool, 
     for key in ("logits_to_keep", "return_dict", "output_attentions", "output_hidden_states", "num_items_in_batch"):
         kwargs.pop(key, None)
     decoder = getattr(hf_model, hf_model.base_model_prefix)
-    # A sliding window shorter than the row (Gemma 3's 1024, Phi-3-mini's 2047) is not in packed_attention_mask's
+    # A sliding window shorter than the row (Gemma 3's 1024, Phi-3-mini's 2047) is not in packed_rows_mask's
     # block-diagonal mask: transformers then builds the masks from the positions itself (a device sync per forward).
     window = getattr(hf_model.config.get_text_config(), "sliding_window", None)
     if kwargs.get("attention_mask") is None and kwargs.get("position_ids") is not None \
             and not (window and window < kwargs["position_ids"].shape[-1]):
-        mask = packed_attention_mask(kwargs["position_ids"], hf_model.config._attn_implementation,
-                                     decoder.get_input_embeddings().weight.dtype)
+        mask = attention.packed_rows_mask(kwargs["position_ids"], hf_model.config._attn_implementation,
+                                          decoder.get_input_embeddings().weight.dtype)
         if mask is not None:
             kwargs["attention_mask"] = mask
     hidden = decoder(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
@@ -166,24 +167,6 @@ def supervised_loss(hf_model, labels, loss_index, head: str, partitioned: bool, 
         loss_sum = linear_cross_entropy_sum(rows, lm_head.weight, lm_head.bias, targets)
     num_supervised = torch.full((), loss_index.numel(), dtype=torch.int64, device=rows.device)
     return types.SimpleNamespace(loss_sum=loss_sum, num_supervised=num_supervised, logits=None)
-
-
-def packed_attention_mask(position_ids, attn_implementation: str, dtype) -> torch.Tensor | None:
-    """The block-diagonal causal mask of packed rows (positions restart at each sample), [rows, 1, T, T], built on the
-    device without reading anything back: transformers builds the same mask from the positions, but first asks the
-    host whether the rows are packed at all (`find_packed_sequence_indices`: a device sync on every forward). A 4D
-    mask is used as given. SDPA and eager only (None otherwise: flash-attention takes the positions as they are)."""
-    if attn_implementation not in ("sdpa", "eager"):
-        return None
-    starts = torch.diff(position_ids, dim=-1, prepend=position_ids[:, :1] - 1) != 1
-    sequence = starts.cumsum(-1)  # the sample each token belongs to, within its row
-    length = position_ids.shape[-1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
-    allowed = (sequence[:, :, None] == sequence[:, None, :]) & causal
-    if attn_implementation == "sdpa":
-        return allowed[:, None]
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
-        ~allowed, torch.finfo(dtype).min)[:, None]
 
 
 def chunk_rows(vocab_size: int) -> int:

@@ -124,8 +124,9 @@ def weights_dtype(model_cfg, peft_cfg) -> str:
     return model_cfg.dtype
 
 
-def load_pretrained_model(model_cfg, peft_cfg=None, gpu_index: int = 0):
-    """A local Hugging Face folder, read with `local_files_only` (compute nodes are offline)."""
+def load_pretrained_model(model_cfg, peft_cfg=None, gpu_index: int = 0, attention: str = "sdpa"):
+    """A local Hugging Face folder, read with `local_files_only` (compute nodes are offline), with the attention
+    implementation the rank chose (training/attention.py)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -146,7 +147,7 @@ def load_pretrained_model(model_cfg, peft_cfg=None, gpu_index: int = 0):
         path,
         dtype=getattr(torch, weights_dtype(model_cfg, peft_cfg)),
         local_files_only=True,
-        attn_implementation=model_cfg.attn_implementation,
+        attn_implementation=attention,
         **extra,
     )
     if extra:
@@ -238,7 +239,22 @@ def count_parameters(model, full_shape=None) -> tuple[int, int]:
     return sum(n for n, _ in sizes), sum(n for n, trainable in sizes if trainable)
 
 
-def build_on_meta(model_cfg, peft_cfg=None):
+def causal_lm_class(model_cfg):
+    """The transformers class the run's model is built as (None when the folder's type is not a causal LM the
+    Auto class knows): what it says about the attention kernels it can run (training/attention.py)."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if model_cfg.path is None:
+        return getattr(transformers, FAMILY_CLASSES[family_of(model_cfg.tiny.family)][1])
+    config = AutoConfig.from_pretrained(Path(os.path.expandvars(model_cfg.path)).expanduser(), local_files_only=True)
+    try:
+        return AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        return None
+
+
+def build_on_meta(model_cfg, peft_cfg=None, attention: str = "sdpa"):
     """The model's skeleton with its parameters on the meta device (no memory); buffers (rotary tables) stay real.
 
     FSDP2 shards this skeleton, and each rank then reads only its shards from the safetensors files (`load_weights`
@@ -253,8 +269,7 @@ def build_on_meta(model_cfg, peft_cfg=None):
     # deterministic mode (filling new memory) costs the model's size in resident memory.
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(
-            config, dtype=getattr(torch, weights_dtype(model_cfg, peft_cfg)),
-            attn_implementation=model_cfg.attn_implementation
+            config, dtype=getattr(torch, weights_dtype(model_cfg, peft_cfg)), attn_implementation=attention
         )
     for module in model.modules():  # computed buffers (rotary tables) must be real: rebuild their small owners
         meta_buffers = [name for name, buffer in module.named_buffers(recurse=False) if buffer.is_meta]
@@ -456,8 +471,9 @@ def decoder_layers(model) -> list:
     return layers
 
 
-def load_model(cfg, strategy, tokenizer, run_dir: Path, topology) -> tuple:
-    """The run's model, ready for `strategy.wrap`, and the folder of the base model the adapter applies to.
+def load_model(cfg, strategy, tokenizer, run_dir: Path, topology, attention: str) -> tuple:
+    """The run's model, ready for `strategy.wrap`, and the folder of the base model the adapter applies to;
+    `attention`: the implementation the rank chose (training/attention.py).
 
     The order is fixed (torchtitan's, for the same reasons): PEFT before activation checkpointing so the checkpointed
     blocks hold the adapters; compile per decoder layer after checkpointing (small graphs compiled once, reused by
@@ -465,22 +481,23 @@ def load_model(cfg, strategy, tokenizer, run_dir: Path, topology) -> tuple:
     """
     if cfg.model.path is None:  # model=tiny: built from its config with seeded weights, saved as the run's base
         model = build_tiny_model(cfg.model.tiny, tokenizer, cfg.train.seed, cfg.model.max_seq_len)
+        model.set_attn_implementation(attention)
         base_model_path = run_dir / "base_model"
         if topology.is_main:  # the base the adapter applies to, so stock PEFT can load the result
             model.save_pretrained(base_model_path)
         topology.barrier()
     elif strategy.builds_on_meta:  # no weights yet: each rank loads its shards once sharded
-        model = build_on_meta(cfg.model, cfg.peft)
+        model = build_on_meta(cfg.model, cfg.peft, attention)
         base_model_path = Path(cfg.model.path)
     elif strategy.broadcasts_from_rank0 and topology.is_distributed and cfg.peft.method is not PeftMethod.qlora:
         # DDP and ZeRO-2 give every replica rank 0's weights when they wrap (a broadcast): every rank builds the
         # skeleton and allocates it on its device; rank 0 alone reads the weights, tensor by tensor with plain file
         # I/O (from_pretrained's memory map would also count the file in its resident memory). No host copy per rank.
-        model = build_on_meta(cfg.model, cfg.peft)
+        model = build_on_meta(cfg.model, cfg.peft, attention)
         base_model_path = Path(cfg.model.path)
     else:
         with strategy.loading_context():
-            model = load_pretrained_model(cfg.model, cfg.peft, topology.device.index or 0)
+            model = load_pretrained_model(cfg.model, cfg.peft, topology.device.index or 0, attention)
         base_model_path = Path(cfg.model.path)
     model.config.use_cache = False
     model = apply_peft(model, cfg.peft, cfg.model)

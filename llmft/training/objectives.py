@@ -50,7 +50,8 @@ class MicroBatch:
     sequences: int  # real sequences (packed rows hold several)
 
     def to(self, device) -> "MicroBatch":
-        self.inputs = {k: v.to(device, non_blocking=True) for k, v in self.inputs.items()}
+        self.inputs = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v  # max_length: an int
+                       for k, v in self.inputs.items()}
         return self
 
 

@@ -49,6 +49,7 @@ RUN_ORDER = [
     "serve/test_export_push.py",
     "training/test_families.py",
     "training/test_gpu_paths.py",
+    "training/test_attention_paths.py",
     "training/test_tied_weights.py",
     "launch/test_launch_errors.py",
     "launch/test_config_hints.py",

@@ -341,8 +341,7 @@ def test_a_saved_model_loads_on_meta_and_from_its_shards(family, tokenizer, tmp_
                   tmp_path / "model.safetensors", metadata={"format": "pt"})
     attention = "eager" if family == "bloom" else "sdpa"  # transformers has no SDPA for BLOOM
     reference = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=attention).eval()
-    skeleton = build_on_meta(types.SimpleNamespace(path=str(tmp_path), dtype="float32",
-                                                   attn_implementation=attention))
+    skeleton = build_on_meta(types.SimpleNamespace(path=str(tmp_path), dtype="float32"), None, attention)
     allocate(skeleton, torch.device("cpu"))
     load_weights(skeleton, tmp_path)
     ids = torch.tensor(PROBE_IDS)

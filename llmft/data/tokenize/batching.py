@@ -13,10 +13,11 @@ the training loop passes every other key to the model. Padding is masked by posi
   padding at the end of a row restarts its positions too, so it is a block of its own that nothing attends to.
   transformers only looks for restarting positions when the model runs without a KV cache: the model must have
   `config.use_cache = False` (training/model.py sets it), or be called with `use_cache=False`.
-- `flatten=True`, for flash-attention: all rows laid end to end in one row of shape (1, tokens) without padding;
-  flash-attention's varlen kernel reads the sample boundaries from the restarting position ids
-  (`modeling_flash_attention_utils._is_packed_sequence` only looks when the batch has one row). Without it a
-  batch of several packed rows on flash-attention would let samples of a row attend to each other.
+- `flatten=True`, for flash-attention: all rows laid end to end in one row of shape (1, tokens) without padding,
+  with the sample boundaries its varlen kernel takes (`cu_seq_lens_q/k`, int32 offsets, and `max_length_q/k`, the
+  longest sample as a Python int), made here on the host: given them, transformers does not infer them from the
+  positions in every layer (a device sync each). Without flattening, a batch of several packed rows on
+  flash-attention would let samples of a row attend to each other.
 """
 
 from __future__ import annotations
@@ -64,6 +65,12 @@ def collate(samples: list[Sample], pad_token_id: int, flatten: bool = False) -> 
         attention_mask[index, :n] = 1
         position_ids[index, :n] = torch.tensor(positions)
         position_ids[index, n:] = torch.arange(length - n)  # padding: a block of its own
+    if flatten:
+        lengths = [length for s in samples for length in (s.seq_lengths or [len(s.input_ids)])]
+        offsets = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "num_tokens": num_tokens,
+                "cu_seq_lens_q": offsets, "cu_seq_lens_k": offsets, "max_length_q": max(lengths),
+                "max_length_k": max(lengths)}
     if packed:
         return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "num_tokens": num_tokens}
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "num_tokens": num_tokens}

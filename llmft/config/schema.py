@@ -56,9 +56,10 @@ class DpoLoss(str, Enum):
 
 
 class Precision(str, Enum):
-    auto = "auto"  # bf16 autocast on a GPU that supports it, fp32 elsewhere (CPU)
+    auto = "auto"  # bf16 on a GPU that has it natively, fp16 with a loss scaler on an older one (V100), fp32 on a CPU
     fp32 = "fp32"
     bf16 = "bf16"
+    fp16 = "fp16"  # autocast to float16 with a dynamic loss scaler
 
 
 @dataclass

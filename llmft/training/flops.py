@@ -7,8 +7,16 @@ Per token, with N parameters, L layers, hidden size d and context length T (PaLM
 
 from __future__ import annotations
 
-# Dense bf16 peak, FLOP/s per GPU.
-PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "V100": 125e12}
+# Dense tensor-core peak, FLOP/s per GPU, by compute precision (training/precision.py's names). fp32: the plain fp32
+# peak (a run in fp32 gets no tensor cores unless TF32 is on). A V100 has no bf16 tensor cores: precision=auto runs
+# fp16 there, which is what its 125 TFLOP/s count.
+PEAK_FLOPS = {
+    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
+    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+    "V100": {"fp16": 125e12, "fp32": 15.7e12},
+    "T4": {"fp16": 65e12, "fp32": 8.1e12},
+}
 
 
 def flops_per_token(num_params: int, num_trainable: int, num_layers: int, hidden_size: int, seq_len: float,
@@ -19,7 +27,9 @@ def flops_per_token(num_params: int, num_trainable: int, num_layers: int, hidden
     return 6 * num_params + attention
 
 
-def peak_flops(device_name: str) -> float | None:
-    """The peak of a GPU from its name (`torch.cuda.get_device_name()`), or None when unknown (CPU)."""
+def peak_flops(device_name: str, precision: str = "bf16") -> float | None:
+    """The peak of a GPU from its name (`torch.cuda.get_device_name()`) at a compute precision (bf16, fp16, fp32),
+    or None when unknown (a CPU, or bf16 on a GPU that only emulates it)."""
     upper = device_name.upper()
-    return next((peak for kind, peak in PEAK_FLOPS.items() if kind in upper), None)
+    peaks = next((peaks for kind, peaks in PEAK_FLOPS.items() if kind in upper), {})
+    return peaks.get(precision)

@@ -48,14 +48,13 @@ from llmft.rundir.init_from import starting_adapter
 from llmft.rundir.layout import checkpoints_dir, metrics_path
 from llmft.rundir.lifetime import LAUNCHER_PID_ENV, die_with_launcher
 from llmft.config.compose import to_container
-from llmft.training import attention, objectives, strategies, tracking
+from llmft.training import attention, objectives, precision, strategies, tracking
 from llmft.training.final import save_final
 from llmft.training.flops import flops_per_token, peak_flops
 from llmft.training import loss as supervised_loss
 from llmft.training.metrics import (MemoryMeter, MetricsLog, peak_resident_mb, quiet_progress_bars,
                                     reset_peak_resident, resident_mb)
 from llmft.training.model import causal_lm_class, count_parameters, load_model
-from llmft.training.precision import uses_bf16
 from llmft.training import signals
 from llmft.training.signals import EXPORT_GRACE_S, Interrupted, StopSignals, requeue_slurm_job
 from llmft.training.topology import Topology
@@ -123,15 +122,15 @@ class Trainer:
         os.umask(int(str(self.cfg.umask), 8))  # every rank writes into the run directory (see llmft.rundir.create)
         topology.init_process_group(self.tcfg.collective_timeout_min)
         self.stop = StopSignals(topology)
-        self.bf16 = uses_bf16(self.tcfg.precision, topology.device_type)
-        self.strategy = strategies.build(self.cfg, topology, self.bf16)
+        self.compute = precision.compute_dtype(self.tcfg.precision, topology.device_type)
+        self.strategy = strategies.build(self.cfg, topology, self.compute)
         random.seed(self.tcfg.seed)
         np.random.seed(self.tcfg.seed)
         torch.manual_seed(self.tcfg.seed)
         if self.device.type == "cpu":
             torch.use_deterministic_algorithms(True)
         self.log(f"llmft: model={self.cfg.model.name} peft={self.cfg.peft.method.value} strategy={self.strategy.name} "
-                 f"world_size={topology.world_size} device={self.device} precision={'bf16' if self.bf16 else 'fp32'}")
+                 f"world_size={topology.world_size} device={self.device} precision={precision.NAMES[self.compute]}")
 
     def _setup_data(self) -> None:
         cfg, topology = self.cfg, self.topology
@@ -148,7 +147,7 @@ class Trainer:
         self.train_samples, self.val_samples = splits["train"], splits["validation"]
         on_gpu = self.device.type == "cuda"
         self.attention = attention.choose(
-            cfg.model.attn_implementation, model_family(cfg.model), self.device.type, self.bf16,
+            cfg.model.attn_implementation, model_family(cfg.model), self.device.type, self.compute is not None,
             "packed_rows" in self.prep_counts, causal_lm_class(cfg.model) if on_gpu else None,
             torch.cuda.get_device_capability(self.device) if on_gpu else None)
         self.flatten = attention.lays_rows_end_to_end(self.attention)
@@ -164,7 +163,7 @@ class Trainer:
         rss_before_load_mb = resident_mb()
         reset_peak_resident()  # the peak of the load itself, not of the data preparation before it
         model, self.base_model_path = load_model(self.cfg, self.strategy, self.tokenizer, self.run_dir, topology,
-                                                self.attention)
+                                                self.attention, self.compute)
         self.num_params, self.num_trainable = count_parameters(model, self.strategy.full_shape)
         hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.loss_head = supervised_loss.install(hf_model, tcfg.loss_head, topology.device_type,
@@ -186,11 +185,11 @@ class Trainer:
         self.log(f"memory: loading the model took {self.load_rss_mb:,.0f} MB of host RAM over "
                  f"{topology.world_size} rank(s)")
         hf_config = self.peft_model.config
-        self.gpu_peak_flops = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" \
-            else None
+        self.gpu_peak_flops = peak_flops(torch.cuda.get_device_name(self.device), precision.NAMES[self.compute]) \
+            if self.device.type == "cuda" else None
         self.num_layers, self.hidden_size = hf_config.num_hidden_layers, hf_config.hidden_size
         self.memory = MemoryMeter(self.device)
-        self.objective = objectives.build(self.cfg, self.peft_model, self.tokenizer.pad_token_id, self.bf16,
+        self.objective = objectives.build(self.cfg, self.peft_model, self.tokenizer.pad_token_id, self.compute,
                                           self.flatten, self.all_reduce, self.loss_head, self.device)
 
     def plan_steps(self, samples_per_step: int) -> int:
@@ -470,7 +469,7 @@ class Trainer:
             "data": {**self.read_report, **self.prep_counts},
             "world_size": self.topology.world_size,
             "strategy": self.strategy.name,
-            "precision": "bf16" if self.bf16 else "fp32",
+            "precision": precision.NAMES[self.compute],
             "sharding_rank0": self.sharding,
             "load_host_rss_mb_all_ranks": self.load_rss_mb,
             "wall_time_s": time.time() - self.started,

@@ -1,8 +1,8 @@
 """The training loss: next-token cross-entropy summed over the supervised positions only, without full logits.
 
     install(hf_model, choice, device_type, partitioned) -> the head the run uses ("chunked", "liger" or "full_logits")
-    token_losses(model, batch, bf16) -> (sum of losses, number of supervised tokens), both on the device
-    supervised_token_losses(model, batch, bf16, installed) -> each supervised position's loss (DPO, KTO)
+    token_losses(model, batch, compute) -> (sum of losses, number of supervised tokens), both on the device
+    supervised_token_losses(model, batch, compute, installed) -> each supervised position's loss (DPO, KTO)
 
 A `[tokens, vocab]` logits tensor is what dominates a fine-tuning step's memory on a real vocabulary (Llama 3:
 128,256 ids; 4,096 tokens -> 2 GB of fp32 logits, as much again for their gradient), and about half of a support
@@ -52,9 +52,10 @@ def with_loss_index(batch: dict) -> dict:
     return batch
 
 
-def token_losses(model, batch: dict, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of next-token cross-entropies over the supervised positions, and their number (both on the device)."""
-    with autocast(bf16, batch["input_ids"].device.type):
+def token_losses(model, batch: dict, compute: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of next-token cross-entropies over the supervised positions, and their number (both on the device);
+    `compute`: the autocast dtype, None for fp32."""
+    with autocast(compute, batch["input_ids"].device.type):
         output = model(**batch)
     if getattr(output, "loss_sum", None) is not None:  # an installed head
         return output.loss_sum, output.num_supervised
@@ -64,10 +65,10 @@ def token_losses(model, batch: dict, bf16: bool) -> tuple[torch.Tensor, torch.Te
     return loss_sum, (targets != IGNORE_INDEX).sum()
 
 
-def supervised_token_losses(model, batch: dict, bf16: bool, installed: bool) -> torch.Tensor:
+def supervised_token_losses(model, batch: dict, compute: torch.dtype | None, installed: bool) -> torch.Tensor:
     """The cross-entropy of each supervised position, in `loss_index` order, [supervised] fp32 on the device.
     `installed`: the model's forward was replaced by `install` (else: full logits from its own forward)."""
-    with autocast(bf16, batch["input_ids"].device.type):
+    with autocast(compute, batch["input_ids"].device.type):
         if installed:
             return model(**batch, token_loss=True).token_losses
         logits = model(**{k: v for k, v in batch.items() if k not in ("labels", "loss_index")}).logits

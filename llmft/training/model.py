@@ -115,16 +115,21 @@ def require_qlora_runtime() -> None:
         raise missing_extra("bitsandbytes", "qlora", "peft=qlora") from None
 
 
-def weights_dtype(model_cfg, peft_cfg) -> str:
+def weights_dtype(model_cfg, peft_cfg, compute=None) -> str:
     """Frozen weights stay in model.dtype; trained weights are kept in float32 (the optimizer's master copy), and the
     compute runs in bf16 through autocast, FSDP2's MixedPrecisionPolicy or DeepSpeed's bf16 mode. Adam updates on
-    bf16 weights would lose most small steps to rounding."""
+    bf16 weights would lose most small steps to rounding. A bf16 base on an fp16 run (`compute`, a GPU without native
+    bf16: V100) is kept in fp16, its matmuls would be emulated in bf16."""
+    import torch
+
     if peft_cfg is not None and peft_cfg.method is PeftMethod.full:
         return "float32"
+    if compute is torch.float16 and model_cfg.dtype == "bfloat16":
+        return "float16"
     return model_cfg.dtype
 
 
-def load_pretrained_model(model_cfg, peft_cfg=None, gpu_index: int = 0, attention: str = "sdpa"):
+def load_pretrained_model(model_cfg, peft_cfg=None, gpu_index: int = 0, attention: str = "sdpa", compute=None):
     """A local Hugging Face folder, read with `local_files_only` (compute nodes are offline), with the attention
     implementation the rank chose (training/attention.py)."""
     import torch
@@ -145,7 +150,7 @@ def load_pretrained_model(model_cfg, peft_cfg=None, gpu_index: int = 0, attentio
                  "device_map": {"": gpu_index}}
     model = AutoModelForCausalLM.from_pretrained(
         path,
-        dtype=getattr(torch, weights_dtype(model_cfg, peft_cfg)),
+        dtype=getattr(torch, weights_dtype(model_cfg, peft_cfg, compute)),
         local_files_only=True,
         attn_implementation=attention,
         **extra,
@@ -254,7 +259,7 @@ def causal_lm_class(model_cfg):
         return None
 
 
-def build_on_meta(model_cfg, peft_cfg=None, attention: str = "sdpa"):
+def build_on_meta(model_cfg, peft_cfg=None, attention: str = "sdpa", compute=None):
     """The model's skeleton with its parameters on the meta device (no memory); buffers (rotary tables) stay real.
 
     FSDP2 shards this skeleton, and each rank then reads only its shards from the safetensors files (`load_weights`
@@ -269,7 +274,7 @@ def build_on_meta(model_cfg, peft_cfg=None, attention: str = "sdpa"):
     # deterministic mode (filling new memory) costs the model's size in resident memory.
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(
-            config, dtype=getattr(torch, weights_dtype(model_cfg, peft_cfg)), attn_implementation=attention
+            config, dtype=getattr(torch, weights_dtype(model_cfg, peft_cfg, compute)), attn_implementation=attention
         )
     for module in model.modules():  # computed buffers (rotary tables) must be real: rebuild their small owners
         meta_buffers = [name for name, buffer in module.named_buffers(recurse=False) if buffer.is_meta]
@@ -471,9 +476,9 @@ def decoder_layers(model) -> list:
     return layers
 
 
-def load_model(cfg, strategy, tokenizer, run_dir: Path, topology, attention: str) -> tuple:
+def load_model(cfg, strategy, tokenizer, run_dir: Path, topology, attention: str, compute) -> tuple:
     """The run's model, ready for `strategy.wrap`, and the folder of the base model the adapter applies to;
-    `attention`: the implementation the rank chose (training/attention.py).
+    `attention`: the implementation the rank chose (training/attention.py), `compute` its autocast dtype.
 
     The order is fixed (torchtitan's, for the same reasons): PEFT before activation checkpointing so the checkpointed
     blocks hold the adapters; compile per decoder layer after checkpointing (small graphs compiled once, reused by
@@ -487,17 +492,17 @@ def load_model(cfg, strategy, tokenizer, run_dir: Path, topology, attention: str
             model.save_pretrained(base_model_path)
         topology.barrier()
     elif strategy.builds_on_meta:  # no weights yet: each rank loads its shards once sharded
-        model = build_on_meta(cfg.model, cfg.peft, attention)
+        model = build_on_meta(cfg.model, cfg.peft, attention, compute)
         base_model_path = Path(cfg.model.path)
     elif strategy.broadcasts_from_rank0 and topology.is_distributed and cfg.peft.method is not PeftMethod.qlora:
         # DDP and ZeRO-2 give every replica rank 0's weights when they wrap (a broadcast): every rank builds the
         # skeleton and allocates it on its device; rank 0 alone reads the weights, tensor by tensor with plain file
         # I/O (from_pretrained's memory map would also count the file in its resident memory). No host copy per rank.
-        model = build_on_meta(cfg.model, cfg.peft, attention)
+        model = build_on_meta(cfg.model, cfg.peft, attention, compute)
         base_model_path = Path(cfg.model.path)
     else:
         with strategy.loading_context():
-            model = load_pretrained_model(cfg.model, cfg.peft, topology.device.index or 0, attention)
+            model = load_pretrained_model(cfg.model, cfg.peft, topology.device.index or 0, attention, compute)
         base_model_path = Path(cfg.model.path)
     model.config.use_cache = False
     model = apply_peft(model, cfg.peft, cfg.model)

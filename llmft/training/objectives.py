@@ -82,8 +82,8 @@ class SupervisedFineTuning:
 
     name = "sft"
 
-    def __init__(self, pad_token_id: int, bf16: bool, flatten: bool):
-        self.pad_token_id, self.bf16, self.flatten = pad_token_id, bf16, flatten
+    def __init__(self, pad_token_id: int, compute, flatten: bool):
+        self.pad_token_id, self.compute, self.flatten = pad_token_id, compute, flatten
 
     def before_training(self, splits, micro_batch_size, topology, run_dir, resumed, log) -> None:
         pass  # nothing: the data is all it needs
@@ -98,7 +98,7 @@ class SupervisedFineTuning:
                           sum(len(s.seq_lengths or [0]) for s in mine))
 
     def loss(self, model, batch: MicroBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        loss_sum, _ = token_losses(model, batch.inputs, self.bf16)
+        loss_sum, _ = token_losses(model, batch.inputs, self.compute)
         return loss_sum, {}
 
     def metrics(self, sums: dict[str, float], count: float) -> dict[str, float]:
@@ -109,14 +109,14 @@ class _Preference:
     """What DPO and KTO share: rows of prompt + completion, padded (never packed), sequence log-probabilities under
     the policy and the reference."""
 
-    def __init__(self, objective_cfg, peft_model, pad_token_id: int, bf16: bool, all_reduce, uses_adapter: bool,
+    def __init__(self, objective_cfg, peft_model, pad_token_id: int, compute, all_reduce, uses_adapter: bool,
                  installed_head: bool, device, precompute_reference: bool = False):
         self.cfg = objective_cfg
         self.precompute_reference = precompute_reference
         self.installed_head, self.device = installed_head, device
         self.beta = float(objective_cfg.beta)
         self.peft_model = peft_model  # unwrapped: the reference forward needs no gradient reduction
-        self.pad_token_id, self.bf16, self.all_reduce = pad_token_id, bf16, all_reduce
+        self.pad_token_id, self.compute, self.all_reduce = pad_token_id, compute, all_reduce
         self.uses_adapter = uses_adapter  # the reference is this model with its adapter disabled
         self.reference_table: dict[str, torch.Tensor] | None = None  # split -> [items, rows per item]
 
@@ -136,7 +136,7 @@ class _Preference:
     def sequence_logps(self, model, inputs: dict) -> torch.Tensor:
         """Sum of log-probabilities of each row's supervised tokens, [rows] (fp32)."""
         model_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "labels", "loss_index") if k in inputs}
-        token_nll = supervised_token_losses(model, model_inputs, self.bf16, self.installed_head)
+        token_nll = supervised_token_losses(model, model_inputs, self.compute, self.installed_head)
         rows = inputs["input_ids"].shape[0]
         return -torch.zeros(rows, dtype=torch.float32, device=token_nll.device).index_add_(
             0, inputs["loss_row"], token_nll.float())
@@ -319,17 +319,17 @@ def mismatched_row(example, other):
     return type(example.sample)(input_ids=ids, labels=labels)
 
 
-def build(cfg, peft_model, pad_token_id: int, bf16: bool, flatten: bool, all_reduce, loss_head: str,
+def build(cfg, peft_model, pad_token_id: int, compute, flatten: bool, all_reduce, loss_head: str,
           device) -> Objective:
     kind = cfg.objective.kind
     if kind is ObjectiveKind.sft:
-        return SupervisedFineTuning(pad_token_id, bf16, flatten)
+        return SupervisedFineTuning(pad_token_id, compute, flatten)
     cls = DirectPreferenceOptimization if kind is ObjectiveKind.dpo else KahnemanTverskyOptimization
     # The reference is the model the run starts from. A LoRA that starts from another run's adapter (init_from) is
     # that model only before the first step, and disabling it would give the base: its log-probabilities are
     # computed then, with the adapter on, as for full fine-tuning.
     from_adapter = starting_adapter(cfg) is not None
-    return cls(cfg.objective, peft_model, pad_token_id, bf16, all_reduce,
+    return cls(cfg.objective, peft_model, pad_token_id, compute, all_reduce,
                cfg.peft.method is not PeftMethod.full and not from_adapter, loss_head != "full_logits", device,
                precomputes_reference(cfg) or from_adapter)
 

@@ -148,7 +148,7 @@ def test_packed_rows_give_each_sample_its_unpacked_losses_through_each_kernel(im
     unpacked = with_loss_index(collate(samples, pad_token_id=0))
     model.set_attn_implementation("sdpa")
     with torch.no_grad():
-        expected = supervised_token_losses(model, unpacked, False, installed=True)
+        expected = supervised_token_losses(model, unpacked, None, installed=True)
     if implementation == "flash_attention_2":
         model.config._attn_implementation = implementation  # set_attn_implementation would look for flash_attn
     else:
@@ -157,5 +157,5 @@ def test_packed_rows_give_each_sample_its_unpacked_losses_through_each_kernel(im
     batch = with_loss_index(collate(rows, pad_token_id=0, flatten=attention.lays_rows_end_to_end(implementation)))
     batch.pop("num_tokens")
     with torch.no_grad():
-        packed = supervised_token_losses(model, batch, False, installed=True)
+        packed = supervised_token_losses(model, batch, None, installed=True)
     torch.testing.assert_close(packed, expected, atol=2e-5, rtol=1e-5)

@@ -231,11 +231,11 @@ def full_and_chunked_losses(peft_model, batch: dict) -> tuple[tuple, tuple]:
     installed for the call (the model's forward is restored after)."""
     from llmft.training.loss import install, token_losses, with_loss_index
 
-    full = token_losses(peft_model, dict(batch), bf16=False)
+    full = token_losses(peft_model, dict(batch), compute=None)
     hf_model = peft_model.get_base_model()
     forward = hf_model.forward
     assert install(hf_model, "auto", "cpu") == "chunked"
-    chunked = token_losses(peft_model, with_loss_index(dict(batch)), bf16=False)
+    chunked = token_losses(peft_model, with_loss_index(dict(batch)), compute=None)
     hf_model.forward = forward
     return full, chunked
 

@@ -15,6 +15,7 @@ from llmft.training import precision, strategies
 from llmft.training.loop import rng_state, set_rng_state
 from llmft.training.metrics import MemoryMeter
 from llmft.training.model import full_numel
+from llmft.training.flops import peak_flops
 from llmft.training.strategies.deepspeed import deepspeed_config
 from llmft.training.topology import Topology
 
@@ -22,18 +23,35 @@ from llmft.training.topology import Topology
 def test_bf16_only_where_the_gpu_has_it_natively(monkeypatch):
     # a V100: bf16 only by emulation, which is_bf16_supported() counts unless told not to
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
-    assert precision.uses_bf16("auto", "cuda") is False
+    assert precision.compute_dtype("auto", "cuda") is torch.float16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100
-    assert precision.uses_bf16("auto", "cuda") is True
-    assert precision.uses_bf16("auto", "cpu") is False and precision.uses_bf16("bf16", "cpu") is True
+    assert precision.compute_dtype("auto", "cuda") is torch.bfloat16
+    assert precision.compute_dtype("auto", "cpu") is None and precision.compute_dtype("bf16", "cpu") is torch.bfloat16
+
+
+@pytest.mark.parametrize("gpu, capability, compute, peak", [
+    ("Tesla V100-SXM2-32GB", (7, 0), torch.float16, 125e12),  # no bf16 tensor cores: fp16 and a loss scaler
+    ("Tesla T4", (7, 5), torch.float16, 65e12),
+    ("NVIDIA A100-SXM4-80GB", (8, 0), torch.bfloat16, 312e12),
+    ("NVIDIA H100 80GB HBM3", (9, 0), torch.bfloat16, 989e12),
+])
+def test_precision_and_peak_follow_the_compute_capability(gpu, capability, compute, peak):
+    chosen = precision.compute_dtype("auto", "cuda", native_bf16=precision.native_bf16_of(capability))
+    assert chosen is compute
+    assert peak_flops(gpu, precision.NAMES[chosen]) == peak
+    assert (precision.loss_scaler(chosen, "cpu") is not None) is (chosen is torch.float16)
+    assert peak_flops(gpu, "fp32") != peak  # an fp32 run is not measured against the tensor-core peak
 
 
 def test_deepspeed_reduces_and_accumulates_in_fp32_like_fsdp():
     cfg = compose(["parallelism=zero3", "launch.nproc=2"])
-    config = deepspeed_config(cfg, 2, bf16=True)
+    config = deepspeed_config(cfg, 2, torch.bfloat16)
     assert config["bf16"]["enabled"] and config["communication_data_type"] == "fp32"
-    assert config["data_types"]["grad_accum_dtype"] == "fp32"
-    assert "communication_data_type" not in deepspeed_config(cfg, 2, bf16=False)
+    assert config["data_types"]["grad_accum_dtype"] == "fp32" and not config["fp16"]["enabled"]
+    assert "communication_data_type" not in deepspeed_config(cfg, 2, None)
+    fp16 = deepspeed_config(cfg, 2, torch.float16)  # DeepSpeed's own fp16 path, with its dynamic loss scale
+    assert fp16["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    assert not fp16["bf16"]["enabled"]
 
 
 def test_four_bit_weights_count_their_real_size():
@@ -136,10 +154,10 @@ def test_peak_memory_is_per_interval(monkeypatch):
 
 def test_the_strategy_is_settled_from_the_ranks_real_number():
     cfg = compose(["parallelism=auto"])  # what an sbatch template's prepare_only run writes
-    assert strategies.build(cfg, Topology(2, 0, 0, 1, "cpu"), bf16=False).name == "ddp"
-    assert strategies.build(cfg, Topology(1, 0, 0, 1, "cpu"), bf16=False).name == "single"
+    assert strategies.build(cfg, Topology(2, 0, 0, 1, "cpu"), None).name == "ddp"
+    assert strategies.build(cfg, Topology(1, 0, 0, 1, "cpu"), None).name == "single"
     with pytest.raises(ConfigError, match="need a distributed strategy"):
-        strategies.build(compose(["parallelism=single"]), Topology(2, 0, 0, 1, "cpu"), bf16=False)
+        strategies.build(compose(["parallelism=single"]), Topology(2, 0, 0, 1, "cpu"), None)
 
 
 def test_the_evaluation_job_asks_for_the_gpus_the_model_needs():
@@ -223,3 +241,33 @@ def test_liger_is_not_taken_for_a_trainable_head_under_zero3(monkeypatch):
     for overrides in (["parallelism=zero3", "train.loss_head=liger"], ["parallelism=zero2", "peft=full",
                                                                         "train.loss_head=liger"]):
         check_loss_head(compose(overrides))  # LoRA's frozen head, or a strategy that keeps the head whole
+
+
+def test_fp16_scales_the_loss_skips_an_overflowing_step_and_checkpoints_its_scale(tmp_path):
+    """A V100's fp16 (precision=auto there): the loss scaler of single/ddp, on this CPU's float16 autocast."""
+    from llmft.training.strategies.single import SingleStrategy
+
+    cfg = compose(["train.precision=fp16", "train.max_grad_norm=1.0"])
+    topology = Topology(1, 0, 0, 1, "cpu")
+
+    def fresh():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        strategy = SingleStrategy(cfg, topology, torch.float16)
+        strategy.wrap(model, list(model.parameters()), lambda step: 1.0)
+        return model, strategy
+
+    model, strategy = fresh()
+    before = model.weight.detach().clone()
+    with precision.autocast(torch.float16, "cpu"):
+        loss = model(torch.ones(2, 4)).float().sum()
+    strategy.backward(loss * 1e35)  # times the 65,536 scale: inf gradients in fp32
+    assert not torch.isfinite(strategy.step())
+    assert torch.equal(model.weight, before) and strategy.scaler.get_scale() == 32768.0  # skipped, scale halved
+    strategy.backward(model(torch.ones(2, 4)).sum())
+    assert torch.isfinite(strategy.step()) and not torch.equal(model.weight, before)
+    strategy.save(tmp_path)
+    resumed_model, resumed = fresh()
+    resumed.load(tmp_path)
+    assert resumed.scaler.state_dict() == strategy.scaler.state_dict()
+    assert torch.equal(resumed_model.weight, model.weight)

@@ -39,7 +39,7 @@ def samples(vocab: int, packed: bool) -> list[Sample]:
 
 def loss_and_grads(model, batch: dict) -> tuple[float, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
-    loss_sum, count = loss.token_losses(model, batch, bf16=False)
+    loss_sum, count = loss.token_losses(model, batch, compute=None)
     (loss_sum / count).backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
     return float(loss_sum), grads
@@ -102,7 +102,7 @@ def test_per_token_losses_weighted_per_row_equal_the_full_logits_path(method, ti
 
     def weighted(model, installed):
         model.zero_grad(set_to_none=True)
-        losses = loss.supervised_token_losses(model, batch, bf16=False, installed=installed)
+        losses = loss.supervised_token_losses(model, batch, compute=None, installed=installed)
         (losses * weights).sum().backward()
         return losses.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -130,10 +130,10 @@ def test_per_token_losses_are_the_same_bits_with_and_without_gradients(method, m
     batch = loss.with_loss_index(collate(samples(vocab, packed=False), pad_token_id=0))
     batch.pop("num_tokens")
     with torch.no_grad():
-        without = loss.supervised_token_losses(model, batch, bf16=False, installed=True)
-        without_sum, _ = loss.token_losses(model, batch, bf16=False)
-    with_grad = loss.supervised_token_losses(model, batch, bf16=False, installed=True)
-    with_grad_sum, _ = loss.token_losses(model, batch, bf16=False)
+        without = loss.supervised_token_losses(model, batch, compute=None, installed=True)
+        without_sum, _ = loss.token_losses(model, batch, compute=None)
+    with_grad = loss.supervised_token_losses(model, batch, compute=None, installed=True)
+    with_grad_sum, _ = loss.token_losses(model, batch, compute=None)
     assert with_grad.requires_grad and with_grad_sum.requires_grad
     assert torch.equal(with_grad.detach(), without)
     assert torch.equal(with_grad_sum.detach(), without_sum)
@@ -159,7 +159,7 @@ def test_no_full_logits_tensor_exists_in_the_forward(monkeypatch):
         return out
 
     monkeypatch.setattr(torch.nn.functional, "linear", linear)
-    loss_sum, _ = loss.token_losses(model, batch, bf16=False)
+    loss_sum, _ = loss.token_losses(model, batch, compute=None)
     loss_sum.backward()
     assert 0 < largest <= 16 * vocab < tokens * vocab
 
@@ -200,13 +200,13 @@ def test_packed_rows_forward_reads_nothing_back_from_the_device(attention, monke
     loss.install(chunked, "chunked", "cpu")
     batch = loss.with_loss_index(collate(samples(300, packed=True), pad_token_id=0))
     batch.pop("num_tokens")
-    reference, _ = loss.token_losses(plain, batch, bf16=False)
+    reference, _ = loss.token_losses(plain, batch, compute=None)
     reads = []
     for name in ("__bool__", "item", "__float__", "__int__", "tolist"):
         real = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name: reads.append(_name)
                             or _real(self, *a))
-    loss_sum, _ = loss.token_losses(chunked, batch, bf16=False)
+    loss_sum, _ = loss.token_losses(chunked, batch, compute=None)
     loss_sum.backward()
     monkeypatch.undo()
     assert reads == []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from llmft.config.compose import compose
 from llmft.config.validation import validate
@@ -42,18 +43,18 @@ def test_bad_qlora_settings_are_refused_before_anything_runs(override, key):
 def test_deepspeed_config_is_generated_from_ours(tmp_path):
     cfg = compose(["parallelism=zero3_offload", "train.micro_batch_size=2", "train.grad_accum_steps=4",
                    "train.max_grad_norm=0.5", "parallelism.zero3_param_persistence_threshold=0"])
-    config = deepspeed_config(cfg, world_size=8, bf16=True)
+    config = deepspeed_config(cfg, world_size=8, compute=torch.bfloat16)
     assert config["train_batch_size"] == 2 * 4 * 8
     assert config["gradient_accumulation_steps"] == 4 and config["gradient_clipping"] == 0.5
     assert config["bf16"] == {"enabled": True}
     zero = config["zero_optimization"]
     assert zero["stage"] == 3 and zero["stage3_param_persistence_threshold"] == 0
     assert zero["offload_optimizer"]["device"] == "cpu"
-    assert deepspeed_config(compose(["parallelism=zero2"]), 2, False)["zero_optimization"] == {"stage": 2}
+    assert deepspeed_config(compose(["parallelism=zero2"]), 2, None)["zero_optimization"] == {"stage": 2}
 
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 5e7}, "bf16": {"enabled": False}}))
-    merged = deepspeed_config(compose(["parallelism=zero2", f"parallelism.deepspeed_config={user}"]), 2, True)
+    merged = deepspeed_config(compose(["parallelism=zero2", f"parallelism.deepspeed_config={user}"]), 2, torch.bfloat16)
     assert merged["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 5e7}  # merged, not replaced
     assert merged["bf16"] == {"enabled": False}
 

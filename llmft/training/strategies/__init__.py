@@ -64,22 +64,23 @@ class Strategy(Protocol):
         (or a module at a time): a collective under fsdp and zero3, so every rank iterates to the end."""
 
 
-def build(cfg, topology: Topology, bf16: bool) -> Strategy:
-    """The strategy for this run, `parallelism=auto` settled from the real number of ranks."""
+def build(cfg, topology: Topology, compute) -> Strategy:
+    """The strategy for this run, `parallelism=auto` settled from the real number of ranks; `compute`: the autocast
+    dtype, None for fp32 (training/precision.py)."""
     name = settle_parallelism(cfg, topology.world_size, f"this job's {topology.world_size} ranks",
                               topology.ranks_per_node)
     if name is Parallelism.single:
         from llmft.training.strategies.single import SingleStrategy
 
-        return SingleStrategy(cfg, topology, bf16)
+        return SingleStrategy(cfg, topology, compute)
     if name is Parallelism.ddp:
         from llmft.training.strategies.ddp import DDPStrategy
 
-        return DDPStrategy(cfg, topology, bf16)
+        return DDPStrategy(cfg, topology, compute)
     if name in (Parallelism.fsdp, Parallelism.hsdp):
         from llmft.training.strategies.fsdp import FSDPStrategy
 
-        return FSDPStrategy(cfg, topology, bf16)
+        return FSDPStrategy(cfg, topology, compute)
     from llmft.training.strategies.deepspeed import DeepSpeedStrategy
 
-    return DeepSpeedStrategy(cfg, topology, bf16)
+    return DeepSpeedStrategy(cfg, topology, compute)

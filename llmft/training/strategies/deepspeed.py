@@ -47,7 +47,9 @@ def merge(base: dict, override: dict) -> dict:
     return merged
 
 
-def deepspeed_config(cfg, world_size: int, bf16: bool, num_trainable: int | None = None) -> dict:
+def deepspeed_config(cfg, world_size: int, compute, num_trainable: int | None = None) -> dict:
+    """`compute`: the autocast dtype (None for fp32): DeepSpeed's bf16 mode, or its fp16 mode with its dynamic loss
+    scaler (loss_scale 0), which skips a step whose gradients overflow as torch's GradScaler does."""
     strategy = cfg.parallelism.strategy
     tcfg = cfg.train
     zero = {"stage": 2 if strategy is Parallelism.zero2 else 3}
@@ -68,10 +70,13 @@ def deepspeed_config(cfg, world_size: int, bf16: bool, num_trainable: int | None
         "gradient_accumulation_steps": tcfg.grad_accum_steps,
         "train_batch_size": tcfg.micro_batch_size * tcfg.grad_accum_steps * world_size,
         "gradient_clipping": tcfg.max_grad_norm,
-        "bf16": {"enabled": bf16},
+        "bf16": {"enabled": compute is torch.bfloat16},
+        "fp16": {"enabled": compute is torch.float16, "loss_scale": 0, "initial_scale_power": 16},
         # Reduce and accumulate gradients in fp32 as FSDP2 does (reduce_dtype=float32): by default both follow the
-        # model's dtype, so under bf16 the strategies would differ in precision.
-        **({"communication_data_type": "fp32", "data_types": {"grad_accum_dtype": "fp32"}} if bf16 else {}),
+        # model's dtype, so under bf16 the strategies would differ in precision. fp16 keeps DeepSpeed's own path
+        # (fp16 gradients under its loss scale), the combination its fp16 optimizers are written for.
+        **({"communication_data_type": "fp32", "data_types": {"grad_accum_dtype": "fp32"}}
+           if compute is torch.bfloat16 else {}),
         "zero_optimization": zero,
         "optimizer": {
             "type": "AdamW",
@@ -91,10 +96,10 @@ def deepspeed_config(cfg, world_size: int, bf16: bool, num_trainable: int | None
 class DeepSpeedStrategy:
     builds_on_meta = False
 
-    def __init__(self, cfg, topology, bf16: bool):
+    def __init__(self, cfg, topology, compute):
         self.cfg = cfg
         self.topology = topology
-        self.bf16 = bf16
+        self.compute = compute  # the autocast dtype, None for fp32 (training/precision.py)
         self.name = cfg.parallelism.strategy.value
         self.stage3 = cfg.parallelism.strategy in (Parallelism.zero3, Parallelism.zero3_offload)
         # ZeRO-2 broadcasts rank 0's parameters when it wraps (DeepSpeedEngine._broadcast_model); ZeRO-3 partitions
@@ -119,7 +124,7 @@ class DeepSpeedStrategy:
 
             deepspeed.init_distributed()  # DeepSpeed's view of the process group, for its batch-size checks
             self.hf_deepspeed_config = HfDeepSpeedConfig(
-                deepspeed_config(self.cfg, self.topology.world_size, self.bf16))
+                deepspeed_config(self.cfg, self.topology.world_size, self.compute))
         yield
 
     def place(self, model) -> None:
@@ -133,7 +138,7 @@ class DeepSpeedStrategy:
     def wrap(self, model, trainable, lr_lambda):
         import deepspeed
 
-        config = deepspeed_config(self.cfg, self.topology.world_size, self.bf16, sum(p.numel() for p in trainable))
+        config = deepspeed_config(self.cfg, self.topology.world_size, self.compute, sum(p.numel() for p in trainable))
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
             model_parameters=trainable,

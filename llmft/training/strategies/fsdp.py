@@ -9,6 +9,7 @@ disk already), and DCP reshards on load, so a run saved on 2 ranks resumes on 1 
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -85,9 +86,12 @@ def _no_gradient_sync(model, full_fine_tuning: bool = False, hsdp: bool = False)
 class FSDPStrategy(SingleStrategy):
     builds_on_meta = True
     broadcasts_from_rank0 = False
+    sharded_gradients = True
 
-    def __init__(self, cfg, topology, bf16: bool):
-        super().__init__(cfg, topology, bf16)
+    def __init__(self, cfg, topology, compute):
+        super().__init__(cfg, topology, compute)
+        # ShardedGradScaler's inf check makes a one-element DTensor per gradient: torch warns once per rank, for nothing
+        warnings.filterwarnings("ignore", message="Found a non-scalar tensor with numel=1")
         self.name = "hsdp" if cfg.parallelism.strategy is Parallelism.hsdp else "fsdp"
 
     def mesh(self):
@@ -106,8 +110,8 @@ class FSDPStrategy(SingleStrategy):
 
     def wrap(self, model, trainable, lr_lambda):
         mesh = self.mesh()
-        mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if self.bf16 else MixedPrecisionPolicy()
+        mp_policy = MixedPrecisionPolicy(param_dtype=self.compute, reduce_dtype=torch.float32) \
+            if self.compute is not None else MixedPrecisionPolicy()
         for layer in decoder_layers(model):
             fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
         fully_shard(model, mesh=mesh, mp_policy=mp_policy)
@@ -126,10 +130,7 @@ class FSDPStrategy(SingleStrategy):
         return _no_gradient_sync(self.model, self.cfg.peft.method is PeftMethod.full, self.name == "hsdp")
 
     def step(self) -> torch.Tensor:
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.train.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = super().step()
         return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
 
     def _options(self, **kwargs) -> StateDictOptions:
@@ -140,7 +141,7 @@ class FSDPStrategy(SingleStrategy):
         model_state, optim_state = get_state_dict(self.model, self.optimizer, options=self._options())
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder / "dcp"))
         if self.topology.is_main:
-            torch.save({"scheduler": self.scheduler.state_dict()}, folder / "scheduler.pt")
+            torch.save({"scheduler": self.scheduler.state_dict(), **self.scaler_state()}, folder / "scheduler.pt")
 
     def load(self, folder: Path) -> None:
         model_state, optim_state = get_state_dict(self.model, self.optimizer, options=self._options())
@@ -148,7 +149,9 @@ class FSDPStrategy(SingleStrategy):
         dcp.load(state, checkpoint_id=str(folder / "dcp"))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"], options=self._options(strict=False))
-        self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False)["scheduler"])
+        state = torch.load(folder / "scheduler.pt", weights_only=False)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.load_scaler_state(state)
         replan_lr(self.scheduler)
 
     def sharding_report(self) -> dict:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from llmft.config.schema import PeftMethod
+from llmft.training.precision import loss_scaler
 
 
 class SingleStrategy:
@@ -16,10 +17,13 @@ class SingleStrategy:
     broadcasts_from_rank0 = False
     partitions_parameters = False
 
-    def __init__(self, cfg, topology, bf16: bool):
+    sharded_gradients = False  # FSDP2's: DTensors, whose loss scaler must agree across ranks on inf/NaN
+
+    def __init__(self, cfg, topology, compute):
         self.cfg = cfg
         self.topology = topology
-        self.bf16 = bf16
+        self.compute = compute  # the autocast dtype, None for fp32 (training/precision.py)
+        self.scaler = loss_scaler(compute, topology.device_type, self.sharded_gradients)  # fp16 only
         self.model = None
         self.optimizer = None
         self.scheduler = None
@@ -50,14 +54,27 @@ class SingleStrategy:
         return nullcontext()  # one replica: nothing to synchronise
 
     def backward(self, loss):
-        loss.backward()
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def step(self) -> torch.Tensor:
+        if self.scaler:  # the norm and the clipping of the true gradients; a step with inf/NaN is skipped
+            self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.train.max_grad_norm)
-        self.optimizer.step()
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
+
+    def scaler_state(self) -> dict:
+        return {"scaler": self.scaler.state_dict()} if self.scaler else {}
+
+    def load_scaler_state(self, state: dict) -> None:
+        if self.scaler and "scaler" in state:  # a checkpoint of an fp32/bf16 run resumed in fp16 starts a new scale
+            self.scaler.load_state_dict(state["scaler"])
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
@@ -73,8 +90,8 @@ class SingleStrategy:
             return
         save_file({n: p.detach().cpu().contiguous() for n, p in self._trainable_named().items()},
                   folder / "trainable.safetensors")
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                   folder / "optimizer.pt")
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    **self.scaler_state()}, folder / "optimizer.pt")
 
     def load(self, folder: Path) -> None:
         from safetensors.torch import load_file
@@ -89,6 +106,7 @@ class SingleStrategy:
         state = torch.load(folder / "optimizer.pt", weights_only=False, map_location=self.topology.device)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.load_scaler_state(state)
         replan_lr(self.scheduler)
 
     def sharding_report(self) -> dict:

@@ -23,6 +23,8 @@ from llmft.errors import run_command
 from llmft.launch import slurm
 from llmft.launch.estimate import (GiB, advice, estimate, gpu_hours, hsdp_advice, largest_micro_batch,
                                    requeues_needed)
+from llmft.training.time_limit import (REQUEUE_S, SAFETY, WRITE_BYTES_PER_S, advised_margin_s,
+                                        busiest_writer_bytes)
 
 
 ASSUMED_MFU = 0.4  # what FSDP LoRA / full fine-tuning of 7B models reaches on A100 and H100 (40-55 %)
@@ -70,7 +72,26 @@ def estimate_lines(cfg: DictConfig, world: int, gpu_memory_gb: float | None, pea
         requeue = f", {requeues_needed(wall, qos_minutes)} requeue(s) at the QoS limit" if qos_minutes else ""
         lines.append(f"cost        {hours:,.1f} GPU-hours ({wall:,.1f} h wall) for {what} at "
                      f"{ASSUMED_MFU:.0%} MFU{requeue}")
+    if peak_tflops and cfg.cluster is not None:
+        lines.append(stop_line(cfg, result, world, peak_tflops))
     return lines
+
+
+def stop_line(cfg: DictConfig, result, world: int, peak_tflops: float) -> str:
+    """What a stop at the time limit costs (a step and the checkpoint the busiest rank writes), against the USR2
+    margin; the margin to give when it is short (the run would then stop on its own before the limit)."""
+    sharded = cfg.parallelism.strategy.value not in ("single", "ddp")
+    busiest = busiest_writer_bytes(result.trainable_params, world, sharded)
+    save_s = busiest / WRITE_BYTES_PER_S
+    step_s = result.tokens_per_step * result.flops_per_token / (ASSUMED_MFU * peak_tflops * 1e12 * world)
+    cost = step_s + save_s + REQUEUE_S
+    margin = cfg.cluster.signal_delay_s
+    verdict = "enough" if SAFETY * cost <= margin else \
+        f"short: give cluster.signal_delay_s={advised_margin_s(cost)} (else the run stops itself before the limit)"
+    writer = "each rank writes" if sharded else "rank 0 writes"
+    return (f"checkpoint  {writer} {busiest / 1e9:.1f} GB a save (~{save_s:.0f} s at {WRITE_BYTES_PER_S / 1e9:.1f} "
+            f"GB/s); a stop at the time limit ~{cost:.0f} s (a step, the save, the requeue): USR2 "
+            f"{margin} s before is {verdict}")
 
 
 def prepared_train_tokens(cfg: DictConfig) -> int | None:

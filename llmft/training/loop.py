@@ -57,6 +57,7 @@ from llmft.training.metrics import (MemoryMeter, MetricsLog, peak_resident_mb, q
 from llmft.training.model import causal_lm_class, count_parameters, load_model
 from llmft.training import signals
 from llmft.training.signals import EXPORT_GRACE_S, Interrupted, StopSignals, requeue_slurm_job
+from llmft.training.time_limit import WRITE_BYTES_PER_S, TimeLimit, busiest_writer_bytes, job_end_time
 from llmft.training.topology import Topology
 
 
@@ -225,22 +226,43 @@ class Trainer:
                                                     self.topology.world_size)
         metrics = MetricsLog(metrics_path(self.run_dir), self.total_steps, self.state.step,
                              enabled=self.topology.is_main, use_wandb=self.tcfg.wandb, mlflow=self.tracking)
+        job_id = os.environ.get("SLURM_JOB_ID")
+        sharded = self.strategy.name not in ("single", "ddp")
+        self.time_limit = TimeLimit(
+            self.cfg.cluster.signal_delay_s if self.cfg.cluster is not None else 120,
+            job_end_time(job_id) if job_id and self.topology.is_main else None, self.log,
+            busiest_writer_bytes(self.num_trainable, self.topology.world_size, sharded) / WRITE_BYTES_PER_S)
         with metrics:
             while self.state.step < self.total_steps:
-                self.train_step()
+                with self.time_limit.timed("step"):
+                    self.train_step()
                 step, last = self.state.step, self.state.step == self.total_steps
                 if step % self.tcfg.log_every == 0 or last:
                     self.log_metrics(metrics)
-                if step % self.tcfg.eval_every == 0 or last:
-                    self.validate(metrics)
+                validating = step % self.tcfg.eval_every == 0 or last
+                # a stop agreed now skips the validation: the margin before the time limit is for the checkpoint
+                stop_signal = self.stop.agreed(self.time_limit_stop()) if validating else 0
+                if validating and not stop_signal:
+                    with self.time_limit.timed("validation"):
+                        self.validate(metrics)
                 # the last step too: a completed run trains on from it (resume= with a larger train.max_steps)
                 saved = last or (self.tcfg.save_every > 0 and step % self.tcfg.save_every == 0)
                 if saved:
-                    self.save_checkpoint()
-                stop_signal = self.stop.agreed()
+                    with self.time_limit.timed("save"):
+                        self.save_checkpoint()
+                stop_signal = stop_signal or self.stop.agreed(self.time_limit_stop())
                 if stop_signal:
                     self.stop_at_signal(stop_signal, saved)
         return self.finish()
+
+    def time_limit_stop(self) -> int:
+        """Rank 0's own reason to stop (signals.TIME_LIMIT): the job's end is nearer than a stop costs and SLURM's
+        USR2 would come too late for it (training/time_limit.py); 0 otherwise."""
+        if not (self.topology.is_main and self.time_limit.near()):
+            return 0
+        self.log(f"time limit: the job ends in {self.time_limit.end_time - time.time():.0f} s and a stop costs "
+                 f"{self.time_limit.stop_cost():.0f} s: checkpointing and requeueing now")
+        return signals.TIME_LIMIT
 
     def train_step(self) -> None:
         """One optimizer step over `grad_accum_steps` micro-batches, normalised by the objective's count (supervised
@@ -421,7 +443,7 @@ class Trainer:
         if not saved:
             self.save_checkpoint()
         self.topology.barrier()
-        raise Interrupted(self.state.step, signal.Signals(stop_signal).name,
+        raise Interrupted(self.state.step, signals.name_of(stop_signal),
                           requeue_slurm_job(self.max_requeues(), self.topology), phase)
 
     def max_requeues(self) -> int:

@@ -78,6 +78,14 @@ class StoppedEarly(Exception):
         super().__init__(phase)
 
 
+TIME_LIMIT = 1000  # a stop agreed because the job's time limit is near (training/time_limit.py), not a signal
+
+
+def name_of(code: int) -> str:
+    """How a stop code is said: a signal's name, or the time limit."""
+    return "the job's time limit" if code == TIME_LIMIT else signal.Signals(code).name
+
+
 # The process's recorded stop signal, the first one (a later one, such as SLURM's SIGTERM after the requeue USR2 led
 # to, changes nothing): a process (a rank, the launcher) stops once, whoever asks.
 _received = 0
@@ -140,14 +148,15 @@ class StopSignals:
         if topology.is_distributed and topology.device_type == "cuda":
             self.group = dist.new_group(backend="gloo")
 
-    def agreed(self) -> int:
-        """The signal any rank received (0: none). Every rank calls it at the same boundary: one small all-reduce."""
+    def agreed(self, also: int = 0) -> int:
+        """The signal any rank received (0: none), or `also` where a rank has a reason of its own to stop (rank 0's
+        TIME_LIMIT, above every signal number). Every rank calls it at the same boundary: one small all-reduce."""
         import torch
         import torch.distributed as dist
 
         if not self.topology.is_distributed:
-            return _received
-        flag = torch.tensor([_received], dtype=torch.int64)  # on the host
+            return max(_received, also)
+        flag = torch.tensor([max(_received, also)], dtype=torch.int64)  # on the host
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return int(flag.item())
 

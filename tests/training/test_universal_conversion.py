@@ -206,3 +206,43 @@ def test_a_signalled_conversion_stops_cleanly_and_the_waiting_ranks_outlive_the_
     assert "resume: from" in output and "saved with world size 1, now 2" in output
     assert summary(run_dir)["status"] == "completed" and summary(run_dir)["steps"] == 5
     print(f"conversion {took:.0f} s with a collective timeout of 12 s; the resume {time.time() - started:.0f} s")
+
+
+# A conversion on one rank whose file system stalls after its first work item, with a limit of 3 s (DeepSpeed is
+# imported before, which takes longer than that on a loaded machine).
+STALLED_CONVERSION = """
+import sys, time
+from pathlib import Path
+import deepspeed.checkpoint.ds_to_universal
+from llmft.training.strategies import deepspeed
+from llmft.training.topology import Topology
+
+run_item = deepspeed._ResumableConversion._run_item
+
+def stalled(self, *args):
+    entry = run_item(self, *args)
+    time.sleep(120)
+    return entry
+
+deepspeed._ResumableConversion._run_item = stalled
+deepspeed.universal_checkpoint(Path(sys.argv[1]), 2, Topology(1, 0, 0, 1, "cpu"), timeout_min=0.05)
+"""
+
+
+@pytest.mark.slow
+def test_a_stalled_conversion_ends_at_its_limit_with_one_sentence_and_keeps_what_it_finished(
+        tmp_path, checkpoints_to_convert):
+    run_dir = tmp_path / "run"
+    shutil.copytree(checkpoints_to_convert["zero3_on_2"], run_dir)
+    started = time.time()
+    result = subprocess.run([sys.executable, "-c", STALLED_CONVERSION, str(run_dir / "checkpoints/step_3")], cwd=REPO,
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert time.time() - started < 60  # the limit and the imports, not the 120 s stall
+    assert result.returncode == 2, result.stderr[-3000:]
+    sentence = result.stderr.strip().splitlines()[-1]
+    assert sentence == ("llmft: rank 0 has converted step_3 to DeepSpeed's universal checkpoint for 3 s, its limit "
+                        "(train.save_timeout_min, or longer for a large checkpoint), and is splitting the optimizer "
+                        "shard of rank 0: its file system seems stalled, so this rank ends now instead of hanging; "
+                        "resume to continue the conversion where it stopped, with a larger train.save_timeout_min if "
+                        "it is this slow."), result.stderr[-3000:]
+    assert [entry["item"] for entry in journal(run_dir)] == ["0-0"]  # the shard it split, for the next attempt

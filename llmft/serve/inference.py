@@ -192,7 +192,8 @@ def generate(model, tokenizer, prompts: list[str], stop_ids: list[int], max_new_
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, progress=None) -> list[Generation]:
     """Answers to rendered prompts, in batches of similar lengths (left padding), returned in the prompts' order.
 
-    Greedy when temperature is 0: the answer of a prompt does not depend on the batch it is in.
+    Greedy when temperature is 0: the answer of a prompt does not depend on the batch it is in (each is the one
+    stock `generate` gives the prompt alone: tests/serve/test_batched_generation.py).
     """
     import torch
 
@@ -204,7 +205,10 @@ def generate(model, tokenizer, prompts: list[str], stop_ids: list[int], max_new_
     device = input_device(model)
     for start in range(0, len(order), batch_size):
         indices = order[start:start + batch_size]
-        batch = tokenizer([prompts[i] for i in indices], add_special_tokens=False, padding=True, return_tensors="pt")
+        # left padding whatever the tokenizer's default: each row's last prompt token is the last column, where the
+        # next token is read, and generate numbers the positions from the first real token
+        batch = tokenizer([prompts[i] for i in indices], add_special_tokens=False, padding=True, padding_side="left",
+                          return_tensors="pt")
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.no_grad():
             output = model.generate(**batch, generation_config=config)

@@ -43,6 +43,7 @@ RUN_ORDER = [
     "launch/test_estimate.py",
     "serve/test_eval.py",
     "serve/test_eval_expected_and_loss.py",
+    "serve/test_batched_generation.py",
     "serve/test_export_gguf.py",
     "serve/test_gguf_read_by_transformers.py",
     "serve/test_export_defaults.py",

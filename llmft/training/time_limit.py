@@ -20,13 +20,15 @@ REQUEUE_S = 10  # scontrol requeue and the ranks' exit
 # One writer's rate to a parallel file system (a GPFS or Lustre client), for a save not measured yet: a conservative
 # figure, the measured one replaces it at the first save.
 WRITE_BYTES_PER_S = 500e6
-STATE_BYTES_PER_TRAINABLE = 12  # fp32 weight and AdamW's two fp32 moments
+WEIGHT_BYTES, MOMENT_BYTES = 4, 8  # per trained parameter: its fp32 weight, AdamW's two fp32 moments
 
 
 def busiest_writer_bytes(trainable: int, world: int, sharded: bool) -> float:
-    """The bytes of a checkpoint the busiest rank writes: all of them for single/ddp (rank 0 writes the replicas'
-    state), its shard under fsdp/hsdp/zero (every rank writes its own)."""
-    return trainable * STATE_BYTES_PER_TRAINABLE / (world if sharded else 1)
+    """The bytes of a checkpoint the busiest rank writes: its shard of everything under fsdp/hsdp/zero; under
+    single/ddp rank 0's, the weights and its share of the moments (every rank writes a share: strategies/single.py)."""
+    if sharded:
+        return trainable * (WEIGHT_BYTES + MOMENT_BYTES) / world
+    return trainable * (WEIGHT_BYTES + MOMENT_BYTES / world)
 
 
 def job_end_time(job_id: str) -> float | None:

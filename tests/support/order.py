@@ -52,6 +52,7 @@ RUN_ORDER = [
     "training/test_gpu_paths.py",
     "training/test_attention_paths.py",
     "training/test_time_limit.py",
+    "training/test_replica_checkpoint.py",
     "training/test_tied_weights.py",
     "launch/test_launch_errors.py",
     "launch/test_config_hints.py",

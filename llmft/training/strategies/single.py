@@ -83,14 +83,21 @@ class SingleStrategy:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     def save(self, folder: Path) -> None:
-        """Replicas are identical: rank 0 writes for everyone."""
+        """Replicas are identical: rank 0 writes the trained tensors, the schedule and the optimizer's settings, and
+        every rank the optimizer moments of its share of the parameters (every world_size-th one), in parallel: the
+        moments are two thirds of the state (AdamW's two fp32 tensors per weight), and a stop at the time limit
+        waits for the slowest writer (training/time_limit.py)."""
         from safetensors.torch import save_file
 
+        optimizer_state = self.optimizer.state_dict()
+        rank, world = self.topology.rank, self.topology.world_size
+        mine = {index: moments for index, moments in optimizer_state["state"].items() if index % world == rank}
+        torch.save(mine, folder / f"optimizer_moments_{rank}_of_{world}.pt")
         if not self.topology.is_main:
             return
         save_file({n: p.detach().cpu().contiguous() for n, p in self._trainable_named().items()},
                   folder / "trainable.safetensors")
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        torch.save({"param_groups": optimizer_state["param_groups"], "scheduler": self.scheduler.state_dict(),
                     **self.scaler_state()}, folder / "optimizer.pt")
 
     def load(self, folder: Path) -> None:
@@ -104,6 +111,11 @@ class SingleStrategy:
             for name, param in self._trainable_named().items():
                 param.copy_(tensors[name])
         state = torch.load(folder / "optimizer.pt", weights_only=False, map_location=self.topology.device)
+        if "optimizer" not in state:  # the moments in parts, one per rank of the run that saved (any number)
+            moments = {}
+            for part in sorted(folder.glob("optimizer_moments_*_of_*.pt")):
+                moments.update(torch.load(part, weights_only=False, map_location=self.topology.device))
+            state["optimizer"] = {"state": moments, "param_groups": state["param_groups"]}
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.load_scaler_state(state)

@@ -1,11 +1,26 @@
 #!/usr/bin/env python3
-"""llmft against the tools people would pick instead, on a Llama-3.2-1B-shaped model: supervised tokens/s and peak RSS.
+"""llmft against the tools people would pick instead, on a Llama-3.2-1B-shaped model or on the real SmolLM2-135M:
+supervised tokens/s and peak RSS.
 
     python bench/bench_vs_hf_trl.py [--layers 2] [--steps 4] [--quick] [--llmft-root DIR]
+    python bench/bench_vs_hf_trl.py --model smollm2 [--steps 24] [--model-path DIR]
 
 Needs `trl` (pip install trl; it leaves torch and transformers as they are). CPU, fp32. Sized for about 15 minutes
 on a quiet 2-core machine: 4 steps of 2,048-token rows per contender, a 128,256-id output layer (BENCHMARKS.md has
 the measured times). `--quick` is a smoke run: a narrow 1-layer body, the same vocabulary, 3 steps.
+
+`--model smollm2`: a deep, narrow, real model instead, where most of the time is in the layers, not the head:
+SmolLM2-135M-Instruct's folder (`python -m llmft.models get smollm2-135m-instruct`; 30 layers, hidden 576, 9 heads /
+3 KV heads, a 49,152-id tied head, its pretrained weights in fp32) with its own tokenizer and chat template, trained
+as llmft's profile for it trains it (model=smollm2_135m: max_seq_len 512, train=small: AdamW lr 1e-3, 3 warmup
+steps, clip 1.0; LoRA r=16 on every linear layer but the head), about 10 minutes in all. The conversations:
+`--steps` groups of 2 tickets that fit a 512-token row together, taken in the seeded order
+(`conversations_in_groups`: two tickets of this tokenizer fill most of a row, so the 1B shape's "first N" rarely
+packs into exactly N / 2 rows); llmft packs each group into one row, HF gets batches of 2 conversations padded to
+the longer, TRL packs them itself. HF and TRL read the folder's template with `{% generation %}` markers added around
+each reply and its `<|im_end|>` (their assistant masks need them; `SMOLLM2_TEMPLATE_WITH_GENERATION`), checked to
+render every ticket to the same text as the folder's own. The step-overhead run (model=tiny) is the 1B run's.
+Everything below holds for both shapes but where it names the 1B shape's sizes.
 
 The model. Llama-3.2-1B's shape (vocabulary 128,256, hidden 2,048, intermediate 8,192, 32 heads / 8 KV heads,
 head_dim 64, llama3 RoPE, tied embeddings) with `--layers` decoder layers instead of 16, random weights (seed 0,
@@ -104,6 +119,22 @@ QUICK_SHAPE = {**LLAMA_3_2_1B, "hidden_size": 256, "intermediate_size": 1024, "n
                "num_key_value_heads": 2}
 
 SEED = 0
+
+# --model: the llmft model profile each shape trains as (conf/model/), whose LoRA and optimizer settings all use
+LLMFT_MODEL = {"llama-3.2-1b": "llama3_2_1b", "smollm2": "smollm2_135m"}
+SMOLLM2_STEPS = 24  # about 10 minutes for the three contenders on a quiet 2-core machine (BENCHMARKS.md)
+
+# SmolLM2-135M-Instruct's own chat template (the folder's chat_template.jinja: ChatML, a default system prompt) with
+# `{% generation %}` around each reply and its <|im_end|>, which HF's assistant masks and TRL's assistant_only_loss
+# need; the same text for every conversation (child_prepare checks it on every ticket).
+SMOLLM2_TEMPLATE_WITH_GENERATION = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}{% generation %}"
+    "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 def peak_rss_mb() -> float:
@@ -204,75 +235,154 @@ class StepRecorder:
 
 
 def child_prepare(setup: dict) -> dict:
-    """The tokenizer, the random model and the conversations every contender trains on."""
+    """The tokenizer, the model and the conversations every contender trains on."""
     sys.path.insert(0, setup["llmft_root"])
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from llmft.config.compose import compose
-    from llmft.data.tokenize.packing import pack_best_fit
     from llmft.data.prepare.reading import read_conversations
     from llmft.data.tokenize.templating import tokenize_many
-    from llmft.data.tokenize.tokenizer import train_tiny_tokenizer
 
     work, steps, max_seq_len = Path(setup["work"]), setup["steps"], setup["max_seq_len"]
-    # llmft's own settings for this model, which HF and TRL then copy: LoRA (peft=lora) and optimizer (train=default)
-    cfg = compose(["model=llama3_2_1b"])
+    # llmft's own settings for this model, which HF and TRL then copy: LoRA (peft=lora) and optimizer (the train=
+    # profile the model selects: train=default for llama3_2_1b, train=small for smollm2_135m)
+    cfg = compose([f"model={LLMFT_MODEL[setup['model']]}"])
     lora = {"r": cfg.peft.r, "lora_alpha": cfg.peft.alpha, "lora_dropout": cfg.peft.dropout,
             "target_modules": list(cfg.peft.target_modules or cfg.model.lora_target_modules)}
     optimizer = {"learning_rate": cfg.train.lr, "warmup_steps": cfg.train.warmup_steps,
                  "weight_decay": cfg.train.weight_decay, "adam_beta1": cfg.train.adam_beta1,
                  "adam_beta2": cfg.train.adam_beta2, "max_grad_norm": cfg.train.max_grad_norm, "seed": cfg.train.seed}
     conversations, _ = read_conversations(cfg.data)  # data=tickets_sample, cleaned and scrubbed by llmft
-    tokenizer = train_tiny_tokenizer([m["content"] for c in conversations for m in c.messages], 32_000)
-    model_dir = work / "model"
-    tokenizer.save_pretrained(model_dir)
+    if setup["model"] == "smollm2":
+        model = smollm2_files(setup, cfg, conversations, work)
+    else:
+        model = random_llama_files(setup, conversations, work)
+    tokenizer = model.pop("tokenizer")
+    hf_tokenizer = model.pop("hf_tokenizer")
 
-    # the first N = steps * B conversations of a seeded order, B the largest batch that packs into `steps` rows
     order = list(range(len(conversations)))
     random.Random(SEED).shuffle(order)
     samples = tokenize_many(tokenizer, [c.messages for c in conversations])
-    chosen = None
-    for batch in range(len(conversations) // steps, 0, -1):
-        picked = order[: steps * batch]
-        if len(pack_best_fit([samples[i] for i in picked], max_seq_len)) == steps:
-            chosen = (batch, picked)
-            break
-    if chosen is None:
-        raise SystemExit(f"no subset of the bundled tickets packs into exactly {steps} rows of {max_seq_len} tokens; "
-                         f"try another --steps")
-    batch, picked = chosen
+    if setup["model"] == "smollm2":
+        batch, picked = conversations_in_groups(samples, order, steps, max_seq_len)
+    else:
+        batch, picked = first_conversations_that_pack(samples, order, steps, max_seq_len)
     subset_path = work / "conversations.chat.jsonl"
     subset_path.write_text("".join(json.dumps({"messages": conversations[i].messages}) + "\n" for i in picked))
     # llmft tokenizes turn by turn; HF and TRL render the whole conversation: the same ids and masks?
     same = 0
     for i in picked:
-        whole = tokenizer.apply_chat_template(conversations[i].messages, tokenize=True, return_dict=True,
-                                              return_assistant_tokens_mask=True)
+        whole = hf_tokenizer.apply_chat_template(conversations[i].messages, tokenize=True, return_dict=True,
+                                                 return_assistant_tokens_mask=True)
         labels = [t if m else IGNORE_INDEX for t, m in zip(whole["input_ids"], whole["assistant_masks"])]
         same += whole["input_ids"] == samples[i].input_ids and labels[1:] == samples[i].labels[1:]
+    return {
+        **model,
+        "lora": lora,
+        "optimizer": optimizer,
+        "subset_path": str(subset_path),
+        "num_conversations_bundled": len(conversations),
+        "num_conversations": len(picked),
+        "hf_batch_size": batch,
+        "tokenizer_size": len(tokenizer),
+        "subset_tokens": sum(len(samples[i].input_ids) for i in picked),
+        "subset_supervised": sum(sum(1 for t in samples[i].labels[1:] if t != IGNORE_INDEX) for i in picked),
+        "tokenizations_agree": same,
+    }
 
+
+def random_llama_files(setup: dict, conversations, work: Path) -> dict:
+    """The Llama-3.2-1B-shaped model with random weights and a BPE trained on the tickets, saved in one folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmft.data.tokenize.tokenizer import train_tiny_tokenizer
+
+    tokenizer = train_tiny_tokenizer([m["content"] for c in conversations for m in c.messages], 32_000)
+    model_dir = work / "model"
+    tokenizer.save_pretrained(model_dir)
     shape = {**(QUICK_SHAPE if setup["quick"] else LLAMA_3_2_1B), "num_hidden_layers": setup["layers"]}
     config = LlamaConfig(**shape, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(SEED)
     model = LlamaForCausalLM(config)
     model.save_pretrained(model_dir)
-    return {
-        "lora": lora,
-        "optimizer": optimizer,
-        "model_dir": str(model_dir),
-        "subset_path": str(subset_path),
-        "num_conversations_bundled": len(conversations),
-        "num_conversations": len(picked),
-        "hf_batch_size": batch,
-        "tokenizer_size": len(tokenizer),
-        "num_parameters": sum(p.numel() for p in model.parameters()),
-        "subset_tokens": sum(len(samples[i].input_ids) for i in picked),
-        "subset_supervised": sum(sum(1 for t in samples[i].labels[1:] if t != IGNORE_INDEX) for i in picked),
-        "tokenizations_agree": same,
-        "shape": {k: v for k, v in shape.items() if k != "rope_parameters"},
-    }
+    return {"tokenizer": tokenizer, "hf_tokenizer": tokenizer, "model_dir": str(model_dir),
+            "tokenizer_dir": str(model_dir), "num_parameters": sum(p.numel() for p in model.parameters()),
+            "shape": {k: v for k, v in shape.items() if k != "rope_parameters"}}
+
+
+def smollm2_files(setup: dict, cfg, conversations, work: Path) -> dict:
+    """The SmolLM2-135M-Instruct folder as it is, for every contender; for HF and TRL a copy of its tokenizer whose
+    template carries `{% generation %}` markers around each reply and its `<|im_end|>` (what their assistant masks
+    need), checked to render every conversation exactly as the folder's own template does."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmft.data.tokenize.tokenizer import load_tokenizer
+
+    model_dir = Path(setup["model_path"] or cfg.model.path).expanduser()
+    if not (model_dir / "config.json").exists():
+        raise SystemExit(f"{model_dir} is not the SmolLM2-135M-Instruct folder: run python -m llmft.models get "
+                         f"smollm2-135m-instruct, or pass --model-path")
+    tokenizer = load_tokenizer(str(model_dir), cfg.model.fallback_chat_template)
+    hf_tokenizer = load_tokenizer(str(model_dir), cfg.model.fallback_chat_template)
+    hf_tokenizer.chat_template = SMOLLM2_TEMPLATE_WITH_GENERATION
+    for conversation in conversations:
+        if hf_tokenizer.apply_chat_template(conversation.messages, tokenize=False) != \
+                tokenizer.apply_chat_template(conversation.messages, tokenize=False):
+            raise SystemExit(f"{model_dir}'s chat template renders the tickets otherwise than SmolLM2-135M-Instruct's "
+                             f"with generation markers (bench_vs_hf_trl.SMOLLM2_TEMPLATE_WITH_GENERATION): is it "
+                             f"that model's folder?")
+    tokenizer_dir = work / "tokenizer"
+    hf_tokenizer.save_pretrained(tokenizer_dir)
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    with torch.device("meta"):
+        num_parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    shape = {key: getattr(config, key) for key in ("vocab_size", "hidden_size", "intermediate_size",
+                                                   "num_attention_heads", "num_key_value_heads", "head_dim",
+                                                   "num_hidden_layers", "tie_word_embeddings")}
+    return {"tokenizer": tokenizer, "hf_tokenizer": hf_tokenizer, "model_dir": str(model_dir),
+            "tokenizer_dir": str(tokenizer_dir), "num_parameters": num_parameters, "shape": shape}
+
+
+def first_conversations_that_pack(samples, order, steps: int, max_seq_len: int) -> tuple[int, list[int]]:
+    """The first N = steps * B conversations of the seeded order, B the largest batch that packs into `steps` rows."""
+    from llmft.data.tokenize.packing import pack_best_fit
+
+    for batch in range(len(samples) // steps, 0, -1):
+        picked = order[: steps * batch]
+        if len(pack_best_fit([samples[i] for i in picked], max_seq_len)) == steps:
+            return batch, picked
+    raise SystemExit(f"no subset of the bundled tickets packs into exactly {steps} rows of {max_seq_len} tokens; "
+                     f"try another --steps")
+
+
+def conversations_in_groups(samples, order, steps: int, max_seq_len: int, batch: int = 2) -> tuple[int, list[int]]:
+    """`steps` groups of `batch` conversations that fit one row together, taken in the seeded order (each into the
+    open group it fits most tightly, a new group when none), with a token of room per conversation (an end token a
+    tool may append). Rows of 512 tokens hold about two tickets of SmolLM2's tokenizer, so the first N of the order
+    (the 1B shape's rule) rarely pack into exactly N / 2 rows; these do, and best-fit packing is checked to agree."""
+    from llmft.data.tokenize.packing import pack_best_fit
+
+    room = max_seq_len - batch
+    open_groups: list[list[int]] = []
+    picked: list[int] = []
+    for index in order:
+        length = len(samples[index].input_ids)
+        fits = [g for g in open_groups if sum(len(samples[i].input_ids) for i in g) + length <= room]
+        if not fits:
+            open_groups.append([index])
+            continue
+        group = min(fits, key=lambda g: room - sum(len(samples[i].input_ids) for i in g) - length)
+        group.append(index)
+        if len(group) == batch:
+            open_groups.remove(group)
+            picked += group
+            if len(picked) == steps * batch:
+                break
+    if len(picked) < steps * batch or len(pack_best_fit([samples[i] for i in picked], max_seq_len)) != steps:
+        raise SystemExit(f"the bundled tickets do not give {steps} rows of {batch} conversations in "
+                         f"{max_seq_len} tokens; try fewer --steps")
+    return batch, picked
 
 
 def instrument_llmft(loop, recorder: StepRecorder) -> None:
@@ -307,7 +417,7 @@ def child_llmft(setup: dict) -> dict:
     recorder = StepRecorder()
     instrument_llmft(loop, recorder)
     cfg = compose([
-        "model=llama3_2_1b", f"model.path={setup['model_dir']}", "model.dtype=float32",
+        f"model={LLMFT_MODEL[setup['model']]}", f"model.path={setup['model_dir']}", "model.dtype=float32",
         f"model.max_seq_len={setup['max_seq_len']}", f"data.path={setup['subset_path']}",
         "data.validation_fraction=0", "train.micro_batch_size=1", "train.grad_accum_steps=1",
         f"train.activation_checkpointing={str(setup['activation_checkpointing']).lower()}",
@@ -369,7 +479,7 @@ def child_hf(setup: dict) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    tokenizer = AutoTokenizer.from_pretrained(setup["model_dir"])
+    tokenizer = AutoTokenizer.from_pretrained(setup["tokenizer_dir"])
     dataset = []
     for messages in read_chat_jsonl(Path(setup["subset_path"])):
         encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
@@ -398,7 +508,7 @@ def child_trl(setup: dict) -> dict:
     from trl import SFTConfig, SFTTrainer
     import trl
 
-    tokenizer = AutoTokenizer.from_pretrained(setup["model_dir"])
+    tokenizer = AutoTokenizer.from_pretrained(setup["tokenizer_dir"])
     dataset = Dataset.from_list([{"messages": m} for m in read_chat_jsonl(Path(setup["subset_path"]))])
     recorder = StepRecorder()
     trainer = SFTTrainer(
@@ -557,17 +667,32 @@ def print_report(setup: dict, results: dict, overhead: dict | None) -> None:
 
 def print_contenders(setup: dict, results: dict) -> None:
     shape = setup["shape"]
-    print(f"\nLlama-3.2-1B shape, {shape['num_hidden_layers']} layer(s) (hidden {shape['hidden_size']}, vocabulary "
-          f"{shape['vocab_size']:,}, tied), {setup['num_parameters'] / 1e6:.0f}M parameters, fp32 on CPU "
-          f"({os.cpu_count()} cores), LoRA r={setup['lora']['r']}; {setup['num_conversations']} of the "
-          f"{setup['num_conversations_bundled']} bundled tickets, {setup['steps']} optimizer steps (step 1 untimed), "
-          f"max_seq_len {setup['max_seq_len']}, activation checkpointing "
-          f"{'on' if setup['activation_checkpointing'] else 'off'}; llmft: {setup['llmft_revision']}")
-    print(f"tokenizer: {setup['tokenizer_size']:,} BPE ids trained on the tickets; llmft's turn-by-turn tokenization "
-          f"and apply_chat_template's agree on {setup['tokenizations_agree']}/{setup['num_conversations']} "
-          f"conversations; the N conversations hold {setup['subset_supervised']:,} supervised tokens")
+    if setup["model"] == "smollm2":
+        print(f"\nSmolLM2-135M-Instruct ({setup['model_dir']}), {shape['num_hidden_layers']} layers (hidden "
+              f"{shape['hidden_size']}, intermediate {shape['intermediate_size']}, {shape['num_attention_heads']} heads / "
+              f"{shape['num_key_value_heads']} KV heads, vocabulary {shape['vocab_size']:,}, tied), "
+              f"{setup['num_parameters'] / 1e6:.0f}M parameters, fp32 on CPU ({os.cpu_count()} cores), LoRA "
+              f"r={setup['lora']['r']} on {','.join(setup['lora']['target_modules'])}; {setup['num_conversations']} of "
+              f"the {setup['num_conversations_bundled']} bundled tickets, {setup['steps']} optimizer steps (step 1 "
+              f"untimed), max_seq_len {setup['max_seq_len']}, activation checkpointing "
+              f"{'on' if setup['activation_checkpointing'] else 'off'}; llmft: {setup['llmft_revision']}")
+        print(f"tokenizer: the model's own ({setup['tokenizer_size']:,} ids) and its chat template (for HF and TRL with "
+              f"{{% generation %}} markers, the same text); llmft's turn-by-turn tokenization and "
+              f"apply_chat_template's agree on {setup['tokenizations_agree']}/{setup['num_conversations']} "
+              f"conversations; the N conversations hold {setup['subset_supervised']:,} supervised tokens")
+    else:
+        print(f"\nLlama-3.2-1B shape, {shape['num_hidden_layers']} layer(s) (hidden {shape['hidden_size']}, vocabulary "
+              f"{shape['vocab_size']:,}, tied), {setup['num_parameters'] / 1e6:.0f}M parameters, fp32 on CPU "
+              f"({os.cpu_count()} cores), LoRA r={setup['lora']['r']}; {setup['num_conversations']} of the "
+              f"{setup['num_conversations_bundled']} bundled tickets, {setup['steps']} optimizer steps (step 1 "
+              f"untimed), max_seq_len {setup['max_seq_len']}, activation checkpointing "
+              f"{'on' if setup['activation_checkpointing'] else 'off'}; llmft: {setup['llmft_revision']}")
+        print(f"tokenizer: {setup['tokenizer_size']:,} BPE ids trained on the tickets; llmft's turn-by-turn "
+              f"tokenization and apply_chat_template's agree on {setup['tokenizations_agree']}/"
+              f"{setup['num_conversations']} conversations; the N conversations hold {setup['subset_supervised']:,} "
+              f"supervised tokens")
     layouts = {
-        "llmft": "llmft (packed rows, 1 x 2048)",
+        "llmft": f"llmft (packed rows, 1 x {setup['max_seq_len']})",
         "hf": f"HF Trainer (padded, {setup['hf_batch_size']} convs)",
         "trl": f"TRL SFTTrainer {results.get('trl', {}).get('trl_version', '')} (packed)",
     }
@@ -596,9 +721,15 @@ def print_contenders(setup: dict, results: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=2, help="decoder layers (Llama-3.2-1B has 16)")
-    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per contender, the first untimed")
-    parser.add_argument("--max-seq-len", type=int, default=2048)
+    parser.add_argument("--model", choices=sorted(LLMFT_MODEL), default="llama-3.2-1b",
+                        help="llama-3.2-1b: its shape, random weights, --layers deep (the default); smollm2: the real "
+                             "SmolLM2-135M-Instruct folder")
+    parser.add_argument("--model-path", type=Path, help="with --model smollm2: its folder (default: model=smollm2_135m's)")
+    parser.add_argument("--layers", type=int, help="decoder layers of the Llama-3.2-1B shape (default 2; it has 16)")
+    parser.add_argument("--steps", type=int, help="optimizer steps per contender, the first untimed (default: 4 for "
+                                                  f"llama-3.2-1b, {SMOLLM2_STEPS} for smollm2)")
+    parser.add_argument("--max-seq-len", type=int, help="tokens per packed row (default: 2048 for llama-3.2-1b, the "
+                                                        "model profile's 512 for smollm2)")
     parser.add_argument("--overhead-steps", type=int, default=100, help="steps of the tiny run for step_overhead")
     parser.add_argument("--activation-checkpointing", action="store_true", help="on for all three contenders")
     parser.add_argument("--contenders", default="llmft,hf,trl", help="comma-separated subset of llmft,hf,trl")
@@ -617,8 +748,18 @@ def main() -> None:
         result = CHILDREN[name](json.loads(Path(setup_path).read_text()))
         Path(out_path).write_text(json.dumps(result))
         return
+    smollm2 = args.model == "smollm2"
+    if smollm2 and (args.quick or args.layers is not None):
+        parser.error("--quick and --layers shape the Llama-3.2-1B model, not --model smollm2")
+    if args.model_path is not None and not smollm2:
+        parser.error("--model-path is for --model smollm2 (the Llama-3.2-1B shape is built here with random weights)")
+    args.layers = 30 if smollm2 else (args.layers or 2)
+    args.steps = args.steps or (SMOLLM2_STEPS if smollm2 else 4)
+    args.max_seq_len = args.max_seq_len or (512 if smollm2 else 2048)
     if args.quick:
         args.layers, args.steps, args.overhead_steps = 1, 3, 20
+    if smollm2:  # the step overhead is measured on model=tiny, whatever the shape: the 1B run reports it
+        args.no_overhead = True
     if args.steps < 2:
         parser.error("--steps must be at least 2 (step 1 is the untimed warmup)")
     if args.repeats < 1:
@@ -634,6 +775,7 @@ def main() -> None:
     started = time.time()
     try:
         setup = {"work": str(work), "llmft_root": str(args.llmft_root.resolve()), "steps": args.steps,
+                 "model": args.model, "model_path": str(args.model_path) if args.model_path else None,
                  "max_seq_len": args.max_seq_len, "layers": args.layers, "quick": args.quick,
                  "activation_checkpointing": args.activation_checkpointing, "overhead_steps": args.overhead_steps,
                  "llmft_revision": llmft_revision(args.llmft_root)}

@@ -71,16 +71,21 @@ prepare() {
         esac
     done
     [ -n "$wheelhouse" ] || usage
-    [ -f "$here/../constraints.txt" ] && [ -f "$here/../pyproject.toml" ] \
-        || die "prepare builds llmft from its source: run it as tools/gpu-check.sh in a clone of llmft"
+    [ -f "$here/../constraints.txt" ] && git -C "$here/.." rev-parse --git-dir >/dev/null 2>&1 \
+        || die "prepare builds llmft from its source: run it as tools/gpu-check.sh in a git clone of llmft"
     # pip reads the packages' markers (python_version, platform_machine) with the Python that runs it, whatever
     # --python-version and --platform say (pip issue 11664): it must be the GPU node's Python on the same machine type
     local python=${PYTHON:-python$python_version} actual
     command -v "$python" >/dev/null \
-        || die "no $python here: prepare needs the GPU node's Python ($python_version); set PYTHON=/path/to/python$python_version or give the node's version with --python X.Y"
+        || die "no $python here: prepare needs the GPU node's Python ($python_version);" \
+               "set PYTHON=/path/to/python$python_version, or give the node's version with --python X.Y"
     actual=$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-    [ "$actual" = "$python_version" ] || die "$python is Python $actual, the GPU node's is $python_version (--python): set PYTHON to a Python $python_version"
-    [[ $platform == *_"$(uname -m)" ]] || die "--platform $platform is not this machine's type ($(uname -m)): prepare on a $(uname -m) machine reads the markers of another one"
+    [ "$actual" = "$python_version" ] \
+        || die "$python is Python $actual, the GPU node's is $python_version (--python):" \
+               "set PYTHON to a Python $python_version"
+    [[ $platform == *_"$(uname -m)" ]] \
+        || die "--platform $platform is for another machine type than this $(uname -m) one:" \
+               "prepare on a machine of the GPU node's type"
     local platforms
     platforms=$(platform_tags "$platform")
     torch=${torch:-torch==$(pinned torch)}
@@ -105,7 +110,8 @@ prepare() {
 
     # llmft from the files git knows (tracked, and new ones it does not ignore): no build/ of an earlier build, no venv
     (cd "$here/.." && git ls-files -z --cached --others --exclude-standard) \
-        | (cd "$here/.." && tar --null --files-from=- --ignore-failed-read -cf - 2>/dev/null) | tar -C "$build/src" -xf -
+        | (cd "$here/.." && tar --null --files-from=- --ignore-failed-read -cf - 2>/dev/null) \
+        | tar -C "$build/src" -xf -
     step "$log" "llmft wheel" "$python" -m pip wheel --no-deps --wheel-dir "$build/wheels" "$build/src"
     # not the pip cache: a wheel cached from a build with DS_BUILD_OPS=1 would hold kernels for another machine
     step "$log" "deepspeed $deepspeed_version wheel (DS_BUILD_OPS=0)" env DS_BUILD_OPS=0 "$python" -m pip wheel \
@@ -181,7 +187,8 @@ manifest = {"made": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "python": python_versi
 Path(wheelhouse, "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
 print(f"gpu-check: {len(wheels)} wheels, {manifest['bytes'] / 2**20:,.0f} MiB in {wheelhouse}")
 EOF
-    echo "gpu-check: prepared in $((SECONDS - started)) s; on the GPU node: bash $wheelhouse/gpu-check.sh run $wheelhouse"
+    echo "gpu-check: prepared in $((SECONDS - started)) s; on the GPU node:" \
+         "bash $wheelhouse/gpu-check.sh run $wheelhouse"
 }
 
 run() {
@@ -198,16 +205,20 @@ run() {
     done
     [ -n "$wheelhouse" ] || usage
     [ -f "$wheelhouse/manifest.json" ] \
-        || die "$wheelhouse holds no manifest.json: make it with tools/gpu-check.sh prepare $wheelhouse on a machine with the package registry, then copy the folder here"
+        || die "$wheelhouse holds no manifest.json: make it with tools/gpu-check.sh prepare $wheelhouse on a machine" \
+               "with the package registry, then copy the folder here"
     wheelhouse=$(cd "$wheelhouse" && pwd)
     out=$(mkdir -p "$(dirname "$out")" && cd "$(dirname "$out")" && pwd)/$(basename "$out")
     local python_version python actual
     python_version=$(sed -n 's/^ "python": "\([0-9.]*\)",$/\1/p' "$wheelhouse/manifest.json")
     python=${PYTHON:-python$python_version}
     command -v "$python" >/dev/null \
-        || die "no $python here: the wheelhouse is for Python $python_version (load its module, or set PYTHON=/path/to/python$python_version)"
+        || die "no $python here: the wheelhouse is for Python $python_version" \
+               "(load its module, or set PYTHON=/path/to/python$python_version)"
     actual=$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-    [ "$actual" = "$python_version" ] || die "$python is Python $actual, the wheelhouse is for $python_version: set PYTHON to a Python $python_version"
+    [ "$actual" = "$python_version" ] \
+        || die "$python is Python $actual, the wheelhouse is for $python_version:" \
+               "set PYTHON to a Python $python_version"
     local scratch log started=$SECONDS
     scratch=$(mktemp -d "${TMPDIR:-/tmp}/llmft-gpu-check.XXXXXX")
     log=$scratch/install.log
@@ -233,7 +244,8 @@ run() {
     (cd "$scratch/work" && HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 timeout --kill-after=30 $((budget + 60)) \
         "$venv/bin/python" "$wheelhouse/gpu_check.py" --out "$out" --work "$scratch/work" --budget-s "$budget" $cpu) \
         || status=$?
-    ((status != 124 && status != 137)) || echo "gpu-check: stopped after $((budget + 60)) s: the results so far are in $out" >&2
+    ((status != 124 && status != 137)) \
+        || echo "gpu-check: stopped after $((budget + 60)) s: the results so far are in $out" >&2
     echo "gpu-check: venv, runs and install log in $scratch (remove it when done)"
     return "$status"
 }

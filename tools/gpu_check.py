@@ -87,11 +87,9 @@ def expected_precisions(capability: tuple[int, int] | None) -> tuple[str, ...]:
 
 def chosen_precision(device_type: str) -> str:
     """What llmft picks for train.precision=auto on this device."""
-    from llmft.training import precision
+    from llmft.training.precision import NAMES, compute_dtype
 
-    if hasattr(precision, "compute_dtype"):  # llmft with fp16 on pre-Ampere GPUs (issue 28, item 6)
-        return precision.NAMES[precision.compute_dtype("auto", device_type)]
-    return "bf16" if precision.uses_bf16("auto", device_type) else "fp32"  # before it: bf16 or fp32
+    return NAMES[compute_dtype("auto", device_type)]
 
 
 def precision_check(cpu: bool, budget: Budget, work: Path) -> tuple[str, dict]:
@@ -308,7 +306,7 @@ def loss_check(cpu: bool, budget: Budget, work: Path) -> tuple[str, dict]:
         loss.install(model, head, device.type)
         if not cpu:
             torch.cuda.reset_peak_memory_stats()
-        loss_sum, count = loss.token_losses(model, batch, bf16=not cpu)
+        loss_sum, count = loss.token_losses(model, batch, None if cpu else torch.bfloat16)
         (loss_sum / count).backward()
         peak = torch.cuda.max_memory_allocated() / 2**30 if not cpu else None
         results[head] = ((loss_sum / count).item(), model.model.embed_tokens.weight.grad.double().flatten(), peak)
@@ -413,8 +411,8 @@ def table(results: list[Result]) -> str:
 
 def run_checks(cpu: bool, out: Path, work: Path, budget: Budget, names: list[str]) -> int:
     results = [Result(name) for name in names]
-    report = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "budget_s": budget.seconds, "cpu": cpu,
-              **environment(cpu)}
+    report = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": 0.0, "budget_s": budget.seconds,
+              "cpu": cpu, **environment(cpu)}
     write_report(out, report, results)
     for result in results:
         started = time.monotonic()

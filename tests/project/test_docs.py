@@ -285,15 +285,14 @@ TESTED: dict[str, tuple[str, list[str]]] = {
         ("tests/launch/test_models_get.py::test_a_wheel_given_is_read_without_pip",
          ['f"wheel={wheel.parent / MODEL.wheel_name}"']),
     # README and docs/real-model.md, a real model in 15 minutes: the commands on the real folder (a few steps)
+    # (run in the background by support/models_get.py's RealModelRun, checked by test_real_model_journey.py)
     "python -m llmft.launch model=smollm2_135m data=acronyms_memorization":
-        ("tests/serve/test_real_model_journey.py::test_get_train_evaluate_and_chat_on_the_real_model",
-         ['run_llmft("launch", "model=smollm2_135m", "data=acronyms_memorization"']),
+        ("tests/support/models_get.py", ['self.run("launch", "model=smollm2_135m", "data=acronyms_memorization"']),
     "python -m llmft.eval run=RUN_DIR eval.max_new_tokens=40":
-        ("tests/serve/test_real_model_journey.py::test_get_train_evaluate_and_chat_on_the_real_model",
-         ['run_llmft("eval", f"run={run_dir}", "eval.max_new_tokens=40"']),
+        ("tests/support/models_get.py", ['self.run("eval", f"run={self.run_dir}", "eval.max_new_tokens=40"']),
     'python -m llmft.chat run=RUN_DIR prompt="Hi, quick one: ZEPHIL, what is that exactly?"':
-        ("tests/serve/test_real_model_journey.py", ['QUESTION = "Hi, quick one: ZEPHIL, what is that exactly?"',
-                                                   'run_llmft("chat", f"run={run_dir}", f"prompt={QUESTION}"']),
+        ("tests/support/models_get.py", ['QUESTION = "Hi, quick one: ZEPHIL, what is that exactly?"',
+                                         'self.run("chat", f"run={self.run_dir}", f"prompt={QUESTION}"']),
     "python -m llmft.launch model=smollm2_135m data=tickets_sample":
         ("tests/launch/test_models_get.py::test_three_lora_steps_on_the_folder_give_a_finite_held_out_loss",
          ['run_llmft("launch", "model=smollm2_135m", "data=tickets_sample"']),

@@ -16,7 +16,6 @@ RUN_ORDER = [
     "launch/test_config.py",
     "launch/test_models_get.py",
     "launch/test_user_journeys.py",
-    "serve/test_real_model_journey.py",
     "project/test_constraints.py",
     "project/test_suite_order.py",
     "data/test_clean.py",
@@ -36,6 +35,7 @@ RUN_ORDER = [
     "data/test_readers.py",
     "data/test_acronym_memorization.py",
     "data/test_transcripts.py",
+    "serve/test_real_model_journey.py",  # its commands run in the background from launch/test_models_get.py on
     "training/test_distributed.py",
     "project/test_docs.py",
     "training/test_preference_tuning.py",

@@ -28,7 +28,6 @@ import errno
 import json
 import os
 import shutil
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -268,7 +267,9 @@ def save(checkpoints_dir: Path, step: int, write_files: Callable[[Path], None], 
     problems = [x for x in gather(problem) if x is not None]  # rank 0's checks and mkdir, seen by every rank
     checksums: dict[str, list] = {}
     own_error = None
-    with _Watchdog(rank, step, tmp, timeout_min) as watchdog:
+    # what write_files writes is not known: its folder, until the files are fsynced and read back
+    with StallWatchdog(timeout_min * 60, _save_stalled(rank, step, timeout_min),
+                       f"writing its files into {tmp}") as watchdog:
         if not problems:
             try:
                 write_files(tmp)
@@ -279,7 +280,7 @@ def save(checkpoints_dir: Path, step: int, write_files: Callable[[Path], None], 
             try:
                 shares = gather(None)  # (a barrier that also counts the ranks)
                 for name in _deal(tmp, len(shares))[rank]:
-                    watchdog.doing(f"fsyncing and reading back {tmp / name}")
+                    watchdog.doing = f"fsyncing and reading back {tmp / name}"
                     checksums[name] = list(_read_and_hash(tmp / name, _hash_name(), fsync=True))
             except OSError as error:
                 problem = _describe(error, rank, tmp)
@@ -288,11 +289,11 @@ def save(checkpoints_dir: Path, step: int, write_files: Callable[[Path], None], 
             checksums = {name: value for _, share in results for name, value in share.items()}
         if not problems and is_main:  # rank 0 alone: the manifest, the rename; every rank hears how it went
             try:
-                watchdog.doing(f"writing and fsyncing the manifest of {tmp}")
+                watchdog.doing = f"writing and fsyncing the manifest of {tmp}"
                 _write_manifest(tmp, step, meta, checksums, started)
                 if final.exists():  # a checkpoint of the same step from an earlier attempt
                     shutil.rmtree(final)
-                watchdog.doing(f"renaming {tmp} and fsyncing {checkpoints_dir}")
+                watchdog.doing = f"renaming {tmp} and fsyncing {checkpoints_dir}"
                 os.replace(tmp, final)
                 _fsync_dir(checkpoints_dir)
             except OSError as error:
@@ -487,39 +488,40 @@ def _failure(checkpoints_dir: Path, step: int, problems: list[str], keep_last: i
 
 # ------------------------------------------------------------------------------------------------------ watchdog
 
-class _Watchdog:
-    """Ends this process if its part of a save takes longer than `timeout_min`: a thread cannot interrupt a write
-    blocked on a stalled file system (a hard-mounted NFS waits for ever), so it says which rank waited how long on
-    what, on stderr, and calls os._exit; the other ranks then stop at their collective timeout or by torchrun."""
+class StallWatchdog:
+    """Ends this process when the work it guards outlives `limit_s`: a thread cannot interrupt a read or a write
+    blocked on a stalled file system (a hard-mounted NFS waits for ever), so it writes `message(watchdog)` (what was
+    being done, `doing`, for how long, and what to do) on stderr and calls os._exit; the other ranks then stop at
+    their collective timeout or by torchrun. Around a save (here) and the universal-checkpoint conversion
+    (strategies/deepspeed.py)."""
 
-    def __init__(self, rank: int, step: int, tmp: Path, timeout_min: float):
-        self.rank, self.step, self.timeout_min = rank, step, timeout_min
-        self.what = f"writing its files into {tmp}"  # what write_files writes is not known: its folder
+    def __init__(self, limit_s: float, message: Callable[["StallWatchdog"], str], doing: str):
+        self.limit_s, self.message, self.doing = limit_s, message, doing
         self.started = time.monotonic()
         self.done = threading.Event()
 
-    def doing(self, what: str) -> None:
-        self.what = what
-
-    def __enter__(self) -> "_Watchdog":
-        threading.Thread(target=self._watch, name="llmft-save-watchdog", daemon=True).start()
+    def __enter__(self) -> "StallWatchdog":
+        threading.Thread(target=self._watch, name="llmft-stall-watchdog", daemon=True).start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.done.set()
 
     def _watch(self) -> None:
-        if self.done.wait(self.timeout_min * 60):
+        if self.done.wait(self.limit_s):
             return
-        waited = time.monotonic() - self.started
-        message = (f"llmft: rank {self.rank} has waited {waited:.0f} s on the checkpoint of step {self.step}, "
-                   f"{self.what}, longer than train.save_timeout_min={self.timeout_min:g}: its file system seems "
-                   f"stalled, so this rank ends now instead of hanging (the previous checkpoint is kept); resume once "
-                   f"the file system answers, or raise train.save_timeout_min if saves are this slow.\n")
-        try:
-            os.write(2, message.encode())  # not sys.stderr: its lock may be held by the blocked thread
+        try:  # os.write, not sys.stderr: its lock may be held by the blocked thread
+            os.write(2, (self.message(self) + "\n").encode())
         finally:
             os._exit(USER_ERROR_EXIT_CODE)
+
+
+def _save_stalled(rank: int, step: int, timeout_min: float) -> Callable[[StallWatchdog], str]:
+    return lambda watchdog: (
+        f"llmft: rank {rank} has waited {time.monotonic() - watchdog.started:.0f} s on the checkpoint of step {step}, "
+        f"{watchdog.doing}, longer than train.save_timeout_min={timeout_min:g}: its file system seems stalled, so "
+        f"this rank ends now instead of hanging (the previous checkpoint is kept); resume once the file system "
+        f"answers, or raise train.save_timeout_min if saves are this slow.")
 
 
 # ------------------------------------------------------------------------------------------------------ pruning

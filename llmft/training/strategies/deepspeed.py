@@ -19,7 +19,6 @@ import io
 import json
 import os
 import sys
-import threading
 import time
 import traceback
 from argparse import Namespace
@@ -29,9 +28,8 @@ from pathlib import Path
 import torch
 
 from llmft.config.schema import Parallelism, PeftMethod
-from llmft.errors import USER_ERROR_EXIT_CODE
 from llmft.rundir import checkpoints
-from llmft.rundir.checkpoints import CheckpointError
+from llmft.rundir.checkpoints import CheckpointError, StallWatchdog
 from llmft.training import signals
 from llmft.training.strategies.single import replan_lr
 
@@ -279,7 +277,7 @@ def _convert_on_rank0(folder: Path, saved_world_size: int, topology, limit_s: fl
             conversion = _ResumableConversion(
                 folder / CHECKPOINT_TAG, tmp, folder.name,
                 should_stop=lambda: bool(signals.received()) or (store is not None and store.check([keys["stop"]])))
-            with _Watchdog(folder.name, limit_s, conversion):
+            with StallWatchdog(limit_s, _conversion_stalled(folder.name, limit_s, conversion), "converting"):
                 conversion.run()
             os.replace(tmp, target)
             _fsync_folder(folder)
@@ -333,34 +331,14 @@ class _LeftOff(Exception):
     """A stop signal: the conversion left off after its last finished work item."""
 
 
-class _Watchdog:
-    """Ends rank 0 if the conversion outlives its limit: a thread cannot interrupt a read or write blocked on a
-    stalled file system, so it says what rank 0 was doing, on stderr, and calls os._exit; torchrun then ends the
-    other ranks (they would give up WAIT_GRACE_S later anyway). What was finished is kept for the next attempt."""
-
-    def __init__(self, label: str, limit_s: float, conversion: "_ResumableConversion"):
-        self.label, self.limit_s, self.conversion = label, limit_s, conversion
-        self.done = threading.Event()
-
-    def __enter__(self) -> "_Watchdog":
-        threading.Thread(target=self._watch, name="llmft-conversion-watchdog", daemon=True).start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.done.set()
-
-    def _watch(self) -> None:
-        if self.done.wait(self.limit_s):
-            return
-        message = (f"llmft: rank 0 has converted {self.label} to DeepSpeed's universal checkpoint for "
-                   f"{self.limit_s:.0f} s, its limit (train.save_timeout_min, or longer for a large checkpoint), "
-                   f"and is {self.conversion.doing}: its file system seems stalled, so this rank ends now instead of "
-                   f"hanging; resume to continue the conversion where it stopped, with a larger "
-                   f"train.save_timeout_min if it is this slow.\n")
-        try:
-            os.write(2, message.encode())  # not sys.stderr: its lock may be held by the blocked thread
-        finally:
-            os._exit(USER_ERROR_EXIT_CODE)
+def _conversion_stalled(label: str, limit_s: float, conversion: "_ResumableConversion"):
+    """What rank 0 says when the conversion outlives its limit (StallWatchdog ends it; torchrun then ends the other
+    ranks, which would give up WAIT_GRACE_S later anyway). What was finished is kept for the next attempt."""
+    return lambda watchdog: (
+        f"llmft: rank 0 has converted {label} to DeepSpeed's universal checkpoint for {limit_s:.0f} s, its limit "
+        f"(train.save_timeout_min, or longer for a large checkpoint), and is {conversion.doing}: its file system "
+        f"seems stalled, so this rank ends now instead of hanging; resume to continue the conversion where it "
+        f"stopped, with a larger train.save_timeout_min if it is this slow.")
 
 
 class _ResumableConversion:

@@ -109,7 +109,9 @@ def test_a_launch_is_not_started_with_less_time_left_than_it_needs(tmp_path):
 def run_script(*args: str, env: dict | None = None, timeout: float = 900,
                prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     result = subprocess.run([*prefix, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, "PYTHON": sys.executable, **(env or {})})
+                            # no PYTHONPATH: the venv's llmft must be the wheelhouse's, not a source tree's
+                            env={**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+                                 "PYTHON": sys.executable, **(env or {})})
     assert result.returncode == 0, \
         f"{args[0]} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return result

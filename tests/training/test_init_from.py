@@ -121,7 +121,7 @@ def test_dpo_from_an_sft_run_has_the_sft_model_as_its_reference(sft_run, tmp_pat
     table = torch.load(run_dir / "reference_logps.pt", weights_only=True)
     sft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sft_run / "base_model"),
                                           sft_run / "final").eval()
-    objective = objectives.DirectPreferenceOptimization(cfg.objective, sft_model, tokenizer.pad_token_id, False,
+    objective = objectives.DirectPreferenceOptimization(cfg.objective, sft_model, tokenizer.pad_token_id, None,
                                                         lambda t: t, False, False, torch.device("cpu"))
 
     def logps(items: list) -> torch.Tensor:  # [items, (chosen, rejected)], 8 pairs a forward

@@ -105,7 +105,7 @@ def test_dpo_loss_and_lora_gradients_equal_trl_dpo_trainer(tmp_path, loss_type):
     assert supervised_loss.install(ours.get_base_model(), "chunked", "cpu") == "chunked"
     cfg = OmegaConf.create({"beta": 0.2, "loss": loss_type, "label_smoothing": 0.0})
     cfg = OmegaConf.merge(OmegaConf.structured(objectives_config()), cfg)
-    objective = objectives.DirectPreferenceOptimization(cfg, ours, 0, False, lambda t: t, True, True,
+    objective = objectives.DirectPreferenceOptimization(cfg, ours, 0, None, lambda t: t, True, True,
                                                         torch.device("cpu"))
     items = pairs_of(examples)
     batch = objective.micro_batch(items, [0, 1, 2], 0, 1)

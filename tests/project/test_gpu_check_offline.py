@@ -200,7 +200,8 @@ def test_run_installs_from_the_wheelhouse_alone_without_a_network_and_passes_on_
     expected = {(name, path.name.split("-")[1]) for name, path in wheel_files(wheelhouse).items()}
     assert installed == expected, installed ^ expected
     where = subprocess.run([str(venv / "bin" / "python"), "-c", "import llmft; print(llmft.__file__)"],
-                           capture_output=True, text=True, check=True, cwd=tmp_path).stdout.strip()
+                           capture_output=True, text=True, check=True, cwd=tmp_path,
+                           env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}).stdout.strip()
     assert Path(where).is_relative_to(venv), where
 
     report = json.loads(out.read_text())

@@ -223,13 +223,23 @@ def linear_cross_entropy_tokens(rows, weight, bias, targets) -> torch.Tensor:
     return torch.cat(pieces) if pieces else rows.new_zeros(0, dtype=torch.float32)
 
 
-def chunk_token_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's cross-entropy (log-sum-exp minus the target's logit) and the log-sum-exp, from fp32 logits. The one
-    formula of every chunked path, with or without gradient: F.cross_entropy rounds differently (its log-softmax),
-    and DPO's first step must compare a policy computed with gradients to a reference computed without them
-    bit for bit (ln 2 exactly when the adapter is fresh)."""
-    log_norm = torch.logsumexp(logits, dim=-1)
-    return log_norm - logits.gather(1, targets[:, None]).squeeze(1), log_norm
+def chunk_token_losses(logits: torch.Tensor, targets: torch.Tensor, softmax: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's cross-entropy (log-sum-exp minus the target's logit) and the log-sum-exp, from fp32 logits, which it
+    overwrites: on return they hold exp(logits - row max), or with `softmax` the softmax (the gradient's first term).
+    In place because `torch.logsumexp` makes a second [rows, vocab] buffer, as large as the chunk (256 MB), at the
+    moment the step's memory peaks (every layer's activations are held). The one formula of every chunked path, with
+    or without gradient: F.cross_entropy rounds differently (its log-softmax), and DPO's first step must compare a
+    policy computed with gradients to a reference computed without them bit for bit (ln 2 exactly when the adapter
+    is fresh)."""
+    target_logits = logits.gather(1, targets[:, None]).squeeze(1)
+    maxes = logits.amax(dim=-1, keepdim=True)
+    maxes.masked_fill_(maxes.abs() == float("inf"), 0)  # as torch.logsumexp: no inf - inf
+    sums = logits.sub_(maxes).exp_().sum(dim=-1)
+    log_norm = sums.log().add_(maxes.squeeze(1))
+    if softmax:
+        logits.div_(sums[:, None])
+    return log_norm - target_logits, log_norm
 
 
 class _LinearCrossEntropyTokens(torch.autograd.Function):
@@ -243,8 +253,8 @@ class _LinearCrossEntropyTokens(torch.autograd.Function):
         for start in range(0, rows.shape[0], step):
             chunk, chunk_targets = rows[start : start + step], targets[start : start + step]
             logits = F.linear(chunk, weight, bias).float()
-            losses[start : start + step], log_norm = chunk_token_losses(logits, chunk_targets)
-            grad_logits = logits.sub_(log_norm[:, None]).exp_()
+            losses[start : start + step], _ = chunk_token_losses(logits, chunk_targets, softmax=True)
+            grad_logits = logits
             grad_logits[torch.arange(chunk.shape[0], device=chunk.device), chunk_targets] -= 1.0
             grad_rows[start : start + step] = grad_logits.to(chunk.dtype) @ weight.to(chunk.dtype)
         ctx.save_for_backward(grad_rows)
@@ -298,10 +308,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, rows.shape[0], step):
             chunk, chunk_targets = rows[start : start + step], targets[start : start + step]
             logits = F.linear(chunk, weight, bias).float()
-            losses, log_norm = chunk_token_losses(logits, chunk_targets)
+            losses, _ = chunk_token_losses(logits, chunk_targets, softmax=True)
             total += losses.sum()
-            # d loss / d logits = softmax - one_hot(target), computed in place over the chunk's logits
-            grad_logits = logits.sub_(log_norm[:, None]).exp_()
+            # d loss / d logits = softmax - one_hot(target), in place over the chunk's logits
+            grad_logits = logits
             grad_logits[torch.arange(chunk.shape[0], device=chunk.device), chunk_targets] -= 1.0
             grad_logits = grad_logits.to(chunk.dtype)
             if needs_rows:

@@ -506,6 +506,12 @@ def load_model(cfg, strategy, tokenizer, run_dir: Path, topology, attention: str
         base_model_path = Path(cfg.model.path)
     model.config.use_cache = False
     model = apply_peft(model, cfg.peft, cfg.model)
+    if cfg.peft.method is not PeftMethod.full:
+        from llmft.training import fused_lora
+
+        # LoRA's dropout and layers without their CPU overheads (fused_lora.py); the layers not under ZeRO-3, which
+        # gathers lora_A / lora_B only when their own modules run
+        fused_lora.install(model, fuse_layers=not strategy.partitions_parameters)
     if strategy.broadcasts_from_rank0 and any(p.is_meta for p in model.parameters()):
         allocate(model, topology.device)
         # to_empty gives each module a Parameter of its own (a meta tensor cannot take a real `.data`): a tied head

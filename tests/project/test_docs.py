@@ -293,9 +293,8 @@ TESTED: dict[str, tuple[str, list[str]]] = {
     'python -m llmft.chat run=RUN_DIR prompt="Hi, quick one: ZEPHIL, what is that exactly?"':
         ("tests/support/models_get.py", ['QUESTION = "Hi, quick one: ZEPHIL, what is that exactly?"',
                                          'self.run("chat", f"run={self.run_dir}", f"prompt={QUESTION}"']),
-    "python -m llmft.launch model=smollm2_135m data=tickets_sample":
-        ("tests/launch/test_models_get.py::test_three_lora_steps_on_the_folder_give_a_finite_held_out_loss",
-         ['run_llmft("launch", "model=smollm2_135m", "data=tickets_sample"']),
+    "python -m llmft.launch model=smollm2_135m data=tickets_sample":  # checked by test_real_model_journey.py
+        ("tests/support/models_get.py", ['self.run("launch", "model=smollm2_135m", "data=tickets_sample"']),
     "tools/local-slurm.sh start --nodes 2": ("tests/support/slurm_cluster.py", ['"start", "--nodes"']),
     "python -m llmft.launch +cluster=localslurm cluster.nodes=2 cluster.gpus_per_node=2 launch.wait=true":
         ("tests/cluster/test_two_nodes.py", ['"+cluster=localslurm", "cluster.nodes=2"',

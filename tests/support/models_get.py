@@ -38,22 +38,30 @@ def printed(result: subprocess.CompletedProcess) -> str:
 
 
 class RealModelRun:
-    """The README's "A real model in 15 minutes" on the converted folder (a few steps): train, evaluate, chat, then
-    the run's GGUF export, one after the other in a background thread started as soon as the folder is converted.
-    One core trains them (OMP_NUM_THREADS=1) while the single-process tests after test_models_get.py leave the other
-    idle, as support/early.py's commands do. test_real_model_journey.py checks the three commands and
-    test_gguf_read_by_transformers.py reads the export: one training of the real model instead of two.
-    finished() waits for them: {module: result}, the last three only when the launch succeeded (run_dir then)."""
+    """What the docs run on the converted folder, a few steps each: docs/models.md's LoRA steps on the tickets, then
+    the README's "A real model in 15 minutes" (train on the acronyms, evaluate, chat) and the GGUF export of its run,
+    one after the other in a background thread started as soon as the folder is converted. One core runs them
+    (OMP_NUM_THREADS=1) while the single-process tests that follow test_models_get.py in RUN_ORDER (data/, then
+    test_user_journeys.py) leave the other idle, as support/early.py's commands do. test_real_model_journey.py checks
+    the commands and test_gguf_read_by_transformers.py reads the export: one training of the README's run for both.
+    finished() waits for them all: {name: result}; the journey's eval, chat and export run only when its launch
+    succeeded (run_dir then)."""
 
     def __init__(self, folder: Path, work: Path):
         self.work, self.results, self.run_dir = work, {}, None
-        self.env = {**os.environ, "LLMFT_MODELS": str(folder.parent), "OMP_NUM_THREADS": "1"}
+        self.env = {**os.environ, "LLMFT_MODELS": str(folder.parent), "LLMFT_RUNS_ROOT": str(work / "runs"),
+                    "OMP_NUM_THREADS": "1"}
         self.current: subprocess.Popen | None = None
         self.stopped = False
         self.thread = threading.Thread(target=self.run_all, daemon=True)
         self.thread.start()
 
     def run_all(self) -> None:
+        # docs/models.md's command, its folder found by the profile's default path
+        # ($LLMFT_MODELS/smollm2-135m-instruct); short rows and a small validation split keep it short
+        self.run("launch", "model=smollm2_135m", "data=tickets_sample", "train.max_steps=3", "train.save_every=0",
+                 "train.eval_every=3", "model.max_seq_len=256", "data.validation_fraction=0.05",
+                 f"run_dir={self.work / 'tickets'}", timeout=600, name="tickets")
         launched = self.run("launch", "model=smollm2_135m", "data=acronyms_memorization", "train.max_steps=3",
                             "train.eval_every=3", f"runs_root={self.work / 'runs'}", timeout=900)
         if launched.returncode != 0:
@@ -64,12 +72,13 @@ class RealModelRun:
         self.run("chat", f"run={self.run_dir}", f"prompt={QUESTION}", timeout=600)
         self.run("export", f"run={self.run_dir}", "format=gguf", f"out={self.work / 'gguf'}", timeout=600)
 
-    def run(self, module: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
-        """`python -m llmft.<module> args...`, as a user types it; stop() ends it."""
-        argv = [sys.executable, "-m", f"llmft.{module}", *args]
+    def run(self, module: str, *args: str, timeout: float, name: str | None = None) -> subprocess.CompletedProcess:
+        """`python -m llmft.<module> args...`, as a user types it, its result kept as results[name or module];
+        stop() ends it."""
+        argv, name = [sys.executable, "-m", f"llmft.{module}", *args], name or module
         if self.stopped:
-            self.results[module] = subprocess.CompletedProcess(argv, -1, "", "stopped at the end of the session")
-            return self.results[module]
+            self.results[name] = subprocess.CompletedProcess(argv, -1, "", "stopped at the end of the session")
+            return self.results[name]
         self.current = subprocess.Popen(argv, cwd=REPO, env=self.env, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, text=True)
         try:
@@ -78,8 +87,8 @@ class RealModelRun:
             self.current.kill()
             out, err = self.current.communicate()
             err += f"\n(killed after {timeout:.0f} s)"
-        self.results[module] = subprocess.CompletedProcess(argv, self.current.returncode, out, err)
-        return self.results[module]
+        self.results[name] = subprocess.CompletedProcess(argv, self.current.returncode, out, err)
+        return self.results[name]
 
     def finished(self) -> dict[str, subprocess.CompletedProcess]:
         self.thread.join()

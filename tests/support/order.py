@@ -15,7 +15,6 @@ RUN_ORDER = [
     "clients/test_openai_compatible.py",
     "launch/test_config.py",
     "launch/test_models_get.py",
-    "launch/test_user_journeys.py",
     "project/test_constraints.py",
     "project/test_suite_order.py",
     "data/test_clean.py",
@@ -35,6 +34,7 @@ RUN_ORDER = [
     "data/test_readers.py",
     "data/test_acronym_memorization.py",
     "data/test_transcripts.py",
+    "launch/test_user_journeys.py",
     "serve/test_real_model_journey.py",  # its commands run in the background from launch/test_models_get.py on
     "training/test_distributed.py",
     "project/test_docs.py",

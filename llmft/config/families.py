@@ -2,7 +2,7 @@
 `peft.target_modules` is unset, and the names its config.json gives the sizes. Pure data, no torch: the launcher,
 `plan` and the validation read it on the login node; llmft/training/model.py builds the models.
 
-The LoRA targets cover attention and MLP (DeepSeek: attention only, see below), by each family's own module names
+The LoRA targets cover attention and MLP, by each family's own module names
 (transformers' modelling files): GPT-2 fuses q, k, v into `c_attn` and names both output projections `c_proj`; BLOOM
 fuses them into `query_key_value`; Phi-3 fuses q, k, v into `qkv_proj` and gate and up into `gate_up_proj`;
 DeepSeek's multi-head latent attention projects through low-rank `q_a_proj`/`q_b_proj` and
@@ -44,10 +44,10 @@ LORA_TARGETS: dict[ModelFamily, list[str]] = {
     ModelFamily.phi3: ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     ModelFamily.gpt2: ["c_attn", "c_proj", "c_fc"],  # c_proj: the attention's output and the MLP's
     ModelFamily.bloom: ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
-    # Attention only: PEFT 0.21 rewrites the targets gate_proj / up_proj / down_proj of any deepseek_v2/v3 model into
-    # the fused MoE expert parameters of transformers 5 (peft/utils/transformers_weight_conversion.py), which a dense
-    # model does not have, so stock PEFT cannot put (or reload) an adapter on its MLP.
-    ModelFamily.deepseek_v3: ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"],
+    # PEFT >= 0.22 keeps a dense DeepSeek's gate_proj / up_proj / down_proj as modules (0.21 rewrote them into the
+    # fused MoE expert parameters of transformers 5, which a dense model does not have: pyproject.toml's pin).
+    ModelFamily.deepseek_v3: ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj",
+                              "up_proj", "down_proj"],
 }
 
 # config.json's `model_type` -> family (a multimodal Gemma 3 folder says gemma3, its text model gemma3_text)

@@ -188,7 +188,7 @@ def apply_peft(model, peft_cfg, model_cfg):
     peft_model = get_peft_model(model, lora_config)
     adapted = [name for name, module in peft_model.named_modules() if hasattr(module, "lora_A")]
     skipped = [target for target in targets if not any(name.endswith("." + target) for name in adapted)]
-    if skipped:  # PEFT only warns (e.g. DeepSeek's MLP names, which it maps to MoE experts: llmft/config/families.py)
+    if skipped:  # PEFT only warns (e.g. a target found only in the image encoder that exclude_modules leaves out)
         raise ConfigError(f"PEFT put no adapter on {', '.join(skipped)} of {type(model).__name__}: remove "
                           f"{'it' if len(skipped) == 1 else 'them'} from peft.target_modules.")
     return peft_model

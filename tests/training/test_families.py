@@ -71,15 +71,13 @@ def test_the_lora_targets_are_every_projection_of_the_decoder_layers(family, tok
     assert list(cfg.model.lora_target_modules) == LORA_TARGETS[ModelFamily(family)]
     projections = {leaf_name(name) for layer in decoder_layers(model) for name, module in layer.named_modules()
                    if type(module).__name__ in ("Linear", "Conv1D")}
-    if family == "deepseek_v3":  # attention only: stock PEFT cannot adapt its MLP (llmft/config/families.py)
-        projections -= {"gate_proj", "up_proj", "down_proj"}
     assert projections == set(cfg.model.lora_target_modules)
     peft_model = apply_peft(model, cfg.peft, cfg.model)
     adapted = {leaf_name(name) for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
     assert adapted == projections
     holders = {name.split(".")[-2] for name, module in peft_model.named_modules()
                if hasattr(module, "lora_A")}  # the module holding each adapted projection
-    assert any("att" in holder for holder in holders) and ("mlp" in holders) == (family != "deepseek_v3"), holders
+    assert any("att" in holder for holder in holders) and "mlp" in holders, holders
     assert peft_model.peft_config["default"].fan_in_fan_out == (family == "gpt2")  # GPT-2's Conv1D stores (in, out)
 
 
@@ -91,16 +89,6 @@ def test_a_target_that_matches_no_module_is_one_sentence(tokenizer):
     with pytest.raises(ConfigError, match=r"^LoRA target\(s\) gate_proj match no module of Phi3ForCausalLM: set "
                                           r"peft.target_modules to some of its layers \(down_proj, gate_up_proj, "
                                           r"lm_head, o_proj, qkv_proj\)\.$"):
-        apply_peft(model, cfg.peft, cfg.model)
-
-
-def test_a_target_peft_skips_is_one_sentence(tokenizer):
-    from llmft.training.model import apply_peft
-
-    cfg, model = built("deepseek_v3", tokenizer)
-    cfg.peft.target_modules = ["q_a_proj", "gate_proj", "up_proj"]
-    with pytest.raises(ConfigError, match=r"^PEFT put no adapter on gate_proj, up_proj of DeepseekV3ForCausalLM: "
-                                          r"remove them from peft.target_modules\.$"):
         apply_peft(model, cfg.peft, cfg.model)
 
 
@@ -281,14 +269,9 @@ def test_a_sliding_window_shorter_than_a_packed_row_keeps_the_chunked_loss_exact
     assert float(chunked[0]) == pytest.approx(float(full[0]), rel=1e-5)
 
 
-def test_a_multimodal_gemma3_folder_trains_its_language_model_only(tmp_path):
-    """gemma3_4b's folder holds Gemma3ForConditionalGeneration (text and image encoder): LoRA goes on the language
-    model only, the chunked loss equals its full logits on text, and plan counts the language model."""
+def multimodal_gemma3(folder):
+    """A tiny Gemma3ForConditionalGeneration (a language model and a SigLIP image encoder), saved in `folder`."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
-
-    from llmft.config.families import read_model_config
-    from llmft.launch.estimate import arch_from_config_json, arch_parameter_counts
-    from llmft.training.model import apply_peft, load_pretrained_model
 
     text = Gemma3TextConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16)
@@ -297,8 +280,18 @@ def test_a_multimodal_gemma3_folder_trains_its_language_model_only(tmp_path):
     config = Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
                           image_token_index=299, boi_token_index=297, eoi_token_index=298)
     torch.manual_seed(0)
-    Gemma3ForConditionalGeneration(config).save_pretrained(tmp_path)
-    cfg = compose(["model=gemma3_4b", f"model.path={tmp_path}", "model.dtype=float32", "peft.dropout=0"])
+    Gemma3ForConditionalGeneration(config).save_pretrained(folder)
+    return compose(["model=gemma3_4b", f"model.path={folder}", "model.dtype=float32", "peft.dropout=0"])
+
+
+def test_a_multimodal_gemma3_folder_trains_its_language_model_only(tmp_path):
+    """gemma3_4b's folder holds Gemma3ForConditionalGeneration (text and image encoder): LoRA goes on the language
+    model only, the chunked loss equals its full logits on text, and plan counts the language model."""
+    from llmft.config.families import read_model_config
+    from llmft.launch.estimate import arch_from_config_json, arch_parameter_counts
+    from llmft.training.model import apply_peft, load_pretrained_model
+
+    cfg = multimodal_gemma3(tmp_path)
     model = load_pretrained_model(cfg.model)
     model.config.use_cache = False
     language_model = sum(p.numel() for p in model.model.language_model.parameters())
@@ -317,6 +310,18 @@ def test_a_multimodal_gemma3_folder_trains_its_language_model_only(tmp_path):
     for extra in ({"attention_mask": torch.ones_like(ids)}, {"position_ids": torch.arange(6).repeat(2, 2)}):
         full, chunked = full_and_chunked_losses(peft_model, {"input_ids": ids, "labels": labels, **extra})
         assert float(chunked[0]) == pytest.approx(float(full[0]), rel=1e-5)
+
+
+def test_a_target_peft_leaves_without_an_adapter_is_one_sentence(tmp_path):
+    """fc1 exists only in the image encoder (SigLIP's MLP), which llmft excludes: PEFT would adapt q_proj and only
+    warn about fc1."""
+    from llmft.training.model import apply_peft, load_pretrained_model
+
+    cfg = multimodal_gemma3(tmp_path)
+    cfg.peft.target_modules = ["q_proj", "fc1"]
+    with pytest.raises(ConfigError, match=r"^PEFT put no adapter on fc1 of Gemma3ForConditionalGeneration: remove it "
+                                          r"from peft.target_modules\.$"):
+        apply_peft(load_pretrained_model(cfg.model), cfg.peft, cfg.model)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

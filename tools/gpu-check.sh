@@ -204,6 +204,9 @@ run() {
         esac
     done
     [ -n "$wheelhouse" ] || usage
+    # the fresh venv sees nothing else: a module's PYTHONPATH (Jean Zay's pytorch-gpu sets one) would put its own
+    # torch and transformers before the wheelhouse's
+    unset PYTHONPATH PYTHONHOME
     [ -f "$wheelhouse/manifest.json" ] \
         || die "$wheelhouse holds no manifest.json: make it with tools/gpu-check.sh prepare $wheelhouse on a machine" \
                "with the package registry, then copy the folder here"

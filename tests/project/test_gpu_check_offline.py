@@ -187,7 +187,12 @@ def test_run_installs_from_the_wheelhouse_alone_without_a_network_and_passes_on_
     # a network namespace with a loopback and nothing else (gloo's ranks meet on it); pip's configuration here
     # (a find-links folder, local indexes) and these variables must not reach the install
     offline = ("unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$0" "$@"')
-    env = {"TMPDIR": str(scratch), "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_FIND_LINKS": "/opt/wheels"}
+    # and a PYTHONPATH (as Jean Zay's modules set one) must not reach the venv: its llmft here cannot be imported
+    shadow = tmp_path / "shadow" / "llmft"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('llmft imported from PYTHONPATH, not the venv')\n")
+    env = {"TMPDIR": str(scratch), "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_FIND_LINKS": "/opt/wheels",
+           "PYTHONPATH": str(shadow.parent)}
     result = run_script("run", str(wheelhouse), "--cpu", "--out", str(out), "--venv", str(venv), env=env,
                         prefix=offline)
     assert f"install from {wheelhouse} alone (no index)" in result.stdout, result.stdout

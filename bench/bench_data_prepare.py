@@ -13,15 +13,15 @@ personal data, internal notes), trains the tiny tokenizer once on it (shared by 
   the chat template with assistant-only labels, windows long tickets (each worker its chunks), then fingerprints,
   packs, and saves the dataset and the audit files: everything `prepare` does but drawing the length histogram. The
   two runs must write the same bytes (checked);
-- baseline: `datasets.Dataset.from_list(conversations).map(apply_chat_template(tokenize=True))` on the
-  conversations llmft produced: tokenization only, no cleaning, no masks, no packing, nothing written. The ratio
-  uses the bare call, `num_proc` unset (one process), as the usual script writes it; the line before shows the same
-  baseline with `num_proc` = llmft's workers, for reference.
+- baseline: `datasets.Dataset.from_list(conversations).map(apply_chat_template(tokenize=True), num_proc=N)` on the
+  conversations llmft produced, N = llmft's workers (the cores: what a user who has them writes): tokenization only,
+  no cleaning, no masks, no packing, nothing written. The same call without `num_proc` (one process) is printed
+  for reference.
 
 Each side runs --repeat times (llmft's two alternately) and the best time counts: on a shared machine another
 job slows one run, not the method. Rates count the input tickets. The last line:
-`ratios: workers_vs_one=X vs_datasets_map=Y` (X: llmft on the default workers against one; Y: llmft on the default
-workers against the bare `datasets.map`).
+`ratios: workers_vs_one=X vs_datasets_map_num_proc=Y` (X: llmft on the default workers against one; Y: llmft on the
+default workers against `datasets.map` on as many processes; goal >= 1.0).
 
 --peak-rss runs `python -m llmft.data prepare` as users do (tokenizer training included) in a child process, and
 reports its time and peak memory: the proportional set size (PSS) summed over the process and its workers, sampled
@@ -47,6 +47,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+STAFF_DOMAIN = "support.example-hpc.fr"  # the agents' addresses: their turns are the assistant's
 WORDS = ("job node GPU partition quota memory scratch work module conda python torch slurm sbatch srun squeue "
          "checkpoint dataset inode account project allocation queue walltime error kernel driver CUDA NCCL MPI "
          "rank process thread core socket file directory permission ssh key login password token cluster login "
@@ -86,7 +87,7 @@ def synthetic_tickets(num_tickets: int, seed: int = 0):
     rng = random.Random(seed)
     for ticket in range(num_tickets):
         user = f"{rng.choice(FIRST)} {rng.choice(LAST)} <user{ticket}@lab.example.org>"
-        staff = f"{rng.choice(FIRST)} {rng.choice(LAST)} <agent{rng.randint(1, 12)}@support.example-hpc.fr>"
+        staff = f"{rng.choice(FIRST)} {rng.choice(LAST)} <agent{rng.randint(1, 12)}@{STAFF_DOMAIN}>"
         messages, previous = [], None
         for turn in range(rng.choice([2, 2, 3, 4, 4, 6])):
             is_staff = turn % 2 == 1
@@ -105,6 +106,34 @@ def write_export(path: Path, num_tickets: int) -> Path:
         for ticket in synthetic_tickets(num_tickets):
             handle.write(json.dumps(ticket, ensure_ascii=False) + "\n")
     return path
+
+
+def model_with_own_tokenizer(model_dir: Path, sample_path: Path, weights: bool = False) -> Path:
+    """A model folder whose tokenizer (2,048 ids) is trained on 2,000 synthetic tickets written to `sample_path`, and
+    a one-layer Llama's config (what `prepare` with model.path reads); with `weights`, seeded random weights too, so
+    a run can train it."""
+    from transformers import LlamaConfig
+
+    from llmft.config.compose import compose
+    from llmft.data.prepare.reading import read_conversations
+    from llmft.data.tokenize.tokenizer import train_tiny_tokenizer
+
+    sample = write_export(sample_path, 2000)
+    conversations, _ = read_conversations(compose(["data=tickets", f"data.path={sample}",
+                                                   f"data.tickets.staff_domains=[{STAFF_DOMAIN}]"]).data)
+    tokenizer = train_tiny_tokenizer([m["content"] for c in conversations for m in c.messages], 2048)
+    tokenizer.save_pretrained(model_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=2, pad_token_id=tokenizer.pad_token_id)
+    if not weights:
+        config.save_pretrained(model_dir)
+        return model_dir
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    return model_dir
 
 
 def prepare_without_tokenizer_training(cfg, tokenizer, out_dir: Path) -> tuple[dict, dict, float]:
@@ -160,7 +189,7 @@ def ratios(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         export = write_export(Path(tmp) / "export.jsonl", args.tickets)
         overrides = ["data.format=tickets_jsonl", f"data.path={export}", f"model.max_seq_len={args.max_seq_len}",
-                     "data.tickets.staff_domains=[support.example-hpc.fr]"]
+                     f"data.tickets.staff_domains=[{STAFF_DOMAIN}]"]
         default_cfg = compose(overrides + ([f"data.num_workers={args.workers}"] if args.workers else []))
         workers = num_workers_of(default_cfg.data)
         conversations, _ = read_conversations(default_cfg.data)  # once, to train the shared tokenizer on
@@ -179,25 +208,27 @@ def ratios(args) -> int:
         baseline_s, baseline_tokens = min(baseline(conversations, tokenizer, None) for _ in range(args.repeat))
         baseline_workers_s = min(baseline(conversations, tokenizer, workers)[0] for _ in range(args.repeat))
 
+    after = os.getloadavg()
     rate = {name: args.tickets / s for name, s in seconds.items()}
     print(f"{args.tickets} tickets -> {read_report['num_conversations']} conversations kept, "
           f"{sum(counts['samples'].values())} samples, {counts['tokens']['train']} train tokens "
           f"({read_report['num_skipped']} bad, dropped {read_report['dropped']})")
     print(f"PII replaced: {read_report['pii_replacements']}")
-    print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs")
+    print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, after: {after[0]:.2f} {after[1]:.2f} "
+          f"{after[2]:.2f} on {os.cpu_count()} CPUs")
     print(f"llmft, 1 worker:   {seconds['one']:6.2f} s  {rate['one']:6.0f} tickets/s  "
           f"(runs: {' '.join(f'{s:.2f}' for s in runs['one'])})")
     print(f"llmft, {workers} workers:  {seconds['default']:6.2f} s  {rate['default']:6.0f} tickets/s  "
           f"(runs: {' '.join(f'{s:.2f}' for s in runs['default'])}; same output files as 1 worker: "
           f"{'yes' if identical else 'NO'})")
-    print(f"datasets.map, num_proc={workers}: {baseline_workers_s:6.2f} s  {args.tickets / baseline_workers_s:6.0f} "
-          f"tickets/s  (reference; the ratio below uses the bare call)")
     print(f"datasets.map:      {baseline_s:6.2f} s  {args.tickets / baseline_s:6.0f} tickets/s  "
-          f"(apply_chat_template, tokenization only, {baseline_tokens} tokens)")
+          f"(one process, for reference: vs_datasets_map={baseline_s / seconds['default']:.2f})")
+    print(f"datasets.map, num_proc={workers}: {baseline_workers_s:6.2f} s  {args.tickets / baseline_workers_s:6.0f} "
+          f"tickets/s  (apply_chat_template, tokenization only, {baseline_tokens} tokens)")
     print(f"useful-token fraction at {args.max_seq_len}: packed {counts['useful_token_fraction']['packed']:.1%}, "
           f"padded {counts['useful_token_fraction']['padded']:.1%}")
     print(f"ratios: workers_vs_one={seconds['one'] / seconds['default']:.2f} "
-          f"vs_datasets_map={baseline_s / seconds['default']:.2f}")
+          f"vs_datasets_map_num_proc={baseline_workers_s / seconds['default']:.2f}")
     return 0 if identical else 1
 
 
@@ -233,24 +264,11 @@ def peak_rss(args) -> int:
         print(f"export: {args.tickets} tickets, {export.stat().st_size / 1e6:.0f} MB, written in "
               f"{time.perf_counter() - started:.0f} s")
         command = [sys.executable, "-m", "llmft.data", "prepare", "data=tickets", f"data.path={export}",
-                   "data.tickets.staff_domains=[support.example-hpc.fr]", f"data.output_dir={Path(tmp) / 'out'}",
+                   f"data.tickets.staff_domains=[{STAFF_DOMAIN}]", f"data.output_dir={Path(tmp) / 'out'}",
                    f"model.max_seq_len={args.max_seq_len}"]
         command += [f"data.num_workers={args.workers}"] if args.workers else []
         if args.model_tokenizer:  # a model's own tokenizer (here: trained on 2,000 of the tickets, untimed): one pass
-            from llmft.config.compose import compose
-            from llmft.data.prepare.reading import read_conversations
-            from llmft.data.tokenize.tokenizer import train_tiny_tokenizer
-
-            sample = write_export(Path(tmp) / "sample.jsonl", 2000)
-            conversations, _ = read_conversations(compose(["data=tickets", f"data.path={sample}",
-                                                           "data.tickets.staff_domains=[support.example-hpc.fr]"]).data)
-            from transformers import LlamaConfig
-
-            train_tiny_tokenizer([m["content"] for c in conversations for m in c.messages], 2048).save_pretrained(
-                Path(tmp) / "model")
-            LlamaConfig(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                        num_attention_heads=2).save_pretrained(Path(tmp) / "model")  # (prepare reads no weights)
-            command.append(f"model.path={Path(tmp) / 'model'}")
+            command.append(f"model.path={model_with_own_tokenizer(Path(tmp) / 'model', Path(tmp) / 'sample.jsonl')}")
         load = os.getloadavg()
         started = time.perf_counter()
         process = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,

@@ -99,7 +99,8 @@ class ArchConfig:
     position_embeddings: int = 0  # a learned position table's rows (GPT-2's n_positions); 0 for rotary or ALiBi
 
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+ATTENTION_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3",
+                             "llmft_sdpa_varlen")
 
 
 @dataclass
@@ -110,8 +111,9 @@ class ModelConfig:
     dtype: str = "bfloat16"  # dtype of the frozen weights: float32 | bfloat16 | float16
     max_seq_len: int = 2048
     lora_target_modules: list[str] = field(default_factory=list)
-    # auto: flash-attention on a GPU that has it, else flex attention on a GPU, SDPA on a CPU, eager for BLOOM
-    # (docs/models.md#attention-kernels); or by name: sdpa, eager, flex_attention, flash_attention_2 or _3
+    # auto: flash-attention on a GPU that has it, else flex attention on a GPU; on a CPU SDPA per sample of a packed
+    # row (llmft_sdpa_varlen), SDPA for padded rows; eager for BLOOM (docs/models.md#attention-kernels); or by name:
+    # sdpa, eager, flex_attention, flash_attention_2 or _3, llmft_sdpa_varlen
     attn_implementation: str = "auto"
     # Jinja chat template used when the tokenizer has none (base models). None: a ChatML-style fallback.
     fallback_chat_template: Optional[str] = None

@@ -43,7 +43,8 @@ class Neither:
 
 
 @pytest.mark.parametrize("device, half, packed, model_class, capability, packages, expected", [
-    ("cpu", False, True, Flash, None, ("flash_attn",), "sdpa"),
+    ("cpu", False, True, Flash, None, ("flash_attn",), "llmft_sdpa_varlen"),  # packed rows: SDPA per sample
+    ("cpu", False, False, Flash, None, ("flash_attn",), "sdpa"),  # padded rows (DPO, KTO): SDPA with their mask
     ("cuda", True, True, Flash, (8, 0), ("flash_attn",), "flash_attention_2"),
     ("cuda", True, False, Flash, (8, 0), ("flash_attn",), "flash_attention_2"),  # padded rows: its unpad path
     ("cuda", True, True, Flash, (9, 0), ("flash_attn", "flash_attn_interface"), "flash_attention_3"),
@@ -137,7 +138,8 @@ def flash_stand_in():
 
 
 @pytest.mark.slow  # flex attention compiles on first use (~20 s here)
-@pytest.mark.parametrize("implementation", ["sdpa", "eager", "flex_attention", "flash_attention_2"])
+@pytest.mark.parametrize("implementation", ["sdpa", "eager", "flex_attention", "flash_attention_2",
+                                            "llmft_sdpa_varlen"])
 def test_packed_rows_give_each_sample_its_unpacked_losses_through_each_kernel(implementation, flash_stand_in):
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
@@ -151,6 +153,8 @@ def test_packed_rows_give_each_sample_its_unpacked_losses_through_each_kernel(im
         expected = supervised_token_losses(model, unpacked, None, installed=True)
     if implementation == "flash_attention_2":
         model.config._attn_implementation = implementation  # set_attn_implementation would look for flash_attn
+    elif implementation == "llmft_sdpa_varlen":
+        model.set_attn_implementation(attention.choose("auto", ModelFamily.llama, "cpu", False, True))
     else:
         model.set_attn_implementation(implementation)
     rows = packed_rows(samples, per_row=3, pad_to=48, pad_id=0)
@@ -159,3 +163,52 @@ def test_packed_rows_give_each_sample_its_unpacked_losses_through_each_kernel(im
     with torch.no_grad():
         packed = supervised_token_losses(model, batch, None, installed=True)
     torch.testing.assert_close(packed, expected, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [5, 64])
+def test_per_sample_sdpa_on_packed_rows_equals_each_sample_alone_with_a_sliding_window(window):
+    """Mistral's sliding window through llmft_sdpa_varlen: a window shorter than most samples (5) gets each sample
+    its band mask; a longer one (64) is plain causal. Forward and input gradients equal each sample run alone."""
+    config = transformers.MistralConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                        sliding_window=window)
+    torch.manual_seed(0)
+    model = transformers.MistralForCausalLM(config)
+    supervised_loss.install(model, "chunked", "cpu")
+    samples = random_samples(2, 6, 64)
+    unpacked = with_loss_index(collate(samples, pad_token_id=0))
+    model.set_attn_implementation("eager")  # the reference: transformers' own sliding-window masks
+    expected = supervised_token_losses(model, unpacked, None, installed=True)
+    expected_grads = torch.autograd.grad(expected.sum(), [p for p in model.parameters()][1:3])
+    model.set_attn_implementation(attention.choose("auto", ModelFamily.mistral, "cpu", False, True))
+    rows = packed_rows(samples, per_row=3, pad_to=48, pad_id=0)
+    batch = with_loss_index(collate(rows, pad_token_id=0, flatten=True))
+    batch.pop("num_tokens")
+    packed = supervised_token_losses(model, batch, None, installed=True)
+    grads = torch.autograd.grad(packed.sum(), [p for p in model.parameters()][1:3])
+    torch.testing.assert_close(packed, expected, atol=2e-5, rtol=1e-5)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_per_sample_sdpa_without_boundaries_is_causal_sdpa_and_refuses_padding():
+    """The trained model used outside packed training (a probe of its logits, greedy decoding with a cache) gives
+    SDPA's results; a padded batch, which it cannot see the padding of, is refused in one sentence."""
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    prompt = torch.randint(3, 64, (2, 11), generator=torch.Generator().manual_seed(0))
+    outputs = {}
+    for implementation in ("sdpa", attention.choose("auto", ModelFamily.llama, "cpu", False, True)):
+        model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            outputs[implementation] = (model(input_ids=prompt).logits,
+                                       model.generate(prompt, max_new_tokens=6, do_sample=False, min_new_tokens=6))
+    torch.testing.assert_close(outputs["llmft_sdpa_varlen"][0], outputs["sdpa"][0], atol=1e-5, rtol=1e-5)
+    assert torch.equal(outputs["llmft_sdpa_varlen"][1], outputs["sdpa"][1])
+    padded = torch.ones_like(prompt)
+    padded[0, :3] = 0
+    with pytest.raises(ValueError, match=r"these rows are padded: use model.attn_implementation=sdpa"):
+        model(input_ids=prompt, attention_mask=padded)

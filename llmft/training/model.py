@@ -524,7 +524,10 @@ def load_model(cfg, strategy, tokenizer, run_dir: Path, topology, attention: str
     if not any(p.is_meta for p in model.parameters()):
         init_lora(model, cfg)  # seeded by name (the same LoRA start for every strategy), or init_from's adapter
     if cfg.train.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.25's name; the old one warns
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # PEFT and transformers' checkpointing make the embeddings' output require grad (what reentrant checkpointing
     # needs): backward then runs through every frozen layer below the first adapter, down to the embeddings, for
     # nothing. Non-reentrant checkpointing (ours) does not need it, and the adapter's gradients are the same.

@@ -176,27 +176,32 @@ class TrainJob:
     """What each SLURM task runs (pickled by submitit): set up torch.distributed from SLURM, then train.
 
     Time limits are handled by the training loop, not by submitit's own USR2 handler: submitit would call a
-    checkpoint method inside the signal handler on rank 0 alone, while the other ranks wait in a collective. The
-    loop replaces that handler, all ranks agree on a step, save together, and rank 0 requeues the job.
+    checkpoint method inside the signal handler on rank 0 alone, while the other ranks wait in a collective. llmft's
+    handlers replace submitit's at the task's first instruction (submitit's would requeue from rank 0 alone while the
+    others go on, and ignore SIGTERM) and record the signal; all ranks agree on it at the first boundary of the run
+    (before training: nothing to save) or at a step (they save together), and rank 0 requeues the job.
     """
 
     def __init__(self, run_dir: str):
         self.run_dir = run_dir
 
     def __call__(self) -> dict:
-        import submitit
+        from llmft.training import signals  # torch-free
 
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        os.environ["MASTER_ADDR"], port = agree_on_rendezvous(Path(self.run_dir))
-        os.environ["MASTER_PORT"] = str(port)
-        from llmft.training.loop import Interrupted, run
+        with signals.recording():  # a signal during the rendezvous (up to minutes) is honoured by the run below
+            import submitit
 
-        try:
-            return run(Path(self.run_dir)).summary
-        except Interrupted as stop:
-            if stop.requeued:
-                sys.exit(-1)  # like submitit: no result file, the job is back in the queue
-            raise
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+            os.environ["MASTER_ADDR"], port = agree_on_rendezvous(Path(self.run_dir))
+            os.environ["MASTER_PORT"] = str(port)
+            from llmft.training.loop import Interrupted, run
+
+            try:
+                return run(Path(self.run_dir)).summary
+            except Interrupted as stop:
+                if stop.requeued:
+                    sys.exit(-1)  # like submitit: no result file, the job is back in the queue
+                raise
 
 
 def agree_on_rendezvous(run_dir: Path, timeout_s: float = 300) -> tuple[str, int]:

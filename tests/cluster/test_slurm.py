@@ -1,6 +1,6 @@
 """On the real SLURM of tools/local-slurm.sh (two nodes; these jobs use one): submission through submitit,
-sbatch --test-only of every template and rendered script, a USR2 mid-run (checkpoint, requeue, resume) and while a
-template job loads (nothing to save, requeue), and a failing job."""
+sbatch --test-only of every template and rendered script, a USR2 while a submitit job loads (nothing to save,
+requeue) then mid-run (checkpoint, requeue, resume), and while a template job loads, and a failing job."""
 
 from __future__ import annotations
 
@@ -122,25 +122,40 @@ def test_sbatch_accepts_every_template_and_rendered_script(slurm_env, tmp_path):
         assert result.returncode == 0 and "to start at" in result.stderr, (script, result.stderr)
 
 
-def test_usr2_mid_run_checkpoints_requeues_and_ends_like_an_uninterrupted_run(slurm_env, start_local_run, tmp_path):
+def test_usr2_while_loading_then_mid_run_requeues_twice_and_ends_like_an_uninterrupted_run(slurm_env,
+                                                                                           start_local_run, tmp_path):
+    """A submitit job: USR2 while its ranks load (nothing to save, one line, requeued), then USR2 mid-run in the next
+    attempt (checkpoint, requeued), then the third attempt resumes and ends with the uninterrupted run's adapter."""
     run_dir = tmp_path / "slurm"
     # the signal comes at step 8 or later, and the requeued attempt still crosses an evaluation (step 15)
     long_run = ["train.max_steps=30", "train.log_every=1", "train.eval_every=15", "train.save_every=0"]
     submitted = llmft(["+cluster=localslurm", *long_run, f"run_dir={run_dir}"], slurm_env)
     assert submitted.returncode == 0, submitted.stderr
     job_id = job_id_of(run_dir)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # wait until the job trains
+    env = {**os.environ, **slurm_env}
+
+    def logs() -> str:
+        return "".join(p.read_text() for p in (run_dir / "slurm").glob("*_0_log.*"))
+
+    deadline = time.time() + 400
+    while time.time() < deadline and "llmft: model=" not in logs():
+        time.sleep(0.1)  # the ranks have joined; the data and the model load next
+    subprocess.run(["scancel", "--signal=USR2", job_id], env=env, check=True, timeout=30)
+    while time.time() < deadline and "llmft: stopped by SIGUSR2" not in logs():
+        time.sleep(0.1)  # (read before the next attempt's srun truncates the log)
+    stopped = [line for line in logs().splitlines() if "llmft: stopped by SIGUSR2" in line]
+    assert len(stopped) == 1 and "before training: nothing new to save; the SLURM job is requeued" in stopped[0], \
+        logs()[-3000:]
+    while time.time() < deadline:  # requeued, then the next attempt trains
         if (run_dir / "metrics.jsonl").exists() and len(losses(run_dir)) >= 8:
             break
         time.sleep(0.2)
-    env = {**os.environ, **slurm_env}
     subprocess.run(["scancel", "--signal=USR2", job_id], env=env, check=True, timeout=30)
     local = None
     while time.time() < deadline:  # requeued, resumed, completed
-        summary = run_dir / "summary.json"
-        status = json.loads(summary.read_text())["status"] if summary.exists() else None
-        if status is not None and local is None:
+        summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+        status = summary.get("status")
+        if status in ("requeued", "interrupted") and summary.get("step", 0) >= 8 and local is None:  # 2nd stop
             # the uninterrupted run, overlapping with the requeued attempt; not before the job requeued itself: more
             # load then widens the window in which the requeue's SIGTERM ends `scontrol requeue` before it returns
             local = start_local_run("local", ["parallelism=ddp", "launch.nproc=2", *long_run])
@@ -149,12 +164,12 @@ def test_usr2_mid_run_checkpoints_requeues_and_ends_like_an_uninterrupted_run(sl
         time.sleep(1)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed", summary
-    logs = "".join(p.read_text() for p in (run_dir / "slurm").glob("*_0_log.*"))
-    assert "resume: from" in logs
+    assert "resume: from" in logs()
     attempts = subprocess.run(["sacct", "-j", job_id, "--duplicates", "-X", "-n", "-P", "-o", "State"], env=env,
                               capture_output=True, text=True, timeout=30).stdout.split()
-    assert len(attempts) >= 2 and attempts[0] == "REQUEUED", attempts  # requeued once, then completed
-    expected = load_file(local.finished() / "final/adapter_model.safetensors")
+    assert attempts[:2] == ["REQUEUED", "REQUEUED"] and len(attempts) == 3, attempts  # twice, then completed
+    expected = load_file((local or start_local_run("local", ["parallelism=ddp", "launch.nproc=2", *long_run]))
+                         .finished() / "final/adapter_model.safetensors")
     got = load_file(run_dir / "final/adapter_model.safetensors")
     assert all(torch.equal(expected[name], got[name]) for name in expected)
 

@@ -34,11 +34,30 @@ def pytest_collection_modifyitems(items):
     items.sort(key=file_rank)  # stable: a file's tests keep their order
 
 
+# Session fixtures whose torchrun trains in the background, started at the first test of the file named here (one whose
+# tests leave a core idle, long before the first test that needs them: measured in a full run), when a selected test
+# takes them; otherwise the first test that takes one starts it.
+START_WITH = {"local_four_rank_runs": "serve/test_eval.py"}
+_STARTED_WITH: dict[str, str] = {}  # START_WITH's fixtures that the selected tests take -> the file
+
+
 def pytest_collection_finish(session):
     selected = {item.nodeid for item in session.items}
     for nodeid, command in EARLY.items():
         if nodeid in selected:
             command.start()
+    for name, path in START_WITH.items():
+        if any(name in getattr(item, "fixturenames", ()) for item in session.items):
+            _STARTED_WITH[name] = path
+
+
+@pytest.fixture(autouse=True)
+def start_background_fixtures(request):
+    """START_WITH's fixtures, started at the first test of their file."""
+    for name, path in list(_STARTED_WITH.items()):
+        if request.node.path == TESTS / path:
+            del _STARTED_WITH[name]
+            request.getfixturevalue(name)[-1].start()
 
 
 def pytest_sessionfinish(session):

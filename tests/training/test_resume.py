@@ -52,36 +52,33 @@ def adapter(run_dir: Path) -> dict:
     return load_file(run_dir / "final" / "adapter_model.safetensors")
 
 
-@pytest.mark.slow
 # single and ddp have the same bitwise check elsewhere, on harder paths: one process in the SIGKILL trials below
 # and test_preference_tuning's signal test; 2 ddp ranks in test_slurm's USR2 test (a real requeue by SLURM). Here: the
 # sharded strategies, whose checkpoints are the ones that could lose state.
-@pytest.mark.parametrize("strategy,nproc", [("fsdp", 2), ("zero3", 2)])
-def test_signal_then_resume_gives_bitwise_the_uninterrupted_adapter(tmp_path, strategy, nproc):
-    overrides = [f"parallelism={strategy}", f"launch.nproc={nproc}",
-                 "parallelism.zero3_param_persistence_threshold=0", "parallelism.zero3_model_persistence_threshold=0"]
-    whole = start_launch(tmp_path / "whole", overrides)
-    interrupted = start_launch(tmp_path / "cut", overrides)
-    wait_for_step(tmp_path / "cut", 12, interrupted)
-    training_processes(interrupted)[-1].send_signal(signal.SIGUSR2)  # one rank only: the others must follow
-    out, err = interrupted.communicate(timeout=240)
-    assert interrupted.returncode == 3, out[-2000:] + err[-4000:]
-    assert "resume=" in err
-    summary = json.loads((tmp_path / "cut/summary.json").read_text())
-    assert summary["status"] == "interrupted" and summary["signal"] == "SIGUSR2"
-    cut_step = summary["step"]
-    assert 12 <= cut_step < 24
-    assert checkpoint.find_latest(tmp_path / "cut/checkpoints")[0].name == f"step_{cut_step}"
+SIGNALLED = ("fsdp", "zero3")
+SIGNALLED_TEST = "test_signal_then_resume_gives_bitwise_the_uninterrupted_adapter"
 
-    resumed = run_llmft("launch", f"resume={tmp_path / 'cut'}", timeout=300)
-    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-4000:]
-    assert f"resume: from {tmp_path / 'cut/checkpoints'}/step_{cut_step}" in resumed.stdout + resumed.stderr
-    out, err = whole.communicate(timeout=300)
-    assert whole.returncode == 0, err[-4000:]
-    expected, got = adapter(tmp_path / "whole"), adapter(tmp_path / "cut")
-    assert expected.keys() == got.keys()
-    for name in expected:
-        assert torch.equal(expected[name], got[name]), name
+
+def on_two_ranks(strategy: str) -> list[str]:
+    return [f"parallelism={strategy}", "launch.nproc=2", "parallelism.zero3_param_persistence_threshold=0",
+            "parallelism.zero3_model_persistence_threshold=0"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def uninterrupted(request, tmp_path_factory) -> dict[str, tuple[Path, subprocess.Popen]]:
+    """The uninterrupted launches the signal test compares with, one per strategy, started with the module when that
+    test is selected: they train on the core that the single-process tests before it in this file leave idle."""
+    if not any(item.originalname == SIGNALLED_TEST for item in request.session.items):
+        yield {}
+        return
+    root = tmp_path_factory.mktemp("uninterrupted")
+    runs = {strategy: (root / strategy, start_launch(root / strategy, on_two_ranks(strategy)))
+            for strategy in SIGNALLED}
+    yield runs
+    for _, process in runs.values():
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
 
 
 @pytest.mark.slow
@@ -198,6 +195,33 @@ def test_resume_refuses_an_override_that_changes_what_it_trains(tmp_path):
     run_lock.release(tmp_path)
     result = run_llmft("launch", f"resume={tmp_path}", "train.lr=1e-3", timeout=120)
     assert result.returncode == 2 and "train.lr=1e-3 would change what it trains" in result.stderr, result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", SIGNALLED)
+def test_signal_then_resume_gives_bitwise_the_uninterrupted_adapter(tmp_path, strategy, uninterrupted):
+    whole_dir, whole = uninterrupted[strategy]
+    interrupted = start_launch(tmp_path / "cut", on_two_ranks(strategy))
+    wait_for_step(tmp_path / "cut", 12, interrupted)
+    training_processes(interrupted)[-1].send_signal(signal.SIGUSR2)  # one rank only: the others must follow
+    out, err = interrupted.communicate(timeout=240)
+    assert interrupted.returncode == 3, out[-2000:] + err[-4000:]
+    assert "resume=" in err
+    summary = json.loads((tmp_path / "cut/summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["signal"] == "SIGUSR2"
+    cut_step = summary["step"]
+    assert 12 <= cut_step < 24
+    assert checkpoint.find_latest(tmp_path / "cut/checkpoints")[0].name == f"step_{cut_step}"
+
+    resumed = run_llmft("launch", f"resume={tmp_path / 'cut'}", timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-4000:]
+    assert f"resume: from {tmp_path / 'cut/checkpoints'}/step_{cut_step}" in resumed.stdout + resumed.stderr
+    out, err = whole.communicate(timeout=300)
+    assert whole.returncode == 0, err[-4000:]
+    expected, got = adapter(whole_dir), adapter(tmp_path / "cut")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
 
 
 @pytest.mark.slow

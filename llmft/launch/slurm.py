@@ -199,6 +199,9 @@ class TrainJob:
             try:
                 return run(Path(self.run_dir)).summary
             except Interrupted as stop:
+                if int(os.environ.get("RANK", "0")) == 0:  # the attempt's log says why it ended, as the templates'
+                    resume = f"python -m llmft.launch resume={Path(self.run_dir).resolve()}"
+                    print(f"llmft: {stop.sentence(resume)}", file=sys.stderr, flush=True)
                 if stop.requeued:
                     sys.exit(-1)  # like submitit: no result file, the job is back in the queue
                 raise

@@ -8,7 +8,7 @@
 | CUDA otherwise, packed rows | `flex_attention` | a `BlockMask` built on the device from the position ids |
 | CUDA otherwise, padded rows (DPO, KTO, `data.packing=false`) | `sdpa` | (a padding mask: SDPA's efficient kernel) |
 | CPU, packed rows | `llmft_sdpa_varlen` (ours, below) | rows laid end to end with `cu_seq_lens`, as for flash-attention |
-| CPU, padded rows | `sdpa` | (a padding mask) |
+| CPU, padded rows, or `train.compile` | `sdpa` | (a padding mask), a dense block-diagonal boolean mask |
 | BLOOM (any device) | `eager` | a dense additive mask |
 
 Why not SDPA on a GPU: a dense [rows, 1, T, T] mask rules out SDPA's flash kernel, and with it the memory-efficient
@@ -36,13 +36,19 @@ CPU_VARLEN = "llmft_sdpa_varlen"  # registered with transformers' AttentionInter
 
 
 def choose(requested: str, family, device_type: str, half_precision: bool, packed: bool, model_class=None,
-           capability: tuple[int, int] | None = None, installed=importlib.util.find_spec) -> str:
+           capability: tuple[int, int] | None = None, installed=importlib.util.find_spec,
+           compiled: bool = False) -> str:
     """The attention implementation for this rank: `requested` unless it is `auto` (see the module's table).
 
     `model_class`: the transformers class, whose `_supports_flash_attn` / `_supports_flex_attn` say what it can run
-    (None: assumed to support both). `capability`: the GPU's compute capability (Hopper is 9.x)."""
+    (None: assumed to support both). `capability`: the GPU's compute capability (Hopper is 9.x). `compiled`:
+    train.compile, under which a CPU keeps SDPA's dense mask (compiled once; the per-sample loop would recompile
+    for every new set of sample lengths)."""
     if requested != "auto":
         if requested == CPU_VARLEN:
+            if device_type != "cpu":  # it reads the samples' offsets on the host in every layer: a sync on a GPU
+                raise ConfigError(f"model.attn_implementation={CPU_VARLEN} is llmft's kernel for CPUs: on a GPU use "
+                                  "model.attn_implementation=auto (flash-attention or flex attention).")
             register_cpu_varlen()
         package = FLASH_PACKAGES.get(requested)
         if package and installed(package) is None:
@@ -55,7 +61,7 @@ def choose(requested: str, family, device_type: str, half_precision: bool, packe
     if family in EAGER_ATTENTION_ONLY:
         return "eager"
     if device_type != "cuda":
-        if packed:
+        if packed and not compiled:
             register_cpu_varlen()
             return CPU_VARLEN
         return "sdpa"

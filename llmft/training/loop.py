@@ -150,7 +150,7 @@ class Trainer:
         self.attention = attention.choose(
             cfg.model.attn_implementation, model_family(cfg.model), self.device.type, self.compute is not None,
             "packed_rows" in self.prep_counts, causal_lm_class(cfg.model) if on_gpu else None,
-            torch.cuda.get_device_capability(self.device) if on_gpu else None)
+            torch.cuda.get_device_capability(self.device) if on_gpu else None, compiled=cfg.train.compile)
         self.flatten = attention.lays_rows_end_to_end(self.attention)
         samples = self.prep_counts["samples"]  # the same counts as summary.json's data.samples / data.packed_rows
         rows = self.prep_counts.get("packed_rows")

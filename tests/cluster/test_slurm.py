@@ -142,10 +142,11 @@ def test_usr2_while_loading_then_mid_run_requeues_twice_and_ends_like_an_uninter
         time.sleep(0.1)  # the ranks have joined; the data and the model load next
     subprocess.run(["scancel", "--signal=USR2", job_id], env=env, check=True, timeout=30)
     while time.time() < deadline and "llmft: stopped by SIGUSR2" not in logs():
-        time.sleep(0.1)  # (read before the next attempt's srun truncates the log)
+        time.sleep(0.05)  # (read before the next attempt's srun truncates the log)
     stopped = [line for line in logs().splitlines() if "llmft: stopped by SIGUSR2" in line]
     assert len(stopped) == 1 and "before training: nothing new to save; the SLURM job is requeued" in stopped[0], \
         logs()[-3000:]
+    assert not (run_dir / "checkpoints").exists() or not list((run_dir / "checkpoints").glob("step_*"))
     while time.time() < deadline:  # requeued, then the next attempt trains
         if (run_dir / "metrics.jsonl").exists() and len(losses(run_dir)) >= 8:
             break

@@ -70,6 +70,10 @@ def test_bloom_runs_eager_and_a_name_is_taken_as_given_or_refused_when_its_packa
         attention.choose("flash_attention_2", ModelFamily.llama, "cuda", True, True, Flash, (8, 0), installed_only())
     with pytest.raises(ConfigError, match=r"flex_attention has no backward on a CPU"):
         attention.choose("flex_attention", ModelFamily.llama, "cpu", False, True)
+    with pytest.raises(ConfigError, match=r"llmft_sdpa_varlen is llmft's kernel for CPUs: on a GPU use "):
+        attention.choose("llmft_sdpa_varlen", ModelFamily.llama, "cuda", True, True, Flash, (8, 0), installed_only())
+    # train.compile keeps the dense mask on a CPU: the per-sample loop would recompile for each set of lengths
+    assert attention.choose("auto", ModelFamily.llama, "cpu", False, True, compiled=True) == "sdpa"
 
 
 def test_a_launch_refuses_an_unknown_implementation_in_one_sentence():

@@ -104,7 +104,6 @@ class Trainer:
         self.state, self.progress = TrainState(), Progress()
         # a stop signal recorded since the process started is honoured at each boundary before the first step
         self._setup_process()
-        self.stop_before_training("starting")
         self._setup_data()
         self.stop_before_training("reading the data")
         self._setup_model()
@@ -130,6 +129,7 @@ class Trainer:
         torch.manual_seed(self.tcfg.seed)
         if self.device.type == "cpu":
             torch.use_deterministic_algorithms(True)
+        self.stop_before_training("starting")  # before the line below: a signal sent once it shows is a later phase's
         self.log(f"llmft: model={self.cfg.model.name} peft={self.cfg.peft.method.value} strategy={self.strategy.name} "
                  f"world_size={topology.world_size} device={self.device} precision={precision.NAMES[self.compute]}")
 

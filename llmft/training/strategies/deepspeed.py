@@ -91,10 +91,53 @@ def deepspeed_config(cfg, world_size: int, compute, num_trainable: int | None = 
     return config
 
 
+# torch's JIT build of a DeepSpeed op (torch.utils.cpp_extension, for instance the CPU's shm_comm or a fused
+# optimizer) holds `<extensions folder>/<op>/lock` while it compiles and removes it after. A rank killed mid-build (a
+# time limit, scancel, a node failure) leaves it behind, and every later job that loads the op waits on it forever in
+# torch's FileBaton, printing nothing. A live build writes its objects into that folder: a lock in a folder where
+# nothing was written for this long has no build behind it.
+DEAD_BUILD_LOCK_S = 600
+
+
+def extensions_folder() -> Path:
+    """Where torch builds its JIT extensions: $TORCH_EXTENSIONS_DIR, else torch's cache folder (cpp_extension's
+    `_get_build_directory` adds `py<version>_<cuda or cpu>/` under it, which the search below goes into)."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch_extensions"
+
+
+def remove_dead_build_locks(folder: Path, now: float | None = None) -> list[str]:
+    """Removes the build locks of `folder` (<op>/lock, or py*/<op>/lock) whose build folder has not changed for
+    DEAD_BUILD_LOCK_S; the lines that say what it removed, and which live builds a rank will wait for."""
+    now = time.time() if now is None else now
+    lines = []
+    for lock_file in [*folder.glob("*/lock"), *folder.glob("*/*/lock")]:
+        try:
+            last_write = max(path.stat().st_mtime for path in [lock_file.parent, *lock_file.parent.iterdir()])
+        except FileNotFoundError:
+            continue  # a build that just ended
+        idle_s = now - last_write
+        if idle_s < DEAD_BUILD_LOCK_S:
+            lines.append(f"llmft: DeepSpeed's op {lock_file.parent.name} is being built by another process (lock "
+                         f"{lock_file}, last write {idle_s:.0f} s ago): this rank waits for it")
+            continue
+        try:
+            lock_file.unlink()
+        except FileNotFoundError:
+            continue  # another rank removed it first
+        lines.append(f"llmft: removed {lock_file}, a build lock left by a process killed while it built DeepSpeed's "
+                     f"op {lock_file.parent.name} (nothing written there for {idle_s / 60:.0f} min): torch would wait "
+                     f"on it forever; the op is built again")
+    return lines
+
+
 class DeepSpeedStrategy:
     builds_on_meta = False
 
     def __init__(self, cfg, topology, compute):
+        for line in remove_dead_build_locks(extensions_folder()):  # before anything loads an op
+            print(line, file=sys.stderr, flush=True)
         self.cfg = cfg
         self.topology = topology
         self.compute = compute  # the autocast dtype, None for fp32 (training/precision.py)

@@ -151,6 +151,9 @@ def strip_quoted_replies(text: str) -> str:
     a line of underscores or "Begin forwarded message:" before one. The user's own lines that look like one of these
     ("Voici ce que mon directeur a écrit :" then a script, "From: /path" in a log, a table's rule) stay."""
     lines = text.split("\n")
+    # a reply header ends with ":" on one of its 1-3 lines: only where one of the next 3 lines does is it looked for
+    # (`_attribution_at` on every line was a tenth of a ticket's preparation)
+    ends_with_colon = [line.rstrip().endswith(":") for line in lines] + [False, False]
     kept: list[str] = []
     i = 0
     while i < len(lines):
@@ -171,7 +174,7 @@ def strip_quoted_replies(text: str) -> str:
             following = _next_content(lines, i + 1)
             if following is not None and following <= i + 3 and _header_block_at(lines, following):
                 break
-        attribution = _attribution_at(lines, i)
+        attribution = _attribution_at(lines, i) if True in ends_with_colon[i:i + 3] else None
         if attribution is not None:
             end, strong = attribution
             following = _next_content(lines, end)

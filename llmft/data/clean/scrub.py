@@ -45,7 +45,7 @@ _FIXED_PATTERNS: list[tuple] = [
     ("SECRET", r"(\b[A-Z0-9_]*(?:TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|APIKEY|ACCESS_KEY)[A-Z0-9_]*[ \t]*=[ \t]*[\"']?)"
                r"(?!<[A-Z_]+>)([^\s\"'<>]{3,})", r"\1<SECRET>", ("TOKEN", "SECRET", "PASS", "KEY"), ("=",)),
     # "my password is hunter2": only a value with a digit or a symbol, so "the password is expired" stays.
-    ("SECRET", r"(?i)((?:\b|(?<=_))(?:password|passwd|mot de passe|mdp)\s+(?:is|est|=)\s+[\"']?)(?!<[A-Z_]+>)"
+    ("SECRET", r"(?i)((?:\b|(?<=_))(?:password|passwd|mot de passe|mdp)[^\S\n]+(?:is|est|=)[^\S\n]+[\"']?)(?!<[A-Z_]+>)"
                r"(?=[^\s\"']*[\d!@#$%^&*_+=])([^\s\"'<>]{4,})", r"\1<SECRET>", ("pass", "mdp")),
 ]
 _EMAIL = re.compile(r"[A-Za-z0-9._%+-]+(?:@|%40)[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
@@ -229,11 +229,17 @@ class Scrubber:
         """`_replace` on the lines of `text` that hold a clue (and one of `needs`): a regular expression that cannot
         start on a fixed word (`(?i)`, a lookbehind first) costs far more per character than these substring tests."""
         lines = text.split("\n")
-        for number, line in enumerate(lines):
-            if needs and not any(map(line.__contains__, needs)):
-                continue
-            if any(map(line.__contains__, clues)) or (lower_clues and any(map(line.lower().__contains__, lower_clues))):
-                lines[number] = self._replace(line, kind, pattern, repl)
+        chosen = [number for number, line in enumerate(lines)
+                  if (not needs or any(map(line.__contains__, needs))) and
+                  (any(map(line.__contains__, clues)) or
+                   (lower_clues and any(map(line.lower().__contains__, lower_clues))))]
+        if not chosen:
+            return text
+        # the chosen lines in one search (a call per line cost more than the search): no match of these patterns
+        # holds a newline, nor does a replacement, so the lines come back one for one
+        replaced = self._replace("\n".join([lines[number] for number in chosen]), kind, pattern, repl).split("\n")
+        for number, line in zip(chosen, replaced):
+            lines[number] = line
         return "\n".join(lines)
 
     def _ip(self, match: re.Match, version: int) -> str:

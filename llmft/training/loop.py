@@ -58,7 +58,7 @@ from llmft.training.model import causal_lm_class, count_parameters, load_model
 from llmft.training import signals
 from llmft.training.signals import EXPORT_GRACE_S, Interrupted, StopSignals, requeue_slurm_job
 from llmft.training.time_limit import WRITE_BYTES_PER_S, TimeLimit, busiest_writer_bytes, job_end_time
-from llmft.training.topology import Topology
+from llmft.training.topology import Topology, cpu_binding_warning
 
 
 @dataclass
@@ -132,6 +132,9 @@ class Trainer:
         self.stop_before_training("starting")  # before the line below: a signal sent once it shows is a later phase's
         self.log(f"llmft: model={self.cfg.model.name} peft={self.cfg.peft.method.value} strategy={self.strategy.name} "
                  f"world_size={topology.world_size} device={self.device} precision={precision.NAMES[self.compute]}")
+        binding = cpu_binding_warning()
+        if binding:
+            self.log(binding)
 
     def _setup_data(self) -> None:
         cfg, topology = self.cfg, self.topology

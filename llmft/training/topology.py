@@ -122,3 +122,22 @@ def visible_gpu_index(local_rank: int, ranks_per_node: int, visible: int) -> int
     raise RuntimeError(f"this rank sees {visible} GPUs for {ranks_per_node} ranks on its node: give each task one GPU "
                        f"(--gpus-per-task=1) or every task all of them (--gres=gpu:{ranks_per_node}), one rank per GPU.")
 
+
+
+def cpu_binding_warning() -> str | None:
+    """One sentence when SLURM bound this rank to fewer CPUs than the job asked per task, else None.
+
+    From Slurm 22.05 `srun` no longer inherits `--cpus-per-task` from sbatch or salloc: an `srun` without `-c` (or
+    SRUN_CPUS_PER_TASK) in a job with `--cpus-per-task=8` starts each task with one CPU, and a site that binds tasks to
+    their CPUs (task/affinity, task/cgroup) leaves the rank one core for its step's host side, its data loading and its
+    checkpoint writes. The job's value stays in SLURM_CPUS_PER_TASK; the binding is the process's affinity."""
+    asked = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if not asked.isdigit() or not hasattr(os, "sched_getaffinity"):
+        return None
+    usable = len(os.sched_getaffinity(0))
+    if usable >= int(asked):
+        return None
+    return (f"llmft: warning: this rank may run on {usable} CPU(s) of the {asked} the job asks per task "
+            f"(--cpus-per-task): srun was not given -c (from Slurm 22.05 it does not inherit it) and the site binds "
+            f"tasks to their CPUs; start the ranks with `srun --cpus-per-task=$SLURM_CPUS_PER_TASK ...` or export "
+            f"SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK before srun (llmft's templates and its submitit jobs do).")

@@ -135,8 +135,8 @@ def cpu_binding_warning() -> str | None:
     if not asked.isdigit() or not hasattr(os, "sched_getaffinity"):
         return None
     usable = len(os.sched_getaffinity(0))
-    if usable >= int(asked):
-        return None
+    if usable >= int(asked) or usable >= (os.cpu_count() or 1):
+        return None  # as many as asked, or not bound at all (a machine smaller than the request: the local SLURM's)
     return (f"llmft: warning: this rank may run on {usable} CPU(s) of the {asked} the job asks per task "
             f"(--cpus-per-task): srun was not given -c (from Slurm 22.05 it does not inherit it) and the site binds "
             f"tasks to their CPUs; start the ranks with `srun --cpus-per-task=$SLURM_CPUS_PER_TASK ...` or export "

@@ -36,6 +36,8 @@ def test_a_rank_bound_to_fewer_cpus_than_asked_is_told_how_to_start_it():
     assert probe({"SLURM_CPUS_PER_TASK": str(cpus)}) == "None"  # bound to what it asked
     assert probe({"SLURM_CPUS_PER_TASK": "1"}, bind_to="0") == "None"
     assert probe({"SLURM_CPUS_PER_TASK": None}, bind_to="0") == "None"  # not under SLURM: nothing to compare with
+    # not bound (every CPU of the machine) on a machine smaller than the request: nothing srun could fix
+    assert probe({"SLURM_CPUS_PER_TASK": str(cpus * 4)}) == "None"
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to bind a process to fewer")

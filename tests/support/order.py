@@ -50,6 +50,8 @@ RUN_ORDER = [
     "serve/test_export_push.py",
     "training/test_families.py",
     "training/test_gpu_paths.py",
+    "training/test_build_locks.py",
+    "training/test_cpu_binding.py",
     "training/test_attention_paths.py",
     "training/test_time_limit.py",
     "training/test_replica_checkpoint.py",

@@ -493,27 +493,109 @@ class StallWatchdog:
     blocked on a stalled file system (a hard-mounted NFS waits for ever), so it writes `message(watchdog)` (what was
     being done, `doing`, for how long, and what to do) on stderr and calls os._exit; the other ranks then stop at
     their collective timeout or by torchrun. Around a save (here) and the universal-checkpoint conversion
-    (strategies/deepspeed.py)."""
+    (strategies/deepspeed.py).
+
+    That thread runs only when the blocked call releases the GIL. torch's and safetensors' writers hold it while
+    they write (measured on a stalling FUSE file system: the sentence came when the file system answered, 298 s
+    late), so a process of its own (`_Watcher`) holds a copy of the sentence, kept current as `doing` changes, and
+    says it `WATCHER_GRACE_S` after the limit, then SIGKILLs this process, when this process could not."""
 
     def __init__(self, limit_s: float, message: Callable[["StallWatchdog"], str], doing: str):
-        self.limit_s, self.message, self.doing = limit_s, message, doing
+        self.limit_s, self.message = limit_s, message
         self.started = time.monotonic()
         self.done = threading.Event()
+        self._doing = doing
+
+    @property
+    def doing(self) -> str:
+        return self._doing
+
+    @doing.setter
+    def doing(self, value: str) -> None:
+        self._doing = value
+        self._arm_watcher()
+
+    def _arm_watcher(self) -> None:
+        """The sentence as the watcher would say it (waited: the limit and its grace) and when, to the watcher."""
+        fire_at = self.started + self.limit_s + WATCHER_GRACE_S
+        as_then = _AsOf(self, started=time.monotonic() - (self.limit_s + WATCHER_GRACE_S))
+        _Watcher.send(f"A\t{fire_at!r}\t{' '.join(self.message(as_then).split())}")
 
     def __enter__(self) -> "StallWatchdog":
+        self._arm_watcher()
         threading.Thread(target=self._watch, name="llmft-stall-watchdog", daemon=True).start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.done.set()
+        _Watcher.send("D")
 
     def _watch(self) -> None:
-        if self.done.wait(self.limit_s):
+        deadline = self.started + self.limit_s
+        while not self.done.wait(min(1.0, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                break
+            self._arm_watcher()  # a `doing` the message reads from elsewhere (the conversion's) kept current
+        else:
             return
+        _Watcher.send("D")  # this thread says it: the watcher stays silent
         try:  # os.write, not sys.stderr: its lock may be held by the blocked thread
             os.write(2, (self.message(self) + "\n").encode())
         finally:
             os._exit(USER_ERROR_EXIT_CODE)
+
+
+class _AsOf:
+    """A StallWatchdog seen with another start time (what its message reads: `started`, `doing`)."""
+
+    def __init__(self, watchdog: StallWatchdog, started: float):
+        self.started, self.doing = started, watchdog.doing
+
+
+WATCHER_GRACE_S = 5.0
+# The watcher: reads `A<TAB>fire_at<TAB>sentence` (arm, CLOCK_MONOTONIC is the machine's) and `D` (disarm) lines on
+# stdin; at fire_at it writes the sentence on its stderr (this process's) and SIGKILLs the process; it ends when the
+# process closes the pipe (it ended). Python without site or user paths: a few milliseconds to start.
+_WATCHER_CODE = r"""
+import os, select, signal, sys, time
+watched, fire_at, sentence, pending = int(sys.argv[1]), None, "", b""
+while True:
+    wait = None if fire_at is None else max(0.0, fire_at - time.monotonic())
+    if select.select([0], [], [], wait)[0]:
+        chunk = os.read(0, 1 << 16)
+        if not chunk:
+            break
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            fields = line.decode().split("\t", 2)
+            fire_at, sentence = (float(fields[1]), fields[2]) if fields[0] == "A" else (None, sentence)
+    elif fire_at is not None and time.monotonic() >= fire_at:
+        os.write(2, (sentence + "\n").encode())
+        os.kill(watched, signal.SIGKILL)
+        break
+"""
+
+
+class _Watcher:
+    """The one watcher process of this process, started at the first StallWatchdog."""
+
+    process = None
+    lock = threading.Lock()
+
+    @classmethod
+    def send(cls, line: str) -> None:
+        import subprocess
+        import sys
+
+        with cls.lock:
+            try:
+                if cls.process is None or cls.process.poll() is not None:
+                    cls.process = subprocess.Popen([sys.executable, "-I", "-S", "-c", _WATCHER_CODE, str(os.getpid())],
+                                                   stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+                cls.process.stdin.write((line + "\n").encode())
+                cls.process.stdin.flush()
+            except OSError:
+                pass  # no watcher (no process left to start): the thread alone guards
 
 
 def _save_stalled(rank: int, step: int, timeout_min: float) -> Callable[[StallWatchdog], str]:

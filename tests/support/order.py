@@ -12,6 +12,7 @@ RUN_ORDER = [
     "training/test_checkpoint_agreement.py",
     "training/test_checkpoint_layout.py",
     "training/test_checkpoint_durability.py",
+    "training/test_stalled_filesystem.py",
     "clients/test_openai_compatible.py",
     "launch/test_config.py",
     "launch/test_models_get.py",

@@ -28,6 +28,8 @@ import errno
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -584,9 +586,6 @@ class _Watcher:
 
     @classmethod
     def send(cls, line: str) -> None:
-        import subprocess
-        import sys
-
         with cls.lock:
             try:
                 if cls.process is None or cls.process.poll() is not None:

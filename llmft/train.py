@@ -5,10 +5,8 @@ ends, and one whose torchrun dies from now on is ended by the kernel (llmft/rund
 recorded from here on (llmft/training/signals.py), so a SIGUSR2 or SIGTERM during the imports, the data or the model
 loading stops the run cleanly instead of killing it."""
 
-import sys
-
 from llmft.errors import closed_pipe_ends_quietly
-from llmft.rundir.lifetime import die_with_launcher
+from llmft.rundir.lifetime import die_with_launcher, end_rank
 from llmft.training.signals import recording
 
 if __name__ == "__main__":
@@ -16,4 +14,5 @@ if __name__ == "__main__":
     with recording():
         from llmft.training.loop import main
 
-        sys.exit(closed_pipe_ends_quietly(main))  # `--help | head` ends quietly
+        code = closed_pipe_ends_quietly(main)  # `--help | head` ends quietly
+    end_rank(code)  # without the interpreter's teardown (llmft/rundir/lifetime.py says why)

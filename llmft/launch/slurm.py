@@ -186,8 +186,10 @@ class TrainJob:
         self.run_dir = run_dir
 
     def __call__(self) -> dict:
+        from llmft.rundir.lifetime import end_task_without_teardown
         from llmft.training import signals  # torch-free
 
+        done = end_task_without_teardown()  # once submitit has written the result (llmft/rundir/lifetime.py)
         with signals.recording():  # a signal during the rendezvous (up to minutes) is honoured by the run below
             import submitit
 
@@ -197,7 +199,9 @@ class TrainJob:
             from llmft.training.loop import Interrupted, run
 
             try:
-                return run(Path(self.run_dir)).summary
+                summary = run(Path(self.run_dir)).summary
+                done()
+                return summary
             except Interrupted as stop:
                 if int(os.environ.get("RANK", "0")) == 0:  # the attempt's log says why it ended, as the templates'
                     resume = f"python -m llmft.launch resume={Path(self.run_dir).resolve()}"

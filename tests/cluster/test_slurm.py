@@ -201,11 +201,14 @@ def test_multirun_submits_one_job_per_combination_each_with_its_run_directory(sl
 
 
 def test_evaluation_after_training_is_a_dependent_job(slurm_env, tmp_path):
+    """The training task would abort in the interpreter's teardown once done (tests/support/teardown_abort, as a
+    library's leftover threads can): the job must still end COMPLETED, or the evaluation (afterok) never starts."""
     run_dir = tmp_path / "run"
     secret = "sk-test-judge-key-0123456789"
+    aborting = {**slurm_env, "PYTHONPATH": str(REPO / "tests/support/teardown_abort")}
     result = llmft(["+cluster=localslurm", "eval.after_train=true",
                     f"eval.overrides=['eval.limit=2','eval.max_new_tokens=4','eval.judge_api_key={secret}']",
-                    "train.max_steps=4", "train.eval_every=2", f"run_dir={run_dir}"], slurm_env)
+                    "train.max_steps=4", "train.eval_every=2", f"run_dir={run_dir}"], aborting)
     assert result.returncode == 0, result.stderr
     written = [p for p in run_dir.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     assert not written, f"the judge's key was written to {written}"  # it travels in the job's environment
@@ -217,6 +220,8 @@ def test_evaluation_after_training_is_a_dependent_job(slurm_env, tmp_path):
     assert f"Dependency=afterok:{train_job}" in shown or "JobState=COMPLETED" in shown or "RUNNING" in shown, shown
     deadline = time.time() + 300
     while time.time() < deadline and not (run_dir / "eval/report.json").exists():
+        shown = subprocess.run(["scontrol", "show", "job", eval_job], env=env, capture_output=True, text=True).stdout
+        assert "DependencyNeverSatisfied" not in shown, f"the training job did not end COMPLETED: {shown}"
         time.sleep(1)
     assert (run_dir / "eval/report.json").exists(), "the evaluation job did not write its report"
 

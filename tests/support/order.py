@@ -53,6 +53,7 @@ RUN_ORDER = [
     "training/test_gpu_paths.py",
     "training/test_build_locks.py",
     "training/test_cpu_binding.py",
+    "training/test_rank_teardown.py",
     "training/test_attention_paths.py",
     "training/test_time_limit.py",
     "training/test_replica_checkpoint.py",

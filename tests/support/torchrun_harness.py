@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from llmft.rundir import lock as run_lock
 from llmft.rundir.files import read_config
+from llmft.rundir.lifetime import end_rank
 from llmft.training.loop import Trainer, train
 
 PROBE_IDS = [[5, 17, 42, 99, 7, 256, 31, 8, 64, 12]]
@@ -102,3 +103,4 @@ def main(mode: str, out: str, run_dirs: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], sys.argv[3:])
+    end_rank(0)  # as python -m llmft.train ends: ZeRO-3's leftovers can abort the interpreter's teardown

@@ -35,6 +35,7 @@ PARAMETERS = 28  # the tiny model's LoRA tensors: one work item each in the conv
 # the collective timeout.
 PACED_CONVERSION = """
 import sys, time
+from llmft.rundir.lifetime import end_rank
 from llmft.training import loop
 from llmft.training.strategies import deepspeed
 
@@ -46,7 +47,7 @@ def paced(self, *args):
     return entry
 
 deepspeed._ResumableConversion._run_item = paced
-sys.exit(loop.main([sys.argv[1]]))
+end_rank(loop.main([sys.argv[1]]))  # as python -m llmft.train ends: no teardown
 """
 
 

@@ -175,7 +175,8 @@ class TrainConfig:
     collective_timeout_min: float = 10.0
     # A rank whose part of a checkpoint (writing, fsync, reading back its checksums) takes longer than this (> 0)
     # ends the run with one sentence naming the rank, the file and the seconds waited: a stalled file system fails the
-    # job instead of hanging it (docs/checkpoints-and-resuming.md).
+    # job instead of hanging it (docs/checkpoints-and-resuming.md). The same limit bounds the metrics' writes, the final
+    # model's and summary.json's.
     save_timeout_min: float = 30.0
     seed: int = 0
 

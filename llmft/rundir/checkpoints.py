@@ -597,6 +597,17 @@ class _Watcher:
                 pass  # no watcher (no process left to start): the thread alone guards
 
 
+def guard_write(doing: str, timeout_min: float = DEFAULT_SAVE_TIMEOUT_MIN, rank: int = 0) -> StallWatchdog:
+    """A StallWatchdog for the run directory's other writes (the metrics and TensorBoard, the final model,
+    summary.json): on a stalled file system they block in the kernel like a save, and a run of one rank has no
+    collective timeout to end it, so it would hang silently until the job's time limit."""
+    return StallWatchdog(timeout_min * 60, lambda watchdog: (
+        f"llmft: rank {rank} has waited {time.monotonic() - watchdog.started:.0f} s {watchdog.doing}, longer than "
+        f"train.save_timeout_min={timeout_min:g}: its file system seems stalled, so this rank ends now instead of "
+        f"hanging (the last checkpoint is kept); resume once the file system answers, or raise "
+        f"train.save_timeout_min if writes there are this slow."), doing)
+
+
 def _save_stalled(rank: int, step: int, timeout_min: float) -> Callable[[StallWatchdog], str]:
     return lambda watchdog: (
         f"llmft: rank {rank} has waited {time.monotonic() - watchdog.started:.0f} s on the checkpoint of step {step}, "

@@ -228,7 +228,8 @@ class Trainer:
             self.tracking = tracking.MlflowTracking(self.run_dir, to_container(self.cfg), self.strategy.name,
                                                     self.topology.world_size)
         metrics = MetricsLog(metrics_path(self.run_dir), self.total_steps, self.state.step,
-                             enabled=self.topology.is_main, use_wandb=self.tcfg.wandb, mlflow=self.tracking)
+                             enabled=self.topology.is_main, use_wandb=self.tcfg.wandb, mlflow=self.tracking,
+                             guard=self.guard_write)
         job_id = os.environ.get("SLURM_JOB_ID")
         sharded = self.strategy.name not in ("single", "ddp")
         self.time_limit = TimeLimit(
@@ -468,8 +469,9 @@ class Trainer:
         export_started, self.export_requeued = time.time(), False
         tensors = self.strategy.export_tensors()  # gathered one at a time: every rank iterates to the end
         if self.topology.is_main:
-            save_final(self.peft_model, self.requeued_when_late(tensors), self.strategy.full_shape, self.tokenizer,
-                       final_dir, self.base_model_path)
+            with self.guard_write(f"writing the final model into {final_dir}"):
+                save_final(self.peft_model, self.requeued_when_late(tensors), self.strategy.full_shape,
+                           self.tokenizer, final_dir, self.base_model_path)
         else:
             for _ in tensors:
                 pass
@@ -503,8 +505,11 @@ class Trainer:
             "init_from": self.cfg.init_from,  # the run whose final model this one started from (or None)
         }
         if self.topology.is_main:
-            write_summary(self.run_dir, summary, self.tracking)
+            write_summary(self.run_dir, summary, self.tracking, self.tcfg.save_timeout_min)
         return TrainResult(summary, self.peft_model, self.tokenizer)
+
+    def guard_write(self, doing: str) -> checkpoints.StallWatchdog:
+        return checkpoints.guard_write(doing, self.tcfg.save_timeout_min, self.topology.rank)
 
     def requeued_when_late(self, tensors):
         """Rank 0's `tensors`, as they come; once this rank's stop signal is EXPORT_GRACE_S old, the SLURM job is
@@ -613,11 +618,13 @@ def forget_metrics_after(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def write_summary(run_dir: Path, summary: dict, mlflow: "tracking.MlflowTracking | None") -> None:
-    """summary.json, then the MLflow run (if any) ended with the same status."""
-    write_summary_file(run_dir, summary)
-    if mlflow is not None:
-        mlflow.end(summary)
+def write_summary(run_dir: Path, summary: dict, mlflow: "tracking.MlflowTracking | None",
+                  timeout_min: float = checkpoints.DEFAULT_SAVE_TIMEOUT_MIN) -> None:
+    """summary.json, then the MLflow run (if any) ended with the same status; bounded in time like a save."""
+    with checkpoints.guard_write(f"writing {run_dir / 'summary.json'}", timeout_min):
+        write_summary_file(run_dir, summary)
+        if mlflow is not None:
+            mlflow.end(summary)
 
 
 def train(cfg, run_dir: Path) -> TrainResult:
@@ -640,13 +647,14 @@ def _run(run_dir: Path) -> TrainResult:
         return trainer.train()
     except Interrupted as stop:
         if is_main:
-            write_summary(run_dir, stop.summary(run_dir), trainer.tracking if trainer else None)
+            write_summary(run_dir, stop.summary(run_dir), trainer.tracking if trainer else None,
+                          cfg.train.save_timeout_min)
         raise
     except BaseException as error:  # KeyboardInterrupt (a second Ctrl-C) and SystemExit included
         if is_main:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
             write_summary(run_dir, {"status": "failed", "error": f"{type(error).__name__}: {reason}".rstrip(": ")},
-                          trainer.tracking if trainer else None)
+                          trainer.tracking if trainer else None, cfg.train.save_timeout_min)
         raise
     finally:
         if is_main:

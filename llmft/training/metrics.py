@@ -11,7 +11,9 @@ import json
 import os
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Callable, ContextManager
 
 import torch
 
@@ -20,8 +22,10 @@ from llmft.rundir.layout import tensorboard_dir
 
 class MetricsLog:
     def __init__(self, path: Path, total_steps: int, start_step: int, enabled: bool, use_wandb: bool = False,
-                 mlflow=None):
+                 mlflow=None, guard: Callable[[str], ContextManager] = lambda doing: nullcontext()):
         self.enabled = enabled
+        self.path = path
+        self.guard = guard  # bounds each write's time (rundir/checkpoints.guard_write): a stalled file system says so
         self.total_steps = total_steps
         self.start_time = time.time()
         self.start_step = start_step
@@ -49,16 +53,17 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
         step = record["step"]
-        for name, value in record.items():
-            if name != "step" and isinstance(value, (int, float)):
-                self.tensorboard.add_scalar(("val/" if name.startswith("val") else "train/") + name, value, step)
-        if self.wandb_run is not None:
-            self.wandb_run.log(record, step=step)
-        if self.mlflow is not None:
-            self.mlflow.log_metrics(record)
+        with self.guard(f"writing the metrics of step {step} ({self.path}, TensorBoard)"):
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+            for name, value in record.items():
+                if name != "step" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(("val/" if name.startswith("val") else "train/") + name, value, step)
+            if self.wandb_run is not None:
+                self.wandb_run.log(record, step=step)
+            if self.mlflow is not None:
+                self.mlflow.log_metrics(record)
 
     def show(self, step: int, record: dict) -> None:
         """Advance the bar to `step` with the latest figures, or print one status line without a terminal."""
@@ -87,12 +92,14 @@ class MetricsLog:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.file is not None:
-            self.file.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
+        if self.enabled:
+            with self.guard(f"closing {self.path} and TensorBoard's event file"):
+                if self.file is not None:
+                    self.file.close()
+                if self.tensorboard is not None:
+                    self.tensorboard.close()
+                if self.wandb_run is not None:
+                    self.wandb_run.finish()
         self.file = self.bar = self.tensorboard = self.wandb_run = None
 
 

@@ -80,3 +80,33 @@ def test_a_save_on_a_stalled_file_system_says_so_then_the_run_resumes_once_it_an
         assert "resume: from " in resumed.stdout + resumed.stderr and "(step 2," in resumed.stdout + resumed.stderr
         assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
         assert [r["step"] for r in read_metrics(run_dir) if "loss" in r][-1] == 6
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a FUSE file system: needs root")
+@pytest.mark.slow
+def test_a_stall_between_saves_is_named_too_where_one_rank_has_no_collective_timeout(tmp_path):
+    """The file system stalls while the run writes its metrics (one rank: nothing else would ever end it); the rank
+    says what it was writing and for how long, instead of hanging until the job's time limit."""
+    with stalling_mount(tmp_path) as (mount, stall):
+        run_dir, log = mount / "run", tmp_path / "run.log"
+        with open(log, "w") as output:
+            process = subprocess.Popen([sys.executable, "-m", "llmft.launch", "train.max_steps=100000",
+                                        "train.save_every=0", "train.log_every=1", "train.eval_every=100000",
+                                        "train.save_timeout_min=0.05", f"run_dir={run_dir}"], cwd=REPO,
+                                       stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+                                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            wait_until(lambda: (run_dir / "metrics.jsonl").exists() and len(read_metrics(run_dir)) >= 2, 300,
+                       "the metrics of step 2", process, log)
+            stall.touch()
+            stalled_at = time.time()
+            sentence = "llmft: rank 0 has waited "
+            wait_until(lambda: sentence in log.read_text(), 60, "stall sentence", process, log)
+            said_after = time.time() - stalled_at
+            line = next(line for line in log.read_text().splitlines() if sentence in line)
+        finally:
+            stall.unlink(missing_ok=True)
+        assert process.wait(timeout=120) != 0
+    assert said_after < 3 + 5 + 10, said_after  # the limit, the watcher's grace, and the next write's wait at most
+    assert "writing the metrics of step " in line and f"{run_dir / 'metrics.jsonl'}, TensorBoard)" in line, line
+    assert "longer than train.save_timeout_min=0.05: its file system seems stalled" in line, line

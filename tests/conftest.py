@@ -41,11 +41,17 @@ START_WITH = {"local_four_rank_runs": "serve/test_eval.py"}
 _STARTED_WITH: dict[str, str] = {}  # START_WITH's fixtures that the selected tests take -> the file
 
 
+_DEFERRED: list[EarlyCommand] = []  # early commands of selected tests that start with a file of their own
+
+
 def pytest_collection_finish(session):
     selected = {item.nodeid for item in session.items}
+    selected_files = {item.path for item in session.items}
     for nodeid, command in EARLY.items():
-        if nodeid in selected:
+        if nodeid in selected and command.start_with is None:
             command.start()
+        elif nodeid in selected and TESTS / command.start_with in selected_files and command not in _DEFERRED:
+            _DEFERRED.append(command)
     for name, path in START_WITH.items():
         if any(name in getattr(item, "fixturenames", ()) for item in session.items):
             _STARTED_WITH[name] = path
@@ -53,11 +59,15 @@ def pytest_collection_finish(session):
 
 @pytest.fixture(autouse=True)
 def start_background_fixtures(request):
-    """START_WITH's fixtures, started at the first test of their file."""
+    """START_WITH's fixtures and the deferred early commands, started at the first test of their file."""
     for name, path in list(_STARTED_WITH.items()):
         if request.node.path == TESTS / path:
             del _STARTED_WITH[name]
             request.getfixturevalue(name)[-1].start()
+    for command in list(_DEFERRED):
+        if request.node.path == TESTS / command.start_with:
+            _DEFERRED.remove(command)
+            command.start()
 
 
 def pytest_sessionfinish(session):

@@ -23,6 +23,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from support.early import EARLY, EarlyCommand
 from support.runs import REPO
 
 SCRIPT = REPO / "tools" / "gpu-check.sh"
@@ -106,24 +107,44 @@ def test_a_launch_is_not_started_with_less_time_left_than_it_needs(tmp_path):
 
 # ------------------------------------------------------------------------------------------ prepare, then run offline
 
-def run_script(*args: str, env: dict | None = None, timeout: float = 900,
-               prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    result = subprocess.run([*prefix, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
-                            # no PYTHONPATH: the venv's llmft must be the wheelhouse's, not a source tree's
-                            env={**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
-                                 "PYTHON": sys.executable, **(env or {})})
-    assert result.returncode == 0, \
-        f"{args[0]} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    return result
+# prepare, then run in a network namespace with a loopback and nothing else (gloo's ranks meet on it), where pip's
+# configuration here (a find-links folder, local indexes) and a PYTHONPATH (as Jean Zay's modules set one; its llmft
+# cannot be imported) must not reach the install. Minutes of CPU, most of it on one core: started in the background
+# with the SLURM tests, whose jobs leave a core idle, and read here at the end.
+PREPARE_THEN_RUN_OFFLINE = r"""
+set -u
+folder=$1 script=$2 version=$3 cache=$4
+export PYTHON=$5
+unset PYTHONPATH
+mkdir -p "$cache" "$folder/scratch" "$folder/shadow/llmft" "$folder/out"
+if ! "$script" prepare "$folder/wheelhouse" --python "$version" --torch torch==2.13.0+cpu --extras deepspeed \
+        --cache "$cache" > "$folder/prepare.log" 2>&1; then
+    echo "prepare failed:"; tail -c 4000 "$folder/prepare.log"; exit 1
+fi
+echo "raise ImportError('llmft imported from PYTHONPATH, not the venv')" > "$folder/shadow/llmft/__init__.py"
+TMPDIR="$folder/scratch" PIP_INDEX_URL=http://127.0.0.1:9/simple PIP_FIND_LINKS=/opt/wheels \
+    PYTHONPATH="$folder/shadow" unshare --net sh -c 'ip link set lo up && exec "$0" "$@"' \
+    "$script" run "$folder/wheelhouse" --cpu --out "$folder/out/gpu-check.json" --venv "$folder/venv"
+"""
+OFFLINE_CHECK = EarlyCommand(lambda folder: ["bash", "-c", PREPARE_THEN_RUN_OFFLINE, "bash", str(folder), str(SCRIPT),
+                                             PYTHON_VERSION, str(DOWNLOAD_CACHE), sys.executable],
+                             timeout=1500, start_with="cluster/test_slurm.py")
+for _test in ("test_prepare_gathers_every_wheel_for_the_target_with_pins_and_hashes",
+              "test_run_installs_from_the_wheelhouse_alone_without_a_network_and_passes_on_the_cpu"):
+    EARLY[f"tests/project/test_gpu_check_offline.py::{_test}"] = OFFLINE_CHECK
 
 
 @pytest.fixture(scope="module")
-def wheelhouse(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("gpu-check") / "wheelhouse"
-    DOWNLOAD_CACHE.mkdir(parents=True, exist_ok=True)
-    run_script("prepare", str(folder), "--python", PYTHON_VERSION, "--torch", "torch==2.13.0+cpu",
-               "--extras", "deepspeed", "--cache", str(DOWNLOAD_CACHE))
-    return folder
+def offline_check() -> tuple[Path, subprocess.CompletedProcess]:
+    """(its folder, the offline run's output) once prepare and the offline run have finished."""
+    result = OFFLINE_CHECK.finished()
+    assert result.returncode == 0, f"exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return OFFLINE_CHECK.folder, result
+
+
+@pytest.fixture(scope="module")
+def wheelhouse(offline_check) -> Path:
+    return offline_check[0] / "wheelhouse"
 
 
 def normalised(name: str) -> str:
@@ -181,20 +202,10 @@ def test_prepare_gathers_every_wheel_for_the_target_with_pins_and_hashes(wheelho
 
 
 @pytest.mark.slow
-def test_run_installs_from_the_wheelhouse_alone_without_a_network_and_passes_on_the_cpu(wheelhouse, tmp_path):
-    venv, out, scratch = tmp_path / "venv", tmp_path / "out" / "gpu-check.json", tmp_path / "scratch"
-    scratch.mkdir()
-    # a network namespace with a loopback and nothing else (gloo's ranks meet on it); pip's configuration here
-    # (a find-links folder, local indexes) and these variables must not reach the install
-    offline = ("unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$0" "$@"')
-    # and a PYTHONPATH (as Jean Zay's modules set one) must not reach the venv: its llmft here cannot be imported
-    shadow = tmp_path / "shadow" / "llmft"
-    shadow.mkdir(parents=True)
-    (shadow / "__init__.py").write_text("raise ImportError('llmft imported from PYTHONPATH, not the venv')\n")
-    env = {"TMPDIR": str(scratch), "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_FIND_LINKS": "/opt/wheels",
-           "PYTHONPATH": str(shadow.parent)}
-    result = run_script("run", str(wheelhouse), "--cpu", "--out", str(out), "--venv", str(venv), env=env,
-                        prefix=offline)
+def test_run_installs_from_the_wheelhouse_alone_without_a_network_and_passes_on_the_cpu(offline_check, tmp_path):
+    folder, result = offline_check
+    wheelhouse, venv, scratch = folder / "wheelhouse", folder / "venv", folder / "scratch"
+    out = folder / "out" / "gpu-check.json"
     assert f"install from {wheelhouse} alone (no index)" in result.stdout, result.stdout
     install_log = next(scratch.glob("llmft-gpu-check.*/install.log")).read_text()
     assert f"Looking in links: {wheelhouse}\n" in install_log, install_log[-2000:]

@@ -14,11 +14,13 @@ from support.runs import REPO
 
 class EarlyCommand:
     """A test's subprocess started as soon as the tests are collected (pytest_collection_finish), when that test is
-    among them, so that it runs on the core that the earlier single-process tests leave idle; the test takes its
-    result with finished(). Its folder is a temporary one, removed at the end of the session."""
+    among them, so that it runs on the core that the earlier single-process tests leave idle, or at the first test
+    of the file `start_with` (one whose tests leave a core idle); the test takes its result with finished(). Its
+    folder is a temporary one, removed at the end of the session."""
 
-    def __init__(self, argv_of, timeout: float):
+    def __init__(self, argv_of, timeout: float, start_with: str | None = None):
         self.argv_of, self.timeout = argv_of, timeout
+        self.start_with = start_with  # a test file (under tests/): started at its first test instead, if selected
         self.process: subprocess.Popen | None = None
         self.folder: Path | None = None
         self.result: subprocess.CompletedProcess | None = None

@@ -24,6 +24,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from typing import Callable
 
 PR_SET_PDEATHSIG = 1
@@ -116,7 +117,9 @@ def catches(pid: int, signum: int) -> bool:
 
 
 def end_rank(code: int) -> None:
-    """Ends this process with `code`: the exit handlers run and the streams are flushed, the teardown is skipped."""
+    """Ends this process with `code` as the interpreter would, less its teardown: the threads it would wait for are
+    waited for, the exit handlers run, the streams are flushed."""
+    threading._shutdown()  # what the interpreter's exit does first: thread pools' exit hooks, non-daemon threads joined
     atexit._run_exitfuncs()  # the handlers libraries registered (logging's flush, mlflow's, multiprocessing's)
     _flush_streams()
     os._exit(code)

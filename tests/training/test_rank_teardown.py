@@ -38,3 +38,28 @@ def test_a_rank_that_fails_keeps_its_exit_code():
     """Skipping the teardown must not turn a failure into a success, nor into the abort."""
     result = run_llmft("train", "/nonexistent-run-dir", env={**ABORTING, "LOCAL_RANK": "0"})
     assert result.returncode == 2 and "does not exist" in result.stderr, (result.returncode, result.stderr)
+
+
+ENDS_WITH_WORK_IN_THREADS = r"""
+import sys, threading, time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from llmft.rundir.lifetime import end_rank
+
+folder = Path(sys.argv[1])
+def later(name):
+    time.sleep(0.5)
+    (folder / name).write_text("done")
+threading.Thread(target=later, args=("thread",)).start()
+ThreadPoolExecutor(1).submit(later, "pool")  # never shut down: the interpreter's exit hook does it
+print("main done", flush=True)
+end_rank(3)
+"""
+
+
+def test_the_end_of_a_rank_waits_for_the_threads_the_interpreter_would_wait_for(tmp_path):
+    """What is skipped is the teardown alone: a non-daemon thread and a thread pool's job finish, the code is kept."""
+    ended = subprocess.run([sys.executable, "-c", ENDS_WITH_WORK_IN_THREADS, str(tmp_path)], capture_output=True,
+                           text=True, timeout=60, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert ended.returncode == 3 and ended.stdout == "main done\n", (ended.returncode, ended.stdout, ended.stderr)
+    assert (tmp_path / "thread").read_text() == "done" and (tmp_path / "pool").read_text() == "done"

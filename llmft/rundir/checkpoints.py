@@ -10,7 +10,8 @@ resume, which names it and why in one sentence (`Skipped`) and takes the previou
 from is verified byte for byte once (`VERIFIED` records it); older ones, pruning and listings check sizes.
 Manifests from before the checksums (`files` alone) are checked by size.
 
-Before writing, the file system must have room for a checkpoint the size of the previous one (bytes and inodes):
+Before writing, the file system must have room for a checkpoint the size of the previous one (bytes and inodes,
+then the quota: `_quota_refuses`):
 else old checkpoints that `keep_last` would drop anyway go first, and if that is not enough the save stops the run
 with one sentence (`CheckpointError`) before writing anything. A save that fails on any rank (full disk, quota,
 permissions) removes its temporary folder and stops every rank with the same sentence; nothing older is touched.
@@ -24,6 +25,7 @@ manifest: the checkpoint's own files are untouched and it stays complete and loa
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
@@ -398,7 +400,36 @@ def _shortfall(checkpoints_dir: Path, needed: tuple[int, int, str]) -> str | Non
     if free_inodes is not None and free_inodes < need_inodes:
         return (f"{checkpoints_dir} has {free_inodes:,} free inodes (files) on its file system and the checkpoint "
                 f"needs {need_inodes:,}")
+    if _quota_refuses(checkpoints_dir, need_bytes):
+        return (f"{checkpoints_dir} has {_bytes(free_bytes)} free on its file system, but a quota refused to reserve "
+                f"the {_bytes(need_bytes)} the checkpoint needs ({why}): EDQUOT")
     return None
+
+
+# statvfs does not see quotas (per user, group, project or fileset: Jean Zay's $WORK and $SCRATCH have them, Lustre's
+# and GPFS's are kept by their servers, btrfs's qgroups by the file system), and each file system's quota tool prints
+# its own format. What they all enforce is the allocation itself: asking fallocate(2) for the checkpoint's size in one
+# file answers EDQUOT at once where the quota cannot hold it, writing nothing, and the blocks go back at the unlink.
+# Called through libc: os.posix_fallocate falls back to writing zeros where fallocate is not supported.
+_RESERVATION = ".space-check"
+
+
+def _quota_refuses(folder: Path, size: int) -> bool:
+    """Whether a quota refuses `size` bytes in `folder` (fallocate's EDQUOT). Any other answer (done, not supported,
+    ENOSPC on one Lustre target while the file system as a whole has room) leaves it to the write to say."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+    path = folder / _RESERVATION
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+    except OSError:
+        return False
+    try:
+        refused = libc.fallocate(fd, 0, 0, size) != 0 and ctypes.get_errno() == errno.EDQUOT
+    finally:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+    return refused
 
 
 def _make_room(checkpoints_dir: Path, keep_last: int) -> str | None:
@@ -474,10 +505,13 @@ def _failure(checkpoints_dir: Path, step: int, problems: list[str], keep_last: i
     room, fix = "", "free space or fix permissions"
     if any(word in problem for problem in problems for word in _ROOM_WORDS):
         needed = _needed(checkpoints_dir)
+        quota = any("EDQUOT" in problem for problem in problems)
         if needed is not None and "free on its file system" not in problems[0] and "free inodes" not in problems[0]:
-            room = (f"; the checkpoint needs about {_bytes(needed[0])} ({needed[2]}) and {checkpoints_dir} has "
-                    f"{_bytes(_free(checkpoints_dir)[0])} free once the partial checkpoint is removed")
-        if any("EDQUOT" in problem for problem in problems):
+            room = f"; the checkpoint needs about {_bytes(needed[0])} ({needed[2]})" + (
+                "" if quota else  # the file system's free space is not what ran out
+                f" and {checkpoints_dir} has {_bytes(_free(checkpoints_dir)[0])} free once the partial checkpoint is "
+                f"removed")
+        if quota:
             room += " (a quota: see it with idr_quota_user on Jean Zay, quota -s, or lfs quota -h -u $USER on Lustre)"
         fix = "free space there" + (f" (or lower train.keep_last, now {keep_last})" if len(complete) > 1 else "")
     kept = f"the previous checkpoint is kept ({complete[-1].name})" if complete else "no earlier checkpoint exists"

@@ -213,6 +213,63 @@ def test_too_little_room_first_drops_what_keep_last_would_then_stops_before_writ
             checkpoints.save(root, 2, writer(**{"a": 1}), {}, keep_last=2)
 
 
+@contextmanager
+def quota_file_system(folder: Path, limit: str):
+    """A 300 MB btrfs (a loop device) whose top volume has a quota (a qgroup limit) of `limit`: its free space, what
+    statvfs reports, is far larger than the quota, as on a cluster's $WORK. btrfs-progs installed with apt-get when
+    missing, as the local SLURM's packages are."""
+    if subprocess.run(["which", "mkfs.btrfs"], capture_output=True).returncode != 0:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install = ["apt-get", "install", "-y", "-q", "btrfs-progs"]
+        if subprocess.run(install, capture_output=True, env=env, timeout=600).returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], check=True, capture_output=True, env=env, timeout=600)
+            subprocess.run(install, check=True, capture_output=True, env=env, timeout=600)
+    folder.mkdir(parents=True)
+    image = folder.with_suffix(".img")
+    with open(image, "wb") as out:
+        out.truncate(300 << 20)
+    for command in (["mkfs.btrfs", "-q", str(image)], ["mount", "-o", "loop", str(image), str(folder)]):
+        subprocess.run(command, check=True, capture_output=True)
+    try:
+        for command in (["btrfs", "quota", "enable", str(folder)], ["btrfs", "qgroup", "limit", limit, str(folder)]):
+            subprocess.run(command, check=True, capture_output=True)
+        os.sync()
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+        image.unlink()
+
+
+@requires_root
+def test_a_quota_statvfs_cannot_see_stops_the_save_before_writing_and_one_hit_while_writing_is_named(tmp_path):
+    with quota_file_system(tmp_path / "work", "2500K") as disk:
+        root, files = disk / "checkpoints", writer(**{"optimizer.pt": 600_000})
+        for step in (1, 2):
+            checkpoints.save(root, step, files, {}, keep_last=5)
+        (disk / "other-files").write_bytes(os.urandom(900_000))  # what else the project keeps under its quota
+        os.sync()
+        assert free_bytes(disk) > 100_000_000  # statvfs sees the file system, not the quota
+        with pytest.raises(CheckpointError) as stopped:
+            checkpoints.save(root, 3, files, {}, keep_last=5)
+        assert str(stopped.value).startswith(
+            f"the checkpoint of step 3 failed: {root} has ") and (
+            " free on its file system, but a quota refused to reserve the 630.0 KB the checkpoint needs (the size of "
+            "step_2 plus 5%): EDQUOT (a quota: see it with idr_quota_user on Jean Zay, quota -s, or lfs quota -h -u "
+            "$USER on Lustre); the previous checkpoint is kept (step_2) and training stops: free space there (or "
+            "lower train.keep_last, now 5), then resume.") in str(stopped.value), str(stopped.value)
+        assert sorted(p.name for p in root.iterdir()) == ["step_1", "step_2"]  # nothing of step 3 was written
+        # room enough for one like the previous, not for this larger one: the write meets the quota
+        (disk / "other-files").unlink()
+        os.sync()
+        with pytest.raises(CheckpointError, match=r"rank 0 could not write into .*\.tmp-step_3 \(EDQUOT.*the previous "
+                                                  r"checkpoint is kept \(step_2\)"):
+            checkpoints.save(root, 3, writer(**{"optimizer.pt": 3_000_000}), {}, keep_last=5)
+        assert sorted(p.name for p in root.iterdir()) == ["step_1", "step_2"]
+        assert all(checkpoints.is_complete(root / name, True) for name in ("step_1", "step_2"))
+        checkpoints.save(root, 3, files, {}, keep_last=5)  # and a checkpoint that fits is made
+        assert checkpoints.is_complete(root / "step_3", True)
+
+
 @requires_root
 def test_a_disk_that_fills_during_a_save_leaves_every_older_checkpoint_whole(tmp_path):
     """The real writers on a full tmpfs: Python's (OSError), safetensors' (SafetensorError) and torch.save's C++

@@ -183,12 +183,18 @@ def test_a_manifest_from_before_the_checksums_is_checked_by_its_sizes(tmp_path):
         f"step 0"]
 
 
+def two_checkpoints_of_600_kb(disk: Path, keep_last: int):
+    """disk/checkpoints with steps 1 and 2 saved, each one file of 600 KB; (that folder, the writer of such a file)."""
+    root, files = disk / "checkpoints", writer(**{"optimizer.pt": 600_000})
+    for step in (1, 2):
+        checkpoints.save(root, step, files, {}, keep_last=keep_last)
+    return root, files
+
+
 @requires_root
 def test_too_little_room_first_drops_what_keep_last_would_then_stops_before_writing(tmp_path):
     with small_file_system(tmp_path / "disk", "2m") as disk:
-        root, files = disk / "checkpoints", writer(**{"optimizer.pt": 600_000})
-        for step in (1, 2):
-            checkpoints.save(root, step, files, {}, keep_last=2)
+        root, files = two_checkpoints_of_600_kb(disk, keep_last=2)
         # 1.2 MB taken, 0.85 MB free: step 3 needs 630 KB: fits
         checkpoints.save(root, 3, files, {}, keep_last=2)
         assert sorted(p.name for p in root.iterdir()) == ["step_2", "step_3"]
@@ -243,9 +249,7 @@ def quota_file_system(folder: Path, limit: str):
 @requires_root
 def test_a_quota_statvfs_cannot_see_stops_the_save_before_writing_and_one_hit_while_writing_is_named(tmp_path):
     with quota_file_system(tmp_path / "work", "2500K") as disk:
-        root, files = disk / "checkpoints", writer(**{"optimizer.pt": 600_000})
-        for step in (1, 2):
-            checkpoints.save(root, step, files, {}, keep_last=5)
+        root, files = two_checkpoints_of_600_kb(disk, keep_last=5)
         (disk / "other-files").write_bytes(os.urandom(900_000))  # what else the project keeps under its quota
         os.sync()
         assert free_bytes(disk) > 100_000_000  # statvfs sees the file system, not the quota

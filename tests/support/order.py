@@ -85,5 +85,5 @@ RUN_ORDER = [
     "training/test_train.py",
     "cluster/test_two_nodes.py",
     "project/test_wheel.py",
-    "project/test_gpu_check_offline.py",  # minutes of prepare and install, started with cluster/test_slurm.py
+    "project/test_gpu_check_offline.py",  # minutes of prepare and install, started with the conversions
 ]

@@ -256,18 +256,22 @@ def save(checkpoints_dir: Path, step: int, write_files: Callable[[Path], None], 
     tmp = checkpoints_dir / f"{TMP_PREFIX}step_{step}"
     problem = None
     if is_main:
-        try:
-            checkpoints_dir.mkdir(parents=True, exist_ok=True)
-            for stale in checkpoints_dir.iterdir():  # (this run holds the run directory's lock: no other writer)
-                # saves killed earlier, and checkpoints past this step: damaged ones that resume skipped (kept until
-                # now to be looked at; counted as complete by size, they would outlive good ones in the pruning)
-                if stale.name.startswith(TMP_PREFIX) or (stale.name.startswith("step_") and _step_of(stale) > step):
-                    shutil.rmtree(stale, ignore_errors=True)
-            problem = _make_room(checkpoints_dir, keep_last)
-            if problem is None:
-                tmp.mkdir()
-        except OSError as error:
-            problem = _describe(error, 0, tmp)
+        with StallWatchdog(timeout_min * 60, _save_stalled(rank, step, timeout_min),
+                           f"checking the room for it in {checkpoints_dir}"):  # (on a stalled file system too)
+            try:
+                checkpoints_dir.mkdir(parents=True, exist_ok=True)
+                for stale in checkpoints_dir.iterdir():  # (this run holds the run directory's lock: no other writer)
+                    # saves killed earlier, and checkpoints past this step: damaged ones that resume skipped (kept
+                    # until now to be looked at; counted as complete by size, they would outlive good ones in the
+                    # pruning)
+                    if stale.name.startswith(TMP_PREFIX) or (stale.name.startswith("step_")
+                                                             and _step_of(stale) > step):
+                        shutil.rmtree(stale, ignore_errors=True)
+                problem = _make_room(checkpoints_dir, keep_last)
+                if problem is None:
+                    tmp.mkdir()
+            except OSError as error:
+                problem = _describe(error, 0, tmp)
     problems = [x for x in gather(problem) if x is not None]  # rank 0's checks and mkdir, seen by every rank
     checksums: dict[str, list] = {}
     own_error = None

@@ -639,19 +639,21 @@ def guard_write(doing: str, timeout_min: float = DEFAULT_SAVE_TIMEOUT_MIN, rank:
     """A StallWatchdog for the run directory's other writes (the metrics and TensorBoard, the final model,
     summary.json): on a stalled file system they block in the kernel like a save, and a run of one rank has no
     collective timeout to end it, so it would hang silently until the job's time limit."""
-    return StallWatchdog(timeout_min * 60, lambda watchdog: (
-        f"llmft: rank {rank} has waited {time.monotonic() - watchdog.started:.0f} s {watchdog.doing}, longer than "
-        f"train.save_timeout_min={timeout_min:g}: its file system seems stalled, so this rank ends now instead of "
-        f"hanging (the last checkpoint is kept); resume once the file system answers, or raise "
-        f"train.save_timeout_min if writes there are this slow."), doing)
+    return StallWatchdog(timeout_min * 60, _stalled(rank, "", "the last checkpoint", "writes there", timeout_min),
+                         doing)
 
 
 def _save_stalled(rank: int, step: int, timeout_min: float) -> Callable[[StallWatchdog], str]:
+    return _stalled(rank, f"on the checkpoint of step {step}, ", "the previous checkpoint", "saves", timeout_min)
+
+
+def _stalled(rank: int, on: str, kept: str, slow: str, timeout_min: float) -> Callable[[StallWatchdog], str]:
+    """The sentence of a rank whose write outlived train.save_timeout_min (a save's, or another write's)."""
     return lambda watchdog: (
-        f"llmft: rank {rank} has waited {time.monotonic() - watchdog.started:.0f} s on the checkpoint of step {step}, "
-        f"{watchdog.doing}, longer than train.save_timeout_min={timeout_min:g}: its file system seems stalled, so "
-        f"this rank ends now instead of hanging (the previous checkpoint is kept); resume once the file system "
-        f"answers, or raise train.save_timeout_min if saves are this slow.")
+        f"llmft: rank {rank} has waited {time.monotonic() - watchdog.started:.0f} s {on}{watchdog.doing}, longer "
+        f"than train.save_timeout_min={timeout_min:g}: its file system seems stalled, so this rank ends now instead "
+        f"of hanging ({kept} is kept); resume once the file system answers, or raise train.save_timeout_min if "
+        f"{slow} are this slow.")
 
 
 # ------------------------------------------------------------------------------------------------------ pruning

@@ -29,13 +29,10 @@ STALL = "STALL"
 
 
 def ensure_libfuse() -> None:
-    if ctypes.util.find_library("fuse") is not None:
-        return
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", "libfuse2", "fuse"]
-    if subprocess.run(install, capture_output=True, env=env, timeout=600).returncode != 0:  # no package lists yet
-        subprocess.run(["apt-get", "update", "-q"], check=True, capture_output=True, env=env, timeout=600)
-        subprocess.run(install, check=True, capture_output=True, env=env, timeout=600)
+    from support.apt import apt_install  # (here: this file also runs as the daemon's script, without `support`)
+
+    if ctypes.util.find_library("fuse") is None:
+        apt_install("libfuse2", "fuse")
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ import pytest
 
 from llmft.rundir import checkpoints
 from llmft.rundir.checkpoints import CheckpointError
+from support.apt import apt_install
 from support.runs import REPO
 
 # Mounting a tmpfs needs root (the test machine and CI run as root); elsewhere these tests are skipped.
@@ -224,12 +226,8 @@ def quota_file_system(folder: Path, limit: str):
     """A 300 MB btrfs (a loop device) whose top volume has a quota (a qgroup limit) of `limit`: its free space, what
     statvfs reports, is far larger than the quota, as on a cluster's $WORK. btrfs-progs installed with apt-get when
     missing, as the local SLURM's packages are."""
-    if subprocess.run(["which", "mkfs.btrfs"], capture_output=True).returncode != 0:
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        install = ["apt-get", "install", "-y", "-q", "btrfs-progs"]
-        if subprocess.run(install, capture_output=True, env=env, timeout=600).returncode != 0:
-            subprocess.run(["apt-get", "update", "-q"], check=True, capture_output=True, env=env, timeout=600)
-            subprocess.run(install, check=True, capture_output=True, env=env, timeout=600)
+    if shutil.which("mkfs.btrfs") is None:
+        apt_install("btrfs-progs")
     folder.mkdir(parents=True)
     image = folder.with_suffix(".img")
     with open(image, "wb") as out:
